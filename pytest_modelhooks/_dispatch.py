@@ -1,0 +1,189 @@
+"""A torch dispatch mode for traced forwards: fast meta shapes and per-call multiply-adds.
+
+Two jobs, both at the ATen level where every module's work ends up:
+
+* On the meta engine, answer the commonest ops (matmuls, pointwise activations, eval-mode
+  norms) by building the output directly. torch's own meta kernels for these go through Python
+  decompositions that cost ~0.2-0.5 ms per op, more than the op itself on a batch of one; the
+  shortcut's outputs are checked against those kernels (shape, stride, dtype) in the tests.
+  Anything unusual (mismatched shapes, mixed dtypes, odd strides, other ops) goes to torch's
+  kernel, so that errors read exactly as torch's do.
+* Count flops with torch's own formulas (``torch.utils.flop_counter``) and hand each count to
+  a sink, which attributes it to the module call that is running. This replaces
+  ``FlopCounterMode``, whose module tracker costs more than the forward on deep models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+_UNARY = {
+    aten.relu.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.hardtanh.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.hardswish.default,
+    aten.mish.default,
+    aten.softplus.default,
+    aten.clone.default,
+}
+_BINARY_SAME_SHAPE = {aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor}
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous()
+
+
+def _broadcasts(shape: tuple[int, ...] | torch.Size, target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(dim in (1, goal) for dim, goal in zip(reversed(shape), reversed(target), strict=False))
+
+
+def _fast_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The output of ``func`` on meta tensors, built directly, or None to defer to torch."""
+    if func in _UNARY:
+        x = args[0]
+        if kwargs.get("memory_format") is None and isinstance(x, torch.Tensor) and _dense(x):
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return None
+    if func is aten.addmm.default:
+        bias, left, right = args[:3]
+        if (
+            left.dim() == 2
+            and right.dim() == 2
+            and left.shape[1] == right.shape[0]
+            and left.dtype == right.dtype == bias.dtype
+            and _broadcasts(bias.shape, (left.shape[0], right.shape[1]))
+        ):
+            return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
+        return None
+    if func is aten.mm.default:
+        left, right = args
+        if (
+            left.dim() == 2
+            and right.dim() == 2
+            and left.shape[1] == right.shape[0]
+            and left.dtype == right.dtype
+        ):
+            return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
+        return None
+    if func is aten.bmm.default:
+        left, right = args
+        if (
+            left.dim() == 3
+            and right.dim() == 3
+            and left.shape[0] == right.shape[0]
+            and left.shape[2] == right.shape[1]
+            and left.dtype == right.dtype
+        ):
+            return torch.empty(
+                (left.shape[0], left.shape[1], right.shape[2]), dtype=left.dtype, device=left.device
+            )
+        return None
+    if func in _BINARY_SAME_SHAPE:
+        left, right = args[0], args[1]
+        if (
+            isinstance(left, torch.Tensor)
+            and isinstance(right, torch.Tensor)
+            and left.shape == right.shape
+            and left.dtype == right.dtype
+            and _dense(left)
+            and _dense(right)
+        ):
+            return torch.empty(left.shape, dtype=left.dtype, device=left.device)
+        return None
+    if func in (aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default):
+        x = args[0]
+        per_channel = [tensor for tensor in args[1:5] if tensor is not None]
+        if (
+            _dense(x)
+            and x.dim() >= 2
+            and x.dtype in (torch.float32, torch.float64)
+            and all(tensor.shape == (x.shape[1],) for tensor in per_channel)
+        ):
+            channels = (x.shape[1],)
+            return (
+                torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                torch.empty(channels, dtype=x.dtype, device=x.device),
+                torch.empty(channels, dtype=x.dtype, device=x.device),
+            )
+        return None
+    if func is aten.native_layer_norm.default:
+        x, normalized_shape = args[0], tuple(args[1])
+        affine = [tensor for tensor in args[2:4] if tensor is not None]
+        if (
+            _dense(x)
+            and x.dtype in (torch.float32, torch.float64)
+            and 0 < len(normalized_shape) <= x.dim()
+            and tuple(x.shape[x.dim() - len(normalized_shape) :]) == normalized_shape
+            and all(tuple(tensor.shape) == normalized_shape for tensor in affine)
+        ):
+            axis = x.dim() - len(normalized_shape)
+            stats_shape = (*x.shape[:axis], *([1] * len(normalized_shape)))
+            return (
+                torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                torch.empty(stats_shape, dtype=x.dtype, device=x.device),
+                torch.empty(stats_shape, dtype=x.dtype, device=x.device),
+            )
+        return None
+    return None
+
+
+def _flop_registry() -> dict[Any, Any]:
+    try:
+        from torch.utils.flop_counter import flop_registry
+    except ImportError:  # very old torch: no flop formulas, no counts
+        return {}
+    return dict(flop_registry)
+
+
+class TraceMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Dispatch mode used during a traced forward (see the module docstring)."""
+
+    def __init__(self, *, fast_meta: bool, flops_sink: Callable[[int], None] | None) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.fast_meta = fast_meta
+        self.flops_sink = flops_sink
+        self.formulas = _flop_registry() if flops_sink is not None else {}
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = _fast_meta(func, args, kwargs) if self.fast_meta else None
+        if out is None:
+            out = func(*args, **kwargs)
+        if self.flops_sink is not None:
+            flops = _matmul_flops(func, args)
+            if flops is None:
+                formula = self.formulas.get(func._overloadpacket)
+                # torch's formulas flatten their arguments with pytree: ~50 us a call
+                flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+            if flops:
+                self.flops_sink(flops)
+        return out
+
+
+def _matmul_flops(func: Any, args: tuple[Any, ...]) -> int | None:
+    """The commonest formulas, without torch's per-call argument flattening (same numbers)."""
+    if func is aten.addmm.default:
+        left, right = args[1], args[2]
+    elif func is aten.mm.default:
+        left, right = args[0], args[1]
+    elif func is aten.bmm.default:
+        left, right = args[0], args[1]
+        return int(2 * left.shape[0] * left.shape[1] * left.shape[2] * right.shape[2])
+    else:
+        return None
+    return int(2 * left.shape[0] * left.shape[1] * right.shape[1])

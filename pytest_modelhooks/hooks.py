@@ -1,0 +1,535 @@
+"""The hook core: register a function on modules, keep what it returns, always remove it.
+
+Everything else in the library is built on :class:`Hook` and :class:`Hooks`. This module imports
+torch only (never pytest), so it is usable from a notebook or a training script.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, TypeAlias
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from pytest_modelhooks._tree import map_tensors, tensor_leaves
+
+__all__ = [
+    "Hook",
+    "HookCallback",
+    "HookFunc",
+    "Hooks",
+    "ModuleSpec",
+    "count_hooks",
+    "hook_output",
+    "hook_outputs",
+    "hooks_by_module",
+    "preserve_training_flags",
+    "select_modules",
+    "training_flags",
+]
+
+#: ``hook_func(module, input, output)``; for backward hooks ``input``/``output`` are the
+#: gradients with respect to the module's inputs and outputs.
+HookFunc = Callable[[nn.Module, Any, Any], Any]
+
+#: What ``modules=`` accepts: a keyword ("children", "leaves", "all", "params"), a qualified
+#: name or glob, a module type, a module object, or an iterable of these.
+ModuleSpec: TypeAlias = "str | type | nn.Module | Iterable[str | type | nn.Module] | None"
+
+_KEYWORDS = ("children", "leaves", "all", "params")
+
+
+def _detach(obj: Any, cpu: bool) -> Any:
+    if isinstance(obj, torch.Tensor):  # the common case, without the structure walk
+        return obj.detach().cpu() if cpu else obj.detach()
+    if cpu:
+        return map_tensors(obj, lambda t: t.detach().cpu())
+    return map_tensors(obj, torch.Tensor.detach)
+
+
+class Hook:
+    """Register ``hook_func`` on ``module``; what it returns on the last call is in ``.stored``.
+
+    ``hook_func(module, input, output)`` runs after each forward (or, with ``is_forward=False``,
+    after each backward through a full backward hook, with the gradients as ``input``/``output``).
+    With ``detach=True`` the tensors it receives are detached (recursively through tuples, dicts,
+    dataclasses); with ``cpu=True`` they are also copied to the CPU.
+
+    The hook is removed by :meth:`remove` (idempotent) or when the ``with`` block ends, also on
+    an exception. ``.stored`` stays readable after removal.
+
+    >>> layer = nn.Linear(3, 2)
+    >>> with Hook(layer, lambda module, args, out: out.shape) as hook:
+    ...     _ = layer(torch.zeros(4, 3))
+    >>> hook.stored, hook.removed
+    (torch.Size([4, 2]), True)
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        hook_func: HookFunc,
+        is_forward: bool = True,
+        detach: bool = True,
+        cpu: bool = False,
+    ) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"Hook: module must be an nn.Module, got {type(module).__name__}")
+        if not callable(hook_func):
+            raise TypeError(f"Hook: hook_func must be callable, got {type(hook_func).__name__}")
+        self.module = module
+        self.hook_func = hook_func
+        self.is_forward = is_forward
+        self.detach = detach
+        self.cpu = cpu
+        self.stored: Any = None
+        self._handle: RemovableHandle | None
+        if is_forward:
+            self._handle = module.register_forward_hook(self.hook_fn)
+        else:
+            self._handle = module.register_full_backward_hook(self.hook_fn)
+
+    def hook_fn(self, module: nn.Module, input: Any, output: Any) -> None:
+        """What torch calls: prepares the arguments, then stores ``hook_func``'s result."""
+        if self.detach:
+            input = _detach(input, self.cpu)
+            output = _detach(output, self.cpu)
+        self.stored = self.hook_func(module, input, output)
+
+    @property
+    def removed(self) -> bool:
+        """True once the hook is no longer registered."""
+        return self._handle is None
+
+    def remove(self) -> None:
+        """Deregister the hook; calling it again does nothing."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> Hook:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        kind = "forward" if self.is_forward else "backward"
+        state = "removed" if self.removed else "registered"
+        return f"<Hook {kind} on {type(self.module).__name__}, {state}>"
+
+
+def _as_module_list(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    if isinstance(modules, nn.Module) and not isinstance(modules, (nn.Sequential, nn.ModuleList)):
+        raise TypeError(
+            f"modules must be an iterable of modules, got a single {type(modules).__name__}; "
+            f"use Hook() or pass [module]"
+        )
+    return list(modules)
+
+
+class Hooks(Sequence[Hook]):
+    """One :class:`Hook` per module, removed together.
+
+    A sequence (``len``, ``hooks[i]``, iteration); ``.stored`` lists every hook's stored value.
+    If registering fails part-way, the hooks already registered are removed before the error
+    propagates.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    >>> with Hooks(net, lambda module, args, out: out.shape) as hooks:
+    ...     _ = net(torch.zeros(2, 3))
+    >>> hooks.stored
+    [torch.Size([2, 4]), torch.Size([2, 4])]
+    """
+
+    def __init__(
+        self,
+        modules: Iterable[nn.Module],
+        hook_func: HookFunc,
+        is_forward: bool = True,
+        detach: bool = True,
+        cpu: bool = False,
+    ) -> None:
+        self.hooks: list[Hook] = []
+        try:
+            for module in _as_module_list(modules):
+                self.hooks.append(Hook(module, hook_func, is_forward, detach, cpu))
+        except BaseException:
+            self.remove()
+            raise
+
+    @property
+    def stored(self) -> list[Any]:
+        """The stored value of every hook, in order."""
+        return [hook.stored for hook in self.hooks]
+
+    @property
+    def removed(self) -> bool:
+        """True once every hook is removed."""
+        return all(hook.removed for hook in self.hooks)
+
+    def remove(self) -> None:
+        """Deregister every hook; calling it again does nothing."""
+        for hook in self.hooks:
+            hook.remove()
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.hooks[index]
+
+    def __len__(self) -> int:
+        return len(self.hooks)
+
+    def __iter__(self) -> Iterator[Hook]:
+        return iter(self.hooks)
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "registered"
+        return f"<Hooks: {len(self.hooks)} hooks, {state}>"
+
+
+def _store_output(module: nn.Module, input: Any, output: Any) -> Any:
+    return output
+
+
+class _OutputGradHook(Hook):
+    """Stores the gradient of a module's output through tensor hooks registered during the
+    forward. Unlike a full backward hook, this works when a later op modifies the output in
+    place (``ReLU(inplace=True)``, ``out += identity``) and when no input requires grad."""
+
+    def __init__(self, module: nn.Module, detach: bool, cpu: bool) -> None:
+        super().__init__(module, _store_output, is_forward=True, detach=detach, cpu=cpu)
+
+    def hook_fn(self, module: nn.Module, input: Any, output: Any) -> None:
+        leaves = [tensor for _, tensor in tensor_leaves(output) if tensor.requires_grad]
+        if not leaves:
+            return
+        grads: list[torch.Tensor | None] = [None] * len(leaves)
+        single = isinstance(output, torch.Tensor)
+
+        def receive(position: int, grad: torch.Tensor) -> None:
+            if self.detach:
+                grad = grad.detach()
+            grads[position] = grad.cpu() if self.cpu else grad
+            self.stored = grads[0] if single else tuple(grads)
+
+        for position, tensor in enumerate(leaves):
+            tensor.register_hook(lambda grad, position=position: receive(position, grad))  # type: ignore[no-untyped-call]
+
+
+def hook_output(module: nn.Module, detach: bool = True, grad: bool = False, cpu: bool = False) -> Hook:
+    """A :class:`Hook` that stores ``module``'s output (or, with ``grad=True``, the gradient of
+    its output after backward: a tensor, or a tuple over the output's tensors in order).
+
+    >>> layer = nn.Linear(3, 2)
+    >>> with hook_output(layer) as hook:
+    ...     _ = layer(torch.ones(1, 3))
+    >>> hook.stored.shape
+    torch.Size([1, 2])
+    """
+    if grad:
+        return _OutputGradHook(module, detach, cpu)
+    return Hook(module, _store_output, detach=detach, cpu=cpu)
+
+
+def hook_outputs(
+    modules: Iterable[nn.Module], detach: bool = True, grad: bool = False, cpu: bool = False
+) -> Hooks:
+    """:class:`Hooks` that store each module's output (or output gradient with ``grad=True``).
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    >>> with hook_outputs(net) as hooks:
+    ...     _ = net(torch.ones(2, 3))
+    >>> [out.shape for out in hooks.stored]
+    [torch.Size([2, 4]), torch.Size([2, 1])]
+    """
+    hooks = Hooks([], _store_output)
+    try:
+        for module in _as_module_list(modules):
+            hooks.hooks.append(hook_output(module, detach=detach, grad=grad, cpu=cpu))
+    except BaseException:
+        hooks.remove()
+        raise
+    return hooks
+
+
+# --------------------------------------------------------------------------- module selection
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def _describe_spec(spec: object) -> str:
+    if isinstance(spec, type):
+        return spec.__name__
+    if isinstance(spec, nn.Module):
+        return f"<{type(spec).__name__} object>"
+    return repr(spec)
+
+
+def select_modules(
+    model: nn.Module, modules: ModuleSpec = None, *, default: str = "params", argument: str = "modules"
+) -> list[tuple[str, nn.Module]]:
+    """Resolve a ``modules=`` argument to ``(qualified_name, module)`` pairs.
+
+    Accepted: ``"children"`` (direct children, registration order), ``"leaves"`` (modules with
+    no children), ``"all"`` (every module, the model included), ``"params"`` (modules that own
+    parameters directly), a qualified name or glob (``"encoder.*.conv?"``), a module type, a
+    module object, or an iterable of these. ``None`` means ``default``. A module reused under
+    several names appears once, under its first name. Matches keep the order of the spec's
+    items, then the model's order; an empty selection raises ``ValueError``.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> [name for name, _ in select_modules(net, "leaves")]
+    ['0', '1']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    named = list(model.named_modules())
+    spec: Any = default if modules is None else modules
+    items: list[Any]
+    if isinstance(spec, (str, type, nn.Module)) or not isinstance(spec, Iterable):
+        items = [spec]
+    else:
+        items = list(spec)
+    chosen: dict[int, tuple[str, nn.Module]] = {}
+    for item in items:
+        matches = _match(model, named, item, argument)
+        if not matches:
+            raise ValueError(_no_match_message(model, named, item, argument))
+        for name, module in matches:
+            chosen.setdefault(id(module), (name, module))
+    if not chosen:
+        raise ValueError(f"{argument}={_describe_spec(spec)} selects no module of {type(model).__name__}")
+    return list(chosen.values())
+
+
+def _match(
+    model: nn.Module, named: list[tuple[str, nn.Module]], item: Any, argument: str
+) -> list[tuple[str, nn.Module]]:
+    if isinstance(item, str):
+        if item == "children":
+            return list(model.named_children())
+        if item == "leaves":
+            return [(name, module) for name, module in named if next(module.children(), None) is None]
+        if item == "all":
+            return named
+        if item == "params":
+            return [(name, module) for name, module in named if _owns_parameters(module)]
+        if any(char in item for char in "*?["):
+            return [(name, module) for name, module in named if name and fnmatch.fnmatchcase(name, item)]
+        return [(name, module) for name, module in named if name == item]
+    if isinstance(item, type):
+        if not issubclass(item, nn.Module):
+            raise TypeError(f"{argument}: {item.__name__} is not an nn.Module type")
+        return [(name, module) for name, module in named if isinstance(module, item)]
+    if isinstance(item, nn.Module):
+        return [(name, module) for name, module in named if module is item]
+    raise TypeError(
+        f"{argument}: expected a name, glob, module type, module or one of {', '.join(_KEYWORDS)}; "
+        f"got {type(item).__name__} {item!r}"
+    )
+
+
+def _no_match_message(model: nn.Module, named: list[tuple[str, nn.Module]], item: Any, argument: str) -> str:
+    model_name = type(model).__name__
+    if isinstance(item, nn.Module):
+        return f"{argument}: the {type(item).__name__} passed is not a submodule of {model_name}"
+    names = [name for name, _ in named if name]
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+    return (
+        f"{argument}={_describe_spec(item)} matches no module of {model_name}; "
+        f"its modules are: {shown or '(none)'}"
+    )
+
+
+# --------------------------------------------------------------------------- leaving the model as found
+
+
+def hooks_by_module(model: nn.Module) -> dict[str, int]:
+    """How many forward/backward hooks each module of ``model`` holds (modules with none
+    omitted), keyed by qualified name (``""`` is the model itself).
+
+    >>> net = nn.Sequential(nn.Linear(2, 2))
+    >>> handle = net[0].register_forward_hook(lambda *args: None)
+    >>> hooks_by_module(net)
+    {'0': 1}
+    >>> handle.remove()
+    """
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        total = _own_hook_count(module)
+        if total:
+            counts[name] = total
+    return counts
+
+
+def count_hooks(model: nn.Module) -> int:
+    """The number of forward/backward hooks registered on ``model`` and its submodules
+    (a reused module counted once).
+
+    >>> count_hooks(nn.Linear(2, 2))
+    0
+    """
+    total = 0
+    for module in model.modules():  # modules() yields a reused module once
+        total += _own_hook_count(module)
+    return total
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _own_hook_count(module: nn.Module) -> int:
+    # torch keeps per-module hooks in these dicts; there is no public accessor.
+    return sum(len(getattr(module, attribute, {}) or {}) for attribute in _HOOK_DICTS)
+
+
+def training_flags(model: nn.Module) -> dict[str, bool]:
+    """The ``training`` flag of every module, keyed by qualified name.
+
+    >>> training_flags(nn.Sequential(nn.Dropout()).eval())
+    {'': False, '0': False}
+    """
+    return {name: module.training for name, module in model.named_modules()}
+
+
+@contextmanager
+def preserve_training_flags(model: nn.Module, *, eval_mode: bool = False) -> Iterator[None]:
+    """Restore every module's train/eval flag when the block ends, also on an exception
+    (``model.train(mode)`` alone would flatten mixed modes). With ``eval_mode=True`` the block
+    runs with every module in eval mode.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    >>> net[1].eval()  # mixed modes
+    Dropout(p=0.5, inplace=False)
+    >>> with preserve_training_flags(net, eval_mode=True):
+    ...     net.training
+    False
+    >>> net.training, net[1].training
+    (True, False)
+    """
+    modules = list(model.modules())
+    flags = [module.training for module in modules]
+    try:
+        if eval_mode:
+            _set_eval(modules)
+        yield
+    finally:
+        for module, flag in zip(modules, flags, strict=True):
+            if module.training != flag:
+                # Set the flag itself: Module.__setattr__ is slow on 10,000s of modules, and a
+                # train() override must not run its side effects a second time.
+                object.__setattr__(module, "training", flag)
+
+
+def _set_eval(modules: list[nn.Module]) -> None:
+    for module in modules:
+        if type(module).train is not nn.Module.train:
+            module.train(False)  # honour a custom train(), e.g. one that keeps BN frozen
+        elif module.training:
+            object.__setattr__(module, "training", False)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class HookCallback:
+    """A base for training-loop callbacks that hook modules; usable from any loop.
+
+    Subclasses define ``hook(module, input, output)``. ``on_train_begin()`` registers it on
+    ``modules`` (default: every module that owns parameters), ``on_train_end()`` removes it
+    when ``do_remove``. As a context manager it registers on entry and always removes on exit,
+    also when the loop raises.
+
+    >>> class Shapes(HookCallback):
+    ...     def __init__(self, model):
+    ...         super().__init__(model)
+    ...         self.seen = []
+    ...     def hook(self, module, input, output):
+    ...         self.seen.append(tuple(output.shape))
+    >>> net = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    >>> with Shapes(net) as callback:
+    ...     _ = net(torch.zeros(5, 3))
+    >>> callback.seen
+    [(5, 2)]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: ModuleSpec = None,
+        *,
+        do_remove: bool = True,
+        is_forward: bool = True,
+        detach: bool = True,
+        cpu: bool = False,
+    ) -> None:
+        self.model = model
+        self.named_modules = select_modules(model, modules, default="params")
+        self.modules = [module for _, module in self.named_modules]
+        self.module_names = [name for name, _ in self.named_modules]
+        self.do_remove = do_remove
+        self.is_forward = is_forward
+        self.detach = detach
+        self.cpu = cpu
+        self.hooks: Hooks | None = None
+
+    def hook(self, module: nn.Module, input: Any, output: Any) -> Any:
+        """Called after each forward (or backward) of a hooked module. Override it."""
+        raise NotImplementedError(f"{type(self).__name__} must define hook(module, input, output)")
+
+    def on_train_begin(self, **kwargs: Any) -> None:
+        """Register the hooks (once: a second call keeps the existing ones)."""
+        if self.hooks is None or self.hooks.removed:
+            self.hooks = Hooks(self.modules, self.hook, self.is_forward, self.detach, self.cpu)
+
+    def on_batch_end(self, train: bool = True, **kwargs: Any) -> None:
+        """Called after each batch; the base does nothing."""
+
+    def on_train_end(self, **kwargs: Any) -> None:
+        """Remove the hooks if ``do_remove``."""
+        if self.do_remove:
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove the hooks now (idempotent)."""
+        if self.hooks is not None:
+            self.hooks.remove()
+
+    def __enter__(self) -> Any:
+        self.on_train_begin()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self.on_train_end()
+        finally:
+            self.remove()

@@ -1,0 +1,757 @@
+"""Shapes: dummy batches, the input a model expects, and the size of every layer's output.
+
+Shapes are inferred without computing on (or copying) the real weights whenever the model
+allows: the forward runs on ``meta`` stand-ins for the parameters and buffers, or under
+``FakeTensorMode`` when a meta kernel is missing, and falls back to a real forward on a batch of
+one only when the model's control flow depends on values. Every result says which engine ran.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+import torch
+from torch import nn
+
+from pytest_modelhooks._tree import format_shape, map_tensors, shapes_of, tensor_leaves
+from pytest_modelhooks.hooks import ModuleSpec, preserve_training_flags, select_modules
+
+__all__ = [
+    "Call",
+    "Engine",
+    "InputSpec",
+    "LayerError",
+    "LayerSizes",
+    "Trace",
+    "dummy_batch",
+    "dummy_eval",
+    "in_channels",
+    "input_spec",
+    "make_input",
+    "model_sizes",
+    "num_features_model",
+    "trace_model",
+]
+
+Engine = Literal["auto", "meta", "fake", "real"]
+_ENGINES = ("auto", "meta", "fake", "real")
+
+# --------------------------------------------------------------------------- the input a model expects
+
+_CONV_RANK: dict[type[nn.Module], int] = {
+    nn.Conv1d: 1,
+    nn.Conv2d: 2,
+    nn.Conv3d: 3,
+    nn.ConvTranspose1d: 1,
+    nn.ConvTranspose2d: 2,
+    nn.ConvTranspose3d: 3,
+    nn.BatchNorm2d: 2,
+    nn.BatchNorm3d: 3,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the first layer that consumes the input expects.
+
+    ``layout`` is ``"channels_first"`` (convolutions: ``(B, C, *spatial)``), ``"features_last"``
+    (Linear, LayerNorm, attention: ``(B, *extra, F)``), ``"sequence"`` (RNNs and attention:
+    ``(B, L, F)`` or ``(L, B, F)``) or ``"tokens"`` (Embedding: integer ids ``(B, *extra)``).
+    """
+
+    layer: str
+    layer_type: str
+    layout: str
+    channels: int
+    spatial_rank: int | None = None
+    batch_first: bool = True
+    default_size: tuple[int, ...] = ()
+
+
+def _spec_for(name: str, module: nn.Module) -> InputSpec | None:
+    kind = type(module).__name__
+    for conv_type, rank in _CONV_RANK.items():
+        if isinstance(module, conv_type):
+            channels: Any = getattr(module, "in_channels", None) or getattr(module, "num_features", 0)
+            return InputSpec(
+                name,
+                kind,
+                "channels_first",
+                int(channels),
+                rank,
+                True,
+                (64,) * rank if rank < 3 else (16,) * 3,
+            )
+    if isinstance(module, nn.BatchNorm1d):
+        return InputSpec(name, kind, "channels_first", module.num_features, None, True, ())
+    if isinstance(module, nn.Linear):
+        return InputSpec(name, kind, "features_last", module.in_features)
+    if isinstance(module, nn.LayerNorm):
+        return InputSpec(name, kind, "features_last", int(module.normalized_shape[-1]))
+    if isinstance(module, nn.RNNBase):
+        return InputSpec(name, kind, "sequence", module.input_size, 1, module.batch_first, (8,))
+    if isinstance(module, nn.MultiheadAttention):
+        return InputSpec(name, kind, "sequence", module.embed_dim, 1, module.batch_first, (8,))
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return InputSpec(name, kind, "tokens", module.num_embeddings, None, True, (8,))
+    return None
+
+
+def input_spec(model: nn.Module) -> InputSpec:
+    """Describe the input ``model`` expects, read from its first leaf layer with parameters (in
+    registration order).
+
+    >>> input_spec(nn.Sequential(nn.Conv2d(3, 8, 3))).channels
+    3
+    """
+    _check_model(model)
+    for name, module in model.named_modules():
+        spec = _spec_for(name, module)
+        if spec is not None:
+            return spec
+        is_leaf = next(module.children(), None) is None
+        # A container's loose parameters (a learned scale) do not say what the input is; a leaf
+        # layer with parameters of an unknown kind is the first consumer and stops the search.
+        if is_leaf and next(module.parameters(recurse=False), None) is not None:
+            raise ValueError(
+                f"cannot tell the input of {type(model).__name__}: its first layer with parameters, "
+                f"{_layer_label(name, module)}, is not a convolution, Linear, norm, RNN, attention or "
+                f"Embedding layer; pass input= explicitly"
+            )
+    raise ValueError(
+        f"cannot tell the input of {type(model).__name__}: it has no layer with parameters; "
+        f"pass input= explicitly"
+    )
+
+
+def in_channels(model: nn.Module) -> int:
+    """The number of input channels (features) ``model`` expects, from the first layer that
+    consumes the input: Conv1d/2d/3d (grouped convolutions included), ConvTranspose, BatchNorm,
+    Linear, LayerNorm, LSTM/GRU/RNN, MultiheadAttention. For an Embedding first layer the input
+    is integer ids and the vocabulary size is returned.
+
+    >>> in_channels(nn.Sequential(nn.Conv2d(6, 12, 3, groups=3), nn.ReLU()))
+    6
+    """
+    return input_spec(model).channels
+
+
+def _check_model(model: object, argument: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{argument} must be an nn.Module, got {type(model).__name__}")
+
+
+def _first_tensor(model: nn.Module) -> torch.Tensor | None:
+    tensor: torch.Tensor | None = next(model.parameters(), None)
+    return tensor if tensor is not None else next(model.buffers(), None)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    tensor = _first_tensor(model)
+    if tensor is None:
+        return torch.device("cpu"), torch.get_default_dtype()
+    dtype = tensor.dtype if tensor.is_floating_point() else torch.get_default_dtype()
+    return tensor.device, dtype
+
+
+def _resolve_size(spec: InputSpec, size: Sequence[int] | None) -> tuple[int, ...]:
+    if size is None:
+        return spec.default_size
+    if isinstance(size, int):
+        size = (size,) * (spec.spatial_rank or 1)
+    if not isinstance(size, Sequence) or not all(isinstance(dim, int) and dim > 0 for dim in size):
+        raise ValueError(f"size must be a sequence of positive ints, got size={size!r}")
+    size = tuple(size)
+    if spec.spatial_rank is not None and len(size) != spec.spatial_rank:
+        need = {"channels_first": "spatial", "sequence": "sequence"}.get(spec.layout, "")
+        raise ValueError(
+            f"size={size!r} has {len(size)} dimension(s) but the first layer '{spec.layer}' "
+            f"({spec.layer_type}) needs {spec.spatial_rank} {need} dimension(s)"
+        )
+    return size
+
+
+def dummy_batch(model: nn.Module, size: Sequence[int] | None = None) -> torch.Tensor:
+    """A batch of one that ``model`` accepts, on the model's device and floating dtype.
+
+    ``size`` is the spatial size for convolutions (default ``(64, 64)`` for 2-d, ``(64,)`` for
+    1-d, ``(16, 16, 16)`` for 3-d), the sequence length for RNNs, attention and embeddings
+    (default ``(8,)``), and extra leading dims for Linear (default none). Values are drawn from
+    a private generator, so the global RNG is untouched and the batch is the same every time.
+
+    >>> dummy_batch(nn.Conv2d(3, 8, 3), (32, 32)).shape
+    torch.Size([1, 3, 32, 32])
+    """
+    spec = input_spec(model)
+    dims = _resolve_size(spec, size)
+    device, dtype = _model_device_dtype(model)
+    if spec.layout == "channels_first":
+        shape: tuple[int, ...] = (1, spec.channels, *dims)
+    elif spec.layout == "features_last":
+        shape = (1, *dims, spec.channels)
+    elif spec.layout == "sequence":
+        shape = (1, dims[0], spec.channels) if spec.batch_first else (dims[0], 1, spec.channels)
+    else:
+        shape = (1, *dims)
+    return make_input(shape, device, dtype, token_range=spec.channels if spec.layout == "tokens" else None)
+
+
+def make_input(
+    shape: Sequence[int], device: torch.device, dtype: torch.dtype, *, token_range: int | None = None
+) -> torch.Tensor:
+    """A tensor of ``shape`` with reproducible values (uniform in [-1, 1), or integer ids below
+    ``token_range``), drawn from a private generator so the global RNG is untouched."""
+    shape = tuple(shape)
+    if device.type == "meta":
+        return torch.empty(shape, device=device, dtype=torch.long if token_range else dtype)
+    generator = torch.Generator().manual_seed(0)
+    if token_range:
+        return torch.randint(0, token_range, shape, generator=generator).to(device)
+    return (torch.rand(shape, generator=generator) * 2 - 1).to(device=device, dtype=dtype)
+
+
+def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
+    """Run ``model`` in eval mode on :func:`dummy_batch` under ``no_grad`` and return its output;
+    every module's train/eval flag is restored afterwards.
+
+    >>> dummy_eval(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout()), (10, 10)).shape
+    torch.Size([1, 8, 8, 8])
+    """
+    batch = dummy_batch(model, size)
+    with preserve_training_flags(model, eval_mode=True), torch.no_grad():
+        return model(batch)
+
+
+# --------------------------------------------------------------------------- tracing a forward
+
+
+@dataclass(slots=True)
+class Call:
+    """One call of one module during a traced forward."""
+
+    name: str
+    module: nn.Module
+    depth: int
+    index: int  # the call's position among all calls (pre-order: a parent before its children)
+    call_number: int  # 1 for the module's first call, 2 for its second, ...
+    input_shapes: Any = None
+    output_shapes: Any = None
+    finished: bool = False
+    flops: int = 0  # this call's flops, its children's included
+
+
+@dataclass
+class Trace:
+    """The calls recorded by :func:`trace_model`, in execution order (a parent before its
+    children), and the engine that produced them."""
+
+    engine: str
+    calls: list[Call] = field(default_factory=list)
+    output_shapes: Any = None
+    counted_flops: bool = False
+
+    @property
+    def total_flops(self) -> int | None:
+        """Flops of the whole forward (None when not counted)."""
+        if not self.counted_flops:
+            return None
+        return sum(call.flops for call in self.calls if call.depth == 0)
+
+
+class LayerError(RuntimeError):
+    """A forward failed inside a layer; names the layer and the shapes it received."""
+
+    def __init__(self, message: str, layer: str, layer_type: str, input_shapes: Any) -> None:
+        super().__init__(message)
+        self.layer = layer
+        self.layer_type = layer_type
+        self.input_shapes = input_shapes
+
+
+_KEY_ATTRIBUTES = ("in_channels", "in_features", "num_features", "input_size", "embed_dim", "num_embeddings")
+
+
+def _layer_label(name: str, module: nn.Module) -> str:
+    details = [
+        f"{attr}={getattr(module, attr)}"
+        for attr in _KEY_ATTRIBUTES
+        if isinstance(getattr(module, attr, None), int)
+    ]
+    inside = ", ".join([type(module).__name__, *details[:1]])
+    return f"layer '{name}' ({inside})" if name else f"model {type(module).__name__}"
+
+
+class _Recorder:
+    """Records every call of ``model``'s modules: order, input and output shapes, and which
+    call failed.
+
+    It uses torch's *global* module hooks (two registrations in all) and keeps only the calls of
+    ``model``'s own modules: registering two handles on each of 20,000 modules costs more than
+    the forward of a deep MLP, and the model's own hook dicts are never touched.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls: list[Call] = []
+        self.stack: list[Call] = []  # the calls running now, outermost first
+        self.counts: dict[int, int] = {}
+        self.names = {id(module): name for name, module in model.named_modules()}
+        self.pending_args: dict[int, Any] = {}  # the args of calls still running, for errors
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.handles = [register_module_forward_pre_hook(self._pre)]
+        try:
+            self.handles.append(register_module_forward_hook(self._post, with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        key = id(module)
+        name = self.names.get(key)
+        if name is None:  # a module of another model, or not registered in this one
+            return
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        call = Call(name, module, name.count(".") + 1 if name else 0, len(self.calls), count)
+        self.pending_args[call.index] = args
+        self.calls.append(call)
+        self.stack.append(call)
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        # Not called when the forward raised: the failing calls stay unfinished, and the last
+        # unfinished call in pre-order is the innermost layer that failed.
+        if id(module) not in self.names:
+            return
+        position = len(self.stack) - 1
+        while position >= 0 and self.stack[position].module is not module:
+            position -= 1  # calls above it raised and the exception was caught
+        if position < 0:
+            return
+        call = self.stack[position]
+        del self.stack[position:]
+        del self.pending_args[call.index]
+        call.input_shapes = _call_shapes(args, kwargs)
+        call.output_shapes = shapes_of(output)
+        call.finished = True
+        if self.stack:
+            self.stack[-1].flops += call.flops
+
+    def add_flops(self, flops: int) -> None:
+        """Attribute ``flops`` to the innermost running call."""
+        if self.stack:
+            self.stack[-1].flops += flops
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def failing_call(self) -> Call | None:
+        unfinished = [call for call in self.calls if not call.finished]
+        if not unfinished:
+            return None
+        call = unfinished[-1]
+        call.input_shapes = _call_shapes(self.pending_args.get(call.index, ()), {})
+        return call
+
+
+def _call_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+        return (args[0].shape,)  # the common case, without the structure walk
+    shapes = shapes_of(args)
+    if kwargs:
+        shapes = (*shapes, {key: shapes_of(value) for key, value in kwargs.items()})
+    return shapes
+
+
+def _is_engine_limitation(error: BaseException) -> bool:
+    """True when an error says the meta/fake engine cannot run this model, rather than that the
+    model itself is broken (a shape mismatch reads the same on every engine)."""
+    if isinstance(error, NotImplementedError):
+        return True
+    text = f"{type(error).__name__}: {error}".lower()
+    markers = (
+        "meta",
+        "fake",
+        "datadependent",
+        "data-dependent",
+        "data dependent",
+        "dynamic_output_shape",
+        "_local_scalar_dense",
+    )
+    return any(marker in text for marker in markers)
+
+
+def _stand_ins(model: nn.Module, make: Any) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    # One stand-in per tensor: functional_call re-ties tied weights (an LM's shared embedding
+    # and head) from the first name, and rejects two values for one tied tensor.
+    for name, param in model.named_parameters():
+        tensors[name] = make(param)
+    for name, buffer in model.named_buffers():
+        tensors[name] = make(buffer)
+    return tensors
+
+
+def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(tensor, device="meta")
+
+
+def _input_devices(args: Any) -> set[torch.device]:
+    return {tensor.device for _, tensor in tensor_leaves(args)}
+
+
+def _check_devices(model: nn.Module, args: Any, argument: str) -> None:
+    weights = _first_tensor(model)
+    if weights is None or weights.device.type == "meta":
+        return
+    for device in _input_devices(args):
+        if device.type != "meta" and device != weights.device:
+            raise ValueError(
+                f"{argument} is on {device} but the weights of {type(model).__name__} are on "
+                f"{weights.device}; move one of them"
+            )
+
+
+def _engine_order(model: nn.Module, engine: str) -> list[str]:
+    if engine not in _ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(_ENGINES)}, got engine={engine!r}")
+    weights = _first_tensor(model)
+    on_meta = weights is not None and weights.device.type == "meta"
+    if engine == "auto":
+        return ["meta", "fake"] if on_meta else ["meta", "fake", "real"]
+    if engine == "real" and on_meta:
+        raise ValueError(
+            f"engine='real' cannot run {type(model).__name__}: its weights are on the meta device"
+        )
+    return [engine]
+
+
+@contextmanager
+def _engine_inputs(
+    model: nn.Module, engine: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Iterator[tuple[Any, ...]]:
+    """Yield ``(stand_ins, args, kwargs)`` for ``engine``; ``stand_ins`` is None for a real run."""
+    if engine == "real":
+        yield None, args, kwargs
+        return
+    if engine == "meta":
+        yield _stand_ins(model, _to_meta), map_tensors(args, _to_meta), map_tensors(kwargs, _to_meta)
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield (
+            _stand_ins(model, mode.from_tensor),
+            map_tensors(args, mode.from_tensor),
+            map_tensors(kwargs, mode.from_tensor),
+        )
+
+
+def trace_model(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    engine: str = "auto",
+    count_flops: bool = False,
+    argument: str = "input",
+) -> Trace:
+    """Run ``model(*args, **kwargs)`` once, in eval mode under ``no_grad``, and record every
+    module call's input and output shapes.
+
+    With ``engine="auto"`` the forward runs on meta stand-ins for the weights, then under
+    ``FakeTensorMode``, then for real, moving on only when an engine cannot run the model
+    (a missing meta kernel, data-dependent control flow). A failure inside a layer raises
+    :class:`LayerError` naming it. The model ends with no hooks and its train/eval flags as they
+    were, also when the forward raises.
+    """
+    _check_model(model)
+    kwargs = dict(kwargs or {})
+    _check_devices(model, (args, kwargs), argument)
+    engines = _engine_order(model, engine)
+    for position, engine_name in enumerate(engines):
+        try:
+            with gc_paused():
+                return _trace_once(model, args, kwargs, engine_name, count_flops)
+        except _EngineFailed as failed:
+            is_last = position == len(engines) - 1
+            if is_last or not _is_engine_limitation(failed.error):
+                raise failed.layer_error from failed.error
+    raise AssertionError("unreachable: every engine either returns or raises")
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a trace allocates a few records per module call, and
+    on a 20,000-module model the collector's repeated passes cost more than the hooks."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class _EngineFailed(Exception):
+    def __init__(self, error: BaseException, layer_error: LayerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.layer_error = layer_error
+
+
+def _trace_once(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], engine: str, count_flops: bool
+) -> Trace:
+    from torch.func import functional_call
+
+    recorder = _Recorder(model)
+    trace = Trace(engine)
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(preserve_training_flags(model, eval_mode=True))
+            stack.enter_context(torch.no_grad())
+            stand_ins, run_args, run_kwargs = stack.enter_context(_engine_inputs(model, engine, args, kwargs))
+            if engine == "meta" or count_flops:
+                from pytest_modelhooks._dispatch import TraceMode
+
+                sink = recorder.add_flops if count_flops else None
+                stack.enter_context(TraceMode(fast_meta=engine == "meta", flops_sink=sink))
+            try:
+                if stand_ins is None:
+                    output = model(*run_args, **run_kwargs)
+                else:
+                    output = functional_call(model, stand_ins, run_args, run_kwargs, strict=False)
+            except Exception as error:
+                raise _EngineFailed(error, _layer_error(recorder, model, error)) from error
+            trace.output_shapes = shapes_of(output)
+            trace.counted_flops = count_flops
+    finally:
+        recorder.remove()
+    trace.calls = recorder.calls
+    return trace
+
+
+def _layer_error(recorder: _Recorder, model: nn.Module, error: BaseException) -> LayerError:
+    call = recorder.failing_call()
+    if call is None:
+        return LayerError(
+            f"{type(model).__name__} failed before any layer ran: {error}", "", type(model).__name__, None
+        )
+    shapes = call.input_shapes
+    shown = (
+        format_shape(shapes[0]) if isinstance(shapes, tuple) and len(shapes) == 1 else format_shape(shapes)
+    )
+    message = f"{_layer_label(call.name, call.module)} got input {shown}: {type(error).__name__}: {error}"
+    if not call.name:
+        finished = [done for done in recorder.calls if done.finished and done.name]
+        if finished:
+            last = finished[-1]
+            message += f" (after layer '{last.name}' returned {format_shape(last.output_shapes)})"
+    return LayerError(message, call.name, type(call.module).__name__, shapes)
+
+
+# --------------------------------------------------------------------------- model_sizes
+
+
+def _normalise_input(input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(input, torch.Tensor):
+        return (input,), {}
+    if isinstance(input, Mapping):
+        return (), dict(input)
+    if isinstance(input, (tuple, list)):
+        return tuple(input), {}
+    raise TypeError(
+        f"input must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(input).__name__}"
+    )
+
+
+class LayerSizes(Sequence[Any]):
+    """The output size of each selected layer, by position (as fastai's list) and by name.
+
+    ``sizes[i]`` and ``sizes["encoder.stage2"]`` give the output of the layer's last call: a
+    ``torch.Size`` (batch dimension included), or the same structure of sizes for tuple/dict
+    outputs, or ``None`` for a layer that never ran. ``sizes.calls(name)`` lists every call.
+    """
+
+    def __init__(
+        self, names: Sequence[str], types: Sequence[str], calls: Mapping[str, list[Any]], engine: str
+    ) -> None:
+        self.names: tuple[str, ...] = tuple(names)
+        self.types: tuple[str, ...] = tuple(types)
+        self._calls = {name: list(calls.get(name, [])) for name in self.names}
+        self.engine = engine
+
+    @overload
+    def __getitem__(self, index: int | str) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+    def __getitem__(self, index: int | str | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[name] for name in self.names[index]]
+        if isinstance(index, str):
+            if index not in self._calls:
+                raise KeyError(f"{index!r} is not one of the measured layers: {', '.join(self.names)}")
+            calls = self._calls[index]
+            return calls[-1] if calls else None
+        return self[self.names[index]]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self[name] for name in self.names)
+
+    def calls(self, name: str) -> list[Any]:
+        """The output size of every call of layer ``name``, in order."""
+        self[name]  # validates the name
+        return list(self._calls[name])
+
+    def ran(self, name: str) -> bool:
+        """Whether layer ``name`` ran during the forward."""
+        return bool(self.calls(name))
+
+    @property
+    def never_ran(self) -> list[str]:
+        """The selected layers that did not run."""
+        return [name for name in self.names if not self._calls[name]]
+
+    def items(self) -> list[tuple[str, Any]]:
+        """``(name, size)`` pairs, in order."""
+        return [(name, self[name]) for name in self.names]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{name: {"type": ..., "calls": [shape, ...]}}`` with shapes as lists."""
+        return {
+            name: {"type": kind, "calls": [_jsonable(shape) for shape in self._calls[name]]}
+            for name, kind in zip(self.names, self.types, strict=True)
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LayerSizes):
+            return self.names == other.names and self._calls == other._calls
+        if isinstance(other, (list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __str__(self) -> str:
+        width = max(
+            (len(name) + len(kind) + 3 for name, kind in zip(self.names, self.types, strict=True)), default=0
+        )
+        lines = []
+        for name, kind in zip(self.names, self.types, strict=True):
+            calls = self._calls[name]
+            label = f"{name} ({kind})".ljust(width)
+            if not calls:
+                lines.append(f"{label}  never ran")
+            else:
+                lines.append(f"{label}  " + "  |  ".join(format_shape(shape) for shape in calls))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name!r}: {format_shape(self[name])}" for name in self.names)
+        return f"LayerSizes({{{inner}}}, engine={self.engine!r})"
+
+
+def _jsonable(shape: Any) -> Any:
+    if isinstance(shape, torch.Size):
+        return list(shape)
+    if isinstance(shape, (tuple, list)):
+        return [_jsonable(item) for item in shape]
+    if isinstance(shape, dict):
+        return {str(key): _jsonable(value) for key, value in shape.items()}
+    return shape
+
+
+def model_sizes(
+    model: nn.Module,
+    size: Sequence[int] | None = None,
+    *,
+    input: Any = None,
+    modules: ModuleSpec = None,
+    engine: str = "auto",
+) -> LayerSizes:
+    """The output size of each layer of ``model`` for a batch of one of spatial ``size``.
+
+    Works on any ``nn.Module``. ``modules`` defaults to the model's direct children (fastai's
+    order for a Sequential); it also takes ``"leaves"``, ``"all"``, qualified names or globs,
+    module types or module objects. ``input`` (a tensor, a tuple of positional inputs or a dict
+    of keyword inputs) replaces the dummy batch for models whose input cannot be guessed.
+    No weights are computed on or copied when the meta/fake engines can run the model
+    (``sizes.engine`` tells which ran).
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten())
+    >>> sizes = model_sizes(net, (32, 32))
+    >>> sizes[0], sizes[-1], sizes.engine
+    (torch.Size([1, 16, 16, 16]), torch.Size([1, 4096]), 'meta')
+    """
+    _check_model(model)
+    with gc_paused():
+        return _model_sizes(model, size, input, modules, engine)
+
+
+def _model_sizes(
+    model: nn.Module, size: Sequence[int] | None, input: Any, modules: ModuleSpec, engine: str
+) -> LayerSizes:
+    selected = select_modules(model, modules, default="children")
+    if input is None:
+        args: tuple[Any, ...] = (dummy_batch(model, size),)
+        kwargs: dict[str, Any] = {}
+    else:
+        if size is not None:
+            raise ValueError("pass either size= or input=, not both")
+        args, kwargs = _normalise_input(input)
+    trace = trace_model(model, args, kwargs, engine=engine)
+    by_module: dict[int, list[Any]] = {}
+    for call in trace.calls:
+        by_module.setdefault(id(call.module), []).append(call.output_shapes)
+    calls = {name: by_module.get(id(module), []) for name, module in selected}
+    return LayerSizes(
+        [name for name, _ in selected], [type(module).__name__ for _, module in selected], calls, trace.engine
+    )
+
+
+# --------------------------------------------------------------------------- num_features_model
+
+_SIZE_ERROR = re.compile(
+    r"kernel size can't be greater|output size is too small|input size|too small|"
+    r"smaller than|larger than the input|padding|pad should be",
+    re.IGNORECASE,
+)
+
+
+def num_features_model(model: nn.Module, *, max_side: int = 4096) -> int:
+    """The number of features (channels) ``model`` outputs: dimension 1 of its output for a
+    dummy batch. Tries small inputs first (8, 16, 32, ...) and retries a larger one only when the
+    forward failed because the input was too small; other errors propagate.
+
+    >>> num_features_model(nn.Sequential(nn.Conv2d(3, 32, 3), nn.AdaptiveAvgPool2d(1)))
+    32
+    """
+    spec = input_spec(model)
+    side = 8
+    while True:
+        size = (side,) * spec.spatial_rank if spec.spatial_rank else None
+        try:
+            sizes = model_sizes(model, size, modules="all")
+        except LayerError as error:
+            cause = error.__cause__ or error
+            if spec.spatial_rank is None or side >= max_side or not _SIZE_ERROR.search(str(cause)):
+                raise
+            side *= 2
+            continue
+        output = sizes[""]
+        leaves = (
+            [shape for _, shape in tensor_leaves(output)] if not isinstance(output, torch.Size) else [output]
+        )
+        if not leaves or len(leaves[0]) < 2:
+            raise ValueError(f"{type(model).__name__} output {format_shape(output)} has no feature dimension")
+        return int(leaves[0][1])

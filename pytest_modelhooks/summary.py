@@ -1,0 +1,448 @@
+"""Model summaries: a record per module call, exact parameter totals, deterministic text.
+
+The records (:class:`LayerInfo`, :class:`ModelSummary`) hold raw values; all rendering lives in
+:func:`render_text` and :meth:`ModelSummary.to_dict`, so snapshot text never depends on the
+device, on object addresses or on timings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_modelhooks._tree import format_shape
+from pytest_modelhooks.shapes import (
+    Trace,
+    _check_model,
+    _model_device_dtype,
+    _normalise_input,
+    dummy_batch,
+    gc_paused,
+    input_spec,
+    make_input,
+    trace_model,
+)
+
+__all__ = ["LayerInfo", "ModelSummary", "model_summary", "render_text"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One row of a summary: one call of one module (or a module that never ran).
+
+    ``params``/``trainable_params`` count the module's parameters recursively, each tensor
+    once; ``own_params`` counts only those registered on the module itself. ``mult_adds`` is
+    this call's multiply-add count (its children's included), from torch's flop formulas.
+    """
+
+    name: str
+    type: str
+    depth: int
+    call_number: int = 1
+    calls: int = 1
+    input_shapes: Any = None
+    output_shapes: Any = None
+    params: int = 0
+    own_params: int = 0
+    trainable_params: int = 0
+    mult_adds: int | None = None
+    ran: bool = True
+
+    @property
+    def label(self) -> str:
+        """The qualified name (the model's class name for the root), with the call number for
+        second and later calls."""
+        base = self.name or self.type
+        return base if self.call_number == 1 else f"{base} [call {self.call_number}]"
+
+    @property
+    def title(self) -> str:
+        """``label (Type)``; the model's own row is just its class name."""
+        return self.label if not self.name else f"{self.label} ({self.type})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form of the row."""
+        return {
+            "name": self.name,
+            "type": self.type,
+            "depth": self.depth,
+            "call_number": self.call_number,
+            "calls": self.calls,
+            "input_shapes": _jsonable(self.input_shapes),
+            "output_shapes": _jsonable(self.output_shapes),
+            "params": self.params,
+            "own_params": self.own_params,
+            "trainable_params": self.trainable_params,
+            "mult_adds": self.mult_adds,
+            "ran": self.ran,
+        }
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model's layers, shapes, parameter totals, memory and multiply-adds.
+
+    ``str(summary)`` is a table that never truncates a cell and is identical across runs and
+    devices; ``summary.to_dict()`` is JSON-ready. ``total_params`` always equals
+    ``sum(p.numel() for p in model.parameters())``.
+    """
+
+    model_name: str
+    layers: tuple[LayerInfo, ...]
+    input_shapes: Any
+    output_shapes: Any
+    total_params: int
+    trainable_params: int
+    param_memory: tuple[tuple[str, int, int], ...]  # (dtype, elements, bytes)
+    buffer_memory: tuple[tuple[str, int, int], ...]
+    mult_adds: int | None
+    depth: int | None = None
+    engine: str = field(default="meta", compare=False)
+
+    @property
+    def non_trainable_params(self) -> int:
+        """Parameters with ``requires_grad=False``."""
+        return self.total_params - self.trainable_params
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes held by the parameters (each tensor once)."""
+        return sum(size for _, _, size in self.param_memory)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held by the buffers (each tensor once)."""
+        return sum(size for _, _, size in self.buffer_memory)
+
+    @property
+    def visible_layers(self) -> tuple[LayerInfo, ...]:
+        """The rows shown for ``depth`` (all rows when ``depth`` is None)."""
+        if self.depth is None:
+            return self.layers
+        return tuple(layer for layer in self.layers if layer.depth <= self.depth)
+
+    def __getitem__(self, name: str) -> LayerInfo:
+        """The first call's row of the module called ``name`` (``""`` is the model)."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"{name!r} is not a module of {self.model_name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: totals, memory by dtype and every row."""
+        return {
+            "model": self.model_name,
+            "input_shapes": _jsonable(self.input_shapes),
+            "output_shapes": _jsonable(self.output_shapes),
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "non_trainable_params": self.non_trainable_params,
+            "param_memory": {
+                dtype: {"elements": count, "bytes": size} for dtype, count, size in self.param_memory
+            },
+            "buffer_memory": {
+                dtype: {"elements": count, "bytes": size} for dtype, count, size in self.buffer_memory
+            },
+            "mult_adds": self.mult_adds,
+            "depth": self.depth,
+            "layers": [layer.to_dict() for layer in self.visible_layers],
+        }
+
+    def __str__(self) -> str:
+        return render_text(self)
+
+
+def _jsonable(shape: Any) -> Any:
+    if isinstance(shape, torch.Size):
+        return list(shape)
+    if isinstance(shape, (tuple, list)):
+        return [_jsonable(item) for item in shape]
+    if isinstance(shape, dict):
+        return {str(key): _jsonable(value) for key, value in shape.items()}
+    return shape
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def _param_counts(model: nn.Module, module_names: set[str]) -> dict[str, tuple[int, int, int]]:
+    """``name -> (params, trainable params, own params)`` for every module, in one pass over the
+    parameters: each module's count is recursive with every tensor once (tied weights), and
+    asking each module for its parameters() instead is quadratic in the depth of nesting."""
+    members: dict[str, dict[int, torch.Tensor]] = {}
+    own: dict[str, dict[int, torch.Tensor]] = {}
+    for full_name, param in model.named_parameters(remove_duplicate=False):
+        owner, _, _ = full_name.rpartition(".")
+        if owner in module_names:
+            own.setdefault(owner, {})[id(param)] = param
+        parts = owner.split(".") if owner else []
+        for depth in range(len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            if prefix in module_names:  # a reused module's second path is not a row of its own
+                members.setdefault(prefix, {})[id(param)] = param
+    result: dict[str, tuple[int, int, int]] = {}
+    for name, params in members.items():
+        total, trainable = _count(list(params.values()))
+        result[name] = (total, trainable, sum(param.numel() for param in own.get(name, {}).values()))
+    return result
+
+
+def _unique_params(module: nn.Module) -> list[nn.Parameter]:
+    # parameters() already yields a tied tensor once; loose nn.Parameters and RNN weights are
+    # ordinary registered parameters, so nothing is special-cased.
+    return list(module.parameters())
+
+
+def _count(params: Sequence[torch.Tensor]) -> tuple[int, int]:
+    total = sum(param.numel() for param in params)
+    trainable = sum(param.numel() for param in params if param.requires_grad)
+    return total, trainable
+
+
+def _memory(tensors: Sequence[torch.Tensor]) -> tuple[tuple[str, int, int], ...]:
+    by_dtype: dict[str, list[int]] = {}
+    for tensor in tensors:
+        name = str(tensor.dtype).removeprefix("torch.")
+        entry = by_dtype.setdefault(name, [0, 0])
+        entry[0] += tensor.numel()
+        entry[1] += tensor.numel() * tensor.element_size()
+    return tuple((dtype, counts[0], counts[1]) for dtype, counts in sorted(by_dtype.items()))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _input_from_size(model: nn.Module, input_size: Any) -> tuple[Any, ...]:
+    if isinstance(input_size, Sequence) and input_size and all(isinstance(dim, int) for dim in input_size):
+        shapes: list[Sequence[int]] = [input_size]
+    elif (
+        isinstance(input_size, Sequence)
+        and input_size
+        and all(
+            isinstance(shape, Sequence) and all(isinstance(dim, int) for dim in shape) for shape in input_size
+        )
+    ):
+        shapes = list(input_size)
+    else:
+        raise ValueError(
+            f"input_size must be a shape such as (1, 3, 224, 224) or a list of shapes, "
+            f"got input_size={input_size!r}"
+        )
+    for shape in shapes:
+        if not all(dim > 0 for dim in shape):
+            raise ValueError(f"input_size must hold positive dimensions, got input_size={input_size!r}")
+    device, dtype = _model_device_dtype(model)
+    token_range = None
+    try:
+        spec = input_spec(model)
+        if spec.layout == "tokens":
+            token_range = spec.channels
+    except ValueError:
+        pass  # the model's first layer is unusual; a float input is the best guess
+    return tuple(make_input(shape, device, dtype, token_range=token_range) for shape in shapes)
+
+
+def model_summary(
+    model: nn.Module,
+    input_size: Any = None,
+    *,
+    input_data: Any = None,
+    depth: int | None = None,
+    count_mult_adds: bool = True,
+    engine: str = "auto",
+) -> ModelSummary:
+    """Summarise ``model``: one row per module call in execution order, exact parameter totals,
+    parameter and buffer memory by dtype, multiply-adds.
+
+    ``input_size`` is the full input shape, batch included (``(1, 3, 224, 224)``), or a list of
+    shapes for several inputs; ``input_data`` is a tensor, a tuple of positional inputs or a
+    dict of keyword inputs; with neither, a dummy batch of one is built from the first layer.
+    ``depth`` folds rows deeper than it (totals are unaffected). The forward runs on meta/fake
+    stand-ins for the weights whenever it can (no compute, no copy); ``summary.engine`` says
+    which engine ran. The model is left with no hooks and the same train/eval flags.
+
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> summary = model_summary(net, (1, 4))
+    >>> summary.total_params, summary["2"].output_shapes
+    (58, torch.Size([1, 2]))
+    """
+    _check_model(model)
+    if depth is not None and (not isinstance(depth, int) or depth < 0):
+        raise ValueError(f"depth must be a non-negative int or None, got depth={depth!r}")
+    if input_size is not None and input_data is not None:
+        raise ValueError("pass either input_size= or input_data=, not both")
+    if input_data is not None:
+        args, kwargs = _normalise_input(input_data)
+        argument = "input_data"
+    elif input_size is not None:
+        args, kwargs = _input_from_size(model, input_size), {}
+        argument = "input_size"
+    else:
+        args, kwargs = (dummy_batch(model),), {}
+        argument = "input"
+    with gc_paused():
+        trace = trace_model(
+            model, args, kwargs, engine=engine, count_flops=count_mult_adds, argument=argument
+        )
+        return _build(model, trace, depth, count_mult_adds)
+
+
+def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: bool) -> ModelSummary:
+
+    names = {id(module): name for name, module in model.named_modules()}
+    counts_by_name = _param_counts(model, set(names.values()))
+    calls_by_module: dict[int, int] = {}
+    for call in trace.calls:
+        calls_by_module[id(call.module)] = calls_by_module.get(id(call.module), 0) + 1
+
+    def counts(module: nn.Module) -> tuple[int, int, int]:
+        return counts_by_name.get(names[id(module)], (0, 0, 0))
+
+    def mult_adds(flops: int) -> int | None:
+        # torch's formulas count a multiply-add as two operations
+        return flops // 2 if count_mult_adds else None
+
+    rows: list[LayerInfo] = []
+    for call in trace.calls:
+        total, trainable, own = counts(call.module)
+        rows.append(
+            LayerInfo(
+                name=call.name,
+                type=type(call.module).__name__,
+                depth=call.depth,
+                call_number=call.call_number,
+                calls=calls_by_module[id(call.module)],
+                input_shapes=_unwrap_single(call.input_shapes),
+                output_shapes=call.output_shapes,
+                params=total,
+                own_params=own,
+                trainable_params=trainable,
+                mult_adds=mult_adds(call.flops),
+                ran=call.finished,
+            )
+        )
+    for module in model.modules():
+        if id(module) not in calls_by_module:
+            name = names[id(module)]
+            total, trainable, own = counts(module)
+            rows.append(
+                LayerInfo(
+                    name=name,
+                    type=type(module).__name__,
+                    depth=name.count(".") + 1 if name else 0,
+                    calls=0,
+                    params=total,
+                    own_params=own,
+                    trainable_params=trainable,
+                    mult_adds=None,
+                    ran=False,
+                )
+            )
+
+    total, trainable = _count(_unique_params(model))
+    return ModelSummary(
+        model_name=type(model).__name__,
+        layers=tuple(rows),
+        input_shapes=rows[0].input_shapes if rows else None,
+        output_shapes=trace.output_shapes,
+        total_params=total,
+        trainable_params=trainable,
+        param_memory=_memory(_unique_params(model)),
+        buffer_memory=_memory(list(model.buffers())),
+        mult_adds=mult_adds(trace.total_flops or 0),
+        depth=depth,
+        engine=trace.engine,
+    )
+
+
+def _unwrap_single(shapes: Any) -> Any:
+    # Most modules take one positional tensor: show (1, 3, 8, 8), not ((1, 3, 8, 8),).
+    if isinstance(shapes, tuple) and not isinstance(shapes, torch.Size) and len(shapes) == 1:
+        return shapes[0]
+    return shapes
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _human(number: float, units: Sequence[str], base: float) -> str:
+    value, unit = float(number), 0
+    while abs(value) >= base and unit < len(units) - 1:
+        value /= base
+        unit += 1
+    return f"{int(value)} {units[0]}".strip() if unit == 0 else f"{value:.2f} {units[unit]}"
+
+
+def _count_text(number: int) -> str:
+    if number < 1000:
+        return f"{number:,}"
+    return f"{number:,} ({_human(number, ['', 'K', 'M', 'G', 'T'], 1000.0)})"
+
+
+def _bytes_text(size: int) -> str:
+    return _human(size, ["B", "KiB", "MiB", "GiB", "TiB"], 1024.0)
+
+
+def _memory_text(memory: Sequence[tuple[str, int, int]]) -> str:
+    if not memory:
+        return "none"
+    return "; ".join(f"{dtype} {_bytes_text(size)} ({count:,} elements)" for dtype, count, size in memory)
+
+
+def render_text(summary: ModelSummary) -> str:
+    """The summary as a plain-text table: no truncation, no addresses, no device names."""
+    layers = summary.visible_layers
+    show_trainable = any(layer.trainable_params != layer.params for layer in layers)
+    show_mult_adds = summary.mult_adds is not None
+    header = ["Layer (type)", "Input shape", "Output shape", "Param #"]
+    if show_trainable:
+        header.append("Trainable #")
+    if show_mult_adds:
+        header.append("Mult-adds")
+    table = [header]
+    for layer in layers:
+        first = layer.call_number == 1
+        row = [
+            "  " * layer.depth + layer.title,
+            format_shape(layer.input_shapes) if layer.ran or layer.calls else "-",
+            format_shape(layer.output_shapes)
+            if layer.ran
+            else ("never ran" if not layer.calls else "failed"),
+            f"{layer.params:,}" if first else "-",
+        ]
+        if show_trainable:
+            row.append(f"{layer.trainable_params:,}" if first else "-")
+        if show_mult_adds:
+            row.append(f"{layer.mult_adds:,}" if layer.mult_adds is not None else "-")
+        table.append(row)
+    widths = [max(len(row[column]) for row in table) for column in range(len(header))]
+    numeric_from = 3  # right-align the numbers
+
+    def line(row: list[str]) -> str:
+        cells = [
+            cell.rjust(width) if column >= numeric_from else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    rule = "=" * len(line(header))
+    out = [rule, f"{summary.model_name}", rule, line(header), "-" * len(rule)]
+    out += [line(row) for row in table[1:]]
+    out.append(rule)
+    out.append(f"Total params: {_count_text(summary.total_params)}")
+    out.append(f"Trainable params: {_count_text(summary.trainable_params)}")
+    out.append(f"Non-trainable params: {_count_text(summary.non_trainable_params)}")
+    out.append(f"Parameter memory: {_memory_text(summary.param_memory)}")
+    out.append(f"Buffer memory: {_memory_text(summary.buffer_memory)}")
+    if summary.mult_adds is not None:
+        out.append(f"Mult-adds: {_count_text(summary.mult_adds)}")
+    out.append(f"Input: {format_shape(summary.input_shapes)}")
+    out.append(f"Output: {format_shape(summary.output_shapes)}")
+    if summary.depth is not None:
+        out.append(f"Rows deeper than depth {summary.depth} folded into their parents.")
+    out.append(rule)
+    return "\n".join(out)

@@ -1,0 +1,39 @@
+"""Assertions shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from pytest_modelhooks.hooks import count_hooks, hooks_by_module, training_flags
+
+
+@contextmanager
+def untouched(model: nn.Module, *, values: bool = True) -> Iterator[None]:
+    """Assert that the block leaves ``model`` exactly as it was: no new hooks, the same
+    train/eval flag on every module, the same requires_grad flags, devices and values (BatchNorm
+    running statistics included, unless ``values=False`` for a block that trains), also when the
+    block raises."""
+    hooks = hooks_by_module(model)
+    flags = training_flags(model)
+    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        assert hooks_by_module(model) == hooks, f"hooks left behind: {hooks_by_module(model)}"
+        assert training_flags(model) == flags
+        assert {name: param.requires_grad for name, param in model.named_parameters()} == requires_grad
+        after = model.state_dict()
+        assert after.keys() == state.keys()
+        for name, tensor in state.items():
+            assert after[name].device == tensor.device, name
+            if values and tensor.device.type != "meta":
+                assert torch.equal(after[name], tensor), f"{name} changed"
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return count_hooks(model) == 0

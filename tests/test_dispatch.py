@@ -1,0 +1,124 @@
+"""The meta shortcuts must build exactly what torch's own meta kernels build."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from pytest_modelhooks._dispatch import TraceMode, _fast_meta, _matmul_flops
+
+aten = torch.ops.aten
+
+
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+CASES: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
+    (aten.relu.default, (meta(2, 3, 4),), {}),
+    (aten.gelu.default, (meta(2, 5),), {"approximate": "tanh"}),
+    (aten.silu.default, (meta(3, 7, dtype=torch.bfloat16),), {}),
+    (aten.tanh.default, (meta(4),), {}),
+    (aten.sigmoid.default, (meta(1, 1),), {}),
+    (aten.hardtanh.default, (meta(2, 2), -1.0, 1.0), {}),
+    (aten.leaky_relu.default, (meta(2, 8), 0.2), {}),
+    (aten.elu.default, (meta(5, 3),), {}),
+    (
+        aten.hardswish.default,
+        (
+            meta(
+                6,
+            ),
+        ),
+        {},
+    ),
+    (aten.mish.default, (meta(2, 2, 2),), {}),
+    (aten.softplus.default, (meta(3, 3), 1.0, 20.0), {}),
+    (aten.clone.default, (meta(3, 4),), {}),
+    (aten.addmm.default, (meta(8), meta(3, 5), meta(5, 8)), {}),
+    (aten.addmm.default, (meta(3, 8), meta(3, 5), meta(5, 8)), {"beta": 0.5}),
+    (aten.mm.default, (meta(3, 5), meta(5, 2)), {}),
+    (aten.bmm.default, (meta(4, 3, 5), meta(4, 5, 6)), {}),
+    (aten.add.Tensor, (meta(2, 3), meta(2, 3)), {"alpha": 2}),
+    (aten.mul.Tensor, (meta(2, 3, dtype=torch.float16), meta(2, 3, dtype=torch.float16)), {}),
+    (aten.sub.Tensor, (meta(4, 1), meta(4, 1)), {}),
+    (
+        aten._native_batch_norm_legit_no_training.default,
+        (meta(2, 3, 4, 4), meta(3), meta(3), meta(3), meta(3), 0.1, 1e-5),
+        {},
+    ),
+    (
+        aten.native_batch_norm.default,
+        (meta(2, 3, 4, 4), meta(3), meta(3), meta(3), meta(3), False, 0.1, 1e-5),
+        {},
+    ),
+    (aten.native_batch_norm.default, (meta(5, 3), None, None, None, None, True, 0.1, 1e-5), {}),
+    (aten.native_layer_norm.default, (meta(2, 5, 8), [8], meta(8), meta(8), 1e-5), {}),
+    (aten.native_layer_norm.default, (meta(2, 5, 8), [5, 8], None, None, 1e-5), {}),
+]
+
+
+def flat(out: Any) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+@pytest.mark.parametrize(("func", "args", "kwargs"), CASES, ids=[str(case[0]) for case in CASES])
+def test_shortcut_matches_torch_meta_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    fast = _fast_meta(func, args, kwargs)
+    assert fast is not None, "the shortcut should handle this case"
+    slow = func(*args, **kwargs)
+    for mine, theirs in zip(flat(fast), flat(slow), strict=True):
+        assert (mine.shape, mine.stride(), mine.dtype, mine.device) == (
+            theirs.shape,
+            theirs.stride(),
+            theirs.dtype,
+            theirs.device,
+        )
+
+
+@pytest.mark.parametrize(
+    ("func", "args"),
+    [
+        (aten.relu.default, (meta(4, 6).t(),)),  # not contiguous
+        (aten.addmm.default, (meta(8, dtype=torch.float16), meta(3, 5), meta(5, 8))),  # mixed dtypes
+        (aten.add.Tensor, (meta(2, 3), meta(3))),  # broadcasting
+        (aten.addmm.default, (meta(8), meta(3, 5), meta(6, 8))),  # inner dims differ
+        (aten.addmm.default, (meta(7), meta(3, 5), meta(5, 8))),  # bias does not broadcast
+        (aten.mm.default, (meta(3, 5), meta(4, 2))),
+        (aten.bmm.default, (meta(4, 3, 5), meta(2, 5, 6))),
+        (aten.bmm.default, (meta(4, 3, 5), meta(4, 4, 6))),
+        (aten.native_batch_norm.default, (meta(2, 3, 4), meta(4), meta(4), None, None, True, 0.1, 1e-5)),
+        (aten.native_layer_norm.default, (meta(2, 5, 8), [7], None, None, 1e-5)),
+        (aten.native_layer_norm.default, (meta(2, 5, 8), [8], meta(7), None, 1e-5)),
+        (
+            aten.convolution.default,
+            (meta(1, 3, 8, 8), meta(4, 3, 3, 3), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+        ),
+    ],
+)
+def test_unusual_cases_defer_to_torch(func: Any, args: tuple[Any, ...]) -> None:
+    assert _fast_meta(func, args, {}) is None
+
+
+def test_trace_mode_counts_flops_with_torchs_formulas() -> None:
+    counts: list[int] = []
+    with TraceMode(fast_meta=True, flops_sink=counts.append):
+        torch.nn.functional.linear(meta(3, 5), meta(8, 5), meta(8))
+    assert counts == [2 * 3 * 5 * 8]
+
+
+@pytest.mark.parametrize(
+    ("func", "args"),
+    [
+        (aten.addmm.default, (meta(8), meta(3, 5), meta(5, 8))),
+        (aten.mm.default, (meta(7, 5), meta(5, 2))),
+        (aten.bmm.default, (meta(4, 3, 5), meta(4, 5, 6))),
+    ],
+)
+def test_matmul_flops_equal_torchs_formula(func: Any, args: tuple[Any, ...]) -> None:
+    from torch.utils.flop_counter import flop_registry
+
+    out = func(*args)
+    assert _matmul_flops(func, args) == flop_registry[func._overloadpacket](*args, out_val=out)

@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelhooks import LayerError, model_summary
+from tests import zoo
+from tests.helpers import untouched
+
+
+def summarise(name: str, **kwargs: Any) -> Any:
+    model, batch = zoo.build(name)
+    with untouched(model):
+        return model, model_summary(model, input_data=batch, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_totals_equal_the_parameters_of_the_model(name: str) -> None:
+    model, summary = summarise(name)
+    params = list(model.parameters())
+    assert summary.total_params == sum(param.numel() for param in params)
+    assert summary.trainable_params == sum(param.numel() for param in params if param.requires_grad)
+    assert summary.param_bytes == sum(param.numel() * param.element_size() for param in params)
+    assert summary.buffer_bytes == sum(buffer.numel() * buffer.element_size() for buffer in model.buffers())
+    assert f"Total params: {summary.total_params:,}" in str(summary)
+
+
+def test_tied_weights_count_once() -> None:
+    _, summary = summarise("tied_lm")
+    assert summary.total_params == 100 * 24 + (24 * 24 + 24) + 2 * 24
+    assert summary["head"].params == 100 * 24  # the row shows what the head holds
+
+
+def test_rnn_weights_and_loose_parameters_are_counted() -> None:
+    _, gru = summarise("gru")
+    layer0 = 3 * 20 * (10 + 20) + 2 * 3 * 20
+    layer1 = 3 * 20 * (20 + 20) + 2 * 3 * 20
+    assert gru["gru"].params == layer0 + layer1
+    _, loose = summarise("with_parameter")
+    assert loose[""].own_params == 7 and loose.total_params == 7 + 7 * 7 + 7
+
+
+def test_partly_frozen_modules() -> None:
+    _, summary = summarise("partly_frozen")
+    assert summary["0"].params == 72 and summary["0"].trainable_params == 8
+    assert summary.non_trainable_params == 64
+    assert "Trainable #" in str(summary) and "Non-trainable params: 64" in str(summary)
+
+
+def test_rows_follow_execution_order_with_every_call() -> None:
+    _, summary = summarise("reused")
+    assert [(layer.name, layer.call_number) for layer in summary.layers] == [
+        ("", 1),
+        ("inp", 1),
+        ("shared", 1),
+        ("act", 1),
+        ("shared", 2),
+    ]
+    assert summary.layers[4].calls == 2 and summary.layers[4].label == "shared [call 2]"
+    assert "shared [call 2] (Linear)" in str(summary)
+
+
+def test_modules_that_never_ran_are_listed() -> None:
+    _, summary = summarise("data_dependent")
+    assert summary.engine == "real"
+    neg = summary["neg"]
+    assert not neg.ran and neg.calls == 0 and neg.params == 4 * 5 + 5
+    assert re.search(r"neg \(Linear\)\s+-\s+never ran\s+25", str(summary))
+
+
+def test_nested_inputs_and_outputs_are_rendered() -> None:
+    _, summary = summarise("lstm_tagger")
+    assert summary["lstm"].output_shapes == ((2, 9, 64), ((2, 2, 32), (2, 2, 32)))
+    assert "((2, 9, 64), ((2, 2, 32), (2, 2, 32)))" in str(summary)
+    _, two = summarise("two_inputs")
+    assert two.input_shapes == ((2, 3, 8, 8), (2, 5))
+    _, dict_out = summarise("dict_out")
+    assert "{logits: (2, 2), hidden: (2, 6)}" in str(dict_out)
+
+
+def test_mult_adds_are_exact_for_linear_and_conv() -> None:
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Conv1d(1, 4, 3))
+    summary = model_summary(nn.Sequential(model[0]), (3, 10))
+    assert summary.mult_adds == 3 * 10 * 20
+    conv = model_summary(nn.Sequential(nn.Conv2d(2, 4, 3)), (1, 2, 6, 6))
+    assert conv.mult_adds == 4 * 4 * 4 * (2 * 3 * 3)
+    assert conv["0"].mult_adds == conv.mult_adds
+
+
+def test_text_is_byte_identical_across_runs_and_engines() -> None:
+    model, batch = zoo.build("resnetish")
+    texts = {
+        engine: str(model_summary(model, input_data=batch, engine=engine))
+        for engine in ("meta", "fake", "real")
+    }
+    assert texts["meta"] == texts["fake"] == texts["real"]
+    again, _ = zoo.build("resnetish")
+    assert str(model_summary(again, input_data=batch)) == texts["meta"]
+    with torch.device("meta"):
+        on_meta = zoo.ResNetish()
+    assert str(model_summary(on_meta, input_data=batch.to("meta"))) == texts["meta"]
+    assert not re.search(r"0x[0-9a-f]{6,}|cpu|meta|cuda|\bsec|\bms\b", texts["meta"])
+
+
+def test_text_never_truncates_a_cell() -> None:
+    long_name = "a_really_long_module_name_that_goes_on_and_on_" * 3
+    model = nn.Sequential()
+    model.add_module(long_name, nn.Linear(3, 300))
+    summary = model_summary(model, input_size=(123456, 3))
+    text = str(summary)
+    assert f"{long_name} (Linear)" in text and "(123456, 300)" in text and "..." not in text
+
+
+def test_depth_folds_rows_but_not_totals() -> None:
+    _, full = summarise("resnetish")
+    _, folded = summarise("resnetish", depth=1)
+    assert {layer.depth for layer in folded.visible_layers} == {0, 1}
+    assert folded.total_params == full.total_params
+    assert folded["layer1"].params == full["layer1"].params
+    assert "layer1.0.conv1" not in str(folded) and "layer1.0.conv1" in str(full)
+    assert "folded" in str(folded)
+
+
+def test_to_dict_is_json_ready() -> None:
+    _, summary = summarise("dataclass_out")
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert data["total_params"] == summary.total_params
+    assert data["layers"][0]["output_shapes"] == {"logits": [2, 2], "hidden": [[2, 6]]}
+    assert data["param_memory"] == {
+        "float32": {"elements": summary.total_params, "bytes": 4 * summary.total_params}
+    }
+
+
+def test_default_input_is_a_dummy_batch() -> None:
+    summary = model_summary(zoo.ResNetish())
+    assert summary.input_shapes == (1, 3, 64, 64) and summary.output_shapes == (1, 10)
+
+
+def test_input_size_makes_token_ids_for_an_embedding_model() -> None:
+    summary = model_summary(zoo.TiedLM(), input_size=(2, 11))
+    assert summary.output_shapes == (2, 11, 100)
+
+
+def test_failures_name_the_layer_and_leave_the_model_untouched() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(9, 2)).train()
+    with (
+        untouched(model),
+        pytest.raises(LayerError, match=r"layer '1' \(Linear, in_features=9\) got input \(1, 8\)"),
+    ):
+        model_summary(model, (1, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"input_size": (1, "3")}, ValueError, r"input_size must be a shape such as \(1, 3, 224, 224\)"),
+        (
+            {"input_size": (1, -3)},
+            ValueError,
+            r"input_size must hold positive dimensions, got input_size=\(1, -3\)",
+        ),
+        (
+            {"input_size": (1, 4), "input_data": torch.zeros(1, 4)},
+            ValueError,
+            r"either input_size= or input_data=",
+        ),
+        ({"depth": -1}, ValueError, r"depth must be a non-negative int or None, got depth=-1"),
+        ({"input_data": 3}, TypeError, r"input must be a tensor"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        model_summary(zoo.mlp(), **kwargs)
+
+
+class Decoder(nn.Module):
+    """A LLaMA-style decoder (RMSNorm, gated MLP, tied-free head) for the scale test."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(DecoderLayer(dim, hidden, heads) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = nn.RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.mlp_norm = nn.RMSNorm(dim)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, -1).unbind(2)
+        attn = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + self.out(attn.transpose(1, 2).reshape(batch, length, dim))
+        h = self.mlp_norm(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def test_a_7b_decoder_built_on_meta_summarises_quickly() -> None:
+    with torch.device("meta"):
+        model = Decoder(vocab=32000, dim=4096, layers=32, hidden=11008, heads=32)
+    summary = model_summary(model, input_size=(1, 16))
+    assert summary.total_params == sum(param.numel() for param in model.parameters())
+    assert 6.7e9 < summary.total_params < 6.8e9
+    assert summary.output_shapes == (1, 16, 32000) and summary.engine == "meta"
+    assert summary.mult_adds is not None and summary.mult_adds > 16 * 6.4e9
