@@ -40,7 +40,7 @@ def build(name: str) -> tuple[torch.nn.Module, Any, str]:
         return models.deep_mlp(10_000).eval(), torch.randn(1, 16), "10,000-layer MLP (19,999 modules)"
     if name == "llama7b_meta":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.test_summary import Decoder
+        from tests.zoo import Decoder
 
         with torch.device("meta"):
             model = Decoder(vocab=32000, dim=4096, layers=32, hidden=11008, heads=32)
@@ -76,7 +76,9 @@ def measure(name: str, repeats: int) -> dict[str, Any]:
         import torchinfo
 
         if on_meta:
-            contenders["torchinfo"] = lambda: torchinfo.summary(model, input_data=batch, device="meta", verbose=0)
+            contenders["torchinfo"] = lambda: torchinfo.summary(
+                model, input_data=batch, device="meta", verbose=0
+            )
         else:
             contenders["torchinfo"] = lambda: torchinfo.summary(model, input_data=batch, verbose=0)
     except ImportError:
@@ -151,7 +153,9 @@ def report(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", type=Path)

@@ -78,7 +78,9 @@ class GPTBlock(nn.Module):
 class GPT2Small(nn.Module):
     """GPT-2 small's layout (124.4M parameters, tied head) written out."""
 
-    def __init__(self, vocab: int = 50257, context: int = 1024, dim: int = 768, layers: int = 12, heads: int = 12) -> None:
+    def __init__(
+        self, vocab: int = 50257, context: int = 1024, dim: int = 768, layers: int = 12, heads: int = 12
+    ) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Embedding(context, dim)

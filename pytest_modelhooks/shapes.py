@@ -252,6 +252,7 @@ class Trace:
 
     engine: str
     calls: list[Call] = field(default_factory=list)
+    named: list[tuple[str, nn.Module]] = field(default_factory=list)  # model.named_modules()
     output_shapes: Any = None
     counted_flops: bool = False
 
@@ -295,11 +296,11 @@ class _Recorder:
     the forward of a deep MLP, and the model's own hook dicts are never touched.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, named: Sequence[tuple[str, nn.Module]]) -> None:
         self.calls: list[Call] = []
         self.stack: list[Call] = []  # the calls running now, outermost first
         self.counts: dict[int, int] = {}
-        self.names = {id(module): name for name, module in model.named_modules()}
+        self.names = {id(module): name for name, module in named}
         self.pending_args: dict[int, Any] = {}  # the args of calls still running, for errors
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
@@ -387,7 +388,9 @@ def _is_engine_limitation(error: BaseException) -> bool:
 
 
 @contextmanager
-def _swapped_tensors(model: nn.Module, make: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def _swapped_tensors(
+    modules: Sequence[nn.Module], make: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
     """Put a stand-in made by ``make`` in place of every parameter and buffer for the block,
     and the originals back afterwards, also on an exception.
 
@@ -398,7 +401,7 @@ def _swapped_tensors(model: nn.Module, make: Callable[[torch.Tensor], torch.Tens
     made: dict[int, torch.Tensor] = {}
     swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     try:
-        for module in model.modules():
+        for module in modules:
             stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
             for store in stores:
                 for name, tensor in store.items():
@@ -451,19 +454,19 @@ def _engine_order(model: nn.Module, engine: str) -> list[str]:
 
 @contextmanager
 def _engine_inputs(
-    model: nn.Module, engine: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    modules: Sequence[nn.Module], engine: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
     """Run the block with the model's tensors swapped for ``engine``; yield the inputs to use."""
     if engine == "real":
         yield args, kwargs
         return
     if engine == "meta":
-        with _swapped_tensors(model, _to_meta):
+        with _swapped_tensors(modules, _to_meta):
             yield map_tensors(args, _to_meta), map_tensors(kwargs, _to_meta)
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swapped_tensors(model, mode.from_tensor):
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swapped_tensors(modules, mode.from_tensor):
         yield map_tensors(args, mode.from_tensor), map_tensors(kwargs, mode.from_tensor)
 
 
@@ -523,13 +526,15 @@ class _EngineFailed(Exception):
 def _trace_once(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], engine: str, count_flops: bool
 ) -> Trace:
-    recorder = _Recorder(model)
-    trace = Trace(engine)
+    named = list(model.named_modules())
+    modules = [module for _, module in named]
+    recorder = _Recorder(named)
+    trace = Trace(engine, named=named)
     try:
         with ExitStack() as stack:
-            stack.enter_context(preserve_training_flags(model, eval_mode=True))
+            stack.enter_context(preserve_training_flags(model, eval_mode=True, modules=modules))
             stack.enter_context(torch.no_grad())
-            run_args, run_kwargs = stack.enter_context(_engine_inputs(model, engine, args, kwargs))
+            run_args, run_kwargs = stack.enter_context(_engine_inputs(modules, engine, args, kwargs))
             if engine == "meta" or count_flops:
                 from pytest_modelhooks._dispatch import TraceMode
 

@@ -169,32 +169,44 @@ def _jsonable(shape: Any) -> Any:
 # --------------------------------------------------------------------------- counting
 
 
-def _param_counts(model: nn.Module, module_names: set[str]) -> dict[str, tuple[int, int, int]]:
-    """``name -> (params, trainable params, own params)`` for every module, in one pass over the
-    parameters: each module's count is recursive with every tensor once (tied weights), and
-    asking each module for its parameters() instead is quadratic in the depth of nesting."""
+@dataclass
+class _Tally:
+    """Parameter counts per module and the model's unique tensors, from one walk of the tree."""
+
+    counts: dict[str, tuple[int, int, int]]  # name -> (params, trainable, own params)
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+
+
+def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
+    """Each module's count is recursive with every tensor once (tied weights). One walk over
+    every path to every module (a reused module's second path included) instead of asking each
+    module for its parameters(), which is quadratic in the depth of nesting."""
     members: dict[str, dict[int, torch.Tensor]] = {}
     own: dict[str, dict[int, torch.Tensor]] = {}
-    for full_name, param in model.named_parameters(remove_duplicate=False):
-        owner, _, _ = full_name.rpartition(".")
-        if owner in module_names:
-            own.setdefault(owner, {})[id(param)] = param
-        parts = owner.split(".") if owner else []
-        for depth in range(len(parts) + 1):
-            prefix = ".".join(parts[:depth])
-            if prefix in module_names:  # a reused module's second path is not a row of its own
-                members.setdefault(prefix, {})[id(param)] = param
-    result: dict[str, tuple[int, int, int]] = {}
-    for name, params in members.items():
-        total, trainable = _count(list(params.values()))
-        result[name] = (total, trainable, sum(param.numel() for param in own.get(name, {}).values()))
-    return result
-
-
-def _unique_params(module: nn.Module) -> list[nn.Parameter]:
-    # parameters() already yields a tied tensor once; loose nn.Parameters and RNN weights are
-    # ordinary registered parameters, so nothing is special-cased.
-    return list(module.parameters())
+    params: dict[int, torch.Tensor] = {}
+    buffers: dict[int, torch.Tensor] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for buffer in module._buffers.values():
+            if buffer is not None:
+                buffers.setdefault(id(buffer), buffer)
+        held = [param for param in module._parameters.values() if param is not None]
+        if not held:
+            continue
+        parts = path.split(".") if path else []
+        prefixes = [prefix for prefix in (".".join(parts[:depth]) for depth in range(len(parts) + 1))]
+        for param in held:
+            params.setdefault(id(param), param)
+            if path in module_names:
+                own.setdefault(path, {})[id(param)] = param
+            for prefix in prefixes:
+                if prefix in module_names:  # a reused module's second path has no row of its own
+                    members.setdefault(prefix, {})[id(param)] = param
+    counts: dict[str, tuple[int, int, int]] = {}
+    for name, held_params in members.items():
+        total, trainable = _count(list(held_params.values()))
+        counts[name] = (total, trainable, sum(param.numel() for param in own.get(name, {}).values()))
+    return _Tally(counts, list(params.values()), list(buffers.values()))
 
 
 def _count(params: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -293,8 +305,9 @@ def model_summary(
 
 def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: bool) -> ModelSummary:
 
-    names = {id(module): name for name, module in model.named_modules()}
-    counts_by_name = _param_counts(model, set(names.values()))
+    names = {id(module): name for name, module in trace.named}
+    tally = _tally(model, set(names.values()))
+    counts_by_name = tally.counts
     calls_by_module: dict[int, int] = {}
     for call in trace.calls:
         calls_by_module[id(call.module)] = calls_by_module.get(id(call.module), 0) + 1
@@ -325,7 +338,7 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
                 ran=call.finished,
             )
         )
-    for module in model.modules():
+    for _, module in trace.named:
         if id(module) not in calls_by_module:
             name = names[id(module)]
             total, trainable, own = counts(module)
@@ -343,7 +356,7 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
                 )
             )
 
-    total, trainable = _count(_unique_params(model))
+    total, trainable = _count(tally.params)
     return ModelSummary(
         model_name=type(model).__name__,
         layers=tuple(rows),
@@ -351,8 +364,8 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
         output_shapes=trace.output_shapes,
         total_params=total,
         trainable_params=trainable,
-        param_memory=_memory(_unique_params(model)),
-        buffer_memory=_memory(list(model.buffers())),
+        param_memory=_memory(tally.params),
+        buffer_memory=_memory(tally.buffers),
         mult_adds=mult_adds(trace.total_flops or 0),
         depth=depth,
         engine=trace.engine,

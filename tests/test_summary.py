@@ -178,51 +178,23 @@ def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: st
         model_summary(zoo.mlp(), **kwargs)
 
 
-class Decoder(nn.Module):
-    """A LLaMA-style decoder (RMSNorm, gated MLP, tied-free head) for the scale test."""
-
-    def __init__(self, vocab: int, dim: int, layers: int, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(DecoderLayer(dim, hidden, heads) for _ in range(layers))
-        self.norm = nn.RMSNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(self.norm(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, dim: int, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attn_norm = nn.RMSNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.mlp_norm = nn.RMSNorm(dim)
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, -1).unbind(2)
-        attn = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        x = x + self.out(attn.transpose(1, 2).reshape(batch, length, dim))
-        h = self.mlp_norm(x)
-        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
-
-
 def test_a_7b_decoder_built_on_meta_summarises_quickly() -> None:
     with torch.device("meta"):
-        model = Decoder(vocab=32000, dim=4096, layers=32, hidden=11008, heads=32)
+        model = zoo.Decoder(vocab=32000, dim=4096, layers=32, hidden=11008, heads=32)
     summary = model_summary(model, input_size=(1, 16))
     assert summary.total_params == sum(param.numel() for param in model.parameters())
     assert 6.7e9 < summary.total_params < 6.8e9
     assert summary.output_shapes == (1, 16, 32000) and summary.engine == "meta"
     assert summary.mult_adds is not None and summary.mult_adds > 16 * 6.4e9
+
+
+def test_a_module_reused_in_two_places_counts_in_both_parents() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared, nn.Tanh()))
+    summary = model_summary(model, (2, 4))
+    assert summary["0"].params == summary["1"].params == 20
+    assert summary.total_params == 20
+    assert [(layer.name, layer.call_number) for layer in summary.layers if layer.type == "Linear"] == [
+        ("0.0", 1),
+        ("0.0", 2),
+    ]
