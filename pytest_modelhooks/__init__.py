@@ -36,10 +36,22 @@ _EXPORTS: dict[str, str] = {
     "model_summary": "summary",
     "ModelSummary": "summary",
     "LayerInfo": "summary",
+    "ActivationStats": "stats",
+    "GradientStats": "stats",
+    "LayerStats": "stats",
+    "ParamGradStats": "stats",
+    "Finding": "checks",
+    "HealthError": "checks",
 }
 
 __all__ = [
     "__version__",
+    "ActivationStats",
+    "Finding",
+    "GradientStats",
+    "HealthError",
+    "LayerStats",
+    "ParamGradStats",
     "Hook",
     "HookCallback",
     "Hooks",
@@ -65,6 +77,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from pytest_modelhooks.checks import Finding, HealthError
     from pytest_modelhooks.hooks import (
         Hook,
         HookCallback,
@@ -88,6 +101,7 @@ if TYPE_CHECKING:
         num_features_model,
         trace_model,
     )
+    from pytest_modelhooks.stats import ActivationStats, GradientStats, LayerStats, ParamGradStats
     from pytest_modelhooks.summary import LayerInfo, ModelSummary, model_summary
 
 

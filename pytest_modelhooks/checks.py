@@ -1,0 +1,280 @@
+"""Health rules over recorded statistics: findings as data, and assertions that name every bad
+layer.
+
+Activation rules: std out of range (vanishing or exploding), too many dead units, too many
+values near zero, std growing too fast from one layer to the next, and non-finite values, for
+which the *first* layer in execution order that produced one is named together with the layer
+before it. Gradient rules: norms out of range, non-finite gradients, trainable parameters that
+never got a gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pytest_modelhooks.stats import ActivationStats, GradientStats
+
+__all__ = [
+    "Finding",
+    "HealthError",
+    "activation_findings",
+    "format_findings",
+    "gradient_findings",
+    "raise_for",
+]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One broken rule: which layer (or parameter), which statistic, what was seen, the bound,
+    and the batch (or step) where it happened (the worst one)."""
+
+    layer: str
+    layer_type: str
+    statistic: str
+    observed: float
+    bound: str
+    batch: int | None
+    note: str = ""
+
+    def __str__(self) -> str:
+        where = "" if self.batch is None else f" at batch {self.batch}"
+        note = f" ({self.note})" if self.note else ""
+        observed = _number(self.observed)
+        return (
+            f"{self.layer} ({self.layer_type}): {self.statistic} {observed}, bound {self.bound}{where}{note}"
+        )
+
+
+class HealthError(AssertionError):
+    """A health check failed; ``.findings`` holds the data behind the message."""
+
+    def __init__(self, message: str, findings: Sequence[Finding]) -> None:
+        super().__init__(message)
+        self.findings = list(findings)
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == int(value) and abs(value) < 1e9:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def _check_range(name: str, bounds: tuple[float, float] | None) -> None:
+    if bounds is None:
+        return
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and bounds[0] <= bounds[1]):
+        raise ValueError(f"{name} must be a (low, high) pair with low <= high, got {name}={bounds!r}")
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is not None and not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {name}={value!r}")
+
+
+def _worst(values: torch.Tensor, batches: torch.Tensor, *, largest: bool) -> tuple[float, int]:
+    finite = torch.where(
+        torch.isnan(values), torch.full_like(values, -math.inf if largest else math.inf), values
+    )
+    position = int(finite.argmax() if largest else finite.argmin())
+    return float(values[position]), int(batches[position])
+
+
+def activation_findings(
+    stats: ActivationStats,
+    *,
+    std: tuple[float, float] | None = None,
+    max_dead: float | None = None,
+    max_near_zero: float | None = None,
+    max_std_growth: float | None = None,
+    allow_nonfinite: bool = False,
+) -> list[Finding]:
+    """Every broken rule among the recorded activation statistics, in execution order.
+
+    * ``std=(low, high)``: each series' std must stay within, on every batch.
+    * ``max_dead``: the fraction of channels never above zero, per layer.
+    * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
+    * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch.
+    * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
+    """
+    _check_range("std", std)
+    _check_fraction("max_dead", max_dead)
+    _check_fraction("max_near_zero", max_near_zero)
+    if max_std_growth is not None and not max_std_growth > 0:
+        raise ValueError(f"max_std_growth must be > 0, got max_std_growth={max_std_growth!r}")
+    layers = list(stats)
+    found: list[Finding] = []
+    if not allow_nonfinite:
+        found += _first_nonfinite(layers)
+    previous = None
+    for layer in layers:
+        batches = layer.batches
+        if std is not None:
+            low, high = std
+            below = layer.std < low
+            above = layer.std > high
+            if bool(below.any()):
+                value, batch = _worst(
+                    torch.where(below, layer.std, torch.full_like(layer.std, math.nan)),
+                    batches,
+                    largest=False,
+                )
+                found.append(Finding(layer.name, layer.type, "std", value, f">= {low:g}", batch, "vanishing"))
+            if bool(above.any()):
+                value, batch = _worst(
+                    torch.where(above, layer.std, torch.full_like(layer.std, math.nan)), batches, largest=True
+                )
+                found.append(
+                    Finding(layer.name, layer.type, "std", value, f"<= {high:g}", batch, "exploding")
+                )
+        if max_dead is not None and layer.dead is not None and layer.dead > max_dead:
+            dead_units = round(layer.dead * (layer.channels or 0))
+            found.append(
+                Finding(
+                    layer.name,
+                    layer.type,
+                    "dead",
+                    layer.dead,
+                    f"<= {max_dead:g}",
+                    None,
+                    f"{dead_units} of {layer.channels} channels never active",
+                )
+            )
+        if max_near_zero is not None and bool((layer.near_zero > max_near_zero).any()):
+            value, batch = _worst(layer.near_zero, batches, largest=True)
+            found.append(Finding(layer.name, layer.type, "near_zero", value, f"<= {max_near_zero:g}", batch))
+        if max_std_growth is not None and previous is not None:
+            ratio = layer.std / previous.std
+            if bool((ratio > max_std_growth).any()):
+                value, batch = _worst(ratio, batches, largest=True)
+                found.append(
+                    Finding(
+                        layer.name,
+                        layer.type,
+                        "std growth",
+                        value,
+                        f"<= {max_std_growth:g}",
+                        batch,
+                        f"vs {previous.name}",
+                    )
+                )
+        previous = layer
+    return found
+
+
+def _first_nonfinite(layers: list) -> list[Finding]:  # type: ignore[type-arg]
+    if not layers:
+        return []
+    counts = torch.stack([layer.nonfinite for layer in layers])  # (series, batches)
+    bad = torch.nan_to_num(counts, nan=0.0) > 0
+    if not bool(bad.any()):
+        return []
+    # the first batch with any non-finite value, then the first series in execution order
+    column = int(bad.any(dim=0).nonzero()[0])
+    row = int(bad[:, column].nonzero()[0])
+    layer = layers[row]
+    before = next(
+        (earlier for earlier in reversed(layers[:row]) if not math.isnan(float(earlier.nonfinite[column]))),
+        None,
+    )
+    note = (
+        f"first non-finite layer; previous layer {before.name} was finite"
+        if before
+        else "first non-finite layer; the first hooked layer"
+    )
+    total = int(sum(int(value) for value in torch.nan_to_num(counts[:, column]).tolist()))
+    note += f"; {total} non-finite values in that batch"
+    return [
+        Finding(
+            layer.name,
+            layer.type,
+            "nonfinite",
+            float(counts[row, column]),
+            "0",
+            int(layer.batches[column]),
+            note,
+        )
+    ]
+
+
+def gradient_findings(
+    grads: GradientStats,
+    *,
+    max_norm: float | None = None,
+    min_norm: float | None = None,
+    require_grad: bool = True,
+) -> list[Finding]:
+    """Every broken gradient rule: parameters whose gradient norm went above ``max_norm``
+    (exploding) or below ``min_norm`` (vanishing), non-finite gradients, and (with
+    ``require_grad``) trainable parameters that never got a gradient."""
+    if max_norm is not None and min_norm is not None and min_norm > max_norm:
+        raise ValueError(f"min_norm={min_norm!r} is above max_norm={max_norm!r}")
+    found: list[Finding] = []
+    steps = torch.arange(grads.num_steps)
+    for param in grads:
+        kind = "parameter " + "x".join(str(dim) for dim in param.shape)
+        if require_grad and not param.got_grad:
+            found.append(
+                Finding(
+                    param.name, kind, "grad", math.nan, "a gradient", None, "unused: its .grad stayed None"
+                )
+            )
+            continue
+        nonfinite = torch.nan_to_num(param.nonfinite, nan=0.0)
+        if bool((nonfinite > 0).any()):
+            value, step = _worst(param.nonfinite, steps, largest=True)
+            found.append(Finding(param.name, kind, "nonfinite grad", value, "0", step))
+            continue
+        if max_norm is not None and bool((param.norm > max_norm).any()):
+            value, step = _worst(param.norm, steps, largest=True)
+            found.append(Finding(param.name, kind, "grad norm", value, f"<= {max_norm:g}", step, "exploding"))
+        if min_norm is not None and bool((param.norm < min_norm).any()):
+            value, step = _worst(param.norm, steps, largest=False)
+            found.append(Finding(param.name, kind, "grad norm", value, f">= {min_norm:g}", step, "vanishing"))
+    return found
+
+
+def format_findings(findings: Sequence[Finding], *, unit: str = "batch") -> str:
+    """A plain-text table of findings, one row each, columns aligned."""
+    header = ["layer", "type", "statistic", "observed", "bound", unit, "note"]
+    rows = [
+        [
+            f.layer or "(model)",
+            f.layer_type,
+            f.statistic,
+            _number(f.observed),
+            f.bound,
+            "" if f.batch is None else str(f.batch),
+            f.note,
+        ]
+        for f in findings
+    ]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def raise_for(findings: Sequence[Finding], kind: str) -> None:
+    """Raise :class:`HealthError` with a table of ``findings``, if there are any."""
+    if not findings:
+        return
+    unit = "step" if kind == "gradient" else "batch"
+    layers = len({finding.layer for finding in findings})
+    message = (
+        f"{kind} health check failed: {len(findings)} finding(s) in {layers} layer(s)\n"
+        + format_findings(findings, unit=unit)
+    )
+    raise HealthError(message, findings)

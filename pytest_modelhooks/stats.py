@@ -1,0 +1,711 @@
+"""Activation and gradient statistics, computed where the tensors live.
+
+:class:`ActivationStats` records, for every hooked module and every recorded forward ("batch"),
+the mean, std, fraction of values near zero, count of non-finite values, min and max of each
+floating-point tensor the module returns, plus per-layer dead units and optional histograms.
+:class:`GradientStats` does the same for parameter gradients after each backward.
+
+Speed rules (see the README's Performance section for figures):
+
+* On CUDA and other accelerators nothing is read back per module: each module's numbers are
+  reduced on the device, stacked once per batch, and cross to the host once, when read.
+* On the CPU the device *is* the host, so reading a scalar costs ~1 us and no synchronisation;
+  it is used to run the exact two-pass std only where the one-pass formula would lose
+  precision (a large mean over a small spread), and to count non-finite values only when the
+  sums say there are any.
+* Activations are never kept: memory is O(series x batches) numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from pytest_modelhooks._tree import tensor_leaves
+from pytest_modelhooks.hooks import HookCallback, ModuleSpec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pytest_modelhooks.checks import Finding
+
+__all__ = ["STATISTICS", "ActivationStats", "GradientStats", "LayerStats", "ParamGradStats"]
+
+#: The per-batch statistics of an activation series, in the order of the rows of ``_values``.
+STATISTICS = ("mean", "std", "near_zero", "nonfinite", "min", "max")
+
+# Modules whose features are the last dimension, whatever the rank of their output.
+_FEATURES_LAST = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.LayerNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+_RMS_NORM = getattr(nn, "RMSNorm", None)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16 activations are reduced in float32; float64 stays float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _near_zero_mask(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # A Python eps is rounded to the tensor's dtype (0.05 is 0.05005 in bfloat16): compare
+    # half-precision values in float32 so the threshold means what it says.
+    if x.dtype in (torch.float32, torch.float64):
+        return x.abs() <= eps
+    return x.abs().float() <= eps
+
+
+def _reduce_on_host(x: torch.Tensor, eps: float) -> list[float]:
+    """The six statistics of a CPU tensor as Python floats (see the module docstring)."""
+    count = x.numel()
+    acc = _accumulator(x.dtype)
+    total = float(x.sum(dtype=acc))
+    norm = float(torch.linalg.vector_norm(x, dtype=acc))
+    nonfinite = 0.0
+    if not (math.isfinite(total) and math.isfinite(norm)):
+        finite = torch.isfinite(x)
+        nonfinite = float(count - int(torch.count_nonzero(finite)))
+        if nonfinite:
+            mean = std = math.nan
+        else:  # finite values whose squares overflowed: exact, in float64
+            as64 = x.double()
+            mean, std = float(as64.mean()), float(as64.std()) if count > 1 else 0.0
+    else:
+        mean = total / count
+        variance = max(norm * norm - total * total / count, 0.0) / max(count - 1, 1)
+        # The one-pass variance loses ~1e-7 * mean^2 / variance of its precision in float32;
+        # where that could exceed ~1e-6, recompute it exactly (Welford, two reads).
+        if count > 1 and mean * mean > 20 * variance * (1.0 if acc == torch.float32 else 1e8):
+            std = float(x.to(acc).std())
+        else:
+            std = math.sqrt(variance) if count > 1 else 0.0
+    near_zero = float(torch.count_nonzero(_near_zero_mask(x, eps))) / count
+    low, high = torch.aminmax(x)
+    return [mean, std, near_zero, nonfinite, float(low), float(high)]
+
+
+def _reduce_on_device(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The six statistics as a float64 tensor of shape (6,) on ``x``'s device; no host read."""
+    count = x.numel()
+    acc = _accumulator(x.dtype)
+    variance, mean = torch.var_mean(x.to(acc))  # one Welford pass on accelerators: stable
+    finite = torch.count_nonzero(torch.isfinite(x))
+    near_zero = torch.count_nonzero(_near_zero_mask(x, eps))
+    low, high = torch.aminmax(x)
+    values = torch.stack([mean, variance.sqrt()]).double()
+    counts = torch.stack([near_zero / count, count - finite]).double()
+    extremes = torch.stack([low, high]).double()
+    return torch.cat([values, counts, extremes])
+
+
+def _channel_dim(module: nn.Module, rank: int, conv1d_model: bool) -> int | None:
+    if rank < 2:
+        return None
+    if isinstance(module, _FEATURES_LAST) or (_RMS_NORM is not None and isinstance(module, _RMS_NORM)):
+        return rank - 1
+    if rank == 3 and not isinstance(module, (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d)):
+        # (B, C, L) for 1-d conv nets, (B, L, F) for sequence models
+        return 1 if conv1d_model else 2
+    return 1
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """The statistics of one series (one tensor a module returns) over the recorded batches.
+
+    Each statistic is a float64 tensor with one value per recorded batch (NaN where the module
+    did not run in that batch). ``dead`` is the fraction of channels (features) whose value was
+    never above zero on any recorded sample, or None when there is no channel dimension.
+    """
+
+    name: str
+    module: str
+    type: str
+    position: int  # order of first appearance: execution order
+    batches: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    near_zero: torch.Tensor
+    nonfinite: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+    dead: float | None
+    channels: int | None
+    hist: torch.Tensor | None = field(repr=False)
+
+    def __getitem__(self, statistic: str) -> torch.Tensor:
+        if statistic not in STATISTICS:
+            raise KeyError(f"unknown statistic {statistic!r}; choose from {', '.join(STATISTICS)}")
+        value: torch.Tensor = getattr(self, statistic)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (NaN becomes None)."""
+        data: dict[str, Any] = {
+            "name": self.name,
+            "module": self.module,
+            "type": self.type,
+            "batches": self.batches.tolist(),
+            "dead": self.dead,
+            "channels": self.channels,
+        }
+        for statistic in STATISTICS:
+            data[statistic] = [None if math.isnan(value) else value for value in self[statistic].tolist()]
+        return data
+
+
+class ActivationStats(HookCallback):
+    """Record activation statistics of ``model``'s modules, batch by batch.
+
+    A *batch* is one forward of ``model``. Use it as a context manager around forward passes or
+    training steps, or call ``on_train_begin()`` / ``on_train_end()`` from any loop.
+
+    * ``modules``: default, the modules that own parameters (as fastai); also ``"all"``,
+      ``"leaves"``, names, globs, types (see :func:`select_modules`).
+    * ``every``: record one batch in ``every``; ``train_only``: record only forwards in
+      training mode.
+    * ``eps``: a value is near zero when ``|x| <= eps``.
+    * ``with_hist``: also keep a histogram per batch (``hist_bins`` over ``hist_range``).
+
+    ``stats.stats`` is fastai's layout: a float tensor ``(2, num_modules, num_batches)`` of
+    (mean, std) of each hooked module's (first) output. ``stats["encoder.conv1"]`` gives a
+    :class:`LayerStats` with every statistic; tuple/dict outputs give one series per tensor
+    (``stats["lstm[0]"]``, ``stats["out.logits"]``).
+
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> with ActivationStats(net) as stats:
+    ...     for _ in range(3):
+    ...         _ = net(torch.randn(4, 8))
+    >>> stats.stats.shape, stats.series_names
+    (torch.Size([2, 2, 3]), ['0', '2'])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: ModuleSpec = None,
+        *,
+        every: int = 1,
+        train_only: bool = False,
+        eps: float = 0.05,
+        with_hist: bool = False,
+        hist_bins: int = 80,
+        hist_range: tuple[float, float] = (-10.0, 10.0),
+        track_dead: bool = True,
+    ) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got every={every!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got eps={eps!r}")
+        if with_hist and (hist_bins < 1 or not hist_range[0] < hist_range[1]):
+            raise ValueError(
+                f"need hist_bins >= 1 and hist_range=(low, high) with low < high, "
+                f"got hist_bins={hist_bins!r}, hist_range={hist_range!r}"
+            )
+        super().__init__(model, modules, detach=False)
+        self.every = every
+        self.train_only = train_only
+        self.eps = eps
+        self.with_hist = with_hist
+        self.hist_bins = hist_bins
+        self.hist_range = hist_range
+        self.track_dead = track_dead
+        self._conv1d = any(isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) for module in model.modules())
+        self._names_by_id = {id(module): name for name, module in self.named_modules}
+        self._series: dict[tuple[int, str], int] = {}
+        self._series_names: list[str] = []
+        self._series_modules: list[str] = []
+        self._series_types: list[str] = []
+        self._series_first: dict[int, int] = {}  # module id -> its first series (fastai layout)
+        self._forwards = 0
+        self._recording = False
+        self._pending: list[tuple[int, Any]] = []
+        self._pending_hist: list[tuple[int, torch.Tensor]] = []
+        self._batches: list[tuple[int, list[int], Any]] = []  # (batch, series ids, values)
+        self._hists: list[tuple[int, list[int], torch.Tensor]] = []
+        self._seen_positive: dict[int, torch.Tensor] = {}
+        self._batch_handles: list[RemovableHandle] = []
+        self._cache: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ recording
+
+    def on_train_begin(self, **kwargs: Any) -> None:
+        """Register the hooks; the batch markers go on after the module hooks, so that the
+        model's own output (when hooked) lands in the batch it belongs to."""
+        super().on_train_begin(**kwargs)
+        if not self._batch_handles:
+            self._batch_handles = [
+                self.model.register_forward_pre_hook(self._begin_batch),
+                self.model.register_forward_hook(self._end_batch),
+            ]
+
+    def remove(self) -> None:
+        super().remove()
+        for handle in self._batch_handles:
+            handle.remove()
+        self._batch_handles = []
+
+    def _begin_batch(self, module: nn.Module, args: Any) -> None:
+        wanted = not self.train_only or self.model.training
+        self._recording = wanted and self._forwards % self.every == 0
+        self._forwards += 1
+        self._pending = []
+        self._pending_hist = []
+
+    def _end_batch(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._recording:
+            return
+        self._recording = False
+        batch = self._forwards - 1
+        if self._pending:
+            ids = [series for series, _ in self._pending]
+            first = self._pending[0][1]
+            values = (
+                torch.stack([value for _, value in self._pending])
+                if isinstance(first, torch.Tensor)
+                else [value for _, value in self._pending]
+            )
+            self._batches.append((batch, ids, values))
+        if self._pending_hist:
+            self._hists.append(
+                (
+                    batch,
+                    [series for series, _ in self._pending_hist],
+                    torch.stack([h for _, h in self._pending_hist]),
+                )
+            )
+        self._pending = []
+        self._pending_hist = []
+        self._cache = None
+
+    def _series_id(self, module: nn.Module, path: str) -> int:
+        key = (id(module), path)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = len(self._series_names)
+            module_name = self._names_by_id.get(id(module), "?")
+            self._series_names.append(module_name + path if module_name or not path else path.lstrip("."))
+            self._series_modules.append(module_name)
+            self._series_types.append(type(module).__name__)
+            self._series_first.setdefault(id(module), series)
+        return series
+
+    @torch.no_grad()
+    def hook(self, module: nn.Module, input: Any, output: Any) -> None:
+        """Reduce each floating-point tensor ``module`` returned to its statistics."""
+        if not self._recording:
+            return
+        leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
+        for path, tensor in leaves:
+            if not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            x = tensor.detach()
+            series = self._series_id(module, path)
+            if x.device.type == "cpu":
+                self._pending.append((series, _reduce_on_host(x, self.eps)))
+            else:
+                self._pending.append((series, _reduce_on_device(x, self.eps)))
+            if self.track_dead:
+                self._track_dead(series, module, x)
+            if self.with_hist:
+                low, high = self.hist_range
+                self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
+
+    def _track_dead(self, series: int, module: nn.Module, x: torch.Tensor) -> None:
+        dim = _channel_dim(module, x.dim(), self._conv1d)
+        if dim is None:
+            return
+        other = [axis for axis in range(x.dim()) if axis != dim]
+        positive = x.amax(dim=other) > 0
+        seen = self._seen_positive.get(series)
+        if seen is None or seen.shape != positive.shape:
+            self._seen_positive[series] = positive
+        else:
+            seen |= positive
+
+    # ------------------------------------------------------------------ reading
+
+    def _gather(self) -> dict[str, Any]:
+        """Everything recorded, on the host: one transfer for all batches."""
+        if self._cache is not None:
+            return self._cache
+        num_series, num_batches = len(self._series_names), len(self._batches)
+        values = torch.full((len(STATISTICS), num_series, num_batches), math.nan, dtype=torch.float64)
+        batch_ids = torch.tensor([batch for batch, _, _ in self._batches], dtype=torch.long)
+        for column, (_, ids, recorded) in enumerate(self._batches):
+            block = (
+                recorded.to("cpu", torch.float64)
+                if isinstance(recorded, torch.Tensor)
+                else torch.tensor(recorded, dtype=torch.float64)
+            )
+            values[:, ids, column] = block.T
+        dead: dict[int, tuple[float, int]] = {}
+        for series, seen in self._seen_positive.items():
+            seen_host = seen.cpu()
+            dead[series] = (1.0 - float(seen_host.float().mean()), seen_host.numel())
+        hists: dict[int, torch.Tensor] = {}
+        if self._hists:
+            column_of = {batch: column for column, batch in enumerate(batch_ids.tolist())}
+            for batch, ids, stacked in self._hists:
+                host = stacked.cpu()
+                for row, series in enumerate(ids):
+                    hist = hists.setdefault(series, torch.zeros(num_batches, self.hist_bins))
+                    hist[column_of[batch]] = host[row]
+        self._cache = {"values": values, "batches": batch_ids, "dead": dead, "hists": hists}
+        return self._cache
+
+    @property
+    def series_names(self) -> list[str]:
+        """Every recorded series, in order of first appearance (execution order)."""
+        return list(self._series_names)
+
+    @property
+    def num_batches(self) -> int:
+        """How many batches were recorded."""
+        return len(self._batches)
+
+    @property
+    def stats(self) -> torch.Tensor:
+        """fastai's layout: ``(2, num_modules, num_batches)`` of (mean, std), one row per hooked
+        module in ``modules`` order (its first output tensor; NaN where it never ran)."""
+        gathered = self._gather()
+        rows = []
+        for module in self.modules:
+            series = self._series_first.get(id(module))
+            if series is None:
+                rows.append(torch.full((2, self.num_batches), math.nan, dtype=torch.float64))
+            else:
+                rows.append(gathered["values"][:2, series])
+        if not rows:
+            return torch.empty(2, 0, self.num_batches)
+        return torch.stack(rows, dim=1).float()
+
+    def __len__(self) -> int:
+        return len(self._series_names)
+
+    def __iter__(self) -> Iterator[LayerStats]:
+        return (self[index] for index in range(len(self)))
+
+    def __getitem__(self, key: int | str) -> LayerStats:
+        """The :class:`LayerStats` of a series, by position or name."""
+        if isinstance(key, str):
+            if key not in self._series_names:
+                shown = ", ".join(self._series_names[:12]) or "(none recorded yet)"
+                raise KeyError(f"no statistics for {key!r}; recorded series are: {shown}")
+            index = self._series_names.index(key)
+        else:
+            index = range(len(self._series_names))[key]
+        gathered = self._gather()
+        values = gathered["values"][:, index]
+        dead, channels = gathered["dead"].get(index, (None, None))
+        return LayerStats(
+            name=self._series_names[index],
+            module=self._series_modules[index],
+            type=self._series_types[index],
+            position=index,
+            batches=gathered["batches"],
+            mean=values[0],
+            std=values[1],
+            near_zero=values[2],
+            nonfinite=values[3],
+            min=values[4],
+            max=values[5],
+            dead=dead,
+            channels=channels,
+            hist=gathered["hists"].get(index),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"batches": [...], "series": {name: {...}}}``."""
+        return {
+            "batches": self._gather()["batches"].tolist(),
+            "series": {layer.name: layer.to_dict() for layer in self},
+        }
+
+    # ------------------------------------------------------------------ checks and pictures
+
+    def findings(
+        self,
+        *,
+        std: tuple[float, float] | None = None,
+        max_dead: float | None = None,
+        max_near_zero: float | None = None,
+        max_std_growth: float | None = None,
+        allow_nonfinite: bool = False,
+    ) -> list[Finding]:
+        """The health findings as data (see :func:`pytest_modelhooks.checks.activation_findings`)."""
+        from pytest_modelhooks.checks import activation_findings
+
+        return activation_findings(
+            self,
+            std=std,
+            max_dead=max_dead,
+            max_near_zero=max_near_zero,
+            max_std_growth=max_std_growth,
+            allow_nonfinite=allow_nonfinite,
+        )
+
+    def check(
+        self,
+        *,
+        std: tuple[float, float] | None = None,
+        max_dead: float | None = None,
+        max_near_zero: float | None = None,
+        max_std_growth: float | None = None,
+        allow_nonfinite: bool = False,
+    ) -> None:
+        """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`)."""
+        from pytest_modelhooks.checks import raise_for
+
+        raise_for(
+            self.findings(
+                std=std,
+                max_dead=max_dead,
+                max_near_zero=max_near_zero,
+                max_std_growth=max_std_growth,
+                allow_nonfinite=allow_nonfinite,
+            ),
+            "activation",
+        )
+
+    def plot(
+        self, statistics: Sequence[str] = ("mean", "std", "near_zero"), path: str | Path | None = None
+    ) -> Figure:
+        """Plot ``statistics`` per layer over batches (needs matplotlib); see
+        :func:`pytest_modelhooks.plotting.plot_stats`."""
+        from pytest_modelhooks.plotting import plot_stats
+
+        return plot_stats(self, statistics, path)
+
+    def color_dim(self, layer: int | str, path: str | Path | None = None) -> Figure:
+        """The histogram-over-batches image of ``layer`` (needs ``with_hist=True``)."""
+        from pytest_modelhooks.plotting import color_dim
+
+        return color_dim(self, layer, path)
+
+    def __repr__(self) -> str:
+        return f"<ActivationStats: {len(self)} series, {self.num_batches} batches>"
+
+
+# ====================================================================== gradients
+
+
+@dataclass(frozen=True)
+class ParamGradStats:
+    """Gradient statistics of one parameter over the recorded backward passes (float64
+    tensors, one value per step; NaN where the parameter got no gradient)."""
+
+    name: str
+    module: str
+    shape: tuple[int, ...]
+    norm: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    max_abs: torch.Tensor
+    nonfinite: torch.Tensor
+
+    @property
+    def got_grad(self) -> bool:
+        """Whether a gradient arrived in any recorded step."""
+        # the non-finite count is recorded whenever a gradient arrives, even a NaN one
+        return bool((~torch.isnan(self.nonfinite)).any())
+
+
+_GRAD_STATISTICS = ("norm", "mean", "std", "max_abs", "nonfinite")
+
+
+def _grad_on_host(grad: torch.Tensor) -> list[float]:
+    count = grad.numel()
+    acc = _accumulator(grad.dtype)
+    total = float(grad.sum(dtype=acc))
+    norm = float(torch.linalg.vector_norm(grad, dtype=acc))
+    if not (math.isfinite(total) and math.isfinite(norm)):
+        nonfinite = float(count - int(torch.count_nonzero(torch.isfinite(grad))))
+        return [norm, math.nan, math.nan, math.nan, nonfinite]
+    mean = total / count
+    variance = max(norm * norm - total * total / count, 0.0) / max(count - 1, 1)
+    return [norm, mean, math.sqrt(variance), float(grad.abs().max()), 0.0]
+
+
+def _grad_on_device(grad: torch.Tensor) -> torch.Tensor:
+    acc = _accumulator(grad.dtype)
+    variance, mean = torch.var_mean(grad.to(acc))
+    norm = torch.linalg.vector_norm(grad, dtype=acc)
+    nonfinite = grad.numel() - torch.count_nonzero(torch.isfinite(grad))
+    return torch.stack([norm, mean, variance.sqrt(), grad.abs().max().to(acc), nonfinite.to(acc)]).double()
+
+
+class GradientStats:
+    """Record gradient statistics of ``model``'s parameters after each backward.
+
+    Use it as a context manager around training steps. Each parameter's statistics are taken
+    from its accumulated ``.grad`` right after backward writes it (a post-accumulate-grad
+    hook), so ``zero_grad()`` anywhere in the loop does not matter. A *step* ends at the next
+    forward of ``model``, at :meth:`end_step`, or when the block ends. Parameters that require
+    grad but never got one are reported by :meth:`unused`; frozen parameters are not tracked.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    >>> with GradientStats(net) as grads:
+    ...     net(torch.randn(5, 3)).sum().backward()
+    >>> grads.num_steps, grads.unused()
+    (1, [])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        self._index = {id(param): position for position, (_, param) in enumerate(self.params)}
+        self._handles: list[Any] = []
+        self._pending: dict[int, Any] = {}
+        self._steps: list[dict[int, Any]] = []
+        self._cache: torch.Tensor | None = None
+
+    def __enter__(self) -> GradientStats:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Register the hooks (idempotent)."""
+        if self._handles:
+            return
+        try:
+            for _, param in self.params:
+                hook = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
+                self._handles.append(hook)
+            self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.end_step()))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Close the current step and remove every hook (idempotent)."""
+        self.end_step()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def _record(self, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        grad = grad.detach()
+        self._pending[self._index[id(param)]] = (
+            _grad_on_host(grad) if grad.device.type == "cpu" else _grad_on_device(grad)
+        )
+
+    def end_step(self) -> None:
+        """Close the current step, if any gradient arrived since the last one."""
+        if self._pending:
+            self._steps.append(self._pending)
+            self._pending = {}
+            self._cache = None
+
+    @property
+    def num_steps(self) -> int:
+        """How many steps (backward passes) were recorded."""
+        return len(self._steps) + (1 if self._pending else 0)
+
+    def _gather(self) -> torch.Tensor:
+        self.end_step()
+        if self._cache is None:
+            values = torch.full(
+                (len(_GRAD_STATISTICS), len(self.params), len(self._steps)), math.nan, dtype=torch.float64
+            )
+            for column, step in enumerate(self._steps):
+                for position, recorded in step.items():
+                    row = (
+                        recorded.cpu()
+                        if isinstance(recorded, torch.Tensor)
+                        else torch.tensor(recorded, dtype=torch.float64)
+                    )
+                    values[:, position, column] = row
+            self._cache = values
+        return self._cache
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def __iter__(self) -> Iterator[ParamGradStats]:
+        return (self[index] for index in range(len(self)))
+
+    def __getitem__(self, key: int | str) -> ParamGradStats:
+        """The :class:`ParamGradStats` of a parameter, by position or qualified name."""
+        names = [name for name, _ in self.params]
+        if isinstance(key, str):
+            if key not in names:
+                raise KeyError(f"{key!r} is not a trainable parameter of {type(self.model).__name__}")
+            index = names.index(key)
+        else:
+            index = range(len(names))[key]
+        values = self._gather()[:, index]
+        name, param = self.params[index]
+        return ParamGradStats(name, name.rpartition(".")[0], tuple(param.shape), *values)
+
+    def unused(self) -> list[str]:
+        """Parameters that require grad but got no gradient in any recorded step."""
+        return [stats.name for stats in self if not stats.got_grad]
+
+    def module_norms(self) -> dict[str, torch.Tensor]:
+        """Per module (qualified name): the gradient norm over its own parameters, per step."""
+        norms: dict[str, torch.Tensor] = {}
+        for stats in self:
+            squared = torch.nan_to_num(stats.norm, nan=0.0) ** 2
+            norms[stats.module] = norms.get(stats.module, torch.zeros_like(squared)) + squared
+        return {module: total.sqrt() for module, total in norms.items()}
+
+    def findings(
+        self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
+    ) -> list[Finding]:
+        """The gradient findings as data (see :func:`pytest_modelhooks.checks.gradient_findings`)."""
+        from pytest_modelhooks.checks import gradient_findings
+
+        return gradient_findings(self, max_norm=max_norm, min_norm=min_norm, require_grad=require_grad)
+
+    def check(
+        self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
+    ) -> None:
+        """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients."""
+        from pytest_modelhooks.checks import raise_for
+
+        raise_for(self.findings(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad), "gradient")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: per parameter, every statistic per step (NaN as None)."""
+        result: dict[str, Any] = {}
+        for stats in self:
+            result[stats.name] = {
+                statistic: [
+                    None if math.isnan(value) else value for value in getattr(stats, statistic).tolist()
+                ]
+                for statistic in _GRAD_STATISTICS
+            }
+        return result
+
+    def __repr__(self) -> str:
+        return f"<GradientStats: {len(self)} parameters, {self.num_steps} steps>"

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from pytest_modelhooks import ActivationStats, Finding, HealthError
+from pytest_modelhooks.checks import format_findings, raise_for
+from tests import zoo
+
+
+@pytest.fixture(scope="module")
+def stats() -> ActivationStats:
+    model = zoo.mlp()
+    with ActivationStats(model) as recorded:
+        model(torch.randn(4, 20))
+    return recorded
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"std": (5.0, 1.0)}, r"std must be a \(low, high\) pair with low <= high, got std=\(5.0, 1.0\)"),
+        ({"std": 3.0}, r"std must be a \(low, high\) pair"),
+        ({"max_dead": 1.5}, r"max_dead must be a fraction in \[0, 1\], got max_dead=1.5"),
+        ({"max_near_zero": -0.1}, r"max_near_zero must be a fraction in \[0, 1\], got max_near_zero=-0.1"),
+        ({"max_std_growth": 0}, r"max_std_growth must be > 0, got max_std_growth=0"),
+    ],
+)
+def test_bad_bounds_name_the_argument(stats: ActivationStats, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        stats.check(**kwargs)
+
+
+def test_a_healthy_record_raises_nothing(stats: ActivationStats) -> None:
+    assert stats.findings() == []
+    stats.check()
+
+
+def test_the_message_is_a_table_of_every_finding() -> None:
+    findings = [
+        Finding("encoder.conv1", "Conv2d", "std", 12.5, "<= 5", 3, "exploding"),
+        Finding("head", "Linear", "dead", 0.75, "<= 0.3", None, "6 of 8 channels never active"),
+    ]
+    with pytest.raises(HealthError) as info:
+        raise_for(findings, "activation")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "activation health check failed: 2 finding(s) in 2 layer(s)"
+    assert lines[1].split() == ["layer", "type", "statistic", "observed", "bound", "batch", "note"]
+    assert lines[2].split() == ["encoder.conv1", "Conv2d", "std", "12.5", "<=", "5", "3", "exploding"]
+    assert lines[3].split()[:6] == ["head", "Linear", "dead", "0.75", "<=", "0.3"]
+    assert info.value.findings == findings
+    assert isinstance(info.value, AssertionError)
+    assert "step" in format_findings(findings, unit="step").splitlines()[0]
+    assert str(findings[0]) == "encoder.conv1 (Conv2d): std 12.5, bound <= 5 at batch 3 (exploding)"

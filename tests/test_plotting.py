@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import zoo
+
+pytest.importorskip("matplotlib")
+
+from pytest_modelhooks import ActivationStats
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+@pytest.fixture
+def recorded() -> ActivationStats:
+    model = zoo.mlp()
+    with ActivationStats(model, with_hist=True) as stats:
+        for _ in range(5):
+            model(torch.randn(16, 20))
+    return stats
+
+
+def test_plot_writes_a_png_of_the_expected_size(recorded: ActivationStats, tmp_path: Path) -> None:
+    figure = recorded.plot(path=tmp_path / "nested" / "stats.png")
+    assert png_size(tmp_path / "nested" / "stats.png") == (1500, 400)  # 3 panels x 5 in, 4 in, 100 dpi
+    assert [axis.get_title() for axis in figure.axes] == ["mean", "std", "fraction near zero"]
+    assert len(figure.axes[0].lines) == 3  # one line per layer
+    two = recorded.plot(["std", "max"], path=tmp_path / "two.png")
+    assert png_size(tmp_path / "two.png") == (1000, 400) and len(two.axes) == 2
+
+
+def test_color_dim_draws_the_histogram_over_batches(recorded: ActivationStats, tmp_path: Path) -> None:
+    figure = recorded.color_dim("3", path=tmp_path / "dim.png")
+    assert png_size(tmp_path / "dim.png") == (800, 400)
+    image = figure.axes[0].images[0].get_array()
+    assert image.shape == (80, 5)  # bins x batches
+
+
+def test_bad_requests_are_explained(recorded: ActivationStats) -> None:
+    with pytest.raises(ValueError, match=r"statistics must be a non-empty subset of mean, std"):
+        recorded.plot(["median"])
+    model = zoo.mlp()
+    with ActivationStats(model) as plain:
+        model(torch.randn(2, 20))
+    with pytest.raises(
+        ValueError, match=r"no histograms for '0': record with ActivationStats\(..., with_hist=True\)"
+    ):
+        plain.color_dim(0)

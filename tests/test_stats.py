@@ -1,0 +1,388 @@
+from __future__ import annotations
+
+import gc
+import json
+import math
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks
+from pytest_modelhooks.stats import _reduce_on_device, _reduce_on_host
+from tests import zoo
+from tests.helpers import untouched
+
+
+def reference(x: torch.Tensor, eps: float = 0.05) -> dict[str, float]:
+    as64 = x.detach().double()
+    return {
+        "mean": float(as64.mean()),
+        "std": float(as64.std()),
+        "near_zero": float((as64.abs() <= eps).double().mean()),
+        "min": float(as64.min()),
+        "max": float(as64.max()),
+    }
+
+
+def capture(model: nn.Module, names: list[str]) -> tuple[dict[str, list[torch.Tensor]], list[Any]]:
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[name].register_forward_hook(
+            lambda m, a, out, name=name: seen[name].append(out.detach().clone())
+        )
+        for name in names
+    ]
+    return seen, handles
+
+
+def test_statistics_match_a_direct_float64_computation() -> None:
+    model, _ = zoo.build("mlp")
+    model.train()
+    stats = ActivationStats(model, modules="all")
+    seen, handles = capture(model, ["0", "1", "3", "5"])
+    with stats:
+        for _ in range(4):
+            model(torch.randn(16, 20) * 3 + 1)
+    for handle in handles:
+        handle.remove()
+    assert stats.num_batches == 4
+    for name, outputs in seen.items():
+        layer = stats[name]
+        for batch, out in enumerate(outputs):
+            expected = reference(out)
+            for statistic, value in expected.items():
+                assert float(layer[statistic][batch]) == pytest.approx(value, rel=1e-5, abs=1e-7), (
+                    name,
+                    statistic,
+                )
+            assert float(layer.nonfinite[batch]) == 0
+
+
+@pytest.mark.parametrize(
+    ("offset", "scale"),
+    [(100.0, 0.01), (-3e4, 1.0), (0.0, 1e-20), (1e-20, 1e-22), (0.0, 1e18), (5.0, 0.0)],
+)
+def test_statistics_are_numerically_stable(offset: float, scale: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 257, dtype=torch.float64) * scale + offset
+    x32 = x.float()
+    mean, std, near_zero, nonfinite, low, high = _reduce_on_host(x32, 0.05)
+    truth = x32.double()
+    assert mean == pytest.approx(float(truth.mean()), rel=1e-5, abs=1e-30)
+    assert std == pytest.approx(float(truth.std()), rel=1e-5, abs=1e-30)
+    assert (low, high, nonfinite) == (float(truth.min()), float(truth.max()), 0.0)
+    assert near_zero == pytest.approx(float((truth.abs() <= 0.05).double().mean()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_half_precision_is_reduced_in_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(32, 300) * 2 + 0.5).to(dtype)
+    truth = reference(x)
+    mean, std, near_zero, _, low, high = _reduce_on_host(x, 0.05)
+    assert mean == pytest.approx(truth["mean"], rel=1e-5)
+    assert std == pytest.approx(truth["std"], rel=1e-5)
+    assert (low, high) == (truth["min"], truth["max"])
+    assert near_zero == pytest.approx(truth["near_zero"])
+
+
+def test_device_reduction_agrees_with_the_host_one() -> None:
+    # the accelerator path runs on any device; here it is checked against the CPU path
+    torch.manual_seed(0)
+    for x in [
+        torch.randn(8, 33),
+        torch.randn(4, 5, 6) * 7 - 2,
+        torch.tensor([1.0, float("nan"), float("inf")]),
+    ]:
+        host = torch.tensor(_reduce_on_host(x, 0.05), dtype=torch.float64)
+        device = _reduce_on_device(x, 0.05)
+        assert device.dtype == torch.float64 and device.shape == (6,)
+        if torch.isfinite(host[:2]).all():
+            torch.testing.assert_close(device, host, rtol=1e-5, atol=1e-6)
+        else:
+            assert float(device[3]) == float(host[3]) == 2.0
+
+
+def test_fastai_layout_and_modules_that_never_ran() -> None:
+    model, batch = zoo.build("data_dependent")
+    with ActivationStats(model) as stats:
+        model(batch)
+        model(batch)
+    assert stats.stats.shape == (2, 3, 2)  # modules owning parameters: first, pos, neg
+    assert stats.stats.dtype == torch.float32
+    assert torch.isnan(stats.stats[:, 2]).all()  # "neg" never ran
+    assert not torch.isnan(stats.stats[:, :2]).any()
+
+
+def test_every_and_train_only() -> None:
+    model = zoo.mlp()
+    with ActivationStats(model, every=2) as every:
+        for _ in range(6):
+            model(torch.randn(4, 20))
+    assert every.num_batches == 3 and every["0"].batches.tolist() == [0, 2, 4]
+    with ActivationStats(model, train_only=True) as train:
+        model.train()(torch.randn(4, 20))
+        model.eval()(torch.randn(4, 20))
+        model.train()(torch.randn(4, 20))
+    assert train["0"].batches.tolist() == [0, 2]
+
+
+def test_tuple_and_dict_outputs_give_one_named_series_per_tensor() -> None:
+    model, batch = zoo.build("lstm_tagger")
+    with ActivationStats(model, modules="all") as stats:
+        model(batch)
+    assert stats.series_names == ["embed", "lstm[0]", "lstm[1][0]", "lstm[1][1]", "tag", ""]
+    assert stats["lstm[1][0]"].type == "LSTM"
+    dict_model, batch = zoo.build("dict_out")
+    with ActivationStats(dict_model, modules="all") as stats:
+        dict_model(batch)
+    assert stats.series_names == ["body", "head", "logits", "hidden"]
+
+
+def relu_net_with_dead_units() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # four units can never fire
+    return model
+
+
+def test_dead_units_are_counted_per_channel() -> None:
+    model = relu_net_with_dead_units()
+    with ActivationStats(model, modules="all") as stats:
+        for _ in range(3):
+            model(torch.randn(32, 8))
+    assert stats["0"].dead == pytest.approx(4 / 16) and stats["0"].channels == 16
+    assert stats["1"].dead == pytest.approx(4 / 16)
+    findings = [f for f in stats.findings(max_dead=0.2) if f.layer in ("0", "1")]
+    assert [(f.layer, f.statistic, f.note) for f in findings] == [
+        ("0", "dead", "4 of 16 channels never active"),
+        ("1", "dead", "4 of 16 channels never active"),
+    ]
+
+
+def test_dead_units_use_the_channel_dimension_of_convs_and_the_feature_dimension_of_sequences() -> None:
+    conv = nn.Conv1d(3, 6, 3)
+    with torch.no_grad():
+        conv.bias[:2] = -100.0
+    seq = nn.Sequential(conv)
+    with ActivationStats(seq) as stats:
+        seq(torch.randn(4, 3, 20))
+    assert stats["0"].dead == pytest.approx(2 / 6)
+    linear = nn.Linear(5, 10)
+    with torch.no_grad():
+        linear.bias[:5] = -100.0
+    tokens = nn.Sequential(linear)
+    with ActivationStats(tokens) as stats:
+        tokens(torch.randn(2, 7, 5))  # (B, L, F): features last
+    assert stats["0"].dead == pytest.approx(0.5) and stats["0"].channels == 10
+
+
+def scaled_stack(factor_at: int, factor: float) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for index in range(6):
+        linear = nn.Linear(64, 64)
+        nn.init.orthogonal_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        if index == factor_at:
+            with torch.no_grad():
+                linear.weight *= factor
+        layers += [linear, nn.Tanh()] if index < 5 else [linear]
+    return nn.Sequential(*layers)
+
+
+def test_exploding_layer_is_named() -> None:
+    model = scaled_stack(factor_at=3, factor=30.0)
+    with ActivationStats(model) as stats:
+        for _ in range(2):
+            model(torch.randn(32, 64))
+    growth = [f for f in stats.findings(max_std_growth=5.0)]
+    assert [(f.layer, f.statistic, f.note) for f in growth] == [("6", "std growth", "vs 4")]
+    assert growth[0].observed > 5
+    with pytest.raises(
+        HealthError,
+        match=r"(?s)activation health check failed.*\b6\s+Linear\s+std\s+\S+\s+<= 5\s+\d+\s+exploding",
+    ):
+        stats.check(std=(0.01, 5.0))
+
+
+def test_vanishing_layer_is_named() -> None:
+    model = scaled_stack(factor_at=2, factor=1e-4)
+    with ActivationStats(model) as stats:
+        model(torch.randn(32, 64))
+    vanishing = [f for f in stats.findings(std=(1e-2, 10.0)) if f.note == "vanishing"]
+    assert vanishing[0].layer == "4" and vanishing[0].batch == 0
+
+
+class InjectNaN(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[0, 0] = float("nan")
+        return x
+
+
+def test_the_first_non_finite_layer_is_named_with_the_one_before() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), InjectNaN(), nn.Linear(8, 8), nn.Linear(8, 2)
+    )
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(3, 4))  # batch 0 is healthy...
+        model[3].register_forward_hook(lambda m, a, out: None)  # (unrelated hooks do not matter)
+        model(torch.randn(3, 4))
+    findings = stats.findings()
+    assert len(findings) == 1
+    first = findings[0]
+    assert (first.layer, first.layer_type, first.statistic, first.batch) == ("3", "InjectNaN", "nonfinite", 0)
+    assert "previous layer 2 was finite" in first.note
+    with pytest.raises(
+        AssertionError, match=r"3\s+InjectNaN\s+nonfinite\s+1\s+0\s+0\s+first non-finite layer"
+    ):
+        stats.check()
+    stats.check(allow_nonfinite=True)
+    model[3]._forward_hooks.clear()
+
+
+def test_a_standard_model_passes_the_checks() -> None:
+    cnn, batch = zoo.build("resnetish")
+    transformer, tokens = zoo.build("transformer")
+    for model, data in [(cnn, batch), (transformer, tokens)]:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        with ActivationStats(model) as stats, GradientStats(model) as grads:
+            for _ in range(3):
+                model(data).pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        stats.check(std=(0.05, 5.0), max_std_growth=10.0, max_near_zero=0.5, max_dead=0.5)
+        grads.check(max_norm=100.0, min_norm=1e-8)
+
+
+def test_hooks_are_removed_and_the_model_is_unchanged_after_an_exception() -> None:
+    model, batch = zoo.build("mixed_modes")
+    with (
+        untouched(model, values=False),
+        pytest.raises(RuntimeError, match="mid-training"),
+        ActivationStats(model, modules="all", with_hist=True) as stats,
+        GradientStats(model),
+    ):
+        model(batch).sum().backward()
+        raise RuntimeError("mid-training")
+    assert count_hooks(model) == 0 and stats.num_batches == 1
+
+
+def test_activations_are_never_kept() -> None:
+    model = zoo.mlp()
+    refs: list[weakref.ref[torch.Tensor]] = []
+    handle = model[0].register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+    with ActivationStats(model, modules="all", with_hist=True):
+        out = model(torch.randn(8, 20))
+    handle.remove()
+    del out
+    gc.collect()
+    assert refs and refs[0]() is None
+
+
+def test_histograms_cover_negative_values() -> None:
+    model = nn.Sequential(nn.Identity())
+    with ActivationStats(model, modules="all", with_hist=True, hist_bins=4, hist_range=(-2.0, 2.0)) as stats:
+        model(torch.tensor([-1.5, -0.5, 0.5, 1.5, 1.6]))
+    assert stats["0"].hist is not None
+    assert stats["0"].hist.tolist() == [[1.0, 1.0, 1.0, 2.0]]
+
+
+def test_lookup_and_json() -> None:
+    model = zoo.mlp()
+    with ActivationStats(model) as stats:
+        model(torch.randn(2, 20))
+    assert stats[0].name == "0" and stats[-1].name == "5" and len(stats) == 3
+    with pytest.raises(KeyError, match=r"no statistics for 'nope'; recorded series are: 0, 3, 5"):
+        stats["nope"]
+    with pytest.raises(KeyError, match="unknown statistic"):
+        stats[0]["median"]
+    data = json.loads(json.dumps(stats.to_dict()))
+    assert data["batches"] == [0] and set(data["series"]) == {"0", "3", "5"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, r"every must be a positive int, got every=0"),
+        ({"eps": -1.0}, r"eps must be >= 0, got eps=-1.0"),
+        ({"with_hist": True, "hist_range": (1.0, 1.0)}, r"hist_range=\(1.0, 1.0\)"),
+        ({"modules": "nothing.*"}, r"modules='nothing\.\*' matches no module of Sequential"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ActivationStats(zoo.mlp(), **kwargs)
+
+
+# -- gradients --
+
+
+def test_gradient_statistics_match_the_gradients() -> None:
+    model, batch = zoo.build("mlp")
+    norms: list[dict[str, float]] = []
+    with GradientStats(model) as grads:
+        for _ in range(3):
+            model(batch).pow(2).sum().backward()
+            norms.append({name: float(p.grad.norm()) for name, p in model.named_parameters()})
+            means = {name: float(p.grad.double().mean()) for name, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+    assert grads.num_steps == 3
+    for step, expected in enumerate(norms):
+        for name, value in expected.items():
+            assert float(grads[name].norm[step]) == pytest.approx(value, rel=1e-5)
+    assert float(grads["5.bias"].mean[2]) == pytest.approx(means["5.bias"], rel=1e-5, abs=1e-9)
+    assert set(grads.module_norms()) == {"0", "3", "5"}
+
+
+def test_unused_parameters_are_named_and_frozen_ones_are_not() -> None:
+    model = zoo.Reused()
+    model.extra = nn.Linear(2, 2)  # never called
+    model.inp.weight.requires_grad_(False)  # frozen
+    with GradientStats(model) as grads:
+        model(torch.randn(3, 6)).sum().backward()
+    assert grads.unused() == ["extra.weight", "extra.bias"]
+    assert "inp.weight" not in [stats.name for stats in grads]
+    with pytest.raises(
+        AssertionError,
+        match=r"(?s)gradient health check failed.*extra\.weight\s+parameter 2x2\s+grad.*unused",
+    ):
+        grads.check()
+    grads.check(require_grad=False)
+
+
+def test_exploding_vanishing_and_non_finite_gradients() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[1].weight *= 1e6
+    with GradientStats(model) as grads:
+        model(torch.randn(8, 4)).sum().backward()
+    exploding = grads.findings(max_norm=1e3)
+    assert {f.layer for f in exploding} == {"0.weight", "0.bias"} and all(
+        f.note == "exploding" for f in exploding
+    )
+    model.zero_grad()
+    with GradientStats(model) as grads:
+        (model(torch.randn(8, 4)) * float("nan")).sum().backward()
+    assert {f.statistic for f in grads.findings()} == {"nonfinite grad"}
+    with pytest.raises(ValueError, match=r"min_norm=2 is above max_norm=1"):
+        grads.findings(max_norm=1, min_norm=2)
+
+
+def test_gradient_steps_end_at_the_next_forward() -> None:
+    model = zoo.mlp()
+    with GradientStats(model) as grads:
+        for _ in range(2):
+            loss = model(torch.randn(2, 20)).sum()
+            loss.backward()
+    assert grads.num_steps == 2
+    assert not math.isnan(float(grads["0.weight"].norm[1]))
+    assert count_hooks(model) == 0
