@@ -1,0 +1,136 @@
+"""ActivationStats overhead vs a plain forward (or training step) and vs fastai-style hooks.
+
+    python benchmarks/bench_stats.py [--device cpu|cuda] [--batch 8] [--step] [--repeats 5]
+
+All contenders run in one process, interleaved round by round; the figures are ratios of
+medians. "fastai-style" is a reference implementation of fastai's default hook: per module,
+mean, std and near-zero fraction, each read back with ``.item()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import ResNet50
+
+from pytest_modelhooks import ActivationStats, GradientStats
+
+
+def fastai_style(model: torch.nn.Module) -> list[Any]:
+    modules = [
+        module for module in model.modules() if next(module.parameters(recurse=False), None) is not None
+    ]
+    records: list[tuple[float, float, float]] = []
+
+    def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        out = out.detach()
+        records.append((out.mean().item(), out.std().item(), (out <= 0.05).long().sum().item() / out.numel()))
+
+    return [module.register_forward_hook(hook) for module in modules]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--step", action="store_true", help="time a training step instead of a forward")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = ResNet50().to(device)
+    batch = torch.randn(args.batch, 3, 224, 224, device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_once() -> None:
+        if args.step:
+            model.train()
+            model(batch).float().pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(batch)
+
+    def plain() -> None:
+        run_once()
+
+    def ours() -> None:
+        with ActivationStats(model) as stats:
+            run_once()
+        stats.stats  # noqa: B018 - the one transfer to the host is part of the cost
+
+    def ours_full() -> None:
+        with ActivationStats(model, modules="all") as stats:
+            run_once()
+        stats.stats  # noqa: B018
+
+    def ours_grads() -> None:
+        with ActivationStats(model) as stats, GradientStats(model) as grads:
+            run_once()
+        stats.stats  # noqa: B018
+        grads.unused()
+
+    def fastai() -> None:
+        handles = fastai_style(model)
+        try:
+            run_once()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    contenders: dict[str, Callable[[], None]] = {
+        "plain": plain,
+        "ActivationStats (modules owning parameters)": ours,
+        "ActivationStats (every module)": ours_full,
+        "fastai-style hook (.item() per module)": fastai,
+    }
+    if args.step:
+        contenders["ActivationStats + GradientStats"] = ours_grads
+    for func in contenders.values():  # warm-up
+        func()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.repeats):
+        for name, func in contenders.items():
+            sync()
+            start = time.perf_counter()
+            func()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    what = "training step" if args.step else "forward (no_grad)"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"ResNet-50-sized CNN, batch {args.batch}, 224x224, {what} on {device_name}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    base = medians["plain"]
+    for name, value in medians.items():
+        spread = f"{min(times[name]) * 1000:.0f}-{max(times[name]) * 1000:.0f}"
+        print(f"  {name:<46} {value * 1000:8.1f} ms  ({spread})  {value / base:5.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"medians_s": medians, "times_s": times}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Checks that need a GPU; skipped without one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pytest_modelhooks import ActivationStats, GradientStats, model_sizes, model_summary
+from tests import zoo
+from tests.helpers import untouched
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_sizes_and_summary_text_are_the_same_on_cuda_and_cpu() -> None:
+    model, batch = zoo.build("resnetish")
+    cpu_sizes = model_sizes(model, input=batch, modules="leaves")
+    cpu_text = str(model_summary(model, input_data=batch))
+    model.cuda()
+    with untouched(model):
+        cuda_sizes = model_sizes(model, input=batch.cuda(), modules="leaves")
+        cuda_text = str(model_summary(model, input_data=batch.cuda()))
+    assert cuda_sizes == cpu_sizes and cuda_sizes.engine == "meta"
+    assert cuda_text == cpu_text
+    assert next(model.parameters()).device.type == "cuda"
+
+
+def test_activation_stats_never_synchronise_during_the_forward() -> None:
+    model, batch = zoo.build("resnetish")
+    model.cuda()
+    batch = batch.cuda()
+    with ActivationStats(model, modules="all", with_hist=True) as stats, GradientStats(model) as grads:
+        model(batch)  # warm-up: first-call allocations may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                model(batch).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert stats.num_batches == 4 and grads.num_steps == 3
+    assert not torch.isnan(stats.stats).any()
+
+
+def test_cuda_statistics_match_the_cpu_ones() -> None:
+    model, batch = zoo.build("mlp")
+    model.eval()
+    with ActivationStats(model, modules="all") as on_cpu:
+        model(batch)
+    model.cuda()
+    with ActivationStats(model, modules="all") as on_cuda:
+        model(batch.cuda())
+    for cpu_layer, cuda_layer in zip(on_cpu, on_cuda, strict=True):
+        for statistic in ("mean", "std", "near_zero", "nonfinite", "min", "max"):
+            torch.testing.assert_close(cuda_layer[statistic], cpu_layer[statistic], rtol=1e-5, atol=1e-6)
+        assert cuda_layer.dead == cpu_layer.dead
+
+
+def test_an_input_on_the_wrong_device_is_named() -> None:
+    model = zoo.mlp().cuda()
+    with pytest.raises(ValueError, match=r"input is on cpu but the weights of Sequential are on cuda:0"):
+        model_sizes(model, input=torch.zeros(1, 20))
