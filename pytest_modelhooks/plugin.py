@@ -1,7 +1,128 @@
-"""The pytest plugin (entry point ``modelhooks``).
+"""The pytest plugin (entry point ``modelhooks``): fixtures, options, markers, report sections.
 
 This module must stay cheap to import: pytest loads it for every run, including runs that never
-touch a model, so torch is imported inside fixtures only.
+touch a model, so torch is imported inside the fixtures only. Hook bodies are short and hand
+the work to :mod:`pytest_modelhooks._session`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_modelhooks import _session
+
+if TYPE_CHECKING:
+    from syrupy.assertion import SnapshotAssertion
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("modelhooks", "pytest-modelhooks: model architecture tests")
+    group.addoption(
+        "--modelhooks-device",
+        choices=_session.DEVICES,
+        default=None,
+        help="device the fixtures run models on: cpu, cuda or auto (cuda when available). "
+        "ini: modelhooks_device; default cpu.",
+    )
+    group.addoption(
+        "--modelhooks-plots",
+        metavar="DIR",
+        default=None,
+        help="write activation plots of failing health checks to DIR. ini: modelhooks_plots_dir.",
+    )
+    group.addoption(
+        "--modelhooks-check-leaks",
+        action="store_true",
+        default=False,
+        help="fail a test's teardown when a model it handed to a fixture has hooks added during the test.",
+    )
+    parser.addini("modelhooks_device", "cpu, cuda or auto", default="cpu")
+    parser.addini(
+        "modelhooks_std_range", "default std bounds of activation checks, as 'low,high'", default=""
+    )
+    parser.addini("modelhooks_max_dead", "default max fraction of dead units (0-1)", default="")
+    parser.addini(
+        "modelhooks_max_near_zero", "default max fraction of near-zero activations (0-1)", default=""
+    )
+    parser.addini("modelhooks_max_std_growth", "default max std ratio between consecutive layers", default="")
+    parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")
+    parser.addini("modelhooks_snapshot_rtol", "relative tolerance for numbers in snapshots", default="0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "modelhooks(std=(low, high), max_dead=..., max_near_zero=..., max_std_growth=..., device=...): "
+        "health-check bounds and device for this test's modelhooks fixtures",
+    )
+    _session.configure(config)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _session.report_header(config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    _session.enter_test(item)
+    yield
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _session.leave_test(item)
+
+
+@pytest.fixture(scope="session")
+def model_sizes(pytestconfig: pytest.Config) -> Any:
+    """:func:`pytest_modelhooks.model_sizes` on the configured device. Session-scoped (it holds
+    no state), so it is safe inside Hypothesis ``@given`` tests."""
+    return _session.bound_model_sizes(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def model_summary(pytestconfig: pytest.Config) -> Any:
+    """:func:`pytest_modelhooks.model_summary` on the configured device (session-scoped)."""
+    return _session.bound_model_summary(pytestconfig)
+
+
+@pytest.fixture
+def hooked_model(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """``hooks = hooked_model(model, modules=..., hook_func=None, grad=False)``: a ``Hooks``
+    (outputs stored by default); every hook is removed at teardown, also when the test fails."""
+    tracker = _session.HookTracker(request)
+    yield tracker.hooked_model
+    tracker.close()
+
+
+@pytest.fixture
+def activation_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """``with activation_stats(model, ...) as stats:`` records; ``stats.check()`` uses the
+    bounds from the marker, command line or ini; a failing check's table (and plot) goes into
+    the test report."""
+    tracker = _session.HookTracker(request)
+    yield tracker.activation_stats
+    tracker.close()
+
+
+@pytest.fixture
+def gradient_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """``with gradient_stats(model) as grads:`` records gradient statistics after each
+    backward; ``grads.check()`` names unused, vanishing and exploding gradients."""
+    tracker = _session.HookTracker(request)
+    yield tracker.gradient_stats
+    tracker.close()
+
+
+@pytest.fixture
+def model_snapshot(snapshot: SnapshotAssertion, request: pytest.FixtureRequest) -> SnapshotAssertion:
+    """syrupy's ``snapshot`` with :class:`~pytest_modelhooks.snapshot.ModelSnapshotExtension`:
+    ``assert model_summary(net, input_size=...) == model_snapshot``."""
+    from pytest_modelhooks.snapshot import ModelSnapshotExtension
+
+    ModelSnapshotExtension.rtol = _session.current_settings(
+        snapshot.session.pytest_session.config
+    ).snapshot_rtol
+    return snapshot.use_extension(ModelSnapshotExtension)

@@ -1,0 +1,275 @@
+"""The torch side of the pytest plugin, imported the first time a modelhooks fixture runs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelhooks import shapes, summary
+from pytest_modelhooks._session import WATCHED, Settings, current_settings
+from pytest_modelhooks._tree import map_tensors
+from pytest_modelhooks.checks import HealthError
+from pytest_modelhooks.hooks import (
+    _HOOK_DICTS,
+    Hook,
+    HookFunc,
+    Hooks,
+    ModuleSpec,
+    hook_output,
+    select_modules,
+)
+from pytest_modelhooks.stats import ActivationStats, GradientStats
+
+_UNSET: Any = object()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("modelhooks device is cuda, but CUDA is not available")
+    return torch.device(name)
+
+
+def _prepare(model: Any, device: torch.device, argument: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{argument} must be an nn.Module, got {type(model).__name__}")
+    first = next(model.parameters(), None)
+    if device.type != "cpu" and first is not None and first.device.type == "cpu":
+        model.to(device)  # the configured device: tests hand over CPU-built models
+    return model
+
+
+def _inputs_to(value: Any, device: torch.device) -> Any:
+    if device.type == "cpu" or value is None:
+        return value
+    return map_tensors(value, lambda tensor: tensor.to(device) if tensor.device.type == "cpu" else tensor)
+
+
+# --------------------------------------------------------------------------- the leak guard
+
+
+def _hook_ids(model: nn.Module) -> set[tuple[str, str, int]]:
+    found = set()
+    for name, module in model.named_modules():
+        for attribute in _HOOK_DICTS:
+            for hook_id in getattr(module, attribute, {}) or {}:
+                found.add((name, attribute, hook_id))
+    return found
+
+
+def watch(config: pytest.Config, settings: Settings, model: nn.Module) -> None:
+    """Remember ``model``'s hooks as they are now, for the leak guard."""
+    from pytest_modelhooks._session import CURRENT_ITEM
+
+    item = config.stash.get(CURRENT_ITEM, None)
+    if not settings.check_leaks or item is None:
+        return
+    watched = item.stash.setdefault(WATCHED, {})
+    if id(model) not in watched:
+        watched[id(model)] = (model, _hook_ids(model))
+
+
+_KINDS = {
+    "_forward_hooks": "forward hook",
+    "_forward_pre_hooks": "forward pre-hook",
+    "_backward_hooks": "backward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+}
+
+
+def leaked_hooks(watched: dict[int, Any]) -> list[str]:
+    """One line per module of a watched model holding hooks it did not hold when handed over."""
+    problems = []
+    for model, baseline in watched.values():
+        new = sorted(_hook_ids(model) - baseline)
+        modules = dict(model.named_modules())
+        by_module: dict[str, list[str]] = {}
+        for name, attribute, _ in new:
+            by_module.setdefault(name, []).append(_KINDS[attribute])
+        for name, kinds in by_module.items():
+            label = f"'{name}'" if name else "the model itself"
+            counted = ", ".join(
+                f"{kinds.count(kind)} {kind}{'s' if kinds.count(kind) > 1 else ''}"
+                for kind in sorted(set(kinds))
+            )
+            problems.append(f"  {type(model).__name__} {label} ({type(modules[name]).__name__}): {counted}")
+    return problems
+
+
+# --------------------------------------------------------------------------- session-scoped functions
+
+
+def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
+    """``model_sizes`` / ``model_summary`` running on the configured device."""
+
+    def model_sizes(model: nn.Module, size: Any = None, **kwargs: Any) -> shapes.LayerSizes:
+        settings = current_settings(config)
+        device = resolve_device(settings.device)
+        model = _prepare(model, device)
+        watch(config, settings, model)
+        if "input" in kwargs:
+            kwargs["input"] = _inputs_to(kwargs["input"], device)
+        return shapes.model_sizes(model, size, **kwargs)
+
+    def model_summary(model: nn.Module, input_size: Any = None, **kwargs: Any) -> summary.ModelSummary:
+        settings = current_settings(config)
+        device = resolve_device(settings.device)
+        model = _prepare(model, device)
+        watch(config, settings, model)
+        if "input_data" in kwargs:
+            kwargs["input_data"] = _inputs_to(kwargs["input_data"], device)
+        return summary.model_summary(model, input_size, **kwargs)
+
+    function = {"model_sizes": model_sizes, "model_summary": model_summary}[kind]
+    function.__doc__ = getattr(shapes, kind, getattr(summary, kind)).__doc__
+    return function
+
+
+# --------------------------------------------------------------------------- function-scoped state
+
+
+def _sanitize(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:180]
+
+
+class FixtureState:
+    """What one test's function-scoped fixtures created; all of it is removed by :meth:`close`."""
+
+    def __init__(self, request: pytest.FixtureRequest, settings: Settings) -> None:
+        self.request = request
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.owned: list[Any] = []
+        self.registered: list[tuple[nn.Module, int]] = []
+
+    def _take(self, model: Any) -> nn.Module:
+        prepared = _prepare(model, self.device)
+        watch(self.request.config, self.settings, prepared)
+        return prepared
+
+    def hooked_model(
+        self,
+        model: nn.Module,
+        modules: ModuleSpec = None,
+        hook_func: HookFunc | None = None,
+        grad: bool = False,
+        detach: bool = True,
+        cpu: bool = False,
+    ) -> Hooks:
+        model = self._take(model)
+        selected = [module for _, module in select_modules(model, modules, default="children")]
+        hooks = Hooks([], _store)
+        self.owned.append(hooks)
+        for module in selected:
+            hook = (
+                hook_output(module, detach=detach, grad=grad, cpu=cpu)
+                if hook_func is None
+                else Hook(module, hook_func, is_forward=not grad, detach=detach, cpu=cpu)
+            )
+            hooks.hooks.append(hook)
+            if hook._handle is not None:
+                self.registered.append((module, hook._handle.id))
+        return hooks
+
+    def activation_stats(self, model: nn.Module, **kwargs: Any) -> FixtureActivationStats:
+        stats = FixtureActivationStats(self._take(model), fixture=self, **kwargs)
+        self.owned.append(stats)
+        return stats
+
+    def gradient_stats(self, model: nn.Module) -> FixtureGradientStats:
+        grads = FixtureGradientStats(self._take(model), fixture=self)
+        self.owned.append(grads)
+        return grads
+
+    def report(self, text: str) -> None:
+        self.request.node.add_report_section("call", "modelhooks", text)
+
+    def plot_path(self, suffix: str) -> Path | None:
+        if not self.settings.plots_dir:
+            return None
+        return Path(self.settings.plots_dir) / f"{_sanitize(self.request.node.nodeid)}-{suffix}.png"
+
+    def close(self) -> None:
+        for owned in reversed(self.owned):
+            owned.stop() if isinstance(owned, GradientStats) else owned.remove()
+        survivors = [
+            module
+            for module, hook_id in self.registered
+            if any(hook_id in (getattr(module, attribute, {}) or {}) for attribute in _HOOK_DICTS)
+        ]
+        if survivors:
+            names = ", ".join(type(module).__name__ for module in survivors)
+            pytest.fail(
+                f"modelhooks: hooks registered through hooked_model survived teardown on: {names}",
+                pytrace=False,
+            )
+
+
+def _store(module: nn.Module, args: Any, output: Any) -> Any:
+    return output
+
+
+class FixtureActivationStats(ActivationStats):
+    """ActivationStats whose ``check()`` defaults to the configured bounds and reports failures
+    in the test's report (table, and plot path when plots are on)."""
+
+    def __init__(self, model: nn.Module, *, fixture: FixtureState, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        self._fixture = fixture
+
+    def check(
+        self,
+        *,
+        std: Any = _UNSET,
+        max_dead: Any = _UNSET,
+        max_near_zero: Any = _UNSET,
+        max_std_growth: Any = _UNSET,
+        allow_nonfinite: bool = False,
+    ) -> None:
+        """Like :meth:`ActivationStats.check`; bounds not given come from the
+        ``modelhooks`` marker, the command line or the ini file."""
+        bounds = self._fixture.settings.check_bounds()
+        given = {
+            "std": std,
+            "max_dead": max_dead,
+            "max_near_zero": max_near_zero,
+            "max_std_growth": max_std_growth,
+        }
+        bounds.update({key: value for key, value in given.items() if value is not _UNSET})
+        try:
+            super().check(allow_nonfinite=allow_nonfinite, **bounds)
+        except HealthError as error:
+            text = str(error)
+            path = self._fixture.plot_path("activations")
+            if path is not None:
+                try:
+                    self.plot(path=path)
+                    text += f"\nplot: {path}"
+                except ImportError as missing:
+                    text += f"\nno plot: {missing}"
+            self._fixture.report(text)
+            raise HealthError(text, error.findings) from None
+
+
+class FixtureGradientStats(GradientStats):
+    """GradientStats that reports failing checks in the test's report."""
+
+    def __init__(self, model: nn.Module, *, fixture: FixtureState) -> None:
+        super().__init__(model)
+        self._fixture = fixture
+
+    def check(
+        self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
+    ) -> None:
+        try:
+            super().check(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad)
+        except HealthError as error:
+            self._fixture.report(str(error))
+            raise

@@ -1,0 +1,221 @@
+"""Run state of the pytest plugin: settings parsed once per session, per-test settings from the
+``modelhooks`` marker, the leak guard. No torch import here: the torch side lives in
+:mod:`pytest_modelhooks._fixtures`, imported the first time a fixture is used.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from importlib import metadata
+from typing import Any
+
+import pytest
+
+DEVICES = ("cpu", "cuda", "auto")
+_MARKER_KEYS = ("std", "max_dead", "max_near_zero", "max_std_growth", "device")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective modelhooks settings; precedence marker > command line > ini > defaults."""
+
+    device: str = "cpu"
+    std: tuple[float, float] | None = None
+    max_dead: float | None = None
+    max_near_zero: float | None = None
+    max_std_growth: float | None = None
+    plots_dir: str | None = None
+    check_leaks: bool = False
+    snapshot_rtol: float = 0.0
+
+    def check_bounds(self) -> dict[str, Any]:
+        """The activation-check bounds, as keyword arguments."""
+        return {
+            "std": self.std,
+            "max_dead": self.max_dead,
+            "max_near_zero": self.max_near_zero,
+            "max_std_growth": self.max_std_growth,
+        }
+
+
+SETTINGS = pytest.StashKey[Settings]()
+CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
+WATCHED = pytest.StashKey[dict[int, Any]]()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _std(text: Any, where: str) -> tuple[float, float] | None:
+    if text is None or text == "":
+        return None
+    try:
+        if isinstance(text, str):
+            low, high = (float(part) for part in text.split(","))
+        else:
+            low, high = (float(part) for part in text)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(f"{where}: expected two numbers 'low,high', got {text!r}") from None
+    if not (0 <= low <= high) or math.isnan(low) or math.isnan(high):
+        raise pytest.UsageError(f"{where}: need 0 <= low <= high, got {text!r}")
+    return low, high
+
+
+def _fraction(text: Any, where: str) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(f"{where}: expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise pytest.UsageError(f"{where}: expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _positive(text: Any, where: str, *, allow_zero: bool = False) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(f"{where}: expected a positive number, got {text!r}") from None
+    if value < 0 or (value == 0 and not allow_zero) or math.isnan(value):
+        raise pytest.UsageError(f"{where}: expected a positive number, got {text!r}")
+    return value
+
+
+def _device(text: Any, where: str) -> str:
+    if text not in DEVICES:
+        raise pytest.UsageError(f"{where}: expected one of {', '.join(DEVICES)}, got {text!r}")
+    return str(text)
+
+
+def configure(config: pytest.Config) -> None:
+    """Parse and validate the ini keys and command-line options once."""
+    option = config.option
+    device = option.modelhooks_device or config.getini("modelhooks_device") or "cpu"
+    settings = Settings(
+        device=_device(device, "--modelhooks-device" if option.modelhooks_device else "modelhooks_device"),
+        std=_std(config.getini("modelhooks_std_range"), "modelhooks_std_range"),
+        max_dead=_fraction(config.getini("modelhooks_max_dead"), "modelhooks_max_dead"),
+        max_near_zero=_fraction(config.getini("modelhooks_max_near_zero"), "modelhooks_max_near_zero"),
+        max_std_growth=_positive(config.getini("modelhooks_max_std_growth"), "modelhooks_max_std_growth"),
+        plots_dir=option.modelhooks_plots or config.getini("modelhooks_plots_dir") or None,
+        check_leaks=bool(option.modelhooks_check_leaks),
+        snapshot_rtol=_positive(
+            config.getini("modelhooks_snapshot_rtol"), "modelhooks_snapshot_rtol", allow_zero=True
+        )
+        or 0.0,
+    )
+    config.stash[SETTINGS] = settings
+    config.stash[CURRENT_ITEM] = None
+
+
+def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
+    """The session settings with the test's ``@pytest.mark.modelhooks(...)`` applied."""
+    settings = config.stash[SETTINGS]
+    if item is None:
+        return settings
+    for marker in reversed(list(item.iter_markers("modelhooks"))):  # closest marker wins
+        if marker.args:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.modelhooks takes keyword arguments only")
+        unknown = sorted(set(marker.kwargs) - set(_MARKER_KEYS))
+        if unknown:
+            raise pytest.UsageError(
+                f"{item.nodeid}: @pytest.mark.modelhooks got unknown argument(s) {', '.join(unknown)}; "
+                f"known: {', '.join(_MARKER_KEYS)}"
+            )
+        where = f"{item.nodeid}: @pytest.mark.modelhooks"
+        changes: dict[str, Any] = {}
+        for key, value in marker.kwargs.items():
+            if key == "std":
+                changes[key] = _std(value, f"{where}(std=...)") if value is not None else None
+            elif key in ("max_dead", "max_near_zero"):
+                changes[key] = _fraction(value, f"{where}({key}=...)")
+            elif key == "max_std_growth":
+                changes[key] = _positive(value, f"{where}({key}=...)")
+            else:
+                changes[key] = _device(value, f"{where}(device=...)")
+        settings = replace(settings, **changes)
+    return settings
+
+
+def current_settings(config: pytest.Config) -> Settings:
+    """Settings for the test running now (session settings outside a test)."""
+    return settings_for(config, config.stash.get(CURRENT_ITEM, None))
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def report_header(config: pytest.Config) -> str:
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    device = config.stash[SETTINGS].device
+    if device == "auto":
+        # resolving "auto" needs torch; only do it if something already imported it
+        if "torch" in sys.modules:
+            device = "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+            device += " (auto)"
+        else:
+            device = "auto (cuda when available)"
+    return f"modelhooks: torch {torch_version}, device {device}"
+
+
+def enter_test(item: pytest.Item) -> None:
+    item.config.stash[CURRENT_ITEM] = item
+
+
+def leave_test(item: pytest.Item) -> None:
+    """After the test's fixtures are torn down: the leak guard, when asked for."""
+    item.config.stash[CURRENT_ITEM] = None
+    watched = item.stash.get(WATCHED, None)
+    if not watched:
+        return
+    from pytest_modelhooks._fixtures import leaked_hooks
+
+    problems = leaked_hooks(watched)
+    watched.clear()
+    if problems:
+        pytest.fail(
+            "modelhooks: hooks added during the test are still registered:\n" + "\n".join(problems),
+            pytrace=False,
+        )
+
+
+class HookTracker:
+    """Per-test owner of everything a function-scoped fixture registered."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        from pytest_modelhooks._fixtures import FixtureState
+
+        self.state = FixtureState(request, settings_for(request.config, request.node))
+
+    def hooked_model(self, model: Any, **kwargs: Any) -> Any:
+        return self.state.hooked_model(model, **kwargs)
+
+    def activation_stats(self, model: Any, **kwargs: Any) -> Any:
+        return self.state.activation_stats(model, **kwargs)
+
+    def gradient_stats(self, model: Any, **kwargs: Any) -> Any:
+        return self.state.gradient_stats(model, **kwargs)
+
+    def close(self) -> None:
+        self.state.close()
+
+
+def bound_model_sizes(config: pytest.Config) -> Any:
+    from pytest_modelhooks._fixtures import bound
+
+    return bound("model_sizes", config)
+
+
+def bound_model_summary(config: pytest.Config) -> Any:
+    from pytest_modelhooks._fixtures import bound
+
+    return bound("model_summary", config)

@@ -1,0 +1,208 @@
+"""syrupy snapshots of model summaries, layer sizes and activation statistics.
+
+:class:`ModelSnapshotExtension` stores each snapshot as a plain ``.txt`` file under
+``__snapshots__/<test file>/<test name>.txt``: the same text ``str()`` gives, readable in a code
+review. On a mismatch the report starts with what changed, layer by layer
+(``layer3.1.conv2 (Conv2d): output (1, 256, 14, 14) -> (1, 256, 7, 7); params +1.20 M``),
+before syrupy's line diff. Numbers compare within ``rtol`` (0 by default: exact), which suits
+statistics snapshots. The class is importable by dotted path, as pytest-xdist needs:
+``pytest_modelhooks.snapshot.ModelSnapshotExtension``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
+
+__all__ = ["ModelSnapshotExtension", "describe_changes", "snapshot_text"]
+
+_NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?|nan|inf)")
+_CELLS = re.compile(r"\s{2,}")
+
+
+def snapshot_text(data: Any) -> str:
+    """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats or str."""
+    from pytest_modelhooks.shapes import LayerSizes
+    from pytest_modelhooks.stats import ActivationStats
+    from pytest_modelhooks.summary import ModelSummary
+
+    if isinstance(data, ModelSummary):
+        return str(data) + "\n"
+    if isinstance(data, LayerSizes):
+        return "Layer sizes\n" + str(data) + "\n"
+    if isinstance(data, ActivationStats):
+        return _stats_text(data)
+    if isinstance(data, str):
+        return data if data.endswith("\n") else data + "\n"
+    raise TypeError(
+        f"model_snapshot stores ModelSummary, LayerSizes, ActivationStats or str, got {type(data).__name__}"
+    )
+
+
+def _stats_text(stats: Any) -> str:
+    header = ["layer", "type", "mean", "std", "near_zero", "dead"]
+    rows = [header]
+    for layer in stats:
+        rows.append(
+            [
+                layer.name or "(model)",
+                layer.type,
+                f"{_nanmean(layer.mean):.6g}",
+                f"{_nanmean(layer.std):.6g}",
+                f"{_nanmean(layer.near_zero):.6g}",
+                "-" if layer.dead is None else f"{layer.dead:.6g}",
+            ]
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return f"Activation statistics (mean over {stats.num_batches} batches)\n" + "\n".join(lines) + "\n"
+
+
+def _nanmean(values: Any) -> float:
+    finite = [value for value in values.tolist() if not math.isnan(value)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+# --------------------------------------------------------------------------- diffs
+
+
+def _parse_number(text: str) -> float | None:
+    match = _NUMBER.match(text.strip())
+    if not match:
+        return None
+    try:
+        return float(match.group(0).replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _rows(text: str) -> tuple[list[str], dict[str, dict[str, str]], dict[str, str]]:
+    """Parse a snapshot text into (row order, {row label: {column: cell}}, {footer key: value})."""
+    lines = text.splitlines()
+    order: list[str] = []
+    rows: dict[str, dict[str, str]] = {}
+    footer: dict[str, str] = {}
+    if lines and lines[0] == "Layer sizes":
+        for line in lines[1:]:
+            label, _, rest = line.partition(")")
+            label = label.strip() + ")"
+            order.append(label)
+            rows[label] = {"output": " ".join(rest.split())}
+        return order, rows, footer
+    header: list[str] | None = None
+    for line in lines:
+        if header is None:
+            if line.startswith("Layer (type)") or line.startswith("layer  "):
+                header = _CELLS.split(line.strip())
+            continue
+        if not line.strip() or set(line.strip()) <= {"=", "-"}:
+            if rows:
+                header = []  # the table ended: what follows is the footer
+            continue
+        if header == []:
+            key, _, value = line.partition(":")
+            footer[key.strip()] = value.strip()
+            continue
+        cells = _CELLS.split(line.strip())
+        label = cells[0]
+        order.append(label)
+        rows[label] = dict(zip([name.lower() for name in header[1:]], cells[1:], strict=False))
+    return order, rows, footer
+
+
+def _delta(old: str, new: str) -> str:
+    before, after = _parse_number(old), _parse_number(new)
+    if before is None or after is None:
+        return f"{old} -> {new}"
+    change = after - before
+    sign = "+" if change > 0 else "-"
+    size = abs(change)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if size >= scale:
+            return f"{sign}{size / scale:.2f} {unit}"
+    return f"{sign}{size:g}"
+
+
+def describe_changes(old: str, new: str) -> list[str]:
+    """What changed between two snapshot texts, one line per changed, added or removed layer,
+    then the totals."""
+    old_order, old_rows, old_footer = _rows(old)
+    new_order, new_rows, new_footer = _rows(new)
+    lines: list[str] = []
+    for label in new_order:
+        if label not in old_rows:
+            cells = new_rows[label]
+            detail = ", ".join(
+                f"{key} {value}" for key, value in cells.items() if key.startswith(("output", "param"))
+            )
+            lines.append(f"+ {label}: added" + (f" ({detail})" if detail else ""))
+            continue
+        changes = []
+        for column, value in new_rows[label].items():
+            before = old_rows[label].get(column)
+            if before is None or before == value:
+                continue
+            name = column.replace(" shape", "").replace(" #", "")
+            if name.startswith(("param", "trainable", "mult-adds")):
+                changes.append(f"{name} {_delta(before, value)}")
+            else:
+                changes.append(f"{name} {before} -> {value}")
+        if changes:
+            lines.append(f"~ {label}: " + "; ".join(changes))
+    lines += [f"- {label}: removed" for label in old_order if label not in new_rows]
+    for key in ("Total params", "Trainable params", "Mult-adds"):
+        if key in old_footer and key in new_footer and old_footer[key] != new_footer[key]:
+            before, after = old_footer[key].split(" (")[0], new_footer[key].split(" (")[0]
+            lines.append(f"{key.lower()}: {before} -> {after} ({_delta(before, after)})")
+    return lines
+
+
+def _numbers_close(old: str, new: str, rtol: float) -> bool:
+    old_parts, new_parts = _NUMBER.split(old), _NUMBER.split(new)
+    if old_parts != new_parts:
+        return False
+    for before, after in zip(_NUMBER.findall(old), _NUMBER.findall(new), strict=True):
+        a, b = float(before.replace(",", "")), float(after.replace(",", ""))
+        if math.isnan(a) and math.isnan(b):
+            continue
+        if not math.isclose(a, b, rel_tol=rtol, abs_tol=rtol * 1e-6):
+            return False
+    return len(_NUMBER.findall(old)) == len(_NUMBER.findall(new))
+
+
+class ModelSnapshotExtension(SingleFileSnapshotExtension):
+    """A syrupy extension storing summaries, sizes and statistics as reviewable text files.
+
+    >>> ModelSnapshotExtension.file_extension
+    'txt'
+    """
+
+    file_extension = "txt"
+    _write_mode = WriteMode.TEXT
+    #: relative tolerance for numbers; the plugin sets it from ``modelhooks_snapshot_rtol``
+    rtol: ClassVar[float] = 0.0
+
+    def serialize(self, data: Any, **kwargs: Any) -> str:
+        return snapshot_text(data)
+
+    def matches(self, *, serialized_data: Any, snapshot_data: Any) -> bool:
+        if serialized_data == snapshot_data:
+            return True
+        if self.rtol <= 0 or not isinstance(serialized_data, str) or not isinstance(snapshot_data, str):
+            return False
+        return _numbers_close(snapshot_data, serialized_data, self.rtol)
+
+    def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:
+        changes = describe_changes(str(snapshot_data), str(serialized_data))
+        if changes:
+            yield "Changed layers (snapshot -> now):"
+            for line in changes:
+                yield "  " + line
+            yield ""
+        yield from super().diff_lines(serialized_data, snapshot_data)
