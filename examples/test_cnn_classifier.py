@@ -1,7 +1,8 @@
-"""An example suite for a small image classifier: copy it next to your own model.
+"""Example suite: a small image classifier. Copy it next to your own model.
 
-It checks the architecture, not the training: every stage's output shape, the parameter budget,
-that no hook is left behind, and that shapes hold for any input size the model claims to take.
+It checks the architecture, not the training: every stage's output shape, the parameter budget
+and the layer table (a committed snapshot), healthy activations and gradients, and that any input
+size the model claims to take gives one logit per class.
 """
 
 from __future__ import annotations
@@ -9,21 +10,18 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
-from pytest_modelhooks import count_hooks, hook_outputs, model_sizes, model_summary, num_features_model
+from pytest_modelhooks.strategies import input_sizes
 
 
 class ConvBlock(nn.Sequential):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-        )
+        super().__init__(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class Classifier(nn.Module):
-    """A four-stage CNN: each stage halves the resolution and doubles the channels."""
+    """Four stages: each halves the resolution and doubles the channels."""
 
     def __init__(self, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
@@ -47,39 +45,45 @@ def model() -> Classifier:
     return Classifier()
 
 
-def test_each_stage_halves_the_resolution_and_doubles_the_channels(model: Classifier) -> None:
+def test_each_stage_halves_the_resolution_and_doubles_the_channels(model, model_sizes):
     sizes = model_sizes(model, (64, 64), modules=["stem", "stages.0", "stages.1", "stages.2", "head"])
     assert sizes["stem"] == (1, 16, 64, 64)
     assert sizes["stages.0"] == (1, 32, 32, 32)
     assert sizes["stages.1"] == (1, 64, 16, 16)
     assert sizes["stages.2"] == (1, 128, 8, 8)
     assert sizes[-1] == (1, 10)
-    assert sizes.engine == "meta"  # no compute on the weights
 
 
-def test_the_body_feeds_the_head_the_features_it_expects(model: Classifier) -> None:
-    body = nn.Sequential(model.stem, model.stages)
-    assert num_features_model(body) == model.head[-1].in_features
-
-
-def test_parameter_budget(model: Classifier) -> None:
+def test_parameter_budget_and_layer_table(model, model_summary, model_snapshot):
     summary = model_summary(model, input_size=(1, 3, 64, 64))
-    assert summary.total_params == sum(p.numel() for p in model.parameters())
     assert summary.total_params < 200_000, str(summary)
-    assert summary["head.3"].params == 128 * 10 + 10
+    assert summary == model_snapshot  # __snapshots__/test_cnn_classifier/...; --snapshot-update
 
 
-def test_intermediate_activations_can_be_inspected_without_leaking_hooks(model: Classifier) -> None:
-    with hook_outputs([model.stem, model.stages[-1]]) as hooks:
-        model.eval()(torch.randn(2, 3, 32, 32))
+@pytest.mark.modelhooks(std=(0.05, 5.0), max_dead=0.5)
+def test_activations_and_gradients_stay_healthy(model, activation_stats, gradient_stats):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with activation_stats(model) as stats, gradient_stats(model) as grads:
+        for _ in range(3):
+            loss = nn.functional.cross_entropy(model(torch.randn(16, 3, 32, 32)), torch.randint(0, 10, (16,)))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    stats.check()  # bounds from the marker above
+    grads.check(max_norm=50.0)  # every parameter got a finite, bounded gradient
+
+
+def test_intermediate_outputs_can_be_inspected(model, hooked_model):
+    hooks = hooked_model(model, modules=["stem", "stages.2"])
+    model.eval()(torch.randn(2, 3, 32, 32))
     stem_out, last_stage = hooks.stored
     assert stem_out.min() >= 0  # after the ReLU
     assert last_stage.shape == (2, 128, 4, 4)
-    assert count_hooks(model) == 0
+    # the fixture removes the hooks at teardown, also when the test fails
 
 
-@settings(max_examples=25, deadline=None)
-@given(side=st.integers(min_value=8, max_value=96))
-def test_any_input_size_gives_one_logit_per_class(side: int) -> None:
-    sizes = model_sizes(Classifier(), (side, side), modules=["head"])
+@settings(max_examples=20, deadline=None)
+@given(size=input_sizes(min_side=8, max_side=96))
+def test_any_input_size_gives_one_logit_per_class(model_sizes, size):
+    sizes = model_sizes(Classifier(), size[2:], modules=["head"])
     assert sizes["head"] == (1, 10)

@@ -127,8 +127,12 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
             kwargs["input_data"] = _inputs_to(kwargs["input_data"], device)
         return summary.model_summary(model, input_size, **kwargs)
 
-    function = {"model_sizes": model_sizes, "model_summary": model_summary}[kind]
-    function.__doc__ = getattr(shapes, kind, getattr(summary, kind)).__doc__
+    functions = {
+        "model_sizes": (model_sizes, shapes.model_sizes),
+        "model_summary": (model_summary, summary.model_summary),
+    }
+    function, original = functions[kind]
+    function.__doc__ = original.__doc__
     return function
 
 

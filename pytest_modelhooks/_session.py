@@ -29,6 +29,7 @@ class Settings:
     plots_dir: str | None = None
     check_leaks: bool = False
     snapshot_rtol: float = 0.0
+    snapshot_atol: float = 0.0
 
     def check_bounds(self) -> dict[str, Any]:
         """The activation-check bounds, as keyword arguments."""
@@ -87,6 +88,10 @@ def _positive(text: Any, where: str, *, allow_zero: bool = False) -> float | Non
     return value
 
 
+def _tolerance(config: pytest.Config, key: str) -> float:
+    return _positive(config.getini(key), key, allow_zero=True) or 0.0
+
+
 def _device(text: Any, where: str) -> str:
     if text not in DEVICES:
         raise pytest.UsageError(f"{where}: expected one of {', '.join(DEVICES)}, got {text!r}")
@@ -105,10 +110,8 @@ def configure(config: pytest.Config) -> None:
         max_std_growth=_positive(config.getini("modelhooks_max_std_growth"), "modelhooks_max_std_growth"),
         plots_dir=option.modelhooks_plots or config.getini("modelhooks_plots_dir") or None,
         check_leaks=bool(option.modelhooks_check_leaks),
-        snapshot_rtol=_positive(
-            config.getini("modelhooks_snapshot_rtol"), "modelhooks_snapshot_rtol", allow_zero=True
-        )
-        or 0.0,
+        snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
+        snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
     )
     config.stash[SETTINGS] = settings
     config.stash[CURRENT_ITEM] = None
@@ -143,9 +146,18 @@ def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
     return settings
 
 
+def settings_in_test(config: pytest.Config, item: pytest.Item | None) -> Settings:
+    """:func:`settings_for` from inside a test: a bad marker fails the test with its message
+    alone (no traceback into the plugin)."""
+    try:
+        return settings_for(config, item)
+    except pytest.UsageError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
 def current_settings(config: pytest.Config) -> Settings:
     """Settings for the test running now (session settings outside a test)."""
-    return settings_for(config, config.stash.get(CURRENT_ITEM, None))
+    return settings_in_test(config, config.stash.get(CURRENT_ITEM, None))
 
 
 # --------------------------------------------------------------------------- hooks
@@ -171,9 +183,8 @@ def enter_test(item: pytest.Item) -> None:
     item.config.stash[CURRENT_ITEM] = item
 
 
-def leave_test(item: pytest.Item) -> None:
+def check_leaks(item: pytest.Item) -> None:
     """After the test's fixtures are torn down: the leak guard, when asked for."""
-    item.config.stash[CURRENT_ITEM] = None
     watched = item.stash.get(WATCHED, None)
     if not watched:
         return
@@ -194,7 +205,7 @@ class HookTracker:
     def __init__(self, request: pytest.FixtureRequest) -> None:
         from pytest_modelhooks._fixtures import FixtureState
 
-        self.state = FixtureState(request, settings_for(request.config, request.node))
+        self.state = FixtureState(request, settings_in_test(request.config, request.node))
 
     def hooked_model(self, model: Any, **kwargs: Any) -> Any:
         return self.state.hooked_model(model, **kwargs)

@@ -50,6 +50,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("modelhooks_max_std_growth", "default max std ratio between consecutive layers", default="")
     parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")
     parser.addini("modelhooks_snapshot_rtol", "relative tolerance for numbers in snapshots", default="0")
+    parser.addini("modelhooks_snapshot_atol", "absolute tolerance for numbers in snapshots", default="0")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -65,14 +66,19 @@ def pytest_report_header(config: pytest.Config) -> str:
     return _session.report_header(config)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
     _session.enter_test(item)
-    yield
 
 
-def pytest_runtest_teardown(item: pytest.Item) -> None:
-    _session.leave_test(item)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    # after the fixtures are torn down, so that the leak guard sees what they left
+    try:
+        yield
+    finally:
+        item.config.stash[_session.CURRENT_ITEM] = None
+    _session.check_leaks(item)
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +128,7 @@ def model_snapshot(snapshot: SnapshotAssertion, request: pytest.FixtureRequest) 
     ``assert model_summary(net, input_size=...) == model_snapshot``."""
     from pytest_modelhooks.snapshot import ModelSnapshotExtension
 
-    ModelSnapshotExtension.rtol = _session.current_settings(
-        snapshot.session.pytest_session.config
-    ).snapshot_rtol
+    settings = _session.settings_in_test(request.config, request.node)
+    ModelSnapshotExtension.rtol = settings.snapshot_rtol
+    ModelSnapshotExtension.atol = settings.snapshot_atol
     return snapshot.use_extension(ModelSnapshotExtension)

@@ -4,9 +4,9 @@
 ``__snapshots__/<test file>/<test name>.txt``: the same text ``str()`` gives, readable in a code
 review. On a mismatch the report starts with what changed, layer by layer
 (``layer3.1.conv2 (Conv2d): output (1, 256, 14, 14) -> (1, 256, 7, 7); params +1.20 M``),
-before syrupy's line diff. Numbers compare within ``rtol`` (0 by default: exact), which suits
-statistics snapshots. The class is importable by dotted path, as pytest-xdist needs:
-``pytest_modelhooks.snapshot.ModelSnapshotExtension``.
+before syrupy's line diff. Numbers compare within ``atol + rtol * |snapshot|`` (both 0 by
+default: exact), which suits statistics snapshots. The class is importable by dotted path, as
+pytest-xdist needs: ``pytest_modelhooks.snapshot.ModelSnapshotExtension``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _nanmean(values: Any) -> float:
 
 
 def _parse_number(text: str) -> float | None:
-    match = _NUMBER.match(text.strip())
+    match = _NUMBER.fullmatch(text.strip().rstrip(",;)").lstrip("("))
     if not match:
         return None
     try:
@@ -163,17 +163,23 @@ def describe_changes(old: str, new: str) -> list[str]:
     return lines
 
 
-def _numbers_close(old: str, new: str, rtol: float) -> bool:
-    old_parts, new_parts = _NUMBER.split(old), _NUMBER.split(new)
-    if old_parts != new_parts:
+def _numbers_close(old: str, new: str, rtol: float, atol: float) -> bool:
+    """Token by token (whitespace ignored): numbers within ``atol + rtol * |snapshot|`` (as
+    numpy.isclose), everything else equal."""
+    old_tokens, new_tokens = old.split(), new.split()
+    if len(old_tokens) != len(new_tokens):
         return False
-    for before, after in zip(_NUMBER.findall(old), _NUMBER.findall(new), strict=True):
-        a, b = float(before.replace(",", "")), float(after.replace(",", ""))
+    for before, after in zip(old_tokens, new_tokens, strict=True):
+        if before == after:
+            continue
+        a, b = _parse_number(before), _parse_number(after)
+        if a is None or b is None or _NUMBER.sub("", before) != _NUMBER.sub("", after):
+            return False
         if math.isnan(a) and math.isnan(b):
             continue
-        if not math.isclose(a, b, rel_tol=rtol, abs_tol=rtol * 1e-6):
+        if not abs(a - b) <= atol + rtol * abs(a):
             return False
-    return len(_NUMBER.findall(old)) == len(_NUMBER.findall(new))
+    return True
 
 
 class ModelSnapshotExtension(SingleFileSnapshotExtension):
@@ -185,8 +191,9 @@ class ModelSnapshotExtension(SingleFileSnapshotExtension):
 
     file_extension = "txt"
     _write_mode = WriteMode.TEXT
-    #: relative tolerance for numbers; the plugin sets it from ``modelhooks_snapshot_rtol``
+    #: tolerances for numbers; the plugin sets them from ``modelhooks_snapshot_rtol``/``_atol``
     rtol: ClassVar[float] = 0.0
+    atol: ClassVar[float] = 0.0
 
     def serialize(self, data: Any, **kwargs: Any) -> str:
         return snapshot_text(data)
@@ -194,9 +201,11 @@ class ModelSnapshotExtension(SingleFileSnapshotExtension):
     def matches(self, *, serialized_data: Any, snapshot_data: Any) -> bool:
         if serialized_data == snapshot_data:
             return True
-        if self.rtol <= 0 or not isinstance(serialized_data, str) or not isinstance(snapshot_data, str):
+        if (self.rtol <= 0 and self.atol <= 0) or not isinstance(serialized_data, str):
             return False
-        return _numbers_close(snapshot_data, serialized_data, self.rtol)
+        return isinstance(snapshot_data, str) and _numbers_close(
+            snapshot_data, serialized_data, self.rtol, self.atol
+        )
 
     def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:
         changes = describe_changes(str(snapshot_data), str(serialized_data))

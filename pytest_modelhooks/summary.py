@@ -339,7 +339,8 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
             )
         )
     for _, module in trace.named:
-        if id(module) not in calls_by_module:
+        # ModuleList/ModuleDict hold modules but cannot be called: not "never ran"
+        if id(module) not in calls_by_module and _callable(module):
             name = names[id(module)]
             total, trainable, own = counts(module)
             rows.append(
@@ -370,6 +371,10 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
         depth=depth,
         engine=trace.engine,
     )
+
+
+def _callable(module: nn.Module) -> bool:
+    return not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
 
 
 def _unwrap_single(shapes: Any) -> Any:
