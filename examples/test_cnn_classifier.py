@@ -17,7 +17,9 @@ from pytest_modelhooks.strategies import input_sizes
 
 class ConvBlock(nn.Sequential):
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
 
 
 class Classifier(nn.Module):

@@ -29,8 +29,12 @@ class UNet(nn.Module):
         self.down = nn.ModuleList([double_conv(channels, widths[0])])
         self.down.extend(double_conv(widths[level], widths[level + 1]) for level in range(depth))
         self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[level + 1], widths[level], 2, 2) for level in reversed(range(depth)))
-        self.merge = nn.ModuleList(double_conv(2 * widths[level], widths[level]) for level in reversed(range(depth)))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[level + 1], widths[level], 2, 2) for level in reversed(range(depth))
+        )
+        self.merge = nn.ModuleList(
+            double_conv(2 * widths[level], widths[level]) for level in reversed(range(depth))
+        )
         self.out = nn.Conv2d(widths[0], classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

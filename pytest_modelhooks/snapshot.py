@@ -129,6 +129,15 @@ def _delta(old: str, new: str) -> str:
     return f"{sign}{size:g}"
 
 
+def _column_name(column: str) -> str:
+    return {
+        "input shape": "input",
+        "output shape": "output",
+        "param #": "params",
+        "trainable #": "trainable",
+    }.get(column, column)
+
+
 def describe_changes(old: str, new: str) -> list[str]:
     """What changed between two snapshot texts, one line per changed, added or removed layer,
     then the totals."""
@@ -137,9 +146,9 @@ def describe_changes(old: str, new: str) -> list[str]:
     lines: list[str] = []
     for label in new_order:
         if label not in old_rows:
-            cells = new_rows[label]
+            cells = {_column_name(key): value for key, value in new_rows[label].items()}
             detail = ", ".join(
-                f"{key} {value}" for key, value in cells.items() if key.startswith(("output", "param"))
+                f"{key} {value}" for key, value in cells.items() if key in ("output", "params")
             )
             lines.append(f"+ {label}: added" + (f" ({detail})" if detail else ""))
             continue
@@ -148,8 +157,8 @@ def describe_changes(old: str, new: str) -> list[str]:
             before = old_rows[label].get(column)
             if before is None or before == value:
                 continue
-            name = column.replace(" shape", "").replace(" #", "")
-            if name.startswith(("param", "trainable", "mult-adds")):
+            name = _column_name(column)
+            if name in ("params", "trainable", "mult-adds"):
                 changes.append(f"{name} {_delta(before, value)}")
             else:
                 changes.append(f"{name} {before} -> {value}")

@@ -351,9 +351,9 @@ def test_snapshot_lifecycle_create_pass_change_fail_update(run, pytester) -> Non
     changed.stdout.fnmatch_lines(
         [
             "*Changed layers (snapshot -> now):*",
-            "*~ 0 (Conv2d): output (1, 16, 16, 16) -> (1, 32, 16, 16); param +448*",
+            "*~ 0 (Conv2d): output (1, 16, 16, 16) -> (1, 32, 16, 16); params +448*",
             "*~ 2 (Conv2d): input (1, 16, 16, 16) -> (1, 32, 16, 16); output (1, 8, 14, 14) -> (1, 8, 7, 7); "
-            "param +1.15 K*",
+            "params +1.15 K*",
             "*total params: 1,608 -> 3,208 (+1.60 K)*",
         ]
     )
