@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--step", action="store_true", help="time a training step instead of a forward")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--profile", action="store_true", help="print torch.profiler's top ops for one recorded run"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -128,6 +131,15 @@ def main() -> None:
     for name, value in medians.items():
         spread = f"{min(times[name]) * 1000:.0f}-{max(times[name]) * 1000:.0f}"
         print(f"  {name:<46} {value * 1000:8.1f} ms  ({spread})  {value / base:5.2f}x")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            ours()
+            sync()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
     if args.json:
         args.json.write_text(json.dumps({"medians_s": medians, "times_s": times}, indent=2))
 

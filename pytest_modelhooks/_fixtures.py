@@ -110,6 +110,7 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
     """``model_sizes`` / ``model_summary`` running on the configured device."""
 
     def model_sizes(model: nn.Module, size: Any = None, **kwargs: Any) -> shapes.LayerSizes:
+        __tracebackhide__ = True
         settings = current_settings(config)
         device = resolve_device(settings.device)
         model = _prepare(model, device)
@@ -119,6 +120,7 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
         return shapes.model_sizes(model, size, **kwargs)
 
     def model_summary(model: nn.Module, input_size: Any = None, **kwargs: Any) -> summary.ModelSummary:
+        __tracebackhide__ = True
         settings = current_settings(config)
         device = resolve_device(settings.device)
         model = _prepare(model, device)
@@ -239,6 +241,7 @@ class FixtureActivationStats(ActivationStats):
     ) -> None:
         """Like :meth:`ActivationStats.check`; bounds not given come from the
         ``modelhooks`` marker, the command line or the ini file."""
+        __tracebackhide__ = True
         bounds = self._fixture.settings.check_bounds()
         given = {
             "std": std,
@@ -272,6 +275,7 @@ class FixtureGradientStats(GradientStats):
     def check(
         self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
     ) -> None:
+        __tracebackhide__ = True
         try:
             super().check(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad)
         except HealthError as error:

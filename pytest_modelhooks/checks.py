@@ -269,6 +269,7 @@ def format_findings(findings: Sequence[Finding], *, unit: str = "batch") -> str:
 
 def raise_for(findings: Sequence[Finding], kind: str) -> None:
     """Raise :class:`HealthError` with a table of ``findings``, if there are any."""
+    __tracebackhide__ = True
     if not findings:
         return
     unit = "step" if kind == "gradient" else "batch"

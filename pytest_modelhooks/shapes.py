@@ -265,13 +265,25 @@ class Trace:
 
 
 class LayerError(RuntimeError):
-    """A forward failed inside a layer; names the layer and the shapes it received."""
+    """A forward failed inside a layer; names the layer and the shapes it received.
 
-    def __init__(self, message: str, layer: str, layer_type: str, input_shapes: Any) -> None:
+    ``.original`` is the exception the layer raised. It is not chained for display: its
+    traceback runs through torch's kernels and hooks and would bury the one line that matters.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        layer: str,
+        layer_type: str,
+        input_shapes: Any,
+        original: BaseException | None = None,
+    ) -> None:
         super().__init__(message)
         self.layer = layer
         self.layer_type = layer_type
         self.input_shapes = input_shapes
+        self.original = original
 
 
 _KEY_ATTRIBUTES = ("in_channels", "in_features", "num_features", "input_size", "embed_dim", "num_embeddings")
@@ -488,6 +500,7 @@ def trace_model(
     :class:`LayerError` naming it. The model ends with no hooks and its train/eval flags as they
     were, also when the forward raises.
     """
+    __tracebackhide__ = True  # pytest shows the caller's line, not ours
     _check_model(model)
     kwargs = dict(kwargs or {})
     _check_devices(model, (args, kwargs), argument)
@@ -499,7 +512,7 @@ def trace_model(
         except _EngineFailed as failed:
             is_last = position == len(engines) - 1
             if is_last or not _is_engine_limitation(failed.error):
-                raise failed.layer_error from failed.error
+                raise failed.layer_error from None
     raise AssertionError("unreachable: every engine either returns or raises")
 
 
@@ -556,7 +569,11 @@ def _layer_error(recorder: _Recorder, model: nn.Module, error: BaseException) ->
     call = recorder.failing_call()
     if call is None:
         return LayerError(
-            f"{type(model).__name__} failed before any layer ran: {error}", "", type(model).__name__, None
+            f"{type(model).__name__} failed before any layer ran: {error}",
+            "",
+            type(model).__name__,
+            None,
+            error,
         )
     shapes = call.input_shapes
     shown = (
@@ -568,7 +585,7 @@ def _layer_error(recorder: _Recorder, model: nn.Module, error: BaseException) ->
         if finished:
             last = finished[-1]
             message += f" (after layer '{last.name}' returned {format_shape(last.output_shapes)})"
-    return LayerError(message, call.name, type(call.module).__name__, shapes)
+    return LayerError(message, call.name, type(call.module).__name__, shapes, error)
 
 
 # --------------------------------------------------------------------------- model_sizes
@@ -708,6 +725,7 @@ def model_sizes(
     >>> sizes[0], sizes[-1], sizes.engine
     (torch.Size([1, 16, 16, 16]), torch.Size([1, 4096]), 'meta')
     """
+    __tracebackhide__ = True  # pytest shows the caller's line, not ours
     _check_model(model)
     with gc_paused():
         return _model_sizes(model, size, input, modules, engine)
@@ -716,6 +734,7 @@ def model_sizes(
 def _model_sizes(
     model: nn.Module, size: Sequence[int] | None, input: Any, modules: ModuleSpec, engine: str
 ) -> LayerSizes:
+    __tracebackhide__ = True
     selected = select_modules(model, modules, default="children")
     if input is None:
         args: tuple[Any, ...] = (dummy_batch(model, size),)
@@ -751,6 +770,7 @@ def num_features_model(model: nn.Module, *, max_side: int = 4096) -> int:
     >>> num_features_model(nn.Sequential(nn.Conv2d(3, 32, 3), nn.AdaptiveAvgPool2d(1)))
     32
     """
+    __tracebackhide__ = True  # pytest shows the caller's line, not ours
     spec = input_spec(model)
     side = 8
     while True:
@@ -758,7 +778,7 @@ def num_features_model(model: nn.Module, *, max_side: int = 4096) -> int:
         try:
             sizes = model_sizes(model, size, modules="all")
         except LayerError as error:
-            cause = error.__cause__ or error
+            cause = error.original or error
             if spec.spatial_rank is None or side >= max_side or not _SIZE_ERROR.search(str(cause)):
                 raise
             side *= 2

@@ -100,17 +100,28 @@ def _reduce_on_host(x: torch.Tensor, eps: float) -> list[float]:
 
 
 def _reduce_on_device(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """The six statistics as a float64 tensor of shape (6,) on ``x``'s device; no host read."""
-    count = x.numel()
+    """Raw statistics on ``x``'s device, no host read: ``(mean, variance, near-zero count,
+    finite count, min, max)`` as one tensor; :func:`_finish_device` turns them into
+    :data:`STATISTICS` on the host. Kept to six kernel launches: on a GPU each launch costs more
+    than the reduction it runs."""
     acc = _accumulator(x.dtype)
-    variance, mean = torch.var_mean(x.to(acc))  # one Welford pass on accelerators: stable
+    variance, mean = torch.var_mean(x if x.dtype == acc else x.to(acc))  # Welford: stable
+    if x.dtype == acc:
+        near_zero = torch.histc(x, 1, -eps, eps)  # one pass, no temporaries; ignores NaN
+    else:
+        near_zero = torch.count_nonzero(_near_zero_mask(x, eps))
     finite = torch.count_nonzero(torch.isfinite(x))
-    near_zero = torch.count_nonzero(_near_zero_mask(x, eps))
     low, high = torch.aminmax(x)
-    values = torch.stack([mean, variance.sqrt()]).double()
-    counts = torch.stack([near_zero / count, count - finite]).double()
-    extremes = torch.stack([low, high]).double()
-    return torch.cat([values, counts, extremes])
+    return torch.stack([mean, variance, near_zero.reshape(()), finite, low, high]).to(acc)
+
+
+def _finish_device(raw: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``(series, 6)`` raw device statistics (float64, on the host) to :data:`STATISTICS`."""
+    finished = raw.clone()
+    finished[:, 1] = raw[:, 1].clamp(min=0).sqrt()
+    finished[:, 2] = raw[:, 2] / counts
+    finished[:, 3] = counts - raw[:, 3]
+    return finished
 
 
 def _channel_dim(module: nn.Module, rank: int, conv1d_model: bool) -> int | None:
@@ -235,10 +246,11 @@ class ActivationStats(HookCallback):
         self._forwards = 0
         self._recording = False
         self._pending: list[tuple[int, Any]] = []
+        self._pending_counts: list[int] = []  # elements per device series, for _finish_device
         self._pending_hist: list[tuple[int, torch.Tensor]] = []
         self._batches: list[tuple[int, list[int], Any]] = []  # (batch, series ids, values)
         self._hists: list[tuple[int, list[int], torch.Tensor]] = []
-        self._seen_positive: dict[int, torch.Tensor] = {}
+        self._channel_max: dict[int, torch.Tensor] = {}
         self._batch_handles: list[RemovableHandle] = []
         self._cache: dict[str, Any] | None = None
 
@@ -265,6 +277,7 @@ class ActivationStats(HookCallback):
         self._recording = wanted and self._forwards % self.every == 0
         self._forwards += 1
         self._pending = []
+        self._pending_counts = []
         self._pending_hist = []
 
     def _end_batch(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -275,11 +288,12 @@ class ActivationStats(HookCallback):
         if self._pending:
             ids = [series for series, _ in self._pending]
             first = self._pending[0][1]
-            values = (
-                torch.stack([value for _, value in self._pending])
-                if isinstance(first, torch.Tensor)
-                else [value for _, value in self._pending]
-            )
+            values: Any
+            if isinstance(first, torch.Tensor):
+                # one stack per batch; it stays on the device until the statistics are read
+                values = (torch.stack([value for _, value in self._pending]), self._pending_counts)
+            else:
+                values = [value for _, value in self._pending]
             self._batches.append((batch, ids, values))
         if self._pending_hist:
             self._hists.append(
@@ -290,6 +304,7 @@ class ActivationStats(HookCallback):
                 )
             )
         self._pending = []
+        self._pending_counts = []
         self._pending_hist = []
         self._cache = None
 
@@ -320,6 +335,7 @@ class ActivationStats(HookCallback):
                 self._pending.append((series, _reduce_on_host(x, self.eps)))
             else:
                 self._pending.append((series, _reduce_on_device(x, self.eps)))
+                self._pending_counts.append(x.numel())
             if self.track_dead:
                 self._track_dead(series, module, x)
             if self.with_hist:
@@ -327,16 +343,17 @@ class ActivationStats(HookCallback):
                 self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
 
     def _track_dead(self, series: int, module: nn.Module, x: torch.Tensor) -> None:
+        # the running max per channel: a channel is dead while its max stays <= 0
         dim = _channel_dim(module, x.dim(), self._conv1d)
         if dim is None:
             return
         other = [axis for axis in range(x.dim()) if axis != dim]
-        positive = x.amax(dim=other) > 0
-        seen = self._seen_positive.get(series)
-        if seen is None or seen.shape != positive.shape:
-            self._seen_positive[series] = positive
+        current = x.amax(dim=other)
+        seen = self._channel_max.get(series)
+        if seen is None or seen.shape != current.shape:
+            self._channel_max[series] = current
         else:
-            seen |= positive
+            torch.maximum(seen, current, out=seen)
 
     # ------------------------------------------------------------------ reading
 
@@ -348,16 +365,18 @@ class ActivationStats(HookCallback):
         values = torch.full((len(STATISTICS), num_series, num_batches), math.nan, dtype=torch.float64)
         batch_ids = torch.tensor([batch for batch, _, _ in self._batches], dtype=torch.long)
         for column, (_, ids, recorded) in enumerate(self._batches):
-            block = (
-                recorded.to("cpu", torch.float64)
-                if isinstance(recorded, torch.Tensor)
-                else torch.tensor(recorded, dtype=torch.float64)
-            )
+            if isinstance(recorded, tuple):
+                raw, counts = recorded
+                block = _finish_device(
+                    raw.to("cpu", torch.float64), torch.tensor(counts, dtype=torch.float64)
+                )
+            else:
+                block = torch.tensor(recorded, dtype=torch.float64)
             values[:, ids, column] = block.T
         dead: dict[int, tuple[float, int]] = {}
-        for series, seen in self._seen_positive.items():
-            seen_host = seen.cpu()
-            dead[series] = (1.0 - float(seen_host.float().mean()), seen_host.numel())
+        for series, channel_max in self._channel_max.items():
+            never_positive = channel_max.cpu() <= 0  # NaN compares False: not counted dead
+            dead[series] = (float(never_positive.double().mean()), never_positive.numel())
         hists: dict[int, torch.Tensor] = {}
         if self._hists:
             column_of = {batch: column for column, batch in enumerate(batch_ids.tolist())}
@@ -470,6 +489,7 @@ class ActivationStats(HookCallback):
         allow_nonfinite: bool = False,
     ) -> None:
         """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`)."""
+        __tracebackhide__ = True
         from pytest_modelhooks.checks import raise_for
 
         raise_for(
@@ -543,11 +563,22 @@ def _grad_on_host(grad: torch.Tensor) -> list[float]:
 
 
 def _grad_on_device(grad: torch.Tensor) -> torch.Tensor:
+    """Raw ``(norm, mean, variance, max |g|, finite count)`` on the device, in five launches;
+    :func:`_finish_grad` completes them on the host."""
     acc = _accumulator(grad.dtype)
-    variance, mean = torch.var_mean(grad.to(acc))
-    norm = torch.linalg.vector_norm(grad, dtype=acc)
-    nonfinite = grad.numel() - torch.count_nonzero(torch.isfinite(grad))
-    return torch.stack([norm, mean, variance.sqrt(), grad.abs().max().to(acc), nonfinite.to(acc)]).double()
+    g = grad if grad.dtype == acc else grad.to(acc)
+    variance, mean = torch.var_mean(g)
+    norm = torch.linalg.vector_norm(g)
+    max_abs = torch.linalg.vector_norm(g, float("inf"))
+    finite = torch.count_nonzero(torch.isfinite(grad))
+    return torch.stack([norm, mean, variance, max_abs, finite])
+
+
+def _finish_grad(raw: torch.Tensor, count: int) -> torch.Tensor:
+    row = raw.to("cpu", torch.float64)
+    row[2] = row[2].clamp(min=0).sqrt()
+    row[4] = count - row[4]
+    return row
 
 
 class GradientStats:
@@ -639,11 +670,10 @@ class GradientStats:
             )
             for column, step in enumerate(self._steps):
                 for position, recorded in step.items():
-                    row = (
-                        recorded.cpu()
-                        if isinstance(recorded, torch.Tensor)
-                        else torch.tensor(recorded, dtype=torch.float64)
-                    )
+                    if isinstance(recorded, torch.Tensor):
+                        row = _finish_grad(recorded, self.params[position][1].numel())
+                    else:
+                        row = torch.tensor(recorded, dtype=torch.float64)
                     values[:, position, column] = row
             self._cache = values
         return self._cache
@@ -691,6 +721,7 @@ class GradientStats:
         self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
     ) -> None:
         """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients."""
+        __tracebackhide__ = True
         from pytest_modelhooks.checks import raise_for
 
         raise_for(self.findings(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad), "gradient")

@@ -282,6 +282,7 @@ def model_summary(
     >>> summary.total_params, summary["2"].output_shapes
     (58, torch.Size([1, 2]))
     """
+    __tracebackhide__ = True  # pytest shows the caller's line, not ours
     _check_model(model)
     if depth is not None and (not isinstance(depth, int) or depth < 0):
         raise ValueError(f"depth must be a non-negative int or None, got depth={depth!r}")

@@ -60,3 +60,20 @@ def test_an_input_on_the_wrong_device_is_named() -> None:
     model = zoo.mlp().cuda()
     with pytest.raises(ValueError, match=r"input is on cpu but the weights of Sequential are on cuda:0"):
         model_sizes(model, input=torch.zeros(1, 20))
+
+
+def test_non_finite_values_are_counted_on_the_device() -> None:
+    class InjectNaN(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            x[0, :3] = float("nan")
+            return x
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), InjectNaN(), torch.nn.Linear(8, 2)).cuda()
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(5, 4, device="cuda"))
+    assert float(stats["1"].nonfinite[0]) == 3
+    assert float(stats["0"].nonfinite[0]) == 0
+    assert stats.findings()[0].layer == "1"
+    near = stats["0"]
+    assert 0 <= float(near.near_zero[0]) <= 1

@@ -268,7 +268,8 @@ def test_a_failing_layer_is_named_with_the_shapes_it_got(engine: str) -> None:
     )
     assert info.value.layer == "features.3" and info.value.layer_type == "Conv2d"
     assert info.value.input_shapes == ((1, 32, 16, 16),)
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert isinstance(info.value.original, RuntimeError)
+    assert info.value.__suppress_context__  # the torch-internal traceback is not chained
 
 
 def test_a_failure_in_the_models_own_forward_names_the_last_layer_that_ran() -> None:

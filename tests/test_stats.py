@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks
-from pytest_modelhooks.stats import _reduce_on_device, _reduce_on_host
+from pytest_modelhooks.stats import _finish_device, _reduce_on_device, _reduce_on_host
 from tests import zoo
 from tests.helpers import untouched
 
@@ -99,8 +99,9 @@ def test_device_reduction_agrees_with_the_host_one() -> None:
         torch.tensor([1.0, float("nan"), float("inf")]),
     ]:
         host = torch.tensor(_reduce_on_host(x, 0.05), dtype=torch.float64)
-        device = _reduce_on_device(x, 0.05)
-        assert device.dtype == torch.float64 and device.shape == (6,)
+        raw = _reduce_on_device(x, 0.05)
+        assert raw.shape == (6,) and raw.device == x.device
+        device = _finish_device(raw.double()[None], torch.tensor([float(x.numel())]))[0]
         if torch.isfinite(host[:2]).all():
             torch.testing.assert_close(device, host, rtol=1e-5, atol=1e-6)
         else:
@@ -386,3 +387,13 @@ def test_gradient_steps_end_at_the_next_forward() -> None:
     assert grads.num_steps == 2
     assert not math.isnan(float(grads["0.weight"].norm[1]))
     assert count_hooks(model) == 0
+
+
+def test_device_gradient_reduction_agrees_with_the_host_one() -> None:
+    from pytest_modelhooks.stats import _finish_grad, _grad_on_device, _grad_on_host
+
+    torch.manual_seed(0)
+    for grad in [torch.randn(7, 5) * 3, torch.randn(40).to(torch.bfloat16)]:
+        host = torch.tensor(_grad_on_host(grad), dtype=torch.float64)
+        device = _finish_grad(_grad_on_device(grad), grad.numel())
+        torch.testing.assert_close(device, host, rtol=1e-5, atol=1e-6)
