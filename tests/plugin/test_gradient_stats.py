@@ -1,0 +1,27 @@
+"""The gradient_stats fixture."""
+
+from __future__ import annotations
+
+from tests.plugin._helpers import write
+
+
+def test_gradient_stats_names_unused_parameters(run, pytester) -> None:
+    write(
+        pytester,
+        "test_grads",
+        """
+        import torch
+        from torch import nn
+
+        def test_unused(gradient_stats):
+            model = nn.ModuleDict({"used": nn.Linear(3, 1), "unused": nn.Linear(3, 1)})
+            with gradient_stats(model) as grads:
+                model["used"](torch.randn(2, 3)).sum().backward()
+            grads.check()
+        """,
+    )
+    result = run()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*gradient health check failed*", "*unused.weight*unused: its .grad stayed None*"]
+    )

@@ -1,0 +1,61 @@
+"""The model_sizes and model_summary fixtures: Hypothesis, devices."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.plugin._helpers import MODELS, write
+
+
+def test_fixtures_work_inside_given_tests(run, pytester) -> None:
+    write(
+        pytester,
+        "test_given",
+        """
+        from hypothesis import HealthCheck, given, settings
+        from pytest_modelhooks.strategies import image_batches, input_sizes
+        import torch
+        from torch import nn
+
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+
+        @settings(max_examples=5, deadline=None)
+        @given(size=input_sizes(min_side=4, max_side=16))
+        def test_sizes(model_sizes, model_summary, size):
+            assert model_sizes(net, size[2:])[0] == (1, 4, *size[2:])
+            assert model_summary(net, input_size=size).total_params == 112
+
+        # function-scoped fixtures: suppress the health check; each example uses a fresh,
+        # self-cleaning context manager
+        @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(batch=image_batches(min_side=4, max_side=8))
+        def test_stats(activation_stats, batch):
+            with activation_stats(net) as stats:
+                net(batch)
+            stats.check(std=(0.0, 10.0))
+        """,
+    )
+    run().assert_outcomes(passed=2)
+
+
+def test_cuda_device_is_skipped_without_cuda(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(models=MODELS)
+    write(
+        pytester,
+        "test_device",
+        """
+        import pytest
+        from models import mlp
+
+        @pytest.mark.modelhooks(device="cuda")
+        def test_on_cuda(hooked_model):
+            hooked_model(mlp())
+        """,
+    )
+    import torch
+
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    if torch.cuda.is_available():
+        result.assert_outcomes(passed=1)
+    else:
+        result.assert_outcomes(skipped=1)

@@ -1,0 +1,79 @@
+"""The model_snapshot fixture: the snapshot lifecycle and tolerances."""
+
+from __future__ import annotations
+
+from tests.plugin._helpers import write
+
+SNAPSHOT_TEST = """
+import torch
+from torch import nn
+
+WIDTH = {width}
+
+def test_summary(model_summary, model_snapshot):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, WIDTH, 3, padding=1), nn.ReLU(), nn.Conv2d(WIDTH, 8, 3, stride={stride}))
+    assert model_summary(net, input_size=(1, 3, 16, 16)) == model_snapshot
+
+def test_sizes(model_sizes, model_snapshot):
+    net = nn.Sequential(nn.Conv2d(3, WIDTH, 3, padding=1), nn.ReLU())
+    assert model_sizes(net, (16, 16)) == model_snapshot
+"""
+
+
+def test_snapshot_lifecycle_create_pass_change_fail_update(run, pytester) -> None:
+    write(pytester, "test_snap", SNAPSHOT_TEST.format(width=16, stride=1))
+    created = run("--snapshot-update")
+    created.assert_outcomes(passed=2)
+    stored = pytester.path / "__snapshots__" / "test_snap" / "test_summary.txt"
+    assert "Total params: 1,608" in stored.read_text()
+    run().assert_outcomes(passed=2)
+
+    write(pytester, "test_snap", SNAPSHOT_TEST.format(width=32, stride=2))
+    changed = run()
+    changed.assert_outcomes(failed=2)
+    changed.stdout.fnmatch_lines(
+        [
+            "*Changed layers (snapshot -> now):*",
+            "*~ 0 (Conv2d): output (1, 16, 16, 16) -> (1, 32, 16, 16); params +448*",
+            "*~ 2 (Conv2d): input (1, 16, 16, 16) -> (1, 32, 16, 16); output (1, 8, 14, 14) -> (1, 8, 7, 7); "
+            "params +1.15 K*",
+            "*total params: 1,608 -> 3,208 (+1.60 K)*",
+        ]
+    )
+    changed.stdout.fnmatch_lines(["*~ 0 (Conv2d): output (1, 16, 16, 16) -> (1, 32, 16, 16)*"])
+    run("--snapshot-update").assert_outcomes(passed=2)
+    run().assert_outcomes(passed=2)
+
+
+def test_snapshot_tolerance_for_statistics(run, pytester) -> None:
+    write(
+        pytester,
+        "test_stats_snap",
+        """
+        import os, torch
+        from torch import nn
+
+        def test_stats(activation_stats, model_snapshot):
+            torch.manual_seed(int(os.environ.get("SEED", "0")))
+            model = nn.Sequential(nn.Linear(64, 64), nn.Tanh())
+            torch.manual_seed(0)
+            with activation_stats(model) as stats:
+                model(torch.randn(512, 64))
+            assert stats == model_snapshot
+        """,
+    )
+    run("--snapshot-update").assert_outcomes(passed=1)
+    pytester.makeini(
+        "[pytest]\naddopts = -p no:randomly -p no:cacheprovider\n"
+        "modelhooks_snapshot_rtol = 0.05\nmodelhooks_snapshot_atol = 0.02\n"
+    )
+    import os
+
+    os.environ["SEED"] = "1"  # other weights: statistics move a little
+    try:
+        run().assert_outcomes(passed=1)
+        pytester.makeini("[pytest]\naddopts = -p no:randomly -p no:cacheprovider\n")
+        run().assert_outcomes(failed=1)
+    finally:
+        del os.environ["SEED"]
