@@ -106,36 +106,30 @@ def leaked_hooks(watched: dict[int, Any]) -> list[str]:
 # --------------------------------------------------------------------------- session-scoped functions
 
 
+_CORE: dict[str, tuple[Callable[..., Any], str]] = {
+    "model_sizes": (shapes.model_sizes, "input"),
+    "model_summary": (summary.model_summary, "input_data"),
+}
+
+
 def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
-    """``model_sizes`` / ``model_summary`` running on the configured device."""
+    """``model_sizes`` / ``model_summary`` running on the configured device: the model (and
+    the tensors of its ``input=`` / ``input_data=`` argument) move there first."""
+    core, input_argument = _CORE[kind]
 
-    def model_sizes(model: nn.Module, size: Any = None, **kwargs: Any) -> shapes.LayerSizes:
+    def on_device(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
         settings = current_settings(config)
         device = resolve_device(settings.device)
         model = _prepare(model, device)
         watch(config, settings, model)
-        if "input" in kwargs:
-            kwargs["input"] = _inputs_to(kwargs["input"], device)
-        return shapes.model_sizes(model, size, **kwargs)
+        if input_argument in kwargs:
+            kwargs[input_argument] = _inputs_to(kwargs[input_argument], device)
+        return core(model, *args, **kwargs)
 
-    def model_summary(model: nn.Module, input_size: Any = None, **kwargs: Any) -> summary.ModelSummary:
-        __tracebackhide__ = True
-        settings = current_settings(config)
-        device = resolve_device(settings.device)
-        model = _prepare(model, device)
-        watch(config, settings, model)
-        if "input_data" in kwargs:
-            kwargs["input_data"] = _inputs_to(kwargs["input_data"], device)
-        return summary.model_summary(model, input_size, **kwargs)
-
-    functions = {
-        "model_sizes": (model_sizes, shapes.model_sizes),
-        "model_summary": (model_summary, summary.model_summary),
-    }
-    function, original = functions[kind]
-    function.__doc__ = original.__doc__
-    return function
+    on_device.__name__ = on_device.__qualname__ = kind
+    on_device.__doc__ = core.__doc__
+    return on_device
 
 
 # --------------------------------------------------------------------------- function-scoped state

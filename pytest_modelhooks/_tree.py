@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["format_shape", "map_tensors", "shapes_of", "tensor_leaves"]
+__all__ = ["format_shape", "jsonable_shape", "map_tensors", "shapes_of", "tensor_leaves"]
 
 
 def _is_dataclass_instance(obj: object) -> bool:
@@ -150,3 +150,18 @@ def format_shape(shape: Any) -> str:
     if shape is None:
         return "-"
     return repr(shape)
+
+
+def jsonable_shape(shape: Any) -> Any:
+    """A structure of shapes with lists for sizes and string keys: ready for ``json.dumps``.
+
+    >>> jsonable_shape((torch.Size([1, 3]), {0: torch.Size([2])}))
+    [[1, 3], {'0': [2]}]
+    """
+    if isinstance(shape, torch.Size):
+        return list(shape)
+    if isinstance(shape, (tuple, list)):
+        return [jsonable_shape(item) for item in shape]
+    if isinstance(shape, dict):
+        return {str(key): jsonable_shape(value) for key, value in shape.items()}
+    return shape

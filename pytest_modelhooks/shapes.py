@@ -18,7 +18,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from pytest_modelhooks._tree import format_shape, map_tensors, shapes_of, tensor_leaves
+from pytest_modelhooks._tree import format_shape, jsonable_shape, map_tensors, shapes_of, tensor_leaves
 from pytest_modelhooks.hooks import ModuleSpec, preserve_training_flags, select_modules
 
 __all__ = [
@@ -661,7 +661,7 @@ class LayerSizes(Sequence[Any]):
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{name: {"type": ..., "calls": [shape, ...]}}`` with shapes as lists."""
         return {
-            name: {"type": kind, "calls": [_jsonable(shape) for shape in self._calls[name]]}
+            name: {"type": kind, "calls": [jsonable_shape(shape) for shape in self._calls[name]]}
             for name, kind in zip(self.names, self.types, strict=True)
         }
 
@@ -691,16 +691,6 @@ class LayerSizes(Sequence[Any]):
     def __repr__(self) -> str:
         inner = ", ".join(f"{name!r}: {format_shape(self[name])}" for name in self.names)
         return f"LayerSizes({{{inner}}}, engine={self.engine!r})"
-
-
-def _jsonable(shape: Any) -> Any:
-    if isinstance(shape, torch.Size):
-        return list(shape)
-    if isinstance(shape, (tuple, list)):
-        return [_jsonable(item) for item in shape]
-    if isinstance(shape, dict):
-        return {str(key): _jsonable(value) for key, value in shape.items()}
-    return shape
 
 
 def model_sizes(

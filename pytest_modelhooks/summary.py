@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pytest_modelhooks._tree import format_shape
+from pytest_modelhooks._tree import format_shape, jsonable_shape
 from pytest_modelhooks.shapes import (
     Trace,
     _check_model,
@@ -72,8 +72,8 @@ class LayerInfo:
             "depth": self.depth,
             "call_number": self.call_number,
             "calls": self.calls,
-            "input_shapes": _jsonable(self.input_shapes),
-            "output_shapes": _jsonable(self.output_shapes),
+            "input_shapes": jsonable_shape(self.input_shapes),
+            "output_shapes": jsonable_shape(self.output_shapes),
             "params": self.params,
             "own_params": self.own_params,
             "trainable_params": self.trainable_params,
@@ -136,8 +136,8 @@ class ModelSummary:
         """JSON-ready form: totals, memory by dtype and every row."""
         return {
             "model": self.model_name,
-            "input_shapes": _jsonable(self.input_shapes),
-            "output_shapes": _jsonable(self.output_shapes),
+            "input_shapes": jsonable_shape(self.input_shapes),
+            "output_shapes": jsonable_shape(self.output_shapes),
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             "non_trainable_params": self.non_trainable_params,
@@ -154,16 +154,6 @@ class ModelSummary:
 
     def __str__(self) -> str:
         return render_text(self)
-
-
-def _jsonable(shape: Any) -> Any:
-    if isinstance(shape, torch.Size):
-        return list(shape)
-    if isinstance(shape, (tuple, list)):
-        return [_jsonable(item) for item in shape]
-    if isinstance(shape, dict):
-        return {str(key): _jsonable(value) for key, value in shape.items()}
-    return shape
 
 
 # --------------------------------------------------------------------------- counting
