@@ -1,0 +1,5 @@
+"""``python -m pytest_modelhooks``: see :mod:`pytest_modelhooks.cli`."""
+
+from pytest_modelhooks.cli import main
+
+raise SystemExit(main())

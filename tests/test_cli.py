@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_modelhooks.cli import main
+
+FACTORIES = """
+import torch
+from torch import nn
+
+def small():
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)]
+    return nn.Sequential(*layers)
+
+class Big(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(24)])
+    def forward(self, x):
+        return self.layers(x)
+
+INSTANCE = small()
+NOT_A_MODEL = 3
+
+def returns_int():
+    return 3
+"""
+
+
+@pytest.fixture(autouse=True)
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cli_models.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("cli_models", None)
+
+
+def test_summary_text_is_the_snapshot_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "cli_models:small", "--input-size", "1,3,16,16"]) == 0
+    out = capsys.readouterr().out
+    assert "Total params: 242" in out and "(1, 8, 14, 14)" in out
+    from cli_models import small
+
+    from pytest_modelhooks import model_summary
+
+    assert out == str(model_summary(small(), (1, 3, 16, 16))) + "\n"
+
+
+def test_summary_json_and_markdown(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["summary", "cli_models:INSTANCE", "--input-size", "2x3x10x10", "--format", "json", "--depth", "1"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["total_params"] == 242 and data["output_shapes"] == [2, 2]
+    main(["summary", "cli_models:small", "--input-size", "1,3,8,8", "--format", "markdown"])
+    markdown = capsys.readouterr().out
+    assert "| `0` | Conv2d | (1, 3, 8, 8) | (1, 8, 6, 6) | 224 |" in markdown
+
+
+def test_meta_builds_a_big_model_without_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "cli_models:Big", "--input-size", "1,4096", "--meta", "--depth", "1"]) == 0
+    assert f"Total params: {24 * (4096 * 4096 + 4096):,}" in capsys.readouterr().out
+
+
+def test_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sizes", "cli_models:small", "--size", "16,16", "--modules", "leaves"]) == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "0 (Conv2d) (1, 8, 14, 14)" and lines[-1] == "4 (Linear) (1, 2)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["summary", "cli_models"], "expected PACKAGE.MODULE:FACTORY"),
+        (["summary", "nowhere:small"], "cannot import 'nowhere'"),
+        (["summary", "cli_models:missing"], "'cli_models' has no attribute 'missing'"),
+        (["summary", "cli_models:NOT_A_MODEL"], "'NOT_A_MODEL' is neither an nn.Module nor callable"),
+        (["summary", "cli_models:returns_int"], "returned int, not an nn.Module"),
+        (
+            ["summary", "cli_models:small", "--input-size", "1,a"],
+            "--input-size '1,a': expected comma-separated",
+        ),
+        (["sizes", "cli_models:small", "--size", "0,4"], "--size '0,4': expected comma-separated positive"),
+        (["summary", "cli_models:small", "--depth", "-1"], "--depth -1: must be >= 0"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_them(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_error_exits_1_naming_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "cli_models:small", "--input-size", "1,4,16,16"]) == 1
+    assert "layer '0' (Conv2d, in_channels=3) got input (1, 4, 16, 16)" in capsys.readouterr().err
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest_modelhooks", "sizes", "cli_models:small", "--size", "8,8"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.splitlines()[-1].split()[-2:] == ["(1,", "2)"]
