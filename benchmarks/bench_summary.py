@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-MODELS = ["resnet50", "gpt2", "mlp10k", "llama7b_meta"]
+MODELS = ["resnet50", "vit_b16", "gpt2", "mlp10k", "llama7b_meta"]
 
 
 def build(name: str) -> tuple[torch.nn.Module, Any, str]:
@@ -33,6 +33,8 @@ def build(name: str) -> tuple[torch.nn.Module, Any, str]:
     torch.manual_seed(0)
     if name == "resnet50":
         return models.ResNet50().eval(), torch.randn(1, 3, 224, 224), "ResNet-50-sized CNN, batch 1, 224x224"
+    if name == "vit_b16":
+        return models.ViTB16().eval(), torch.randn(1, 3, 224, 224), "ViT-B/16-sized encoder, batch 1, 224x224"
     if name == "gpt2":
         model, source = models.gpt2_small()
         return model.eval(), torch.randint(0, 50257, (1, 128)), f"GPT-2 small ({source}), 128 tokens"

@@ -117,3 +117,26 @@ def gpt2_small() -> tuple[nn.Module, str]:
         return GPT2Small(), "hand-written"
     config = GPT2Config()
     return GPT2LMHeadModel(config).eval(), "transformers"
+
+
+class ViTB16(nn.Module):
+    """ViT-B/16's layout (86.6M parameters): 16x16 patches, 12 pre-norm encoder layers."""
+
+    def __init__(
+        self, image: int = 224, dim: int = 768, layers: int = 12, heads: int = 12, classes: int = 1000
+    ):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 16, 16)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.zeros(1, (image // 16) ** 2 + 1, dim))
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.position
+        return self.head(self.norm(self.encoder(tokens))[:, 0])
