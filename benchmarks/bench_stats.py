@@ -82,6 +82,11 @@ def main() -> None:
             run_once()
         stats.stats  # noqa: B018 - the one transfer to the host is part of the cost
 
+    def ours_lean() -> None:
+        with ActivationStats(model, statistics=("mean", "std"), track_dead=False) as stats:
+            run_once()
+        stats.stats  # noqa: B018
+
     def ours_full() -> None:
         with ActivationStats(model, modules="all") as stats:
             run_once()
@@ -105,6 +110,7 @@ def main() -> None:
         "plain": plain,
         "ActivationStats (modules owning parameters)": ours,
         "ActivationStats (every module)": ours_full,
+        "ActivationStats (mean and std only)": ours_lean,
         "fastai-style hook (.item() per module)": fastai,
     }
     if args.step:

@@ -110,12 +110,22 @@ def activation_findings(
     _check_range("std", std)
     _check_fraction("max_dead", max_dead)
     _check_fraction("max_near_zero", max_near_zero)
+    recorded: frozenset[str] = stats.statistics
+    for bound, value, needs in (
+        ("std", std, "std"),
+        ("max_std_growth", max_std_growth, "std"),
+        ("max_near_zero", max_near_zero, "near_zero"),
+    ):
+        if value is not None and needs not in recorded:
+            raise ValueError(f"{bound}= needs {needs!r} recorded: add it to ActivationStats(statistics=...)")
+    if max_dead is not None and not stats.track_dead:
+        raise ValueError("max_dead= needs dead units recorded: ActivationStats(track_dead=True)")
     if max_std_growth is not None and not max_std_growth > 0:
         raise ValueError(f"max_std_growth must be > 0, got max_std_growth={max_std_growth!r}")
     layers = list(stats)
     found: list[Finding] = []
     if not allow_nonfinite:
-        found += _first_nonfinite(layers)
+        found += _first_nonfinite(layers, recorded)
     previous = None
     for layer in layers:
         batches = layer.batches
@@ -172,39 +182,37 @@ def activation_findings(
     return found
 
 
-def _first_nonfinite(layers: list) -> list[Finding]:  # type: ignore[type-arg]
+def _first_nonfinite(layers: list, recorded: frozenset[str]) -> list[Finding]:  # type: ignore[type-arg]
     if not layers:
         return []
-    counts = torch.stack([layer.nonfinite for layer in layers])  # (series, batches)
-    bad = torch.nan_to_num(counts, nan=0.0) > 0
+    ran = torch.stack([layer.ran for layer in layers])  # (series, batches)
+    counts = torch.stack([layer.nonfinite for layer in layers])
+    if "nonfinite" in recorded:
+        bad = torch.nan_to_num(counts, nan=0.0) > 0
+    else:
+        # not counted: a NaN or an infinity still shows in every other statistic it feeds
+        shown = [name for name in ("mean", "std", "min", "max") if name in recorded]
+        if not shown:
+            return []
+        values = torch.stack([torch.stack([layer[name] for name in shown]) for layer in layers])
+        bad = ran & (~torch.isfinite(values)).any(dim=1)
     if not bool(bad.any()):
         return []
     # the first batch with any non-finite value, then the first series in execution order
     column = int(bad.any(dim=0).nonzero()[0])
     row = int(bad[:, column].nonzero()[0])
     layer = layers[row]
-    before = next(
-        (earlier for earlier in reversed(layers[:row]) if not math.isnan(float(earlier.nonfinite[column]))),
-        None,
-    )
-    note = (
-        f"first non-finite layer; previous layer {before.name} was finite"
-        if before
-        else "first non-finite layer; the first hooked layer"
-    )
-    total = int(sum(int(value) for value in torch.nan_to_num(counts[:, column]).tolist()))
-    note += f"; {total} non-finite values in that batch"
-    return [
-        Finding(
-            layer.name,
-            layer.type,
-            "nonfinite",
-            float(counts[row, column]),
-            "0",
-            int(layer.batches[column]),
-            note,
-        )
-    ]
+    before = next((earlier for earlier in reversed(range(row)) if bool(ran[earlier, column])), None)
+    if before is None:
+        note = "first non-finite layer; the first hooked layer"
+    else:
+        note = f"first non-finite layer; previous layer {layers[before].name} was finite"
+    observed = math.nan
+    if "nonfinite" in recorded:
+        observed = float(counts[row, column])
+        total = int(sum(int(value) for value in torch.nan_to_num(counts[:, column]).tolist()))
+        note += f"; {total} non-finite values in that batch"
+    return [Finding(layer.name, layer.type, "nonfinite", observed, "0", int(layer.batches[column]), note)]
 
 
 def gradient_findings(

@@ -70,56 +70,83 @@ def _near_zero_mask(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x.abs().float() <= eps
 
 
-def _reduce_on_host(x: torch.Tensor, eps: float) -> list[float]:
-    """The six statistics of a CPU tensor as Python floats (see the module docstring)."""
+def _reduce_on_host(
+    x: torch.Tensor, eps: float, wanted: frozenset[str] = frozenset(STATISTICS)
+) -> list[float]:
+    """The statistics of a CPU tensor as Python floats, NaN for those not ``wanted`` (see the
+    module docstring)."""
     count = x.numel()
     acc = _accumulator(x.dtype)
-    total = float(x.sum(dtype=acc))
-    norm = float(torch.linalg.vector_norm(x, dtype=acc))
-    nonfinite = 0.0
-    if not (math.isfinite(total) and math.isfinite(norm)):
-        finite = torch.isfinite(x)
-        nonfinite = float(count - int(torch.count_nonzero(finite)))
-        if nonfinite:
-            mean = std = math.nan
-        else:  # finite values whose squares overflowed: exact, in float64
-            as64 = x.double()
-            mean, std = float(as64.mean()), float(as64.std()) if count > 1 else 0.0
-    else:
-        mean = total / count
-        variance = max(norm * norm - total * total / count, 0.0) / max(count - 1, 1)
-        # The one-pass variance loses ~1e-7 * mean^2 / variance of its precision in float32;
-        # where that could exceed ~1e-6, recompute it exactly (Welford, two reads).
-        if count > 1 and mean * mean > 20 * variance * (1.0 if acc == torch.float32 else 1e8):
-            std = float(x.to(acc).std())
+    mean = std = near_zero = nonfinite = low = high = math.nan
+    if wanted & {"mean", "std"}:
+        total = float(x.sum(dtype=acc))
+        norm = float(torch.linalg.vector_norm(x, dtype=acc))
+        nonfinite = 0.0
+        if not (math.isfinite(total) and math.isfinite(norm)):
+            nonfinite = float(count - int(torch.count_nonzero(torch.isfinite(x))))
+            if not nonfinite:  # finite values whose squares overflowed: exact, in float64
+                as64 = x.double()
+                mean, std = float(as64.mean()), float(as64.std()) if count > 1 else 0.0
         else:
-            std = math.sqrt(variance) if count > 1 else 0.0
-    near_zero = float(torch.count_nonzero(_near_zero_mask(x, eps))) / count
-    low, high = torch.aminmax(x)
-    return [mean, std, near_zero, nonfinite, float(low), float(high)]
+            mean = total / count
+            variance = max(norm * norm - total * total / count, 0.0) / max(count - 1, 1)
+            # The one-pass variance loses ~1e-7 * mean^2 / variance of its precision in
+            # float32; where that could exceed ~1e-6, recompute it exactly (Welford, two reads).
+            if count > 1 and mean * mean > 20 * variance * (1.0 if acc == torch.float32 else 1e8):
+                std = float(x.to(acc).std())
+            else:
+                std = math.sqrt(variance) if count > 1 else 0.0
+    elif "nonfinite" in wanted:
+        nonfinite = float(count - int(torch.count_nonzero(torch.isfinite(x))))
+    if "near_zero" in wanted:
+        near_zero = float(torch.count_nonzero(_near_zero_mask(x, eps))) / count
+    if wanted & {"min", "max"}:
+        extremes = torch.aminmax(x)
+        low, high = float(extremes.min), float(extremes.max)
+    return [
+        value if name in wanted else math.nan
+        for name, value in zip(STATISTICS, (mean, std, near_zero, nonfinite, low, high), strict=True)
+    ]
 
 
-def _reduce_on_device(x: torch.Tensor, eps: float) -> torch.Tensor:
+def _reduce_on_device(
+    x: torch.Tensor, eps: float, wanted: frozenset[str] = frozenset(STATISTICS)
+) -> torch.Tensor:
     """Raw statistics on ``x``'s device, no host read: ``(mean, variance, near-zero count,
-    finite count, min, max)`` as one tensor; :func:`_finish_device` turns them into
-    :data:`STATISTICS` on the host. Each full pass over an activation costs ~40 us on an H200
-    at batch 32 (a no_grad ResNet-50 forward is 6.8 ms), so passes are what to count:
-    var_mean, aminmax, the near-zero mask and the finite mask are four."""
+    finite count, min, max)`` as one tensor (slots not ``wanted`` hold a placeholder);
+    :func:`_finish_device` turns them into :data:`STATISTICS` on the host.
+
+    Each full pass over an activation costs ~40-130 us on an H200 at batch 32 (a no_grad
+    ResNet-50 forward is 6.8 ms), so passes are what to count: var_mean, aminmax, the near-zero
+    mask and the finite mask are one each, and only the wanted ones run.
+    """
     acc = _accumulator(x.dtype)
-    variance, mean = torch.var_mean(x if x.dtype == acc else x.to(acc))  # Welford: stable
-    # (histc counts in one pass, but on a GPU its single-bin atomics cost 5x this)
-    near_zero = torch.count_nonzero(_near_zero_mask(x, eps))
-    finite = torch.count_nonzero(torch.isfinite(x))
-    low, high = torch.aminmax(x)
-    return torch.stack([mean, variance, near_zero.reshape(()), finite, low, high]).to(acc)
+    parts: list[torch.Tensor | None] = [None] * 6
+    if wanted & {"mean", "std"}:
+        variance, mean = torch.var_mean(x if x.dtype == acc else x.to(acc))  # Welford: stable
+        parts[0], parts[1] = mean, variance
+    if "near_zero" in wanted:
+        # (histc counts in one pass, but on a GPU its single-bin atomics cost 5x this)
+        parts[2] = torch.count_nonzero(_near_zero_mask(x, eps))
+    if "nonfinite" in wanted:
+        parts[3] = torch.count_nonzero(torch.isfinite(x))
+    if wanted & {"min", "max"}:
+        parts[4], parts[5] = torch.aminmax(x)
+    filler = next(part for part in parts if part is not None)
+    return torch.stack([filler if part is None else part for part in parts]).to(acc)
 
 
-def _finish_device(raw: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _finish_device(
+    raw: torch.Tensor, counts: torch.Tensor, wanted: frozenset[str] = frozenset(STATISTICS)
+) -> torch.Tensor:
     """``(series, 6)`` raw device statistics (float64, on the host) to :data:`STATISTICS`."""
     finished = raw.clone()
     finished[:, 1] = raw[:, 1].clamp(min=0).sqrt()
     finished[:, 2] = raw[:, 2] / counts
     finished[:, 3] = counts - raw[:, 3]
+    for column, name in enumerate(STATISTICS):
+        if name not in wanted:
+            finished[:, column] = math.nan
     return finished
 
 
@@ -139,8 +166,9 @@ class LayerStats:
     """The statistics of one series (one tensor a module returns) over the recorded batches.
 
     Each statistic is a float64 tensor with one value per recorded batch (NaN where the module
-    did not run in that batch). ``dead`` is the fraction of channels (features) whose value was
-    never above zero on any recorded sample, or None when there is no channel dimension.
+    did not run in that batch, see ``ran``, or where the statistic was not recorded). ``dead``
+    is the fraction of channels (features) whose value was never above zero on any recorded
+    sample, or None when there is no channel dimension.
     """
 
     name: str
@@ -148,6 +176,7 @@ class LayerStats:
     type: str
     position: int  # order of first appearance: execution order
     batches: torch.Tensor
+    ran: torch.Tensor  # per recorded batch: whether the module produced this series
     mean: torch.Tensor
     std: torch.Tensor
     near_zero: torch.Tensor
@@ -191,6 +220,10 @@ class ActivationStats(HookCallback):
       training mode.
     * ``eps``: a value is near zero when ``|x| <= eps``.
     * ``with_hist``: also keep a histogram per batch (``hist_bins`` over ``hist_range``).
+    * ``statistics``: which of :data:`STATISTICS` to compute (default all); each is a pass over
+      every activation, so ``statistics=("mean", "std")`` with ``track_dead=False`` is the
+      cheapest record. NaN and infinities are still found without ``"nonfinite"``: they show
+      in the mean and std.
 
     ``stats.stats`` is fastai's layout: a float tensor ``(2, num_modules, num_batches)`` of
     (mean, std) of each hooked module's (first) output. ``stats["encoder.conv1"]`` gives a
@@ -217,7 +250,14 @@ class ActivationStats(HookCallback):
         hist_bins: int = 80,
         hist_range: tuple[float, float] = (-10.0, 10.0),
         track_dead: bool = True,
+        statistics: Sequence[str] = STATISTICS,
     ) -> None:
+        unknown = sorted(set(statistics) - set(STATISTICS))
+        if unknown or not statistics or isinstance(statistics, str):
+            raise ValueError(
+                f"statistics must be a non-empty collection of {', '.join(STATISTICS)}, "
+                f"got statistics={statistics!r}"
+            )
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got every={every!r}")
         if not eps >= 0:
@@ -235,6 +275,7 @@ class ActivationStats(HookCallback):
         self.hist_bins = hist_bins
         self.hist_range = hist_range
         self.track_dead = track_dead
+        self.statistics = frozenset(statistics)
         self._conv1d = any(isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) for module in model.modules())
         self._names_by_id = {id(module): name for name, module in self.named_modules}
         self._series: dict[tuple[int, str], int] = {}
@@ -331,9 +372,9 @@ class ActivationStats(HookCallback):
             x = tensor.detach()
             series = self._series_id(module, path)
             if x.device.type == "cpu":
-                self._pending.append((series, _reduce_on_host(x, self.eps)))
+                self._pending.append((series, _reduce_on_host(x, self.eps, self.statistics)))
             else:
-                self._pending.append((series, _reduce_on_device(x, self.eps)))
+                self._pending.append((series, _reduce_on_device(x, self.eps, self.statistics)))
                 self._pending_counts.append(x.numel())
             if self.track_dead:
                 self._track_dead(series, module, x)
@@ -363,6 +404,7 @@ class ActivationStats(HookCallback):
         num_series, num_batches = len(self._series_names), len(self._batches)
         values = torch.full((len(STATISTICS), num_series, num_batches), math.nan, dtype=torch.float64)
         batch_ids = torch.tensor([batch for batch, _, _ in self._batches], dtype=torch.long)
+        ran = torch.zeros((num_series, num_batches), dtype=torch.bool)
         for column, (_, ids, recorded) in enumerate(self._batches):
             if isinstance(recorded, tuple):
                 raw, counts = recorded
@@ -372,6 +414,7 @@ class ActivationStats(HookCallback):
             else:
                 block = torch.tensor(recorded, dtype=torch.float64)
             values[:, ids, column] = block.T
+            ran[ids, column] = True
         dead: dict[int, tuple[float, int]] = {}
         for series, channel_max in self._channel_max.items():
             never_positive = channel_max.cpu() <= 0  # NaN compares False: not counted dead
@@ -384,7 +427,7 @@ class ActivationStats(HookCallback):
                 for row, series in enumerate(ids):
                     hist = hists.setdefault(series, torch.zeros(num_batches, self.hist_bins))
                     hist[column_of[batch]] = host[row]
-        self._cache = {"values": values, "batches": batch_ids, "dead": dead, "hists": hists}
+        self._cache = {"values": values, "ran": ran, "batches": batch_ids, "dead": dead, "hists": hists}
         return self._cache
 
     @property
@@ -437,6 +480,7 @@ class ActivationStats(HookCallback):
             type=self._series_types[index],
             position=index,
             batches=gathered["batches"],
+            ran=gathered["ran"][index],
             mean=values[0],
             std=values[1],
             near_zero=values[2],

@@ -397,3 +397,36 @@ def test_device_gradient_reduction_agrees_with_the_host_one() -> None:
         host = torch.tensor(_grad_on_host(grad), dtype=torch.float64)
         device = _finish_grad(_grad_on_device(grad), grad.numel())
         torch.testing.assert_close(device, host, rtol=1e-5, atol=1e-6)
+
+
+def test_a_subset_of_statistics_computes_only_those() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), InjectNaN(), nn.Linear(8, 2))
+    with ActivationStats(model, modules="all", statistics=("mean", "std"), track_dead=False) as stats:
+        model(torch.randn(3, 4))
+    layer = stats["0"]
+    assert not math.isnan(float(layer.mean[0])) and not math.isnan(float(layer.std[0]))
+    assert all(math.isnan(float(layer[name][0])) for name in ("near_zero", "nonfinite", "min", "max"))
+    assert layer.dead is None and bool(layer.ran[0])
+    # the NaN layer is still found, without a count
+    (finding,) = stats.findings()
+    assert (finding.layer, finding.statistic) == ("1", "nonfinite") and math.isnan(finding.observed)
+    with pytest.raises(ValueError, match=r"max_near_zero= needs 'near_zero' recorded"):
+        stats.check(max_near_zero=0.5)
+    with pytest.raises(ValueError, match=r"max_dead= needs dead units recorded"):
+        stats.check(max_dead=0.5)
+
+
+def test_device_reduction_of_a_subset() -> None:
+    x = torch.randn(6, 7)
+    wanted = frozenset({"min", "max"})
+    raw = _reduce_on_device(x, 0.05, wanted)
+    finished = _finish_device(raw.double()[None], torch.tensor([42.0]), wanted)[0]
+    assert torch.isnan(finished[:4]).all()
+    assert float(finished[4]) == float(x.min()) and float(finished[5]) == float(x.max())
+
+
+def test_unknown_statistics_are_rejected() -> None:
+    with pytest.raises(ValueError, match=r"statistics must be a non-empty collection of mean, std"):
+        ActivationStats(zoo.mlp(), statistics=("median",))
+    with pytest.raises(ValueError, match=r"got statistics='mean'"):
+        ActivationStats(zoo.mlp(), statistics="mean")
