@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks
-from pytest_modelhooks.stats import _finish_device, _reduce_on_device, _reduce_on_host
+from pytest_modelhooks.stats import _finish_device, _reduce_on_device, _reduce_on_host, _stack_raw
 from tests import zoo
 from tests.helpers import untouched
 
@@ -99,9 +99,9 @@ def test_device_reduction_agrees_with_the_host_one() -> None:
         torch.tensor([1.0, float("nan"), float("inf")]),
     ]:
         host = torch.tensor(_reduce_on_host(x, 0.05), dtype=torch.float64)
-        raw = _reduce_on_device(x, 0.05)
-        assert raw.shape == (6,) and raw.device == x.device
-        device = _finish_device(raw.double()[None], torch.tensor([float(x.numel())]))[0]
+        raw = _stack_raw([_reduce_on_device(x, 0.05)])
+        assert raw.shape == (1, 6) and raw.device == x.device
+        device = _finish_device(raw, torch.tensor([float(x.numel())]))[0]
         if torch.isfinite(host[:2]).all():
             torch.testing.assert_close(device, host, rtol=1e-5, atol=1e-6)
         else:
@@ -419,8 +419,8 @@ def test_a_subset_of_statistics_computes_only_those() -> None:
 def test_device_reduction_of_a_subset() -> None:
     x = torch.randn(6, 7)
     wanted = frozenset({"min", "max"})
-    raw = _reduce_on_device(x, 0.05, wanted)
-    finished = _finish_device(raw.double()[None], torch.tensor([42.0]), wanted)[0]
+    raw = _stack_raw([_reduce_on_device(x, 0.05, wanted)])
+    finished = _finish_device(raw, torch.tensor([42.0]), wanted)[0]
     assert torch.isnan(finished[:4]).all()
     assert float(finished[4]) == float(x.min()) and float(finished[5]) == float(x.max())
 
