@@ -70,6 +70,11 @@ def _near_zero_mask(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x.abs().float() <= eps
 
 
+def _on_host(x: torch.Tensor) -> bool:
+    """Whether ``x`` is reduced with host reads (CPU) or kept on its device (anything else)."""
+    return x.device.type == "cpu"
+
+
 def _reduce_on_host(
     x: torch.Tensor, eps: float, wanted: frozenset[str] = frozenset(STATISTICS)
 ) -> list[float]:
@@ -111,7 +116,7 @@ def _reduce_on_host(
 
 def _reduce_on_device(
     x: torch.Tensor, eps: float, wanted: frozenset[str] = frozenset(STATISTICS)
-) -> list[torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, ...]:
     """Raw statistics on ``x``'s device, no host read: 0-d tensors for ``(mean, variance,
     near-zero count, finite count, min, max)``, None where not ``wanted``. :func:`_stack_raw`
     stacks a whole batch of them at once and :func:`_finish_device` turns them into
@@ -133,10 +138,10 @@ def _reduce_on_device(
         parts[3] = torch.isfinite(x).sum()
     if wanted & {"min", "max"}:
         parts[4], parts[5] = torch.aminmax(x)
-    return parts
+    return tuple(parts)
 
 
-def _stack_raw(batch: list[list[torch.Tensor | None]]) -> torch.Tensor:
+def _stack_raw(batch: list[tuple[torch.Tensor | None, ...]]) -> torch.Tensor:
     """``(series, 6)`` float64 from a batch of :func:`_reduce_on_device` results: one stack per
     statistic, on the device; slots not computed are NaN."""
     columns = []
@@ -343,7 +348,7 @@ class ActivationStats(HookCallback):
             ids = [series for series, _ in self._pending]
             first = self._pending[0][1]
             values: Any
-            if isinstance(first, torch.Tensor):
+            if isinstance(first, tuple):  # device results (host results are lists of floats)
                 # one stack per batch; it stays on the device until the statistics are read
                 values = (_stack_raw([value for _, value in self._pending]), self._pending_counts)
             else:
@@ -385,7 +390,7 @@ class ActivationStats(HookCallback):
                 continue
             x = tensor.detach()
             series = self._series_id(module, path)
-            if x.device.type == "cpu":
+            if _on_host(x):
                 self._pending.append((series, _reduce_on_host(x, self.eps, self.statistics)))
             else:
                 self._pending.append((series, _reduce_on_device(x, self.eps, self.statistics)))

@@ -430,3 +430,29 @@ def test_unknown_statistics_are_rejected() -> None:
         ActivationStats(zoo.mlp(), statistics=("median",))
     with pytest.raises(ValueError, match=r"got statistics='mean'"):
         ActivationStats(zoo.mlp(), statistics="mean")
+
+
+def test_the_device_path_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator code path (reduce on the device, stack per batch, finish on the host),
+    run on the CPU, agrees with the host path."""
+    import pytest_modelhooks.stats as stats_module
+
+    model = nn.Sequential(nn.Linear(4, 8), InjectNaN(), nn.ReLU(), nn.Linear(8, 2))
+    batches = [torch.randn(5, 4) for _ in range(2)]
+    with ActivationStats(model, modules="all") as on_host:
+        for batch in batches:
+            model(batch)
+    monkeypatch.setattr(stats_module, "_on_host", lambda x: False)
+    with ActivationStats(model, modules="all") as on_device:
+        for batch in batches:
+            model(batch)
+    for host_layer, device_layer in zip(on_host, on_device, strict=True):
+        for statistic in ("mean", "std", "near_zero", "nonfinite", "min", "max"):
+            torch.testing.assert_close(
+                device_layer[statistic], host_layer[statistic], equal_nan=True, rtol=1e-5, atol=1e-6
+            )
+        assert device_layer.dead == host_layer.dead
+    assert on_device.findings()[0].layer == "1"
+    with ActivationStats(model, modules="all", statistics=("mean", "std")) as lean:
+        model(batches[0])
+    assert lean.findings()[0].layer == "1"
