@@ -124,18 +124,23 @@ def _reduce_on_device(
 
     On a GPU every kernel counts: each full pass over an activation costs ~25-130 us on an H200
     at batch 32 (a no_grad ResNet-50 forward is 6.8 ms), so this runs one pass per group of
-    statistics asked for (var_mean, aminmax, near-zero mask and sum, finite mask and sum) and
-    nothing else: no per-module stacking, no ``count_nonzero`` (an extra comparison pass).
+    statistics asked for (var_mean; aminmax; one |x| with a comparison and a sum per count)
+    and nothing else: no per-module stacking, no ``count_nonzero`` or ``isfinite`` (extra
+    passes).
     """
     acc = _accumulator(x.dtype)
     parts: list[torch.Tensor | None] = [None] * len(STATISTICS)
     if wanted & {"mean", "std"}:
         parts[1], parts[0] = torch.var_mean(x if x.dtype == acc else x.to(acc))  # Welford: stable
-    if "near_zero" in wanted:
-        # (histc counts in one pass, but on a GPU its single-bin atomics cost 5x this)
-        parts[2] = _near_zero_mask(x, eps).sum()
-    if "nonfinite" in wanted:
-        parts[3] = torch.isfinite(x).sum()
+    if wanted & {"near_zero", "nonfinite"}:
+        # One |x| feeds both counts. (histc counts in one pass, but on a GPU its single-bin
+        # atomics cost 5x this; isfinite is four kernels.) NaN compares false both ways.
+        magnitude = x.abs() if x.dtype in (torch.float32, torch.float64) else x.abs().float()
+        counter = torch.int32 if x.numel() < 2**31 else torch.int64  # int32 sums are faster
+        if "near_zero" in wanted:
+            parts[2] = (magnitude <= eps).sum(dtype=counter)
+        if "nonfinite" in wanted:
+            parts[3] = (magnitude <= torch.finfo(magnitude.dtype).max).sum(dtype=counter)
     if wanted & {"min", "max"}:
         parts[4], parts[5] = torch.aminmax(x)
     return tuple(parts)
