@@ -412,6 +412,11 @@ def _swapped_tensors(
     """
     made: dict[int, torch.Tensor] = {}
     swapped: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    # RNNs keep their own list of weight references, refreshed during the forward: put the
+    # originals back too, or the model would keep meta tensors after the trace.
+    flat_weights = [
+        (module, list(module._flat_weights)) for module in modules if isinstance(module, nn.RNNBase)
+    ]
     try:
         for module in modules:
             stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
@@ -428,6 +433,8 @@ def _swapped_tensors(
     finally:
         for store, name, tensor in reversed(swapped):
             store[name] = tensor
+        for rnn, weights in flat_weights:
+            rnn._flat_weights = weights
 
 
 def _to_meta(tensor: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,11 @@ def untouched(model: nn.Module, *, values: bool = True) -> Iterator[None]:
         assert hooks_by_module(model) == hooks, f"hooks left behind: {hooks_by_module(model)}"
         assert training_flags(model) == flags
         assert {name: param.requires_grad for name, param in model.named_parameters()} == requires_grad
+        for module in model.modules():
+            if isinstance(module, nn.RNNBase):  # its private list of weight references
+                assert [id(weight) for weight in module._flat_weights] == [
+                    id(getattr(module, name)) for name in module._flat_weights_names
+                ]
         after = model.state_dict()
         assert after.keys() == state.keys()
         for name, tensor in state.items():
