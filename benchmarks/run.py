@@ -128,23 +128,21 @@ def main() -> None:
     linear_rows = linearity(repeats)
     stats_result = stats(repeats)
     load = plugin_load(repeats)
-
-    import torch
-
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {repeats}", ""]
-    lines.append(
-        f"{'model':<50} {'summary':>9} {'vs forward':>10} {'vs torchinfo':>13} "
-        f"{'sizes meta':>10} {'sizes real':>10} {'peak RSS':>9}"
+    memory = subprocess.run(
+        [sys.executable, str(HERE / "bench_summary.py"), "--meta-memory"],
+        check=True,
+        capture_output=True,
+        text=True,
     )
-    for row in summary_rows:
-        med = row["median_s"]
-        forward = f"{med['model_summary'] / med['forward']:.2f}x" if "forward" in med else "-"
-        torchinfo = f"{med['torchinfo'] / med['model_summary']:.1f}x faster" if "torchinfo" in med else "-"
-        real = f"{med['model_sizes_real'] * 1000:.0f} ms" if "model_sizes_real" in med else "-"
-        lines.append(
-            f"{row['title']:<50} {med['model_summary'] * 1000:>6.0f} ms {forward:>10} {torchinfo:>13} "
-            f"{med['model_sizes'] * 1000:>7.0f} ms {real:>10} {row['peak_rss_mb']:>6.0f} MB"
-        )
+    meta = json.loads(memory.stdout.strip().splitlines()[-1])
+
+    from bench_summary import report
+
+    lines = [report(summary_rows)]
+    lines.append(
+        f"7B meta summary, first call in a fresh process: {meta['seconds']:.2f} s, "
+        f"{meta['rss_above_baseline_mb']:.0f} MB peak RSS above the interpreter with torch imported"
+    )
     lines.append("")
     lines.append(
         "model_summary vs modules (deep MLP): "
@@ -166,7 +164,13 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
-            {"summaries": summary_rows, "linearity": linear_rows, "stats": stats_result, "plugin_load": load},
+            {
+                "meta_7b": meta,
+                "summaries": summary_rows,
+                "linearity": linear_rows,
+                "stats": stats_result,
+                "plugin_load": load,
+            },
             indent=2,
         )
     )
