@@ -141,7 +141,7 @@ def main() -> None:
     lines = [report(summary_rows)]
     lines.append(
         f"7B meta summary, first call in a fresh process: {meta['seconds']:.2f} s, "
-        f"{meta['rss_above_baseline_mb']:.0f} MB peak RSS above the interpreter with torch imported"
+        f"{meta['rss_above_baseline_mb']:.0f} MB more resident than the interpreter with torch imported"
     )
     lines.append("")
     lines.append(
