@@ -7,6 +7,7 @@ torch only (never pytest), so it is usable from a notebook or a training script.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -489,6 +490,12 @@ class HookCallback:
         detach: bool = True,
         cpu: bool = False,
     ) -> None:
+        if type(model).__name__ == "OptimizedModule":
+            warnings.warn(
+                f"{type(self).__name__} got a torch.compile'd model: hooks registered after its first "
+                f"call never fire. Create {type(self).__name__} on the original module before compiling.",
+                stacklevel=2,
+            )
         self.model = model
         self.named_modules = select_modules(model, modules, default="params")
         self.modules = [module for _, module in self.named_modules]

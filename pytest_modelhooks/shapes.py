@@ -109,7 +109,7 @@ def input_spec(model: nn.Module) -> InputSpec:
     >>> input_spec(nn.Sequential(nn.Conv2d(3, 8, 3))).channels
     3
     """
-    _check_model(model)
+    model = _check_model(model)
     for name, module in model.named_modules():
         spec = _spec_for(name, module)
         if spec is not None:
@@ -141,9 +141,15 @@ def in_channels(model: nn.Module) -> int:
     return input_spec(model).channels
 
 
-def _check_model(model: object, argument: str = "model") -> None:
+def _check_model(model: object, argument: str = "model") -> nn.Module:
+    """``model`` itself, or the module a ``torch.compile`` wrapper holds: shapes and summaries
+    trace the original eagerly (compiling would cost seconds and hide the submodules)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{argument} must be an nn.Module, got {type(model).__name__}")
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return original
+    return model
 
 
 def _first_tensor(model: nn.Module) -> torch.Tensor | None:
@@ -508,7 +514,7 @@ def trace_model(
     were, also when the forward raises.
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not ours
-    _check_model(model)
+    model = _check_model(model)
     kwargs = dict(kwargs or {})
     _check_devices(model, (args, kwargs), argument)
     engines = _engine_order(model, engine)
@@ -723,7 +729,7 @@ def model_sizes(
     (torch.Size([1, 16, 16, 16]), torch.Size([1, 4096]), 'meta')
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not ours
-    _check_model(model)
+    model = _check_model(model)
     with gc_paused():
         return _model_sizes(model, size, input, modules, engine)
 

@@ -273,7 +273,7 @@ def model_summary(
     (58, torch.Size([1, 2]))
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not ours
-    _check_model(model)
+    model = _check_model(model)
     if depth is not None and (not isinstance(depth, int) or depth < 0):
         raise ValueError(f"depth must be a non-negative int or None, got depth={depth!r}")
     if input_size is not None and input_data is not None:

@@ -303,3 +303,10 @@ def test_select_modules_lists_a_reused_module_once() -> None:
 def test_select_modules_errors_name_the_argument(spec: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         select_modules(zoo.ResNetish(), spec)
+
+
+def test_hook_callbacks_warn_about_compiled_models() -> None:
+    with pytest.warns(
+        UserWarning, match=r"torch.compile'd model: hooks registered after its first call never fire"
+    ):
+        Recorder(torch.compile(nn.Sequential(nn.Linear(2, 2))))

@@ -389,3 +389,12 @@ def test_model_sizes_matches_a_plain_forward_on_random_stacks(
         sizes = model_sizes(model, size)
     assert sizes.engine == "meta"
     assert {name: sizes.calls(name) for name in sizes.names} == reference
+
+
+def test_a_compiled_model_is_traced_through_its_original_module() -> None:
+    net = zoo.mlp()
+    compiled = torch.compile(net)
+    sizes = model_sizes(compiled, input=torch.zeros(2, 20))
+    assert sizes == model_sizes(net, input=torch.zeros(2, 20))
+    assert list(sizes.names) == ["0", "1", "2", "3", "4", "5"]  # not "_orig_mod"
+    assert sizes.engine == "meta"
