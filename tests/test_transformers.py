@@ -1,0 +1,44 @@
+"""Hugging Face models built from a config (no download); skipped without transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pytest_modelhooks import ActivationStats, Hook, count_hooks, model_sizes, model_summary
+from tests.helpers import untouched
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_summary_counts_the_tied_head_once(gpt2: torch.nn.Module) -> None:
+    ids = torch.randint(0, 100, (1, 10))
+    with untouched(gpt2):
+        summary = model_summary(gpt2, input_data={"input_ids": ids})
+    assert summary.total_params == sum(p.numel() for p in gpt2.parameters())
+    assert summary.output_shapes["logits"] == (1, 10, 100)
+
+
+def test_model_output_keeps_its_type_through_detach(gpt2: torch.nn.Module) -> None:
+    ids = torch.randint(0, 100, (1, 6))
+    with Hook(gpt2, lambda module, args, out: out, cpu=True) as hook:
+        expected = gpt2(input_ids=ids)
+    assert type(hook.stored) is type(expected)
+    assert hook.stored.logits.shape == (1, 6, 100) and not hook.stored.logits.requires_grad
+    assert count_hooks(gpt2) == 0
+
+
+def test_sizes_and_stats_name_model_output_fields(gpt2: torch.nn.Module) -> None:
+    ids = torch.randint(0, 100, (2, 8))
+    sizes = model_sizes(gpt2, input={"input_ids": ids}, modules=["transformer.h.0", "lm_head"])
+    assert sizes["lm_head"] == (2, 8, 100)
+    with ActivationStats(gpt2, modules=["", "lm_head"]) as stats:
+        gpt2(input_ids=ids)
+    assert "logits" in stats.series_names and "lm_head" in stats.series_names
