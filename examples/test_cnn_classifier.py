@@ -78,7 +78,7 @@ def test_activations_and_gradients_stay_healthy(model, activation_stats, gradien
 def test_intermediate_outputs_can_be_inspected(model, hooked_model):
     hooks = hooked_model(model, modules=["stem", "stages.2"])
     model.eval()(torch.randn(2, 3, 32, 32))
-    stem_out, last_stage = hooks.stored
+    stem_out, last_stage = hooks["stem"].stored, hooks["stages.2"].stored
     assert stem_out.min() >= 0  # after the ReLU
     assert last_stage.shape == (2, 128, 4, 4)
     # the fixture removes the hooks at teardown, also when the test fails

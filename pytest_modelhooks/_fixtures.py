@@ -164,8 +164,10 @@ class FixtureState:
         cpu: bool = False,
     ) -> Hooks:
         model = self._take(model)
-        selected = [module for _, module in select_modules(model, modules, default="children")]
-        hooks = Hooks([], _store)
+        named = select_modules(model, modules, default="children")
+        selected = [module for _, module in named]
+        hooks = Hooks([], _store, names=[])
+        hooks.names = [name for name, _ in named]
         self.owned.append(hooks)
         for module in selected:
             hook = (

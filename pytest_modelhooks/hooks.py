@@ -143,8 +143,9 @@ class Hooks(Sequence[Hook]):
     """One :class:`Hook` per module, removed together.
 
     A sequence (``len``, ``hooks[i]``, iteration); ``.stored`` lists every hook's stored value.
-    If registering fails part-way, the hooks already registered are removed before the error
-    propagates.
+    With ``names`` (one per module), ``hooks["encoder"]`` finds a hook by name and
+    ``hooks.stored_by_name`` maps names to stored values. If registering fails part-way, the
+    hooks already registered are removed before the error propagates.
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     >>> with Hooks(net, lambda module, args, out: out.shape) as hooks:
@@ -160,10 +161,16 @@ class Hooks(Sequence[Hook]):
         is_forward: bool = True,
         detach: bool = True,
         cpu: bool = False,
+        *,
+        names: Sequence[str] | None = None,
     ) -> None:
         self.hooks: list[Hook] = []
+        module_list = _as_module_list(modules)
+        if names is not None and len(names) != len(module_list):
+            raise ValueError(f"names: got {len(names)} names for {len(module_list)} modules")
+        self.names: list[str] | None = list(names) if names is not None else None
         try:
-            for module in _as_module_list(modules):
+            for module in module_list:
                 self.hooks.append(Hook(module, hook_func, is_forward, detach, cpu))
         except BaseException:
             self.remove()
@@ -173,6 +180,13 @@ class Hooks(Sequence[Hook]):
     def stored(self) -> list[Any]:
         """The stored value of every hook, in order."""
         return [hook.stored for hook in self.hooks]
+
+    @property
+    def stored_by_name(self) -> dict[str, Any]:
+        """``{name: stored}`` (needs ``names``)."""
+        if self.names is None:
+            raise ValueError("these Hooks were created without names; index them by position")
+        return dict(zip(self.names, self.stored, strict=True))
 
     @property
     def removed(self) -> bool:
@@ -185,6 +199,11 @@ class Hooks(Sequence[Hook]):
             hook.remove()
 
     def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, str):
+            if self.names is None or index not in self.names:
+                known = ", ".join(self.names or []) or "(created without names)"
+                raise KeyError(f"no hook for {index!r}; hooked modules: {known}")
+            return self.hooks[self.names.index(index)]
         return self.hooks[index]
 
     def __len__(self) -> int:

@@ -310,3 +310,20 @@ def test_hook_callbacks_warn_about_compiled_models() -> None:
         UserWarning, match=r"torch.compile'd model: hooks registered after its first call never fire"
     ):
         Recorder(torch.compile(nn.Sequential(nn.Linear(2, 2))))
+
+
+def test_hooks_can_be_looked_up_by_name() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with Hooks(list(net), store_output, names=["proj", "act"]) as hooks:
+        net(torch.ones(2, 3))
+    assert hooks["act"] is hooks[1]
+    assert set(hooks.stored_by_name) == {"proj", "act"}
+    with pytest.raises(KeyError, match=r"no hook for 'nope'; hooked modules: proj, act"):
+        hooks["nope"]
+    with pytest.raises(ValueError, match=r"names: got 1 names for 2 modules"):
+        Hooks(list(net), store_output, names=["proj"])
+    assert count_hooks(net) == 0
+    unnamed = hook_outputs(net)
+    with pytest.raises(ValueError, match="created without names"):
+        _ = unnamed.stored_by_name
+    unnamed.remove()
