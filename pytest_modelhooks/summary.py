@@ -169,24 +169,57 @@ class _Tally:
 
 
 def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
-    """Each module's count is recursive with every tensor once (tied weights). One walk over
-    every path to every module (a reused module's second path included) instead of asking each
-    module for its parameters(), which is quadratic in the depth of nesting."""
-    members: dict[str, dict[int, torch.Tensor]] = {}
-    own: dict[str, dict[int, torch.Tensor]] = {}
+    """Each module's count is recursive with every tensor once (tied weights), from one walk
+    over every path to every module (a reused module's second path included); asking each
+    module for its parameters() instead is quadratic in the depth of nesting."""
+    entries = list(model.named_modules(remove_duplicate=False))
     params: dict[int, torch.Tensor] = {}
     buffers: dict[int, torch.Tensor] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
+    own: dict[str, tuple[int, int]] = {}
+    shared = False
+    seen_modules: set[int] = set()
+    for path, module in entries:
+        shared = shared or id(module) in seen_modules
+        seen_modules.add(id(module))
         for buffer in module._buffers.values():
             if buffer is not None:
                 buffers.setdefault(id(buffer), buffer)
+        total = trainable = 0
+        for param in module._parameters.values():
+            if param is None:
+                continue
+            shared = shared or id(param) in params
+            params.setdefault(id(param), param)
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        own[path] = (total, trainable)
+    if shared:
+        counts = _shared_counts(entries, module_names)
+    else:
+        # Nothing is held twice: a parent's count is its own plus its children's, bottom-up.
+        sums = {path: list(counted) for path, counted in own.items()}
+        for path, _ in reversed(entries):  # pre-order reversed: children before parents
+            if path:
+                parent = sums[path.rpartition(".")[0]]
+                parent[0] += sums[path][0]
+                parent[1] += sums[path][1]
+        counts = {path: (total, trainable, own[path][0]) for path, (total, trainable) in sums.items()}
+    return _Tally(counts, list(params.values()), list(buffers.values()))
+
+
+def _shared_counts(
+    entries: list[tuple[str, nn.Module]], module_names: set[str]
+) -> dict[str, tuple[int, int, int]]:
+    """Counts when a parameter or module is reachable twice: sets of tensors per module."""
+    members: dict[str, dict[int, torch.Tensor]] = {}
+    own: dict[str, dict[int, torch.Tensor]] = {}
+    for path, module in entries:
         held = [param for param in module._parameters.values() if param is not None]
         if not held:
             continue
         parts = path.split(".") if path else []
-        prefixes = [prefix for prefix in (".".join(parts[:depth]) for depth in range(len(parts) + 1))]
+        prefixes = [".".join(parts[:depth]) for depth in range(len(parts) + 1)]
         for param in held:
-            params.setdefault(id(param), param)
             if path in module_names:
                 own.setdefault(path, {})[id(param)] = param
             for prefix in prefixes:
@@ -196,7 +229,7 @@ def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
     for name, held_params in members.items():
         total, trainable = _count(list(held_params.values()))
         counts[name] = (total, trainable, sum(param.numel() for param in own.get(name, {}).values()))
-    return _Tally(counts, list(params.values()), list(buffers.values()))
+    return counts
 
 
 def _count(params: Sequence[torch.Tensor]) -> tuple[int, int]:

@@ -198,3 +198,14 @@ def test_a_module_reused_in_two_places_counts_in_both_parents() -> None:
         ("0.0", 1),
         ("0.0", 2),
     ]
+
+
+@pytest.mark.parametrize("name", ["resnetish", "unet", "tied_lm", "with_parameter", "partly_frozen"])
+def test_every_row_counts_its_module_recursively(name: str) -> None:
+    model, summary = summarise(name)
+    modules = dict(model.named_modules())
+    for layer in summary.layers:
+        params = list(modules[layer.name].parameters())
+        assert layer.params == sum(p.numel() for p in params), layer.name
+        assert layer.trainable_params == sum(p.numel() for p in params if p.requires_grad), layer.name
+        assert layer.own_params == sum(p.numel() for p in modules[layer.name].parameters(recurse=False))
