@@ -122,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for usage errors)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    from pytest_modelhooks.snapshot import snapshot_text
+
     try:
         model = _load(args.factory, args.meta)
         if args.command == "summary":
@@ -136,13 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.format == "markdown":
                 print(_markdown(result))
             else:
-                print(result)
+                print(snapshot_text(result), end="")
         else:
             from pytest_modelhooks.shapes import model_sizes
 
             size = _shape(args.size, "--size") if args.size else None
             sizes = model_sizes(model, size, modules=args.modules)
-            print(json.dumps(sizes.to_dict(), indent=2) if args.format == "json" else sizes)
+            if args.format == "json":
+                print(json.dumps(sizes.to_dict(), indent=2))
+            else:
+                print(snapshot_text(sizes), end="")
     except UsageError as error:
         parser.error(str(error))  # exits with status 2
     except (ValueError, TypeError, RuntimeError) as error:

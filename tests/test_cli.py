@@ -69,7 +69,8 @@ def test_meta_builds_a_big_model_without_memory(capsys: pytest.CaptureFixture[st
 def test_sizes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sizes", "cli_models:small", "--size", "16,16", "--modules", "leaves"]) == 0
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
-    assert lines[0] == "0 (Conv2d) (1, 8, 14, 14)" and lines[-1] == "4 (Linear) (1, 2)"
+    assert lines[0] == "Layer sizes"  # the text a model_snapshot of these sizes stores
+    assert lines[1] == "0 (Conv2d) (1, 8, 14, 14)" and lines[-1] == "4 (Linear) (1, 2)"
 
 
 @pytest.mark.parametrize(
