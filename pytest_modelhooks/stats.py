@@ -384,9 +384,10 @@ class ActivationStats(HookCallback):
             self._series_first.setdefault(id(module), series)
         return series
 
-    @torch.no_grad()
     def hook(self, module: nn.Module, input: Any, output: Any) -> None:
         """Reduce each floating-point tensor ``module`` returned to its statistics."""
+        # No no_grad() here: the tensors are detached, so nothing records a graph, and the
+        # context manager would cost more per call than the rest of this method.
         if not self._recording:
             return
         leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
@@ -707,8 +708,8 @@ class GradientStats:
             handle.remove()
         self._handles = []
 
-    @torch.no_grad()
     def _record(self, param: torch.Tensor) -> None:
+        # (detached below: no graph is recorded, no no_grad() needed)
         grad = param.grad
         if grad is None:
             return
