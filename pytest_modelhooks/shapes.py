@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
@@ -626,12 +626,19 @@ class LayerSizes(Sequence[Any]):
     """
 
     def __init__(
-        self, names: Sequence[str], types: Sequence[str], calls: Mapping[str, list[Any]], engine: str
+        self,
+        names: Sequence[str],
+        types: Sequence[str],
+        calls: Mapping[str, list[Any]],
+        engine: str,
+        containers: Iterable[str] = (),
     ) -> None:
         self.names: tuple[str, ...] = tuple(names)
         self.types: tuple[str, ...] = tuple(types)
         self._calls = {name: list(calls.get(name, [])) for name in self.names}
         self.engine = engine
+        #: selected ModuleList/ModuleDict containers: they hold layers but are never called
+        self.containers = frozenset(containers)
 
     @overload
     def __getitem__(self, index: int | str) -> Any: ...
@@ -664,8 +671,8 @@ class LayerSizes(Sequence[Any]):
 
     @property
     def never_ran(self) -> list[str]:
-        """The selected layers that did not run."""
-        return [name for name in self.names if not self._calls[name]]
+        """The selected layers that did not run (containers, which cannot run, excluded)."""
+        return [name for name in self.names if not self._calls[name] and name not in self.containers]
 
     def items(self) -> list[tuple[str, Any]]:
         """``(name, size)`` pairs, in order."""
@@ -696,7 +703,9 @@ class LayerSizes(Sequence[Any]):
             calls = self._calls[name]
             label = f"{name} ({kind})".ljust(width)
             if not calls:
-                lines.append(f"{label}  never ran")
+                lines.append(
+                    f"{label}  {'container, not called' if name in self.containers else 'never ran'}"
+                )
             else:
                 lines.append(f"{label}  " + "  |  ".join(format_shape(shape) for shape in calls))
         return "\n".join(lines)
@@ -752,8 +761,17 @@ def _model_sizes(
         by_module.setdefault(id(call.module), []).append(call.output_shapes)
     calls = {name: by_module.get(id(module), []) for name, module in selected}
     return LayerSizes(
-        [name for name, _ in selected], [type(module).__name__ for _, module in selected], calls, trace.engine
+        [name for name, _ in selected],
+        [type(module).__name__ for _, module in selected],
+        calls,
+        trace.engine,
+        containers=[name for name, module in selected if is_container(module)],
     )
+
+
+def is_container(module: nn.Module) -> bool:
+    """ModuleList, ModuleDict and the parameter containers hold things but cannot be called."""
+    return isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
 
 
 # --------------------------------------------------------------------------- num_features_model

@@ -23,6 +23,7 @@ from pytest_modelhooks.shapes import (
     dummy_batch,
     gc_paused,
     input_spec,
+    is_container,
     make_input,
     trace_model,
 )
@@ -364,7 +365,7 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
         )
     for _, module in trace.named:
         # ModuleList/ModuleDict hold modules but cannot be called: not "never ran"
-        if id(module) not in calls_by_module and _callable(module):
+        if id(module) not in calls_by_module and not is_container(module):
             name = names[id(module)]
             total, trainable, own = counts(module)
             rows.append(
@@ -395,10 +396,6 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
         depth=depth,
         engine=trace.engine,
     )
-
-
-def _callable(module: nn.Module) -> bool:
-    return not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict))
 
 
 def _unwrap_single(shapes: Any) -> Any:

@@ -398,3 +398,10 @@ def test_a_compiled_model_is_traced_through_its_original_module() -> None:
     assert sizes == model_sizes(net, input=torch.zeros(2, 20))
     assert list(sizes.names) == ["0", "1", "2", "3", "4", "5"]  # not "_orig_mod"
     assert sizes.engine == "meta"
+
+
+def test_containers_are_not_reported_as_never_ran() -> None:
+    model = zoo.transformer_encoder()  # .layers is a ModuleList
+    sizes = model_sizes(model, input=torch.zeros(1, 4, 32))
+    assert sizes.never_ran == [] and sizes.containers == {"layers"} and sizes["layers"] is None
+    assert "layers (ModuleList)  container, not called" in str(sizes)
