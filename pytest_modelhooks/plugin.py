@@ -7,7 +7,7 @@ the work to :mod:`pytest_modelhooks._session`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -72,13 +72,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     # after the fixtures are torn down, so that the leak guard sees what they left
     try:
-        yield
+        result = yield
     finally:
         item.config.stash[_session.CURRENT_ITEM] = None
     _session.check_leaks(item)
+    return result
 
 
 @pytest.fixture(scope="session")
