@@ -302,7 +302,8 @@ class ActivationStats(HookCallback):
         self.statistics = frozenset(statistics)
         self._conv1d = any(isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) for module in model.modules())
         self._names_by_id = {id(module): name for name, module in self.named_modules}
-        self._series: dict[tuple[int, str], int] = {}
+        self._series: dict[tuple[int, str, int], int] = {}
+        self._calls_this_batch: dict[int, int] = {}
         self._series_names: list[str] = []
         self._series_modules: list[str] = []
         self._series_types: list[str] = []
@@ -343,6 +344,7 @@ class ActivationStats(HookCallback):
         self._pending = []
         self._pending_counts = []
         self._pending_hist = []
+        self._calls_this_batch = {}
 
     def _end_batch(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._recording:
@@ -372,13 +374,15 @@ class ActivationStats(HookCallback):
         self._pending_hist = []
         self._cache = None
 
-    def _series_id(self, module: nn.Module, path: str) -> int:
-        key = (id(module), path)
+    def _series_id(self, module: nn.Module, path: str, call: int) -> int:
+        key = (id(module), path, call)
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = len(self._series_names)
             module_name = self._names_by_id.get(id(module), "?")
-            self._series_names.append(module_name + path if module_name or not path else path.lstrip("."))
+            name = module_name + path if module_name or not path else path.lstrip(".")
+            # a module called twice in one forward gets a series per call, as summaries get rows
+            self._series_names.append(name if call == 1 else f"{name} [call {call}]")
             self._series_modules.append(module_name)
             self._series_types.append(type(module).__name__)
             self._series_first.setdefault(id(module), series)
@@ -390,12 +394,13 @@ class ActivationStats(HookCallback):
         # context manager would cost more per call than the rest of this method.
         if not self._recording:
             return
+        call = self._calls_this_batch[id(module)] = self._calls_this_batch.get(id(module), 0) + 1
         leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
         for path, tensor in leaves:
             if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             x = tensor.detach()
-            series = self._series_id(module, path)
+            series = self._series_id(module, path, call)
             if _on_host(x):
                 self._pending.append((series, _reduce_on_host(x, self.eps, self.statistics)))
             else:

@@ -456,3 +456,16 @@ def test_the_device_path_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     with ActivationStats(model, modules="all", statistics=("mean", "std")) as lean:
         model(batches[0])
     assert lean.findings()[0].layer == "1"
+
+
+def test_a_module_called_twice_gets_a_series_per_call() -> None:
+    model = zoo.Reused()
+    seen: list[torch.Tensor] = []
+    handle = model.shared.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with ActivationStats(model) as stats:
+        model(torch.randn(4, 6))
+    handle.remove()
+    assert stats.series_names == ["inp", "shared", "shared [call 2]"]
+    for name, out in zip(["shared", "shared [call 2]"], seen, strict=True):
+        assert float(stats[name].mean[0]) == pytest.approx(float(out.double().mean()), rel=1e-5, abs=1e-7)
+    assert stats.stats.shape == (2, 2, 1)  # fastai layout: one row per hooked module (its first call)
