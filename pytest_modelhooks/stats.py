@@ -160,6 +160,28 @@ def _stack_raw(batch: list[tuple[torch.Tensor | None, ...]]) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def _blocks(pending: list[tuple[int, Any]]) -> list[tuple[Any, ...]]:
+    """A batch's results grouped for storage: host rows as they are, device rows stacked once
+    per device (a model may span devices, or return a CPU tensor from a GPU model)."""
+    host_ids: list[int] = []
+    host_rows: list[list[float]] = []
+    devices: dict[torch.device, tuple[list[int], list[Any], list[int]]] = {}
+    for series, value in pending:
+        if isinstance(value, list):
+            host_ids.append(series)
+            host_rows.append(value)
+        else:
+            parts, count = value
+            device = next(part for part in parts if part is not None).device
+            ids, raws, counts = devices.setdefault(device, ([], [], []))
+            ids.append(series)
+            raws.append(parts)
+            counts.append(count)
+    blocks: list[tuple[Any, ...]] = [(host_ids, host_rows)] if host_ids else []
+    blocks += [(ids, _stack_raw(raws), counts) for ids, raws, counts in devices.values()]
+    return blocks
+
+
 def _finish_device(
     raw: torch.Tensor, counts: torch.Tensor, wanted: frozenset[str] = frozenset(STATISTICS)
 ) -> torch.Tensor:
@@ -311,9 +333,10 @@ class ActivationStats(HookCallback):
         self._forwards = 0
         self._recording = False
         self._pending: list[tuple[int, Any]] = []
-        self._pending_counts: list[int] = []  # elements per device series, for _finish_device
         self._pending_hist: list[tuple[int, torch.Tensor]] = []
-        self._batches: list[tuple[int, list[int], Any]] = []  # (batch, series ids, values)
+        # per recorded batch: (batch index, blocks); a block is (series ids, host rows) or
+        # (series ids, device tensor of raw rows, element counts), one per device
+        self._batches: list[tuple[int, list[tuple[Any, ...]]]] = []
         self._hists: list[tuple[int, list[int], torch.Tensor]] = []
         self._channel_max: dict[int, torch.Tensor] = {}
         self._batch_handles: list[RemovableHandle] = []
@@ -342,7 +365,6 @@ class ActivationStats(HookCallback):
         self._recording = wanted and self._forwards % self.every == 0
         self._forwards += 1
         self._pending = []
-        self._pending_counts = []
         self._pending_hist = []
         self._calls_this_batch = {}
 
@@ -352,25 +374,16 @@ class ActivationStats(HookCallback):
         self._recording = False
         batch = self._forwards - 1
         if self._pending:
-            ids = [series for series, _ in self._pending]
-            first = self._pending[0][1]
-            values: Any
-            if isinstance(first, tuple):  # device results (host results are lists of floats)
-                # one stack per batch; it stays on the device until the statistics are read
-                values = (_stack_raw([value for _, value in self._pending]), self._pending_counts)
-            else:
-                values = [value for _, value in self._pending]
-            self._batches.append((batch, ids, values))
-        if self._pending_hist:
+            self._batches.append((batch, _blocks(self._pending)))
+        # histograms: one stack per device (a model may span devices)
+        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        for series, hist in self._pending_hist:
+            by_device.setdefault(hist.device, []).append((series, hist))
+        for entries in by_device.values():
             self._hists.append(
-                (
-                    batch,
-                    [series for series, _ in self._pending_hist],
-                    torch.stack([h for _, h in self._pending_hist]),
-                )
+                (batch, [series for series, _ in entries], torch.stack([h for _, h in entries]))
             )
         self._pending = []
-        self._pending_counts = []
         self._pending_hist = []
         self._cache = None
 
@@ -404,8 +417,7 @@ class ActivationStats(HookCallback):
             if _on_host(x):
                 self._pending.append((series, _reduce_on_host(x, self.eps, self.statistics)))
             else:
-                self._pending.append((series, _reduce_on_device(x, self.eps, self.statistics)))
-                self._pending_counts.append(x.numel())
+                self._pending.append((series, (_reduce_on_device(x, self.eps, self.statistics), x.numel())))
             if self.track_dead:
                 self._track_dead(series, module, x)
             if self.with_hist:
@@ -433,18 +445,20 @@ class ActivationStats(HookCallback):
             return self._cache
         num_series, num_batches = len(self._series_names), len(self._batches)
         values = torch.full((len(STATISTICS), num_series, num_batches), math.nan, dtype=torch.float64)
-        batch_ids = torch.tensor([batch for batch, _, _ in self._batches], dtype=torch.long)
+        batch_ids = torch.tensor([batch for batch, _ in self._batches], dtype=torch.long)
         ran = torch.zeros((num_series, num_batches), dtype=torch.bool)
-        for column, (_, ids, recorded) in enumerate(self._batches):
-            if isinstance(recorded, tuple):
-                raw, counts = recorded
-                block = _finish_device(
-                    raw.to("cpu", torch.float64), torch.tensor(counts, dtype=torch.float64)
-                )
-            else:
-                block = torch.tensor(recorded, dtype=torch.float64)
-            values[:, ids, column] = block.T
-            ran[ids, column] = True
+        for column, (_, blocks) in enumerate(self._batches):
+            for block in blocks:
+                if len(block) == 3:  # device rows, finished on the host
+                    ids, raw, counts = block
+                    rows = _finish_device(
+                        raw.to("cpu", torch.float64), torch.tensor(counts, dtype=torch.float64)
+                    )
+                else:
+                    ids, host_rows = block
+                    rows = torch.tensor(host_rows, dtype=torch.float64)
+                values[:, ids, column] = rows.T
+                ran[ids, column] = True
         dead: dict[int, tuple[float, int]] = {}
         for series, channel_max in self._channel_max.items():
             never_positive = channel_max.cpu() <= 0  # NaN compares False: not counted dead

@@ -469,3 +469,25 @@ def test_a_module_called_twice_gets_a_series_per_call() -> None:
     for name, out in zip(["shared", "shared [call 2]"], seen, strict=True):
         assert float(stats[name].mean[0]) == pytest.approx(float(out.double().mean()), rel=1e-5, abs=1e-7)
     assert stats.stats.shape == (2, 2, 1)  # fastai layout: one row per hooked module (its first call)
+
+
+def test_a_batch_mixing_host_and_device_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model spanning devices (or returning a CPU tensor from a GPU model) records each
+    series through its own path, in one batch; simulated here by sending some tensors down
+    the device path."""
+    import pytest_modelhooks.stats as stats_module
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    batch = torch.randn(5, 4)
+    with ActivationStats(model, modules="all", with_hist=True) as reference:
+        model(batch)
+    monkeypatch.setattr(stats_module, "_on_host", lambda x: x.shape[-1] != 8)  # 8-wide outputs: "device"
+    with ActivationStats(model, modules="all", with_hist=True) as mixed:
+        model(batch)
+        model(batch)
+    assert mixed.num_batches == 2
+    for expected, layer in zip(reference, mixed, strict=True):
+        for statistic in ("mean", "std", "near_zero", "nonfinite", "min", "max"):
+            torch.testing.assert_close(layer[statistic][:1], expected[statistic], rtol=1e-5, atol=1e-6)
+        assert layer.hist is not None and expected.hist is not None
+        assert torch.equal(layer.hist[0], expected.hist[0])
