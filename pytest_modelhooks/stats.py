@@ -182,17 +182,13 @@ def _blocks(pending: list[tuple[int, Any]]) -> list[tuple[Any, ...]]:
     return blocks
 
 
-def _finish_device(
-    raw: torch.Tensor, counts: torch.Tensor, wanted: frozenset[str] = frozenset(STATISTICS)
-) -> torch.Tensor:
-    """``(series, 6)`` raw device statistics (float64, on the host) to :data:`STATISTICS`."""
+def _finish_device(raw: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``(series, 6)`` raw device statistics (float64, on the host; NaN where not computed, see
+    :func:`_stack_raw`) to :data:`STATISTICS`."""
     finished = raw.clone()
     finished[:, 1] = raw[:, 1].clamp(min=0).sqrt()
     finished[:, 2] = raw[:, 2] / counts
     finished[:, 3] = counts - raw[:, 3]
-    for column, name in enumerate(STATISTICS):
-        if name not in wanted:
-            finished[:, column] = math.nan
     return finished
 
 
