@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks
-from pytest_modelhooks.stats import _finish_device, _reduce_on_device, _reduce_on_host, _stack_raw
+from pytest_modelhooks.stats import (
+    _finish_device,
+    _grad_on_host,
+    _reduce_on_device,
+    _reduce_on_host,
+    _stack_raw,
+)
 from tests import zoo
 from tests.helpers import untouched
 
@@ -76,6 +82,37 @@ def test_statistics_are_numerically_stable(offset: float, scale: float) -> None:
     assert std == pytest.approx(float(truth.std()), rel=1e-5, abs=1e-30)
     assert (low, high, nonfinite) == (float(truth.min()), float(truth.max()), 0.0)
     assert near_zero == pytest.approx(float((truth.abs() <= 0.05).double().mean()))
+
+
+def test_statistics_of_a_large_activation_stay_accurate() -> None:
+    # 26M values: torch's whole-tensor float32 vector_norm drifts by ~2e-3 here, var_mean is slow
+    torch.manual_seed(0)
+    x = torch.randn(26_000_003) * 2 + 0.5
+    truth = x.double()
+    mean, std, near_zero, *_ = _reduce_on_host(x, 0.05)
+    assert mean == pytest.approx(float(truth.mean()), rel=1e-6)
+    assert std == pytest.approx(float(truth.std()), rel=1e-6)
+    assert near_zero == float((x.abs() <= 0.05).sum()) / x.numel()
+    norm = _grad_on_host(x)[0]
+    assert norm == pytest.approx(float(torch.linalg.vector_norm(truth)), rel=1e-6)
+
+
+@pytest.mark.parametrize("size", [7, 4096 * 3 + 5, 2 * 2**18 + 5])
+@pytest.mark.parametrize("eps", [0.05, 0.0])
+def test_near_zero_counts_signed_zeros_and_the_boundary_but_not_nan(size: int, eps: float) -> None:
+    torch.manual_seed(size)
+    x = torch.randn(size) * 0.1
+    x[::3] = -0.0
+    x[1::5] = eps
+    x[2::7] = -eps
+    x[3::11] = math.nan
+    x[4::13] = -math.inf
+    x[5::17] = torch.nextafter(torch.tensor(eps), torch.tensor(1.0))  # just above: not near zero
+    x[6::19] = -x[5]
+    near_zero, nonfinite = (_reduce_on_host(x, eps)[slot] for slot in (2, 3))
+    expected = x.double().abs() <= torch.tensor(eps, dtype=torch.float32).double()
+    assert near_zero == pytest.approx(float(expected.double().mean()), abs=1e-12)
+    assert nonfinite == float((~torch.isfinite(x)).sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -390,7 +427,7 @@ def test_gradient_steps_end_at_the_next_forward() -> None:
 
 
 def test_device_gradient_reduction_agrees_with_the_host_one() -> None:
-    from pytest_modelhooks.stats import _finish_grad, _grad_on_device, _grad_on_host
+    from pytest_modelhooks.stats import _finish_grad, _grad_on_device
 
     torch.manual_seed(0)
     for grad in [torch.randn(7, 5) * 3, torch.randn(40).to(torch.bfloat16)]:
