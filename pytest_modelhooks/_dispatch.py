@@ -1,6 +1,6 @@
-"""A torch dispatch mode for traced forwards: fast meta shapes and per-call multiply-adds.
+"""Modes for traced forwards: fast meta shapes and per-call multiply-adds.
 
-Two jobs, both at the ATen level where every module's work ends up:
+:class:`TraceMode` has two jobs, both at the ATen level where every module's work ends up:
 
 * On the meta engine, answer the commonest ops (matmuls, pointwise activations, eval-mode
   norms) by building the output directly. torch's own meta kernels for these go through Python
@@ -11,6 +11,11 @@ Two jobs, both at the ATen level where every module's work ends up:
 * Count flops with torch's own formulas (``torch.utils.flop_counter``) and hand each count to
   a sink, which attributes it to the module call that is running. This replaces
   ``FlopCounterMode``, whose module tracker costs more than the forward on deep models.
+
+:class:`ShortcutMode` sits one level higher, at torch's Python API, and answers the calls that
+dominate deep stacks of small layers (``F.linear`` and the common activations) before they are
+decomposed into ATen ops: one Python call per layer instead of two or three trips through the
+dispatch mode (~15 us each). Everything it does not answer goes on to :class:`TraceMode`.
 """
 
 from __future__ import annotations
@@ -187,3 +192,99 @@ def _matmul_flops(func: Any, args: tuple[Any, ...]) -> int | None:
     else:
         return None
     return int(2 * left.shape[0] * left.shape[1] * right.shape[1])
+
+
+# --------------------------------------------------------------------------- module level
+
+F = torch.nn.functional
+# Outputs built by the shortcuts must not pass through TraceMode (it would rebuild them); this
+# C++ guard skips Python dispatch for the one allocation.
+_no_python_dispatch = torch._C._DisableTorchDispatch
+
+
+def _meta_like(x: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    with _no_python_dispatch():
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+def _plain_meta(x: Any) -> bool:
+    return type(x) is torch.Tensor and x.device.type == "meta" and x.is_contiguous()
+
+
+def linear_shortcut(x: Any, weight: Any, bias: Any) -> tuple[torch.Tensor, int] | None:
+    """``F.linear(x, weight, bias)`` on meta tensors and its multiply-adds, or None to defer."""
+    if not (_plain_meta(x) and _plain_meta(weight) and (bias is None or _plain_meta(bias))):
+        return None
+    if (
+        x.dim() < 2
+        or weight.dim() != 2
+        or x.shape[-1] != weight.shape[1]
+        or x.dtype != weight.dtype
+        or (bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype))
+    ):
+        return None
+    # the count torch's mm/addmm formula gives the matmul that linear decomposes into
+    return _meta_like(x, (*x.shape[:-1], weight.shape[0])), 2 * x.numel() * weight.shape[0]
+
+
+_SAME_SHAPE_MODULES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.ReLU,
+    torch.nn.GELU,
+    torch.nn.SiLU,
+    torch.nn.Tanh,
+    torch.nn.Sigmoid,
+)
+_IDENTITY_IN_EVAL: tuple[type[torch.nn.Module], ...] = (torch.nn.Identity, torch.nn.Dropout)
+
+
+def module_shortcut(
+    module: torch.nn.Module, flops_sink: Callable[[int], None] | None
+) -> Callable[..., Any] | None:
+    """A stand-in ``forward`` for ``module`` on the meta engine, or None when it has none.
+
+    Deep stacks of small layers spend most of a meta trace in torch's Python dispatch (two or
+    three ops per ``nn.Linear``, ~15 us each through :class:`TraceMode`). For the commonest
+    leaf modules, used exactly as torch defines them (the class's own ``forward``, nothing set
+    on the instance), the stand-in builds the output directly; anything unusual (odd
+    shapes, dtypes, strides, training-mode dropout) runs the module's real ``forward``, so
+    errors read as torch's do. Hooks, parametrizations and ``weight``/``bias`` lookups all
+    still run: only the arithmetic is skipped.
+    """
+    cls = type(module)
+    if "forward" in module.__dict__:
+        return None
+    if cls.forward is torch.nn.Linear.forward:
+        linear = module
+
+        def linear_forward(input: Any) -> Any:
+            answered = linear_shortcut(input, linear.weight, linear.bias)
+            if answered is None:
+                return cls.forward(linear, input)
+            out, flops = answered
+            if flops_sink is not None:
+                flops_sink(flops)
+            return out
+
+        return linear_forward
+    if any(cls.forward is kind.forward for kind in _SAME_SHAPE_MODULES):
+        activation = module
+        approximate = getattr(module, "approximate", "none")
+
+        def activation_forward(input: Any) -> Any:
+            if not _plain_meta(input) or approximate not in ("none", "tanh"):
+                return cls.forward(activation, input)
+            if getattr(activation, "inplace", False):
+                return input  # an in-place activation returns its input
+            return _meta_like(input, input.shape)
+
+        return activation_forward
+    if any(cls.forward is kind.forward for kind in _IDENTITY_IN_EVAL):
+        identity = module
+
+        def identity_forward(input: Any) -> Any:
+            if identity.training or not isinstance(input, torch.Tensor):
+                return cls.forward(identity, input)
+            return input  # Identity, and dropout in eval mode, return their input itself
+
+        return identity_forward
+    return None

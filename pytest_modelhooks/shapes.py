@@ -566,6 +566,8 @@ def _trace_once(
 
                 sink = recorder.add_flops if count_flops else None
                 stack.enter_context(TraceMode(fast_meta=engine == "meta", flops_sink=sink))
+                if engine == "meta":
+                    stack.enter_context(_shortcut_forwards(modules, sink))
             try:
                 output = model(*run_args, **run_kwargs)
             except Exception as error:
@@ -576,6 +578,28 @@ def _trace_once(
         recorder.remove()
     trace.calls = recorder.calls
     return trace
+
+
+@contextmanager
+def _shortcut_forwards(
+    modules: Sequence[nn.Module], flops_sink: Callable[[int], None] | None
+) -> Iterator[None]:
+    """Give the common leaf modules a stand-in ``forward`` on the instance for the block (see
+    :func:`~pytest_modelhooks._dispatch.module_shortcut`), and always take it away again."""
+    from pytest_modelhooks._dispatch import module_shortcut
+
+    patched: list[nn.Module] = []
+    try:
+        for module in modules:
+            forward = module_shortcut(module, flops_sink)
+            if forward is not None:
+                # the instance dict, not setattr: nn.Module.__setattr__ costs ~2 us a call
+                module.__dict__["forward"] = forward
+                patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
 
 
 def _layer_error(recorder: _Recorder, model: nn.Module, error: BaseException) -> LayerError:
