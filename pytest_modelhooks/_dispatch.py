@@ -235,6 +235,19 @@ _SAME_SHAPE_MODULES: tuple[type[torch.nn.Module], ...] = (
     torch.nn.Sigmoid,
 )
 _IDENTITY_IN_EVAL: tuple[type[torch.nn.Module], ...] = (torch.nn.Identity, torch.nn.Dropout)
+_SAME_SHAPE_FORWARDS = {kind.forward for kind in _SAME_SHAPE_MODULES}
+_IDENTITY_FORWARDS = {kind.forward for kind in _IDENTITY_IN_EVAL}
+
+
+def _shortcut_kind(cls: type[torch.nn.Module]) -> str | None:
+    forward = getattr(cls, "forward", None)
+    if forward is torch.nn.Linear.forward:
+        return "linear"
+    if forward in _SAME_SHAPE_FORWARDS:
+        return "same shape"
+    if forward in _IDENTITY_FORWARDS:
+        return "identity in eval"
+    return None
 
 
 def module_shortcut(
@@ -251,9 +264,10 @@ def module_shortcut(
     still run: only the arithmetic is skipped.
     """
     cls = type(module)
-    if "forward" in module.__dict__:
+    kind = _shortcut_kind(cls)
+    if kind is None or "forward" in module.__dict__:
         return None
-    if cls.forward is torch.nn.Linear.forward:
+    if kind == "linear":
         linear = module
 
         def linear_forward(input: Any) -> Any:
@@ -266,7 +280,7 @@ def module_shortcut(
             return out
 
         return linear_forward
-    if any(cls.forward is kind.forward for kind in _SAME_SHAPE_MODULES):
+    if kind == "same shape":
         activation = module
         approximate = getattr(module, "approximate", "none")
 
@@ -278,7 +292,7 @@ def module_shortcut(
             return _meta_like(input, input.shape)
 
         return activation_forward
-    if any(cls.forward is kind.forward for kind in _IDENTITY_IN_EVAL):
+    if kind == "identity in eval":
         identity = module
 
         def identity_forward(input: Any) -> Any:

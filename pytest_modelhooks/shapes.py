@@ -427,6 +427,8 @@ def _swapped_tensors(
         for module in modules:
             stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
             for store in stores:
+                if not store:
+                    continue
                 for name, tensor in store.items():
                     if tensor is None:
                         continue

@@ -14,18 +14,21 @@ from pytest_modelhooks.hooks import count_hooks, hooks_by_module, training_flags
 @contextmanager
 def untouched(model: nn.Module, *, values: bool = True) -> Iterator[None]:
     """Assert that the block leaves ``model`` exactly as it was: no new hooks, the same
-    train/eval flag on every module, the same requires_grad flags, devices and values (BatchNorm
-    running statistics included, unless ``values=False`` for a block that trains), also when the
-    block raises."""
+    train/eval flag on every module, the same instance attributes, the same requires_grad flags,
+    devices and values (BatchNorm running statistics included, unless ``values=False`` for a
+    block that trains), also when the block raises."""
     hooks = hooks_by_module(model)
     flags = training_flags(model)
     requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    attributes = {name: set(vars(module)) for name, module in model.named_modules()}
     try:
         yield
     finally:
         assert hooks_by_module(model) == hooks, f"hooks left behind: {hooks_by_module(model)}"
         assert training_flags(model) == flags
+        # nothing set on an instance and left there (a stand-in forward, a cache)
+        assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes
         assert {name: param.requires_grad for name, param in model.named_parameters()} == requires_grad
         for module in model.modules():
             if isinstance(module, nn.RNNBase):  # its private list of weight references

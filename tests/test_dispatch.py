@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_modelhooks._dispatch import TraceMode, _fast_meta, _matmul_flops
+from pytest_modelhooks._dispatch import TraceMode, _fast_meta, _matmul_flops, module_shortcut
 
 aten = torch.ops.aten
 
@@ -122,3 +122,86 @@ def test_matmul_flops_equal_torchs_formula(func: Any, args: tuple[Any, ...]) -> 
 
     out = func(*args)
     assert _matmul_flops(func, args) == flop_registry[func._overloadpacket](*args, out_val=out)
+
+
+# --------------------------------------------------------------------------- module shortcuts
+
+SHORTCUT_MODULES: list[tuple[torch.nn.Module, torch.Tensor]] = [
+    (torch.nn.Linear(5, 8), meta(3, 5)),
+    (torch.nn.Linear(5, 8, bias=False), meta(2, 4, 5)),
+    (torch.nn.Linear(5, 8, dtype=torch.bfloat16), meta(6, 5, dtype=torch.bfloat16)),
+    (torch.nn.ReLU(), meta(2, 3, 4)),
+    (torch.nn.GELU(approximate="tanh"), meta(2, 5)),
+    (torch.nn.SiLU(), meta(7)),
+    (torch.nn.Tanh(), meta(1, 1)),
+    (torch.nn.Sigmoid(), meta(4, 2, dtype=torch.float16)),
+]
+
+
+def run_plainly(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    counts: list[int] = []
+    with TraceMode(fast_meta=False, flops_sink=counts.append), torch.no_grad():
+        out = module(x)
+    return out, counts
+
+
+@pytest.mark.parametrize(("module", "x"), SHORTCUT_MODULES, ids=[repr(case[0]) for case in SHORTCUT_MODULES])
+def test_module_shortcut_builds_what_the_module_would(module: torch.nn.Module, x: torch.Tensor) -> None:
+    module = module.to("meta")
+    expected, expected_flops = run_plainly(module, x)
+    counts: list[int] = []
+    forward = module_shortcut(module, counts.append)
+    assert forward is not None
+    with TraceMode(fast_meta=True, flops_sink=counts.append):  # must not be consulted
+        out = forward(x)
+    assert (out.shape, out.stride(), out.dtype, out.device) == (
+        expected.shape,
+        expected.stride(),
+        expected.dtype,
+        expected.device,
+    )
+    assert sum(counts) == sum(expected_flops)
+
+
+def test_in_place_activations_identity_and_eval_dropout_return_their_input() -> None:
+    x = meta(2, 3)
+    for module in (torch.nn.ReLU(inplace=True), torch.nn.SiLU(inplace=True), torch.nn.Identity()):
+        forward = module_shortcut(module, None)
+        assert forward is not None and forward(x) is x
+    dropout = torch.nn.Dropout(0.5).eval()
+    forward = module_shortcut(dropout, None)
+    assert forward is not None and forward(x) is x
+
+
+class OwnLinear(torch.nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * 2
+
+
+def test_modules_with_their_own_forward_get_no_shortcut() -> None:
+    assert module_shortcut(OwnLinear(2, 3), None) is None
+    assert module_shortcut(torch.nn.Conv2d(1, 1, 1), None) is None
+    patched = torch.nn.ReLU()
+    patched.forward = lambda x: x  # type: ignore[method-assign]  # e.g. a library's wrapper
+    assert module_shortcut(patched, None) is None
+
+
+def test_unusual_calls_run_the_real_forward() -> None:
+    linear = torch.nn.Linear(5, 8, device="meta")
+    forward = module_shortcut(linear, None)
+    assert forward is not None
+    with pytest.raises(RuntimeError) as ours, torch.no_grad():
+        forward(meta(3, 4))
+    with pytest.raises(RuntimeError) as torchs, torch.no_grad():
+        torch.nn.functional.linear(meta(3, 4), linear.weight, linear.bias)
+    assert str(ours.value) == str(torchs.value)
+    transposed = meta(5, 3).t()  # not contiguous: the real forward decides the strides
+    assert forward(transposed).stride() == torch.nn.functional.linear(transposed, linear.weight).stride()
+    dropout = torch.nn.Dropout(0.5).train()
+    forward = module_shortcut(dropout, None)
+    assert forward is not None
+    x = meta(4, 4)
+    assert forward(x) is not x  # training-mode dropout is a real op
+    relu = module_shortcut(torch.nn.ReLU(), None)
+    assert relu is not None  # a CPU tensor gets torch's forward, values and all
+    assert relu(torch.tensor([-1.0, 2.0])).tolist() == [0.0, 2.0]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -405,3 +406,16 @@ def test_containers_are_not_reported_as_never_ran() -> None:
     sizes = model_sizes(model, input=torch.zeros(1, 4, 32))
     assert sizes.never_ran == [] and sizes.containers == {"layers"} and sizes["layers"] is None
     assert "layers (ModuleList)  container, not called" in str(sizes)
+
+
+def test_a_bad_linear_in_a_deep_stack_is_named_on_every_engine() -> None:
+    # plain Linear/ReLU/Dropout get stand-in forwards on the meta engine: a mismatch must still
+    # read as torch's error, name the layer, and leave no stand-in behind
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(9, 2), nn.GELU())
+    for engine in ["meta", "real"]:
+        with untouched(model), pytest.raises(LayerError) as info:
+            model_sizes(model, input=torch.zeros(3, 4), engine=engine)
+        assert info.value.layer == "3"
+        assert info.value.input_shapes == ((3, 8),)
+        # torch's own wording: the CPU kernel's, or the meta kernel's
+        assert re.search(r"3x8 and 9x2|\[3, 8\] X \[9, 2\]", str(info.value))

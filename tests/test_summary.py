@@ -209,3 +209,24 @@ def test_every_row_counts_its_module_recursively(name: str) -> None:
         assert layer.params == sum(p.numel() for p in params), layer.name
         assert layer.trainable_params == sum(p.numel() for p in params if p.requires_grad), layer.name
         assert layer.own_params == sum(p.numel() for p in modules[layer.name].parameters(recurse=False))
+
+
+def test_meta_shortcuts_give_the_real_engines_numbers() -> None:
+    # Linear/activations/Identity/Dropout run as stand-ins on the meta engine; every row must
+    # match a real forward's, multiply-adds included (3-d inputs, in-place, no bias)
+    model = nn.Sequential(
+        nn.Linear(6, 12),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.1),
+        nn.Linear(12, 12, bias=False),
+        nn.GELU(approximate="tanh"),
+        nn.Identity(),
+        nn.Linear(12, 3),
+        nn.Sigmoid(),
+    )
+    with untouched(model):
+        meta = model_summary(model, input_data=torch.randn(2, 5, 6))
+        real = model_summary(model, input_data=torch.randn(2, 5, 6), engine="real")
+    assert meta.engine == "meta" and real.engine == "real"
+    assert meta.layers == real.layers
+    assert meta.mult_adds == real.mult_adds == 2 * 5 * (6 * 12 + 12 * 12 + 12 * 3)
