@@ -282,12 +282,15 @@ def module_shortcut(
         return linear_forward
     if kind == "same shape":
         activation = module
-        approximate = getattr(module, "approximate", "none")
+        # read from the instance dict: a missing attribute through nn.Module.__getattr__
+        # raises (and formats) an AttributeError, ~8 us a module
+        approximate = module.__dict__.get("approximate", "none")
+        in_place = module.__dict__.get("inplace", False)
 
         def activation_forward(input: Any) -> Any:
             if not _plain_meta(input) or approximate not in ("none", "tanh"):
                 return cls.forward(activation, input)
-            if getattr(activation, "inplace", False):
+            if in_place:
                 return input  # an in-place activation returns its input
             return _meta_like(input, input.shape)
 

@@ -570,6 +570,7 @@ def _trace_once(
                 stack.enter_context(TraceMode(fast_meta=engine == "meta", flops_sink=sink))
                 if engine == "meta":
                     stack.enter_context(_shortcut_forwards(modules, sink))
+            stack.enter_context(_inline_sequentials(modules, recorder))
             try:
                 output = model(*run_args, **run_kwargs)
             except Exception as error:
@@ -597,6 +598,77 @@ def _shortcut_forwards(
             if forward is not None:
                 # the instance dict, not setattr: nn.Module.__setattr__ costs ~2 us a call
                 module.__dict__["forward"] = forward
+                patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+
+
+def _plain_call(cls: type[nn.Module]) -> bool:
+    return (
+        cls.__call__ is nn.Module.__call__
+        and cls._wrapped_call_impl is nn.Module._wrapped_call_impl
+        and cls._call_impl is nn.Module._call_impl
+    )
+
+
+@contextmanager
+def _inline_sequentials(modules: Sequence[nn.Module], recorder: _Recorder) -> Iterator[None]:
+    """Let each plain ``nn.Sequential`` record its children's calls itself, for the block.
+
+    A call through ``nn.Module.__call__`` with global hooks installed takes torch's slow path
+    (~5 us a module before the hooks run). When the recorder's hooks are the only ones that
+    would see a child's call, torch's own fast path would run just ``child.forward``, so
+    calling the recorder and ``forward`` directly records exactly what the hooks would. Any
+    other hook (the child's own, another global one), a compiled child, a class with its own
+    ``__call__`` or JIT tracing takes the ordinary call.
+    """
+    from torch.nn.modules import module as torch_module
+
+    patched: list[nn.Module] = []
+    plain: dict[type[nn.Module], bool] = {}
+
+    def only_ours() -> bool:
+        return (
+            len(torch_module._global_forward_pre_hooks) == 1
+            and len(torch_module._global_forward_hooks) == 1
+            and not torch_module._global_backward_hooks
+            and not torch_module._global_backward_pre_hooks
+            and not torch._C._get_tracing_state()
+        )
+
+    def inline(sequential: nn.Sequential) -> Callable[[Any], Any]:
+        def forward(input: Any) -> Any:
+            if not only_ours():
+                return nn.Sequential.forward(sequential, input)  # type: ignore[no-untyped-call]
+            for child in sequential._modules.values():
+                cls = type(child)
+                is_plain = plain.get(cls)
+                if is_plain is None:
+                    is_plain = plain[cls] = _plain_call(cls)
+                if (
+                    not is_plain
+                    or child._compiled_call_impl is not None
+                    or child._forward_hooks
+                    or child._forward_pre_hooks
+                    or child._backward_hooks
+                    or child._backward_pre_hooks
+                ):
+                    input = child(input)
+                    continue
+                args = (input,)
+                recorder._pre(child, args)
+                input = child.forward(input)
+                recorder._post(child, args, {}, input)
+            return input
+
+        return forward
+
+    try:
+        for module in modules:
+            if type(module).forward is nn.Sequential.forward and "forward" not in module.__dict__:
+                module.__dict__["forward"] = inline(module)  # type: ignore[arg-type]
                 patched.append(module)
         yield
     finally:
