@@ -208,7 +208,7 @@ def _meta_like(x: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Te
 
 
 def _plain_meta(x: Any) -> bool:
-    return type(x) is torch.Tensor and x.device.type == "meta" and x.is_contiguous()
+    return type(x) is torch.Tensor and x.is_meta and x.is_contiguous()
 
 
 def linear_shortcut(x: Any, weight: Any, bias: Any) -> tuple[torch.Tensor, int] | None:

@@ -54,7 +54,7 @@ class LayerInfo:
     ran: bool = True
 
     @classmethod
-    def _of(cls, **fields: Any) -> LayerInfo:
+    def _of(cls, fields: dict[str, Any]) -> LayerInfo:
         # Every field given, none validated: the frozen __init__ sets each field through
         # object.__setattr__, which costs ~40 ms on a 20,000-row summary.
         row = object.__new__(cls)
@@ -135,9 +135,13 @@ class ModelSummary:
         return tuple(layer for layer in self.layers if layer.depth <= self.depth)
 
     def __getitem__(self, name: str) -> LayerInfo:
-        """The first call's row of the module called ``name`` (``""`` is the model)."""
+        """The first call's row of the module called ``name`` (``""`` is the model), or a later
+        call's row by its label (``"block [call 2]"``)."""
         for layer in self.layers:
             if layer.name == name:
+                return layer
+        for layer in self.layers:
+            if layer.call_number > 1 and layer.label == name:
                 return layer
         raise KeyError(f"{name!r} is not a module of {self.model_name}")
 
@@ -188,30 +192,38 @@ def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
     shared = False
     seen_modules: set[int] = set()
     for path, module in entries:
-        shared = shared or id(module) in seen_modules
-        seen_modules.add(id(module))
-        for buffer in module._buffers.values():
-            if buffer is not None:
-                buffers.setdefault(id(buffer), buffer)
+        key = id(module)
+        shared = shared or key in seen_modules
+        seen_modules.add(key)
+        if module._buffers:
+            for buffer in module._buffers.values():
+                if buffer is not None:
+                    buffers.setdefault(id(buffer), buffer)
+        if not module._parameters:
+            own[path] = (0, 0)
+            continue
         total = trainable = 0
         for param in module._parameters.values():
             if param is None:
                 continue
             shared = shared or id(param) in params
-            params.setdefault(id(param), param)
+            params[id(param)] = param
             total += param.numel()
             trainable += param.numel() if param.requires_grad else 0
         own[path] = (total, trainable)
     if shared:
         counts = _shared_counts(entries, module_names)
     else:
-        # Nothing is held twice: a parent's count is its own plus its children's, bottom-up.
-        sums = {path: list(counted) for path, counted in own.items()}
-        for path, _ in reversed(entries):  # pre-order reversed: children before parents
+        # Nothing is held twice: a parent's count is its own plus its children's, bottom-up
+        # (pre-order reversed puts children before their parents).
+        sums = dict(own)
+        for path, _ in reversed(entries):
             if path:
-                parent = sums[path.rpartition(".")[0]]
-                parent[0] += sums[path][0]
-                parent[1] += sums[path][1]
+                parent = path.rpartition(".")[0]
+                total, trainable = sums[path]
+                if total:
+                    parent_total, parent_trainable = sums[parent]
+                    sums[parent] = (parent_total + total, parent_trainable + trainable)
         counts = {path: (total, trainable, own[path][0]) for path, (total, trainable) in sums.items()}
     return _Tally(counts, list(params.values()), list(buffers.values()))
 
@@ -352,21 +364,25 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
 
     rows: list[LayerInfo] = []
     for call in trace.calls:
-        total, trainable, own = counts(call.module)
+        total, trainable, own = counts_by_name.get(call.name, (0, 0, 0))
+        inputs = call.input_shapes
         rows.append(
             LayerInfo._of(
-                name=call.name,
-                type=type(call.module).__name__,
-                depth=call.depth,
-                call_number=call.call_number,
-                calls=calls_by_module[id(call.module)],
-                input_shapes=_unwrap_single(call.input_shapes),
-                output_shapes=call.output_shapes,
-                params=total,
-                own_params=own,
-                trainable_params=trainable,
-                mult_adds=mult_adds(call.flops),
-                ran=call.finished,
+                {
+                    "name": call.name,
+                    "type": type(call.module).__name__,
+                    "depth": call.depth,
+                    "call_number": call.call_number,
+                    "calls": calls_by_module[id(call.module)],
+                    # most modules take one tensor: (1, 3, 8, 8), not ((1, 3, 8, 8),)
+                    "input_shapes": inputs[0] if type(inputs) is tuple and len(inputs) == 1 else inputs,
+                    "output_shapes": call.output_shapes,
+                    "params": total,
+                    "own_params": own,
+                    "trainable_params": trainable,
+                    "mult_adds": call.flops // 2 if count_mult_adds else None,
+                    "ran": call.finished,
+                }
             )
         )
     for _, module in trace.named:

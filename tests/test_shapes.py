@@ -419,3 +419,44 @@ def test_a_bad_linear_in_a_deep_stack_is_named_on_every_engine() -> None:
         assert info.value.input_shapes == ((3, 8),)
         # torch's own wording: the CPU kernel's, or the meta kernel's
         assert re.search(r"3x8 and 9x2|\[3, 8\] X \[9, 2\]", str(info.value))
+
+
+def test_sequential_children_are_recorded_alike_with_or_without_other_hooks() -> None:
+    # a plain Sequential records its hook-free children itself; any other hook in play sends
+    # every call down torch's ordinary path: both must see the same calls, and those hooks run
+    from pytest_modelhooks import model_summary
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), inner, inner, nn.Conv1d(1, 2, 3), nn.Flatten())
+
+    model = build()
+    with untouched(model):
+        fast = model_summary(model, input_data=torch.randn(2, 1, 4))
+    seen: list[str] = []
+    own = model[1].register_forward_hook(lambda module, args, out: seen.append("own"))
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(type(module).__name__)
+    )
+    try:
+        with untouched(model):
+            ordinary = model_summary(model, input_data=torch.randn(2, 1, 4))
+    finally:
+        handle.remove()
+        own.remove()
+    assert fast.layers == ordinary.layers
+    assert [row.label for row in fast.layers][:6] == ["Sequential", "0", "1", "2", "2.0", "2.1"]
+    assert fast["2 [call 2]"].output_shapes == (2, 1, 8)
+    assert seen.count("own") == 1 and seen.count("Linear") == 3  # the hooks ran, once per call
+
+
+def test_a_child_with_its_own_hook_is_called_through_torch() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    calls: list[tuple[int, ...]] = []
+    handle = model[0].register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    try:
+        sizes = model_sizes(model, input=torch.zeros(5, 3))
+    finally:
+        handle.remove()
+    assert calls == [(5, 3)] and sizes["1"] == (5, 3)
