@@ -7,6 +7,6 @@ OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 python -m pytest -q -p no:cacheprovider -p no:modelhooks -o addopts="" tests/test_cuda.py tests/test_stats.py tests/test_summary.py -x 2>&1 | tail -15
-python benchmarks/bench_stats.py --device cuda --step --batch 32 --repeats 10 --json "$OUT/stats_step_cuda.json"
+python benchmarks/bench_stats.py --device cuda --step --batch 32 --repeats 10 --profile --json "$OUT/stats_step_cuda.json"
 python benchmarks/bench_stats.py --device cuda --batch 32 --repeats 10 --json "$OUT/stats_forward_cuda.json"
 

@@ -249,6 +249,7 @@ class Call:
     output_shapes: Any = None
     finished: bool = False
     flops: int = 0  # this call's flops, its children's included
+    pending: Any = None  # the call's args while it runs (for the error if it fails)
 
 
 @dataclass
@@ -319,7 +320,7 @@ class _Recorder:
         self.stack: list[Call] = []  # the calls running now, outermost first
         self.counts: dict[int, int] = {}
         self.names = {id(module): name for name, module in named}
-        self.pending_args: dict[int, Any] = {}  # the args of calls still running, for errors
+        self.depths = {id(module): name.count(".") + 1 if name else 0 for name, module in named}
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
         self.handles = [register_module_forward_pre_hook(self._pre)]
@@ -335,29 +336,36 @@ class _Recorder:
         if name is None:  # a module of another model, or not registered in this one
             return
         count = self.counts[key] = self.counts.get(key, 0) + 1
-        call = Call(name, module, name.count(".") + 1 if name else 0, len(self.calls), count)
-        self.pending_args[call.index] = args
+        call = Call(name, module, self.depths[key], len(self.calls), count, pending=args)
         self.calls.append(call)
         self.stack.append(call)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         # Not called when the forward raised: the failing calls stay unfinished, and the last
         # unfinished call in pre-order is the innermost layer that failed.
-        if id(module) not in self.names:
-            return
-        position = len(self.stack) - 1
-        while position >= 0 and self.stack[position].module is not module:
-            position -= 1  # calls above it raised and the exception was caught
-        if position < 0:
-            return
-        call = self.stack[position]
-        del self.stack[position:]
-        del self.pending_args[call.index]
-        call.input_shapes = _call_shapes(args, kwargs)
-        call.output_shapes = shapes_of(output)
+        stack = self.stack
+        if stack and stack[-1].module is module:
+            call = stack.pop()
+        else:
+            if id(module) not in self.names:
+                return
+            position = len(stack) - 1
+            while position >= 0 and stack[position].module is not module:
+                position -= 1  # calls above it raised and the exception was caught
+            if position < 0:
+                return
+            call = stack[position]
+            del stack[position:]
+        call.pending = None
+        call.input_shapes = (
+            (args[0].shape,)
+            if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor
+            else _call_shapes(args, kwargs)
+        )
+        call.output_shapes = output.shape if type(output) is torch.Tensor else shapes_of(output)
         call.finished = True
-        if self.stack:
-            self.stack[-1].flops += call.flops
+        if stack:
+            stack[-1].flops += call.flops
 
     def add_flops(self, flops: int) -> None:
         """Attribute ``flops`` to the innermost running call."""
@@ -374,7 +382,7 @@ class _Recorder:
         if not unfinished:
             return None
         call = unfinished[-1]
-        call.input_shapes = _call_shapes(self.pending_args.get(call.index, ()), {})
+        call.input_shapes = _call_shapes(call.pending or (), {})
         return call
 
 
