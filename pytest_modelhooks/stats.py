@@ -108,7 +108,9 @@ def _count_near_zero(flat: torch.Tensor, eps: float) -> int:
     buffers: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
     buffer = buffers.get(flat.dtype)
     if buffer is None:
-        buffer = buffers[flat.dtype] = torch.empty(_CHUNK, dtype=flat.dtype)
+        # a normal tensor even when first made under inference_mode: it is reused outside it
+        with torch.inference_mode(False):
+            buffer = buffers[flat.dtype] = torch.empty(_CHUNK, dtype=flat.dtype)
     as_int = buffer.view(_SAME_WIDTH_INT[flat.dtype])
     nonzero = 0
     for start in range(0, flat.numel(), _CHUNK):
@@ -502,7 +504,8 @@ class ActivationStats(HookCallback):
         if seen is None or seen.shape != current.shape:
             self._channel_max[series] = current
         else:
-            torch.maximum(seen, current, out=seen)
+            # not in place: a running max made under inference_mode cannot be updated outside it
+            self._channel_max[series] = torch.maximum(seen, current)
 
     # ------------------------------------------------------------------ reading
 

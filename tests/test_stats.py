@@ -3,6 +3,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import threading
 import weakref
 from typing import Any
 
@@ -113,6 +114,26 @@ def test_near_zero_counts_signed_zeros_and_the_boundary_but_not_nan(size: int, e
     expected = x.double().abs() <= torch.tensor(eps, dtype=torch.float32).double()
     assert near_zero == pytest.approx(float(expected.double().mean()), abs=1e-12)
     assert nonfinite == float((~torch.isfinite(x)).sum())
+
+
+def test_recording_under_inference_mode_and_outside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CPU path reuses a scratch buffer per thread: one made under inference_mode must still
+    # serve a normal forward, and the other way round
+    from pytest_modelhooks import stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_scratch", threading.local())
+    net = nn.Sequential(nn.Linear(4, 3000), nn.ReLU())
+    batches = [torch.randn(2, 4) for _ in range(3)]
+    with ActivationStats(net) as stats:
+        with torch.inference_mode():
+            net(batches[0])
+        net(batches[1])
+        with torch.inference_mode():
+            net(batches[2])
+    assert stats.num_batches == 3
+    with torch.no_grad():
+        expected = [float((net[0](batch).abs() <= 0.05).double().mean()) for batch in batches]
+    assert stats["0"].near_zero.tolist() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
