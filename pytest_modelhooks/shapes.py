@@ -675,7 +675,12 @@ def _inline_sequentials(modules: Sequence[nn.Module], recorder: _Recorder) -> It
 
     try:
         for module in modules:
-            if type(module).forward is nn.Sequential.forward and "forward" not in module.__dict__:
+            cls = type(module)
+            if (
+                cls.forward is nn.Sequential.forward
+                and getattr(cls, "__iter__", None) is nn.Sequential.__iter__
+                and "forward" not in module.__dict__
+            ):
                 module.__dict__["forward"] = inline(module)  # type: ignore[arg-type]
                 patched.append(module)
         yield
