@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from pytest_modelhooks import LayerError, model_summary
@@ -230,3 +232,56 @@ def test_meta_shortcuts_give_the_real_engines_numbers() -> None:
     assert meta.engine == "meta" and real.engine == "real"
     assert meta.layers == real.layers
     assert meta.mult_adds == real.mult_adds == 2 * 5 * (6 * 12 + 12 * 12 + 12 * 3)
+
+
+_ACTIVATIONS: list[Any] = [
+    lambda: nn.ReLU(),
+    lambda: nn.ReLU(inplace=True),
+    lambda: nn.GELU(),
+    lambda: nn.GELU(approximate="tanh"),
+    lambda: nn.SiLU(inplace=True),
+    lambda: nn.Tanh(),
+    lambda: nn.Sigmoid(),
+    lambda: nn.Identity(),
+    lambda: nn.Dropout(0.2),
+]
+
+
+@st.composite
+def linear_stacks(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
+    """Random (nested) stacks of Linear layers, activations and LayerNorms (no stand-in: the
+    meta kernel runs), and an input of rank 2 or 3."""
+    width = first = draw(st.integers(1, 12))
+
+    def block(depth: int) -> nn.Sequential:
+        nonlocal width
+        layers: list[nn.Module] = []
+        for _ in range(draw(st.integers(1, 4))):
+            kind = draw(st.sampled_from(["activation", "linear", "linear", "norm", "block"]))
+            if kind == "activation":
+                layers.append(draw(st.sampled_from(_ACTIVATIONS))())
+            elif kind == "norm":
+                layers.append(nn.LayerNorm(width))
+            elif kind == "block" and depth < 2:
+                layers.append(block(depth + 1))
+            else:
+                out = draw(st.integers(1, 12))
+                layers.append(nn.Linear(width, out, bias=draw(st.booleans())))
+                width = out
+        return nn.Sequential(*layers)
+
+    model = block(0)
+    shape = (draw(st.integers(1, 3)),) + ((draw(st.integers(1, 4)),) if draw(st.booleans()) else ())
+    return model, torch.randn(*shape, first)
+
+
+@settings(max_examples=60, deadline=None)
+@given(linear_stacks())
+def test_meta_engine_agrees_with_a_real_forward(case: tuple[nn.Module, torch.Tensor]) -> None:
+    model, batch = case
+    with untouched(model):
+        meta = model_summary(model, input_data=batch)
+        real = model_summary(model, input_data=batch, engine="real")
+    assert meta.engine == "meta"
+    assert meta.layers == real.layers
+    assert meta.mult_adds == real.mult_adds
