@@ -20,6 +20,7 @@ dispatch mode (~15 us each). Everything it does not answer goes on to :class:`Tr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -250,6 +251,14 @@ def _shortcut_kind(cls: type[torch.nn.Module]) -> str | None:
     return None
 
 
+_STAND_IN = "_modelhooks_stand_in"  # marks the forwards module_shortcut makes
+
+
+def _stand_in(forward: Callable[..., Any]) -> Callable[..., Any]:
+    setattr(forward, _STAND_IN, True)
+    return forward
+
+
 def module_shortcut(
     module: torch.nn.Module, flops_sink: Callable[[int], None] | None
 ) -> Callable[..., Any] | None:
@@ -279,7 +288,7 @@ def module_shortcut(
                 flops_sink(flops)
             return out
 
-        return linear_forward
+        return _stand_in(linear_forward)
     if kind == "same shape":
         activation = module
         # read from the instance dict: a missing attribute through nn.Module.__getattr__
@@ -294,7 +303,7 @@ def module_shortcut(
                 return input  # an in-place activation returns its input
             return _meta_like(input, input.shape)
 
-        return activation_forward
+        return _stand_in(activation_forward)
     if kind == "identity in eval":
         identity = module
 
@@ -303,5 +312,62 @@ def module_shortcut(
                 return cls.forward(identity, input)
             return input  # Identity, and dropout in eval mode, return their input itself
 
-        return identity_forward
+        return _stand_in(identity_forward)
     return None
+
+
+#: ``rule(shape, dtype)`` -> ``(output shape, flops, returns its input)``, or None to defer.
+ShapeRule = Callable[[torch.Size, torch.dtype], "tuple[torch.Size, int, bool] | None"]
+
+
+def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
+    """What ``module``'s stand-in would build for a plain contiguous meta input of a given
+    shape and dtype, without building it: the output shape, the multiply-adds and whether the
+    module returns its input itself. None for modules without a stand-in.
+
+    A plain ``nn.Sequential`` chains these over runs of hook-free children, so that a deep
+    stack of small layers allocates no tensor between them (see ``shapes._inline_sequentials``).
+    """
+    cls = type(module)
+    kind = _shortcut_kind(cls)
+    own = module.__dict__.get("forward")
+    if kind is None or (own is not None and not getattr(own, _STAND_IN, False)):
+        return None  # someone else's forward on the instance
+    if kind == "linear":
+        if any(hasattr(cls, name) for name in ("weight", "bias")):
+            # a parametrized Linear computes its weight through modules of its own, whose calls
+            # belong inside the Linear's call: it takes the ordinary (recorded) path
+            return None
+        params = module._parameters  # what nn.Module.__getattr__ would read, ~1 us cheaper
+
+        def linear_rule(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Size, int, bool] | None:
+            weight: Any = params.get("weight")
+            bias: Any = params.get("bias")
+            if not (_plain_meta(weight) and (bias is None or _plain_meta(bias))):
+                return None
+            out: int = weight.shape[0]
+            if (
+                len(shape) < 2
+                or weight.dim() != 2
+                or shape[-1] != weight.shape[1]
+                or dtype != weight.dtype
+                or (bias is not None and (bias.shape != (out,) or bias.dtype != dtype))
+            ):
+                return None
+            return torch.Size((*shape[:-1], out)), 2 * math.prod(shape) * out, False
+
+        return linear_rule
+    if kind == "same shape":
+        approximate = module.__dict__.get("approximate", "none")
+        in_place = bool(module.__dict__.get("inplace", False))
+
+        def activation_rule(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Size, int, bool] | None:
+            return None if approximate not in ("none", "tanh") else (shape, 0, in_place)
+
+        return activation_rule
+    identity = module
+
+    def identity_rule(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Size, int, bool] | None:
+        return None if identity.training else (shape, 0, True)
+
+    return identity_rule

@@ -367,6 +367,32 @@ class _Recorder:
         if stack:
             stack[-1].flops += call.flops
 
+    def record(
+        self, module: nn.Module, input_shape: torch.Size, output_shape: torch.Size, flops: int
+    ) -> None:
+        """Record a finished call of ``module`` that was never made: what the hooks would have
+        recorded for a module whose output the caller computed from shapes alone."""
+        key = id(module)
+        name = self.names.get(key)
+        if name is None:
+            return
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        self.calls.append(
+            Call(
+                name,
+                module,
+                self.depths[key],
+                len(self.calls),
+                count,
+                (input_shape,),
+                output_shape,
+                True,
+                flops,
+            )
+        )
+        if self.stack:
+            self.stack[-1].flops += flops
+
     def add_flops(self, flops: int) -> None:
         """Attribute ``flops`` to the innermost running call."""
         if self.stack:
@@ -576,9 +602,13 @@ def _trace_once(
 
                 sink = recorder.add_flops if count_flops else None
                 stack.enter_context(TraceMode(fast_meta=engine == "meta", flops_sink=sink))
-                if engine == "meta":
-                    stack.enter_context(_shortcut_forwards(modules, sink))
-            stack.enter_context(_inline_sequentials(modules, recorder))
+            # children answered by shape rules inside plain Sequentials need no stand-in
+            ruled = stack.enter_context(
+                _inline_sequentials(modules, recorder, shape_rules=engine == "meta", count_flops=count_flops)
+            )
+            if engine == "meta":
+                flops_sink = recorder.add_flops if count_flops else None
+                stack.enter_context(_shortcut_forwards(modules, flops_sink, skip=ruled))
             try:
                 output = model(*run_args, **run_kwargs)
             except Exception as error:
@@ -593,15 +623,18 @@ def _trace_once(
 
 @contextmanager
 def _shortcut_forwards(
-    modules: Sequence[nn.Module], flops_sink: Callable[[int], None] | None
+    modules: Sequence[nn.Module], flops_sink: Callable[[int], None] | None, skip: set[int]
 ) -> Iterator[None]:
-    """Give the common leaf modules a stand-in ``forward`` on the instance for the block (see
-    :func:`~pytest_modelhooks._dispatch.module_shortcut`), and always take it away again."""
+    """Give the common leaf modules (but those in ``skip``) a stand-in ``forward`` on the
+    instance for the block (see :func:`~pytest_modelhooks._dispatch.module_shortcut`), and
+    always take it away again."""
     from pytest_modelhooks._dispatch import module_shortcut
 
     patched: list[nn.Module] = []
     try:
         for module in modules:
+            if id(module) in skip:
+                continue
             forward = module_shortcut(module, flops_sink)
             if forward is not None:
                 # the instance dict, not setattr: nn.Module.__setattr__ costs ~2 us a call
@@ -613,6 +646,13 @@ def _shortcut_forwards(
             module.__dict__.pop("forward", None)
 
 
+def _meta_tensor(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    from pytest_modelhooks._dispatch import _no_python_dispatch
+
+    with _no_python_dispatch():
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+
 def _plain_call(cls: type[nn.Module]) -> bool:
     return (
         cls.__call__ is nn.Module.__call__
@@ -622,7 +662,9 @@ def _plain_call(cls: type[nn.Module]) -> bool:
 
 
 @contextmanager
-def _inline_sequentials(modules: Sequence[nn.Module], recorder: _Recorder) -> Iterator[None]:
+def _inline_sequentials(
+    modules: Sequence[nn.Module], recorder: _Recorder, *, shape_rules: bool, count_flops: bool
+) -> Iterator[set[int]]:
     """Let each plain ``nn.Sequential`` record its children's calls itself, for the block.
 
     A call through ``nn.Module.__call__`` with global hooks installed takes torch's slow path
@@ -633,6 +675,8 @@ def _inline_sequentials(modules: Sequence[nn.Module], recorder: _Recorder) -> It
     ``__call__`` or JIT tracing takes the ordinary call.
     """
     from torch.nn.modules import module as torch_module
+
+    from pytest_modelhooks._dispatch import ShapeRule, _plain_meta, shape_rule
 
     patched: list[nn.Module] = []
     plain: dict[type[nn.Module], bool] = {}
@@ -646,10 +690,16 @@ def _inline_sequentials(modules: Sequence[nn.Module], recorder: _Recorder) -> It
             and not torch._C._get_tracing_state()
         )
 
+    rules: dict[int, ShapeRule] = {}
+
     def inline(sequential: nn.Sequential) -> Callable[[Any], Any]:
         def forward(input: Any) -> Any:
             if not only_ours():
                 return nn.Sequential.forward(sequential, input)  # type: ignore[no-untyped-call]
+            # Over a run of children with shape rules, the value is only (shape, dtype):
+            # ``virtual``; it becomes a meta tensor again where a child needs one.
+            virtual = False
+            shape, dtype = torch.Size(), torch.float32
             for child in sequential._modules.values():
                 cls = type(child)
                 is_plain = plain.get(cls)
@@ -663,13 +713,29 @@ def _inline_sequentials(modules: Sequence[nn.Module], recorder: _Recorder) -> It
                     or child._backward_hooks
                     or child._backward_pre_hooks
                 ):
+                    if virtual:
+                        input, virtual = _meta_tensor(shape, dtype), False
                     input = child(input)
                     continue
+                rule = rules.get(id(child))
+                if rule is not None and (virtual or _plain_meta(input)):
+                    if not virtual:
+                        shape, dtype = input.shape, input.dtype
+                    answered = rule(shape, dtype)
+                    if answered is not None:
+                        out_shape, flops, returns_input = answered
+                        recorder.record(child, shape, out_shape, flops if count_flops else 0)
+                        # a module that returns its input keeps the real tensor, if there is one
+                        virtual = virtual or not returns_input
+                        shape = out_shape
+                        continue
+                if virtual:
+                    input, virtual = _meta_tensor(shape, dtype), False
                 args = (input,)
                 recorder._pre(child, args)
                 input = child.forward(input)
                 recorder._post(child, args, {}, input)
-            return input
+            return _meta_tensor(shape, dtype) if virtual else input
 
         return forward
 
@@ -683,7 +749,12 @@ def _inline_sequentials(modules: Sequence[nn.Module], recorder: _Recorder) -> It
             ):
                 module.__dict__["forward"] = inline(module)  # type: ignore[arg-type]
                 patched.append(module)
-        yield
+                if shape_rules:
+                    for child in module._modules.values():
+                        rule = shape_rule(child) if child is not None else None
+                        if rule is not None:
+                            rules[id(child)] = rule
+        yield set(rules)
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)

@@ -285,3 +285,43 @@ def test_meta_engine_agrees_with_a_real_forward(case: tuple[nn.Module, torch.Ten
     assert meta.engine == "meta"
     assert meta.layers == real.layers
     assert meta.mult_adds == real.mult_adds
+
+
+class ReturnsItsInput(nn.Module):
+    """Records whether its Sequential handed back the very tensor it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Identity(), nn.ReLU(inplace=True), nn.Dropout())
+        self.same: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        self.same.append(out is x)
+        return out
+
+
+def test_a_sequential_of_pass_through_layers_returns_its_input_on_every_engine() -> None:
+    model = ReturnsItsInput()
+    for engine in ["meta", "real"]:
+        model_summary(model, input_data=torch.randn(2, 3), engine=engine)
+    assert model.same == [True, True]
+
+
+def test_parametrized_and_reused_linears_in_a_sequential() -> None:
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return weight.triu() + weight.triu(1).transpose(0, 1)
+
+    shared = nn.Linear(6, 6)
+    tied = nn.Linear(6, 6)
+    parametrize.register_parametrization(tied, "weight", Symmetric())
+    model = nn.Sequential(nn.Linear(4, 6), shared, nn.Tanh(), tied, shared)
+    with untouched(model):
+        meta = model_summary(model, input_data=torch.randn(3, 4))
+        real = model_summary(model, input_data=torch.randn(3, 4), engine="real")
+    assert meta.engine == "meta" and meta.layers == real.layers
+    assert meta.mult_adds == real.mult_adds == 3 * (4 * 6 + 3 * 6 * 6)
+    assert meta["1 [call 2]"].output_shapes == (3, 6)
