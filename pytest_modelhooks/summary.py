@@ -177,8 +177,10 @@ class _Tally:
     """Parameter counts per module and the model's unique tensors, from one walk of the tree."""
 
     counts: dict[str, tuple[int, int, int]]  # name -> (params, trainable, own params)
-    params: list[torch.Tensor]
+    params: list[torch.Tensor]  # each tensor once
     buffers: list[torch.Tensor]
+    total: int  # of params
+    trainable: int
 
 
 def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
@@ -190,6 +192,7 @@ def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
     buffers: dict[int, torch.Tensor] = {}
     own: dict[str, tuple[int, int]] = {}
     shared = False
+    unique_total = unique_trainable = 0
     seen_modules: set[int] = set()
     for path, module in entries:
         key = id(module)
@@ -206,10 +209,15 @@ def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
         for param in module._parameters.values():
             if param is None:
                 continue
-            shared = shared or id(param) in params
-            params[id(param)] = param
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
+            count = param.numel()
+            if id(param) in params:
+                shared = True
+            else:
+                params[id(param)] = param
+                unique_total += count
+                unique_trainable += count if param.requires_grad else 0
+            total += count
+            trainable += count if param.requires_grad else 0
         own[path] = (total, trainable)
     if shared:
         counts = _shared_counts(entries, module_names)
@@ -225,7 +233,7 @@ def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
                     parent_total, parent_trainable = sums[parent]
                     sums[parent] = (parent_total + total, parent_trainable + trainable)
         counts = {path: (total, trainable, own[path][0]) for path, (total, trainable) in sums.items()}
-    return _Tally(counts, list(params.values()), list(buffers.values()))
+    return _Tally(counts, list(params.values()), list(buffers.values()), unique_total, unique_trainable)
 
 
 def _shared_counts(
@@ -404,7 +412,7 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
                 )
             )
 
-    total, trainable = _count(tally.params)
+    total, trainable = tally.total, tally.trainable
     return ModelSummary(
         model_name=type(model).__name__,
         layers=tuple(rows),
