@@ -1,4 +1,4 @@
-"""Modes for traced forwards: fast meta shapes and per-call multiply-adds.
+"""Fast meta shapes and per-call multiply-adds for traced forwards.
 
 :class:`TraceMode` has two jobs, both at the ATen level where every module's work ends up:
 
@@ -12,10 +12,11 @@
   a sink, which attributes it to the module call that is running. This replaces
   ``FlopCounterMode``, whose module tracker costs more than the forward on deep models.
 
-:class:`ShortcutMode` sits one level higher, at torch's Python API, and answers the calls that
-dominate deep stacks of small layers (``F.linear`` and the common activations) before they are
-decomposed into ATen ops: one Python call per layer instead of two or three trips through the
-dispatch mode (~15 us each). Everything it does not answer goes on to :class:`TraceMode`.
+One level higher, at the module, :func:`module_shortcut` gives the layers that dominate deep
+stacks of small modules (``nn.Linear``, the common activations, ``Identity``, eval ``Dropout``)
+a stand-in ``forward`` that builds the output directly: one Python call per layer instead of
+two or three trips through the dispatch mode (~15 us each). :func:`shape_rule` gives the same
+answer from a shape and dtype alone, for runs of such layers inside an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -197,7 +198,6 @@ def _matmul_flops(func: Any, args: tuple[Any, ...]) -> int | None:
 
 # --------------------------------------------------------------------------- module level
 
-F = torch.nn.functional
 # Outputs built by the shortcuts must not pass through TraceMode (it would rebuild them); this
 # C++ guard skips Python dispatch for the one allocation.
 _no_python_dispatch = torch._C._DisableTorchDispatch

@@ -673,6 +673,11 @@ def _inline_sequentials(
     calling the recorder and ``forward`` directly records exactly what the hooks would. Any
     other hook (the child's own, another global one), a compiled child, a class with its own
     ``__call__`` or JIT tracing takes the ordinary call.
+
+    With ``shape_rules`` (the meta engine), children that have a
+    :func:`~pytest_modelhooks._dispatch.shape_rule` are answered from the shape and dtype of
+    their input alone, and a run of them builds no tensor in between; their calls are recorded
+    directly. Yields the ids of those children: they need no stand-in ``forward``.
     """
     from torch.nn.modules import module as torch_module
 
