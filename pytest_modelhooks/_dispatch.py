@@ -147,6 +147,31 @@ def _fast_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
+# torch's meta kernels for these accept mixed dtypes that every real kernel rejects (a bfloat16
+# batch into a float32 Linear): check as the real kernels do, or the meta engine would pass a
+# model that cannot run.
+_SAME_DTYPE_OPS = {
+    aten.addmm.default,
+    aten.mm.default,
+    aten.bmm.default,
+    aten.baddbmm.default,
+    aten.addmv.default,
+    aten.mv.default,
+    aten.dot.default,
+    aten.convolution.default,
+}
+
+
+def _check_same_dtype(func: Any, args: tuple[Any, ...]) -> None:
+    dtypes = [arg.dtype for arg in args if isinstance(arg, torch.Tensor)]
+    if any(dtype != dtypes[0] for dtype in dtypes):
+        first, other = dtypes[0], next(dtype for dtype in dtypes if dtype != dtypes[0])
+        name = func._overloadpacket.__name__
+        raise RuntimeError(
+            f"{name}: expected all tensors to have the same dtype, but got {first} and {other}"
+        )
+
+
 def _flop_registry() -> dict[Any, Any]:
     try:
         from torch.utils.flop_counter import flop_registry
@@ -170,6 +195,8 @@ class TraceMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
         kwargs = kwargs or {}
         out = _fast_meta(func, args, kwargs) if self.fast_meta else None
         if out is None:
+            if self.fast_meta and func in _SAME_DTYPE_OPS:
+                _check_same_dtype(func, args)
             out = func(*args, **kwargs)
         if self.flops_sink is not None:
             flops = _matmul_flops(func, args)

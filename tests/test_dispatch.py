@@ -205,3 +205,35 @@ def test_unusual_calls_run_the_real_forward() -> None:
     relu = module_shortcut(torch.nn.ReLU(), None)
     assert relu is not None  # a CPU tensor gets torch's forward, values and all
     assert relu(torch.tensor([-1.0, 2.0])).tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("func", "args"),
+    [
+        (aten.mm.default, (meta(3, 5, dtype=torch.bfloat16), meta(5, 2))),
+        (aten.addmm.default, (meta(2), meta(3, 5), meta(5, 2, dtype=torch.float16))),
+        (
+            aten.convolution.default,
+            (
+                meta(1, 3, 8, 8, dtype=torch.bfloat16),
+                meta(4, 3, 3, 3),
+                None,
+                [1, 1],
+                [0, 0],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+            ),
+        ),
+    ],
+)
+def test_mixed_dtypes_fail_on_meta_as_on_a_real_kernel(func: Any, args: tuple[Any, ...]) -> None:
+    # torch's meta kernels let these through; a CPU or CUDA kernel raises
+    real = tuple(
+        torch.zeros(arg.shape, dtype=arg.dtype) if isinstance(arg, torch.Tensor) else arg for arg in args
+    )
+    with pytest.raises(RuntimeError):
+        func(*real)
+    with TraceMode(fast_meta=True, flops_sink=None), pytest.raises(RuntimeError, match="same dtype"):
+        func(*args)

@@ -460,3 +460,15 @@ def test_a_child_with_its_own_hook_is_called_through_torch() -> None:
     finally:
         handle.remove()
     assert calls == [(5, 3)] and sizes["1"] == (5, 3)
+
+
+def test_a_dtype_mismatch_inside_a_sequential_reads_as_torchs_error() -> None:
+    # the shape rules defer on anything unusual: the real forward raises torch's own error
+    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 4), nn.Tanh())
+    messages = []
+    for engine in ["meta", "real"]:
+        with untouched(model), pytest.raises(LayerError) as info:
+            model_sizes(model, input=torch.zeros(2, 4, dtype=torch.bfloat16), engine=engine)
+        assert info.value.layer == "1" and info.value.input_shapes == ((2, 4),)
+        messages.append(str(info.value.original))
+    assert all("dtype" in message for message in messages), messages
