@@ -94,6 +94,11 @@ def main() -> None:
             run_once()
         stats.stats  # noqa: B018
 
+    def ours_fused() -> None:
+        with ActivationStats(model, fused=True) as stats:
+            run_once()
+        stats.stats  # noqa: B018
+
     def ours_full() -> None:
         with ActivationStats(model, modules="all") as stats:
             run_once()
@@ -117,13 +122,14 @@ def main() -> None:
         "plain": plain,
         "ActivationStats (modules owning parameters)": ours,
         "ActivationStats (mean, std, near-zero, non-finite)": ours_target,
+        "ActivationStats (default, fused=True)": ours_fused,
         "ActivationStats (every module)": ours_full,
         "ActivationStats (mean and std only)": ours_lean,
         "fastai-style hook (.item() per module)": fastai,
     }
     if args.step:
         contenders["ActivationStats + GradientStats"] = ours_grads
-    for func in contenders.values():  # warm-up
+    for func in contenders.values():  # warm-up (and fused=True's one-time compile)
         func()
     sync()
     times: dict[str, list[float]] = {name: [] for name in contenders}

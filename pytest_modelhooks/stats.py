@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,17 +217,58 @@ def _reduce_on_device(
     return tuple(parts)
 
 
-def _stack_raw(batch: list[tuple[torch.Tensor | None, ...]]) -> torch.Tensor:
-    """``(series, 6)`` float64 from a batch of :func:`_reduce_on_device` results: one stack per
-    statistic, on the device; slots not computed are NaN."""
+def _fused_raw(
+    flat: torch.Tensor, eps: float, moments: bool, near_zero: bool, finite: bool, extremes: bool
+) -> torch.Tensor:
+    """``(6,)`` float64 raw row of a flat tensor, as :func:`_reduce_on_device` returns it in
+    parts (NaN where not asked for). Written to be compiled: ``torch.compile`` turns it into one
+    pass over ``flat`` (Welford for the moments), with no temporaries."""
+    x = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    nan = torch.full((), math.nan, dtype=torch.float64, device=x.device)
+    parts = [nan] * len(STATISTICS)
+    if moments:
+        variance, mean = torch.var_mean(x)
+        parts[0], parts[1] = mean.double(), variance.double()
+    if near_zero or finite:
+        magnitude = x.abs()
+        if near_zero:
+            parts[2] = (magnitude <= eps).sum().double()
+        if finite:
+            parts[3] = (magnitude <= torch.finfo(x.dtype).max).sum().double()
+    if extremes:
+        parts[4], parts[5] = x.amin().double(), x.amax().double()
+    return torch.stack(parts)
+
+
+_compiled_fused: Any = None
+
+
+def _fused_reducer() -> Any:
+    """:func:`_fused_raw` compiled once per process (dynamic shapes: one graph for every size
+    of activation; one per dtype and set of statistics)."""
+    global _compiled_fused
+    if _compiled_fused is None:
+        _compiled_fused = torch.compile(_fused_raw, dynamic=True, fullgraph=True)
+    return _compiled_fused
+
+
+def _stack_raw(batch: list[Any]) -> torch.Tensor:
+    """``(series, 6)`` float64 from a batch of :func:`_reduce_on_device` results (or fused
+    ``(6,)`` rows): one stack per statistic, on the device; slots not computed are NaN."""
+    if all(isinstance(parts, torch.Tensor) for parts in batch):
+        return torch.stack(batch)  # fused rows: one stack for the batch
+    batch = [tuple(parts.unbind()) if isinstance(parts, torch.Tensor) else parts for parts in batch]
     columns = []
-    reference = next(part for part in batch[0] if part is not None)
+    device = next(part for part in batch[0] if part is not None).device
     for slot in range(len(STATISTICS)):
         values = [parts[slot] for parts in batch]
-        if values[0] is None:
-            columns.append(torch.full((len(batch),), math.nan, dtype=torch.float64, device=reference.device))
-        else:
-            columns.append(torch.stack(values).to(torch.float64))  # type: ignore[arg-type]
+        if all(value is None for value in values):
+            columns.append(torch.full((len(batch),), math.nan, dtype=torch.float64, device=device))
+            continue
+        if any(value is None for value in values):  # only where a fused record fell back mid-batch
+            nan = torch.full((), math.nan, dtype=torch.float64, device=device)
+            values = [nan if value is None else value.to(torch.float64) for value in values]
+        columns.append(torch.stack(values).to(torch.float64))
     return torch.stack(columns, dim=1)
 
 
@@ -242,7 +284,10 @@ def _blocks(pending: list[tuple[int, Any]]) -> list[tuple[Any, ...]]:
             host_rows.append(value)
         else:
             parts, count = value
-            device = next(part for part in parts if part is not None).device
+            if isinstance(parts, torch.Tensor):  # a fused row
+                device = parts.device
+            else:
+                device = next(part for part in parts if part is not None).device
             ids, raws, counts = devices.setdefault(device, ([], [], []))
             ids.append(series)
             raws.append(parts)
@@ -257,6 +302,8 @@ def _finish_device(raw: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     :func:`_stack_raw`) to :data:`STATISTICS`."""
     finished = raw.clone()
     finished[:, 1] = raw[:, 1].clamp(min=0).sqrt()
+    # one value has no spread: std 0, as on the host (the variance of one value is NaN)
+    finished[:, 1] = torch.where((counts <= 1) & ~raw[:, 0].isnan(), 0.0, finished[:, 1])
     finished[:, 2] = raw[:, 2] / counts
     finished[:, 3] = counts - raw[:, 3]
     return finished
@@ -332,6 +379,10 @@ class ActivationStats(HookCallback):
       training mode.
     * ``eps``: a value is near zero when ``|x| <= eps``.
     * ``with_hist``: also keep a histogram per batch (``hist_bins`` over ``hist_range``).
+    * ``fused``: compute every statistic in one compiled pass per activation
+      (``torch.compile``; the first batch of each process pays a compile of several seconds,
+      and it needs a C++ compiler on the CPU or Triton on a GPU; where it cannot compile, a
+      warning, then separate passes). Worth it for long runs; see the README's Performance.
     * ``statistics``: which of :data:`STATISTICS` to compute (default all); each is a pass over
       every activation, so ``statistics=("mean", "std")`` with ``track_dead=False`` is the
       cheapest record. NaN and infinities are still found without ``"nonfinite"``: they show
@@ -363,6 +414,7 @@ class ActivationStats(HookCallback):
         hist_range: tuple[float, float] = (-10.0, 10.0),
         track_dead: bool = True,
         statistics: Sequence[str] = STATISTICS,
+        fused: bool = False,
     ) -> None:
         unknown = sorted(set(statistics) - set(STATISTICS))
         if unknown or not statistics or isinstance(statistics, str):
@@ -388,6 +440,13 @@ class ActivationStats(HookCallback):
         self.hist_range = hist_range
         self.track_dead = track_dead
         self.statistics = frozenset(statistics)
+        self.fused = fused
+        self._fused_flags = (
+            bool(self.statistics & {"mean", "std"}),
+            "near_zero" in self.statistics,
+            "nonfinite" in self.statistics,
+            bool(self.statistics & {"min", "max"}),
+        )
         self._conv1d = any(isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) for module in model.modules())
         self._names_by_id = {id(module): name for name, module in self.named_modules}
         self._series: dict[tuple[int, str, int], int] = {}
@@ -481,7 +540,10 @@ class ActivationStats(HookCallback):
             x = tensor.detach()
             series = self._series_id(module, path, call)
             channel_max = self._channel_max_of(module, x) if self.track_dead else None
-            if _on_host(x):
+            fused = self._reduce_fused(x) if self.fused else None
+            if fused is not None:
+                self._pending.append((series, (fused, x.numel())))
+            elif _on_host(x):
                 self._pending.append((series, _reduce_on_host(x, self.eps, self.statistics, channel_max)))
             else:
                 raw = _reduce_on_device(x, self.eps, self.statistics, channel_max)
@@ -491,6 +553,22 @@ class ActivationStats(HookCallback):
             if self.with_hist:
                 low, high = self.hist_range
                 self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
+
+    def _reduce_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused ``(6,)`` raw row of ``x``, or None (after one warning) where torch.compile
+        cannot build the kernel here: the separate passes take over."""
+        try:
+            row: torch.Tensor = _fused_reducer()(x.reshape(-1), self.eps, *self._fused_flags)
+        except Exception as error:  # no C++ compiler, no Triton, an unsupported dtype...
+            self.fused = False
+            warnings.warn(
+                f"ActivationStats(fused=True): torch.compile could not build the fused kernel "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                f"using separate passes",
+                stacklevel=2,
+            )
+            return None
+        return row
 
     def _channel_max_of(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         dim = _channel_dim(module, x.dim(), self._conv1d)

@@ -4,6 +4,7 @@ import gc
 import json
 import math
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -549,3 +550,61 @@ def test_a_batch_mixing_host_and_device_results(monkeypatch: pytest.MonkeyPatch)
             torch.testing.assert_close(layer[statistic][:1], expected[statistic], rtol=1e-5, atol=1e-6)
         assert layer.hist is not None and expected.hist is not None
         assert torch.equal(layer.hist[0], expected.hist[0])
+
+
+def test_fused_statistics_match_the_separate_passes() -> None:
+    # one compiled pass (torch.compile, dynamic shapes) must give what the separate passes give
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 24), nn.Tanh(), nn.Linear(24, 3))
+    batches = [torch.randn(9, 6) * 3, torch.randn(17, 6), torch.randn(5, 6)]
+    batches[1][2, 0] = math.inf  # non-finite values downstream
+    batches[2][0, 0] = math.nan
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        untouched(model),
+        ActivationStats(model, modules="all", fused=True) as fused,
+        ActivationStats(model, modules="all") as separate,
+    ):
+        warnings.simplefilter("always")
+        for batch in batches:
+            model(batch)
+    if any("could not build the fused kernel" in str(warning.message) for warning in caught):
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    assert fused.fused and fused.series_names == separate.series_names
+    for name in separate.series_names:
+        for statistic in ("mean", "std", "near_zero", "nonfinite", "min", "max"):
+            torch.testing.assert_close(
+                fused[name][statistic], separate[name][statistic], rtol=1e-5, atol=1e-6, equal_nan=True
+            )
+        assert fused[name].dead == separate[name].dead
+    assert float(fused["0"].nonfinite[1]) == 40.0  # an inf input: every output of the first layer
+
+
+def test_fused_falls_back_to_separate_passes_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_modelhooks import stats as stats_module
+
+    def cannot_compile() -> Any:
+        def raise_(*args: Any) -> torch.Tensor:
+            raise RuntimeError("no working C++ compiler\nmore detail")
+
+        return raise_
+
+    monkeypatch.setattr(stats_module, "_fused_reducer", cannot_compile)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with warnings.catch_warnings(record=True) as caught, ActivationStats(model, fused=True) as stats:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            model(torch.randn(2, 4))
+    assert [str(warning.message) for warning in caught] == [
+        "ActivationStats(fused=True): torch.compile could not build the fused kernel "
+        "(RuntimeError: no working C++ compiler); using separate passes"
+    ]
+    assert not stats.fused and stats.num_batches == 3
+    assert not torch.isnan(stats["0"].mean).any()
+
+
+def test_the_std_of_a_single_value_is_zero_on_every_path() -> None:
+    raw = torch.tensor([[2.0, math.nan, 0.0, 1.0, 2.0, 2.0], [math.nan] * 6], dtype=torch.float64)
+    finished = _finish_device(raw, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    assert float(finished[0, 1]) == 0.0 and _reduce_on_host(torch.tensor([2.0]), 0.05)[1] == 0.0
+    assert math.isnan(float(finished[1, 1]))  # not recorded stays NaN
