@@ -63,11 +63,13 @@ def test_parameter_budget_and_layer_table(model, model_summary, model_snapshot):
 
 
 @pytest.mark.modelhooks(std=(0.05, 5.0), max_dead=0.5)
-def test_activations_and_gradients_stay_healthy(model, activation_stats, gradient_stats):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+def test_activations_and_gradients_stay_healthy(model, activation_stats, gradient_stats, modelhooks_device):
+    device = modelhooks_device  # --modelhooks-device=cuda runs the same test on the GPU
     with activation_stats(model) as stats, gradient_stats(model) as grads:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # after the move to the device
         for _ in range(3):
-            loss = nn.functional.cross_entropy(model(torch.randn(16, 3, 32, 32)), torch.randint(0, 10, (16,)))
+            batch = torch.randn(16, 3, 32, 32, device=device)
+            loss = nn.functional.cross_entropy(model(batch), torch.randint(0, 10, (16,), device=device))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -75,9 +77,9 @@ def test_activations_and_gradients_stay_healthy(model, activation_stats, gradien
     grads.check(max_norm=50.0)  # every parameter got a finite, bounded gradient
 
 
-def test_intermediate_outputs_can_be_inspected(model, hooked_model):
+def test_intermediate_outputs_can_be_inspected(model, hooked_model, modelhooks_device):
     hooks = hooked_model(model, modules=["stem", "stages.2"])
-    model.eval()(torch.randn(2, 3, 32, 32))
+    model.eval()(torch.randn(2, 3, 32, 32, device=modelhooks_device))
     stem_out, last_stage = hooks["stem"].stored, hooks["stages.2"].stored
     assert stem_out.min() >= 0  # after the ReLU
     assert last_stage.shape == (2, 128, 4, 4)

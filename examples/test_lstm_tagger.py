@@ -49,11 +49,12 @@ def test_one_tag_distribution_per_token(model_sizes, ids):
 
 
 @pytest.mark.modelhooks(std=(0.01, 5.0))
-def test_gradients_reach_every_weight(tagger, activation_stats, gradient_stats):
-    ids = torch.randint(1, VOCAB, (8, 20))
+def test_gradients_reach_every_weight(tagger, activation_stats, gradient_stats, modelhooks_device):
+    ids = torch.randint(1, VOCAB, (8, 20), device=modelhooks_device)
+    tags = torch.randint(0, TAGS, (160,), device=modelhooks_device)
     with activation_stats(tagger, modules="all") as stats, gradient_stats(tagger) as grads:
         logits = tagger(ids)
-        nn.functional.cross_entropy(logits.reshape(-1, TAGS), torch.randint(0, TAGS, (160,))).backward()
+        nn.functional.cross_entropy(logits.reshape(-1, TAGS), tags).backward()
     assert "lstm[1][0]" in stats.series_names  # the (h, c) states get their own series
     stats.check()
     grads.check(min_norm=1e-7)

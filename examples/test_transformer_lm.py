@@ -71,8 +71,8 @@ def test_one_distribution_per_position(model_sizes, ids):
 
 
 @pytest.mark.modelhooks(std=(0.01, 10.0), max_std_growth=10.0)
-def test_training_step_is_healthy(lm, activation_stats, gradient_stats):
-    ids = torch.randint(0, VOCAB, (4, 32))
+def test_training_step_is_healthy(lm, activation_stats, gradient_stats, modelhooks_device):
+    ids = torch.randint(0, VOCAB, (4, 32), device=modelhooks_device)
     with activation_stats(lm, modules=nn.LayerNorm) as stats, gradient_stats(lm) as grads:
         logits = lm(ids[:, :-1])
         nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()

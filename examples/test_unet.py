@@ -79,9 +79,11 @@ def test_every_multiple_of_eight_works(model_sizes, size):
 
 
 @pytest.mark.modelhooks(std=(0.05, 5.0))
-def test_training_step_is_healthy(unet, activation_stats, gradient_stats):
+def test_training_step_is_healthy(unet, activation_stats, gradient_stats, modelhooks_device):
+    batch = torch.randn(2, 3, 32, 32, device=modelhooks_device)
+    masks = torch.randint(0, 2, (2, 32, 32), device=modelhooks_device)
     with activation_stats(unet) as stats, gradient_stats(unet) as grads:
-        logits = unet(torch.randn(2, 3, 32, 32))
-        nn.functional.cross_entropy(logits, torch.randint(0, 2, (2, 32, 32))).backward()
+        logits = unet(batch)
+        nn.functional.cross_entropy(logits, masks).backward()
     stats.check()
     grads.check()

@@ -96,6 +96,16 @@ def model_summary(pytestconfig: pytest.Config) -> Any:
 
 
 @pytest.fixture
+def modelhooks_device(request: pytest.FixtureRequest) -> Any:
+    """The ``torch.device`` the fixtures run models on (marker ``device=``, then
+    ``--modelhooks-device``, then the ini key): make inputs and targets there, and one test runs
+    on the CPU and on a GPU alike. Skips the test when CUDA is asked for but absent."""
+    from pytest_modelhooks._fixtures import resolve_device
+
+    return resolve_device(_session.settings_in_test(request.config, request.node).device)
+
+
+@pytest.fixture
 def hooked_model(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``hooks = hooked_model(model, modules=..., hook_func=None, grad=False)``: a ``Hooks``
     (outputs stored by default); every hook is removed at teardown, also when the test fails."""

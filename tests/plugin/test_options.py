@@ -85,3 +85,36 @@ def test_bad_marker_arguments_error_the_test(run, pytester) -> None:
         ["*@pytest.mark.modelhooks got unknown argument(s) stdev; known: std, max_dead*"]
     )
     assert "_session.py" not in result.stdout.str()  # no traceback into the plugin
+
+
+def test_the_device_fixture_follows_marker_cli_and_ini(run, pytester) -> None:
+    pytester.makeini("[pytest]\naddopts = -p no:randomly -p no:cacheprovider\nmodelhooks_device = cpu\n")
+    write(
+        pytester,
+        "test_device",
+        """
+        import pytest, torch
+        from models import mlp
+
+        def test_configured(modelhooks_device, activation_stats):
+            assert isinstance(modelhooks_device, torch.device)
+            model = mlp()
+            with activation_stats(model) as stats:  # the model moves to the same device
+                model(torch.randn(4, 8, device=modelhooks_device))
+            assert next(model.parameters()).device.type == modelhooks_device.type == "cuda"
+            assert stats.num_batches == 1
+
+        @pytest.mark.modelhooks(device="cpu")
+        def test_marker_wins(modelhooks_device):
+            assert modelhooks_device == torch.device("cpu")
+        """,
+    )
+    result = run("--modelhooks-device=cuda", "-rs")
+    if result.parseoutcomes().get("skipped"):  # no CUDA here: skipped, with the reason
+        result.assert_outcomes(passed=1, skipped=1)
+        result.stdout.fnmatch_lines(["*modelhooks device is cuda, but CUDA is not available*"])
+    else:
+        result.assert_outcomes(passed=2)
+    default = run()
+    default.assert_outcomes(passed=1, failed=1)  # on the CPU the first test's device check fails
+    default.stdout.fnmatch_lines(["*assert 'cpu' == 'cuda'*"])
