@@ -22,6 +22,7 @@ answer from a shape and dtype alone, for runs of such layers inside an ``nn.Sequ
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -347,6 +348,18 @@ def module_shortcut(
 ShapeRule = Callable[[torch.Size, torch.dtype], "tuple[torch.Size, int, bool] | None"]
 
 
+# Per class: whether a Linear's weight and bias are plain entries of _parameters (no class
+# attribute such as a parametrization's property in the way). Weak keys: parametrize makes classes.
+_PLAIN_LINEAR: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _plain_linear_class(cls: type[torch.nn.Module]) -> bool:
+    plain = _PLAIN_LINEAR.get(cls)
+    if plain is None:
+        plain = _PLAIN_LINEAR[cls] = not (hasattr(cls, "weight") or hasattr(cls, "bias"))
+    return plain
+
+
 def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
     """What ``module``'s stand-in would build for a plain contiguous meta input of a given
     shape and dtype, without building it: the output shape, the multiply-adds and whether the
@@ -361,7 +374,7 @@ def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
     if kind is None or (own is not None and not getattr(own, _STAND_IN, False)):
         return None  # someone else's forward on the instance
     if kind == "linear":
-        if any(hasattr(cls, name) for name in ("weight", "bias")):
+        if not _plain_linear_class(cls):
             # a parametrized Linear computes its weight through modules of its own, whose calls
             # belong inside the Linear's call: it takes the ordinary (recorded) path
             return None

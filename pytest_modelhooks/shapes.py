@@ -260,6 +260,9 @@ class Trace:
     engine: str
     calls: list[Call] = field(default_factory=list)
     named: list[tuple[str, nn.Module]] = field(default_factory=list)  # model.named_modules()
+    # every path to every module (named_modules(remove_duplicate=False)): a reused module's
+    # second path too
+    paths: list[tuple[str, nn.Module]] = field(default_factory=list)
     output_shapes: Any = None
     counted_flops: bool = False
 
@@ -588,10 +591,17 @@ class _EngineFailed(Exception):
 def _trace_once(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], engine: str, count_flops: bool
 ) -> Trace:
-    named = list(model.named_modules())
+    # One walk gives both lists: the first path to each module is what named_modules() yields.
+    paths = list(model.named_modules(remove_duplicate=False))
+    named: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    for name, module in paths:
+        if id(module) not in seen:
+            seen.add(id(module))
+            named.append((name, module))
     modules = [module for _, module in named]
     recorder = _Recorder(named)
-    trace = Trace(engine, named=named)
+    trace = Trace(engine, named=named, paths=paths)
     try:
         with ExitStack() as stack:
             stack.enter_context(preserve_training_flags(model, eval_mode=True, modules=modules))

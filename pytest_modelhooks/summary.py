@@ -183,11 +183,11 @@ class _Tally:
     trainable: int
 
 
-def _tally(model: nn.Module, module_names: set[str]) -> _Tally:
-    """Each module's count is recursive with every tensor once (tied weights), from one walk
-    over every path to every module (a reused module's second path included); asking each
-    module for its parameters() instead is quadratic in the depth of nesting."""
-    entries = list(model.named_modules(remove_duplicate=False))
+def _tally(entries: list[tuple[str, nn.Module]], module_names: set[str]) -> _Tally:
+    """Each module's count is recursive with every tensor once (tied weights), from one pass
+    over ``entries``, every path to every module (a reused module's second path included, as
+    :attr:`Trace.paths` holds them); asking each module for its parameters() instead is
+    quadratic in the depth of nesting."""
     params: dict[int, torch.Tensor] = {}
     buffers: dict[int, torch.Tensor] = {}
     own: dict[str, tuple[int, int]] = {}
@@ -357,7 +357,7 @@ def model_summary(
 def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: bool) -> ModelSummary:
 
     names = {id(module): name for name, module in trace.named}
-    tally = _tally(model, set(names.values()))
+    tally = _tally(trace.paths, set(names.values()))
     counts_by_name = tally.counts
     calls_by_module: dict[int, int] = {}
     for call in trace.calls:
