@@ -178,7 +178,14 @@ def _flop_registry() -> dict[Any, Any]:
         from torch.utils.flop_counter import flop_registry
     except ImportError:  # very old torch: no flop formulas, no counts
         return {}
-    return dict(flop_registry)
+    formulas = dict(flop_registry)
+    # The CPU's fused attention has no formula of its own: without one, a real forward on the
+    # CPU would count no attention matmuls, while meta (which decomposes it) counts them all.
+    flash = formulas.get(aten._scaled_dot_product_flash_attention)
+    cpu_flash = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is not None and cpu_flash is not None:
+        formulas.setdefault(cpu_flash, flash)
+    return formulas
 
 
 class TraceMode(TorchDispatchMode):  # type: ignore[no-untyped-call]

@@ -9,6 +9,7 @@ one only when the model's control flow depends on values. Every result says whic
 from __future__ import annotations
 
 import gc
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -424,10 +425,34 @@ def _call_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return shapes
 
 
+# Where torch keeps its Python meta kernels and decompositions: their checks are not always the
+# real kernels' (grouped_mm's meta kernel demands bfloat16 where the CPU kernel takes float32).
+_META_KERNEL_FILES = (
+    "_meta_registrations.py",
+    "_refs",
+    "_prims",
+    "_decomp",
+    "fake_tensor.py",
+    "fake_impls.py",
+)
+
+
+def _raised_in_meta_kernel(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None:
+        path = traceback.tb_frame.f_code.co_filename.replace("\\", "/")
+        if "/torch/" in path and any(part in path.rpartition("/torch/")[2] for part in _META_KERNEL_FILES):
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def _is_engine_limitation(error: BaseException) -> bool:
-    """True when an error says the meta/fake engine cannot run this model, rather than that the
-    model itself is broken (a shape mismatch reads the same on every engine)."""
-    if isinstance(error, NotImplementedError):
+    """True when an error says the meta/fake engine cannot run this model, or may not: it came
+    out of torch's own meta kernels, whose checks can differ from the real ones. Then the next
+    engine runs, and where the model is really broken the real forward says so in torch's
+    usual words."""
+    if isinstance(error, NotImplementedError) or _raised_in_meta_kernel(error):
         return True
     text = f"{type(error).__name__}: {error}".lower()
     markers = (
@@ -530,8 +555,16 @@ def _engine_inputs(
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swapped_tensors(modules, mode.from_tensor):
-        yield map_tensors(args, mode.from_tensor), map_tensors(kwargs, mode.from_tensor)
+    # torch logs every fake kernel failure at ERROR level; a failure here only moves the trace
+    # on to the next engine (or becomes the LayerError), so keep it out of the user's output
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, _swapped_tensors(modules, mode.from_tensor):
+            yield map_tensors(args, mode.from_tensor), map_tensors(kwargs, mode.from_tensor)
+    finally:
+        fake_log.setLevel(level)
 
 
 def trace_model(

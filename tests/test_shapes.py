@@ -472,3 +472,42 @@ def test_a_dtype_mismatch_inside_a_sequential_reads_as_torchs_error() -> None:
         assert info.value.layer == "1" and info.value.input_shapes == ((2, 4),)
         messages.append(str(info.value.original))
     assert all("dtype" in message for message in messages), messages
+
+
+class GroupedExperts(nn.Module):
+    """Two experts through torch._grouped_mm, as Mixtral-style MoE layers run them: the CPU
+    kernel takes float32, torch's meta kernel demands bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4, 8))  # rows of 16-byte multiples, as the CPU needs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offsets = torch.tensor([2, 4], dtype=torch.int32, device=x.device)
+        return torch._grouped_mm(x, self.weight, offs=offsets)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is newer than this torch")
+def test_a_check_only_meta_kernels_make_moves_on_to_a_real_forward(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), GroupedExperts())
+    with untouched(model):
+        sizes = model_sizes(model, input=torch.randn(4, 4))
+    assert sizes.engine == "real" and sizes["1"] == (4, 8)
+    assert "fake_tensor" not in capfd.readouterr().err  # torch's fake-kernel error log stays quiet
+
+
+def test_attention_mult_adds_agree_on_meta_and_a_real_cpu_forward() -> None:
+    # the CPU runs scaled_dot_product_attention as one fused op; meta decomposes it into matmuls
+    from pytest_modelhooks import model_summary
+
+    class Attention(nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 6)
+    meta = model_summary(Attention(), input_data=(q, k, v))
+    real = model_summary(Attention(), input_data=(q, k, v), engine="real")
+    assert meta.engine == "meta"
+    assert meta.mult_adds == real.mult_adds == 2 * 4 * 10 * 12 * (8 + 6)
