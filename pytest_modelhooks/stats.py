@@ -558,7 +558,9 @@ class ActivationStats(HookCallback):
         """The fused ``(6,)`` raw row of ``x``, or None (after one warning) where torch.compile
         cannot build the kernel here: the separate passes take over."""
         try:
-            row: torch.Tensor = _fused_reducer()(x.reshape(-1), self.eps, *self._fused_flags)
+            # always without grad: dynamo compiles a graph per grad mode otherwise
+            with torch.no_grad():
+                row: torch.Tensor = _fused_reducer()(x.reshape(-1), self.eps, *self._fused_flags)
         except Exception as error:  # no C++ compiler, no Triton, an unsupported dtype...
             self.fused = False
             warnings.warn(
