@@ -608,3 +608,14 @@ def test_the_std_of_a_single_value_is_zero_on_every_path() -> None:
     finished = _finish_device(raw, torch.tensor([1.0, 1.0], dtype=torch.float64))
     assert float(finished[0, 1]) == 0.0 and _reduce_on_host(torch.tensor([2.0]), 0.05)[1] == 0.0
     assert math.isnan(float(finished[1, 1]))  # not recorded stays NaN
+
+
+@pytest.mark.parametrize(("size", "nan_at"), [(2**24 + 3, None), (2**24 + 4, 7)])
+def test_device_gradient_counts_stay_exact_past_float32s_integers(size: int, nan_at: int | None) -> None:
+    from pytest_modelhooks.stats import _finish_grad, _grad_on_device
+
+    grad = torch.ones(size)
+    if nan_at is not None:
+        grad[nan_at] = math.nan
+    row = _finish_grad(_grad_on_device(grad), size)
+    assert float(row[4]) == (0.0 if nan_at is None else 1.0)
