@@ -110,6 +110,12 @@ def main() -> None:
         stats.stats  # noqa: B018
         grads.unused()
 
+    def ours_grads_fused() -> None:
+        with ActivationStats(model, fused=True) as stats, GradientStats(model, fused=True) as grads:
+            run_once()
+        stats.stats  # noqa: B018
+        grads.unused()
+
     def fastai() -> None:
         handles = fastai_style(model)
         try:
@@ -129,6 +135,7 @@ def main() -> None:
     }
     if args.step:
         contenders["ActivationStats + GradientStats"] = ours_grads
+        contenders["ActivationStats + GradientStats (fused=True)"] = ours_grads_fused
     for func in contenders.values():  # warm-up (and fused=True's one-time compile)
         func()
     sync()

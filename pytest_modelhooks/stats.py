@@ -240,16 +240,39 @@ def _fused_raw(
     return torch.stack(parts)
 
 
-_compiled_fused: Any = None
+def _fused_grad_raw(flat: torch.Tensor) -> torch.Tensor:
+    """``(5,)`` float64 raw gradient row ``(norm, mean, variance, max |g|, finite count)``, as
+    :func:`_grad_on_device` returns it; written to be compiled into one pass."""
+    g = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    variance, mean = torch.var_mean(g)
+    magnitude = g.abs()
+    norm = g.double().square().sum().sqrt()  # accumulated in float64: exact for 100M values
+    finite = (magnitude <= torch.finfo(g.dtype).max).sum()
+    return torch.stack([norm, mean.double(), variance.double(), magnitude.amax().double(), finite.double()])
 
 
-def _fused_reducer() -> Any:
-    """:func:`_fused_raw` compiled once per process (dynamic shapes: one graph for every size
-    of activation; one per dtype and set of statistics)."""
-    global _compiled_fused
-    if _compiled_fused is None:
-        _compiled_fused = torch.compile(_fused_raw, dynamic=True, fullgraph=True)
-    return _compiled_fused
+_compiled: dict[Any, Any] = {}
+
+
+def _compiled_call(owner: str, function: Any, *args: Any) -> torch.Tensor | None:
+    """``function(*args)`` compiled once per process (dynamic shapes: one graph for every size,
+    one per dtype and set of flags, the same with or without grad), or None after a warning
+    where torch.compile cannot build it here (no C++ compiler, no Triton...)."""
+    compiled = _compiled.get(function)
+    if compiled is None:
+        compiled = _compiled[function] = torch.compile(function, dynamic=True, fullgraph=True)
+    try:
+        with torch.no_grad():  # dynamo would compile a graph per grad mode otherwise
+            result: torch.Tensor = compiled(*args)
+    except Exception as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        warnings.warn(
+            f"{owner}(fused=True): torch.compile could not build the fused kernel "
+            f"({type(error).__name__}: {first_line}); using separate passes",
+            stacklevel=3,
+        )
+        return None
+    return result
 
 
 def _stack_raw(batch: list[Any]) -> torch.Tensor:
@@ -557,19 +580,9 @@ class ActivationStats(HookCallback):
     def _reduce_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused ``(6,)`` raw row of ``x``, or None (after one warning) where torch.compile
         cannot build the kernel here: the separate passes take over."""
-        try:
-            # always without grad: dynamo compiles a graph per grad mode otherwise
-            with torch.no_grad():
-                row: torch.Tensor = _fused_reducer()(x.reshape(-1), self.eps, *self._fused_flags)
-        except Exception as error:  # no C++ compiler, no Triton, an unsupported dtype...
+        row = _compiled_call("ActivationStats", _fused_raw, x.reshape(-1), self.eps, *self._fused_flags)
+        if row is None:
             self.fused = False
-            warnings.warn(
-                f"ActivationStats(fused=True): torch.compile could not build the fused kernel "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                f"using separate passes",
-                stacklevel=2,
-            )
-            return None
         return row
 
     def _channel_max_of(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -822,6 +835,8 @@ class GradientStats:
     hook), so ``zero_grad()`` anywhere in the loop does not matter. A *step* ends at the next
     forward of ``model``, at :meth:`end_step`, or when the block ends. Parameters that require
     grad but never got one are reported by :meth:`unused`; frozen parameters are not tracked.
+    ``fused=True`` reduces each gradient in one ``torch.compile``d pass, as
+    :class:`ActivationStats` does.
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     >>> with GradientStats(net) as grads:
@@ -830,10 +845,11 @@ class GradientStats:
     (1, [])
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, fused: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
+        self.fused = fused
         self.params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         self._index = {id(param): position for position, (_, param) in enumerate(self.params)}
         self._handles: list[Any] = []
@@ -879,9 +895,11 @@ class GradientStats:
         if grad is None:
             return
         grad = grad.detach()
-        self._pending[self._index[id(param)]] = (
-            _grad_on_host(grad) if grad.device.type == "cpu" else _grad_on_device(grad)
-        )
+        raw: Any = _compiled_call("GradientStats", _fused_grad_raw, grad.reshape(-1)) if self.fused else None
+        if raw is None:
+            self.fused = False  # (after compile failed: separate passes from now on)
+            raw = _grad_on_host(grad) if grad.device.type == "cpu" else _grad_on_device(grad)
+        self._pending[self._index[id(param)]] = raw
 
     def end_step(self) -> None:
         """Close the current step, if any gradient arrived since the last one."""

@@ -580,27 +580,56 @@ def test_fused_statistics_match_the_separate_passes() -> None:
     assert float(fused["0"].nonfinite[1]) == 40.0  # an inf input: every output of the first layer
 
 
-def test_fused_falls_back_to_separate_passes_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("owner", ["ActivationStats", "GradientStats"])
+def test_fused_falls_back_to_separate_passes_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, owner: str
+) -> None:
     from pytest_modelhooks import stats as stats_module
 
-    def cannot_compile() -> Any:
-        def raise_(*args: Any) -> torch.Tensor:
-            raise RuntimeError("no working C++ compiler\nmore detail")
+    def cannot_compile(*args: Any) -> torch.Tensor:
+        raise RuntimeError("no working C++ compiler\nmore detail")
 
-        return raise_
-
-    monkeypatch.setattr(stats_module, "_fused_reducer", cannot_compile)
+    for function in (stats_module._fused_raw, stats_module._fused_grad_raw):
+        monkeypatch.setitem(stats_module._compiled, function, cannot_compile)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
-    with warnings.catch_warnings(record=True) as caught, ActivationStats(model, fused=True) as stats:
+    recorder = (
+        ActivationStats(model, fused=True) if owner == "ActivationStats" else GradientStats(model, fused=True)
+    )
+    with warnings.catch_warnings(record=True) as caught, recorder:
         warnings.simplefilter("always")
         for _ in range(3):
-            model(torch.randn(2, 4))
+            model(torch.randn(2, 4)).sum().backward()
     assert [str(warning.message) for warning in caught] == [
-        "ActivationStats(fused=True): torch.compile could not build the fused kernel "
+        f"{owner}(fused=True): torch.compile could not build the fused kernel "
         "(RuntimeError: no working C++ compiler); using separate passes"
     ]
-    assert not stats.fused and stats.num_batches == 3
-    assert not torch.isnan(stats["0"].mean).any()
+    assert not recorder.fused
+    if isinstance(recorder, ActivationStats):
+        assert recorder.num_batches == 3 and not torch.isnan(recorder["0"].mean).any()
+    else:
+        assert recorder.num_steps == 3 and not torch.isnan(recorder["0.weight"].norm).any()
+
+
+def test_fused_gradient_statistics_match_the_separate_passes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        GradientStats(model, fused=True) as fused,
+        GradientStats(model) as separate,
+    ):
+        warnings.simplefilter("always")
+        for scale in (1.0, 100.0):
+            model(torch.randn(8, 6) * scale).pow(2).mean().backward()
+            model.zero_grad()
+    if any("could not build the fused kernel" in str(warning.message) for warning in caught):
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    assert fused.fused and fused.num_steps == separate.num_steps == 2
+    for name, _ in model.named_parameters():
+        for statistic in ("norm", "mean", "std", "max_abs", "nonfinite"):
+            torch.testing.assert_close(
+                getattr(fused[name], statistic), getattr(separate[name], statistic), rtol=1e-5, atol=1e-7
+            )
 
 
 def test_the_std_of_a_single_value_is_zero_on_every_path() -> None:
