@@ -45,42 +45,19 @@ def test_sizes_and_stats_name_model_output_fields(gpt2: torch.nn.Module) -> None
 
 
 def _small(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A two-layer, 64-wide model of each family, from a config, and an input for it."""
     torch.manual_seed(0)
     tokens = torch.randint(0, 500, (1, 12))
+    shared = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    grouped = {**shared, "num_key_value_heads": 2, "vocab_size": 500}
     if name == "bert":
-        config = transformers.BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=500
-        )
-        return transformers.BertModel(config), tokens
+        return transformers.BertModel(transformers.BertConfig(**shared, vocab_size=500)), tokens
     if name == "llama":
-        config = transformers.LlamaConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            vocab_size=500,
-        )
-        return transformers.LlamaForCausalLM(config), tokens
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**grouped)), tokens
     if name == "vit":
-        config = transformers.ViTConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            image_size=32,
-            patch_size=8,
-        )
+        config = transformers.ViTConfig(**shared, image_size=32, patch_size=8)
         return transformers.ViTModel(config), torch.randn(1, 3, 32, 32)
-    config = transformers.MixtralConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=500,
-        num_local_experts=4,
-    )
+    config = transformers.MixtralConfig(**grouped, num_local_experts=4)
     return transformers.MixtralForCausalLM(config), tokens
 
 
