@@ -428,13 +428,6 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
     )
 
 
-def _unwrap_single(shapes: Any) -> Any:
-    # Most modules take one positional tensor: show (1, 3, 8, 8), not ((1, 3, 8, 8),).
-    if isinstance(shapes, tuple) and not isinstance(shapes, torch.Size) and len(shapes) == 1:
-        return shapes[0]
-    return shapes
-
-
 # --------------------------------------------------------------------------- rendering
 
 
