@@ -462,9 +462,18 @@ def preserve_training_flags(
     finally:
         for module, flag in zip(modules, flags, strict=True):
             if module.training != flag:
-                # Set the flag itself: Module.__setattr__ is slow on 10,000s of modules, and a
-                # train() override must not run its side effects a second time.
-                object.__setattr__(module, "training", flag)
+                # Set the flag itself: a train() override must not run its side effects a
+                # second time.
+                _set_training(module, flag)
+
+
+def _set_training(module: nn.Module, flag: bool) -> None:
+    if type(module).__setattr__ is nn.Module.__setattr__:
+        # past Module.__setattr__, which is slow on 10,000s of modules
+        object.__setattr__(module, "training", flag)
+    else:
+        # a ScriptModule keeps the flag in its C++ module: an instance attribute would shadow it
+        module.training = flag
 
 
 def _set_eval(modules: Sequence[nn.Module]) -> None:
@@ -472,7 +481,7 @@ def _set_eval(modules: Sequence[nn.Module]) -> None:
         if type(module).train is not nn.Module.train:
             module.train(False)  # honour a custom train(), e.g. one that keeps BN frozen
         elif module.training:
-            object.__setattr__(module, "training", False)
+            _set_training(module, False)
 
 
 # --------------------------------------------------------------------------- callbacks

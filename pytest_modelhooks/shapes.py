@@ -699,8 +699,8 @@ def _meta_tensor(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
 def _plain_call(cls: type[nn.Module]) -> bool:
     return (
         cls.__call__ is nn.Module.__call__
-        and cls._wrapped_call_impl is nn.Module._wrapped_call_impl
-        and cls._call_impl is nn.Module._call_impl
+        and getattr(cls, "_wrapped_call_impl", None) is nn.Module._wrapped_call_impl
+        and getattr(cls, "_call_impl", None) is nn.Module._call_impl
     )
 
 
@@ -791,7 +791,8 @@ def _inline_sequentials(
         for module in modules:
             cls = type(module)
             if (
-                cls.forward is nn.Sequential.forward
+                # getattr with a default: a scripted module's class raises on .forward
+                getattr(cls, "forward", None) is nn.Sequential.forward
                 and getattr(cls, "__iter__", None) is nn.Sequential.__iter__
                 and "forward" not in module.__dict__
             ):

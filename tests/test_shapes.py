@@ -514,3 +514,28 @@ def test_attention_mult_adds_agree_on_meta_and_a_real_cpu_forward() -> None:
     real = model_summary(Attention(), input_data=(q, k, v), engine="real")
     assert meta.engine == "meta"
     assert meta.mult_adds == real.mult_adds == 2 * 4 * 10 * 12 * (8 + 6)
+
+
+class Reversed(nn.Sequential):
+    """A Sequential whose own iteration order runs its children last to first."""
+
+    def __iter__(self) -> Any:
+        return reversed(list(self._modules.values()))
+
+
+def test_scripted_children_and_sequentials_with_their_own_order() -> None:
+    # neither may be recorded by the Sequential shortcut: a scripted class raises on .forward,
+    # and a subclass's iteration decides the order of calls
+    from pytest_modelhooks import model_summary
+
+    scripted = torch.jit.script(nn.Linear(4, 4))
+    model = nn.Sequential(nn.Linear(3, 4), scripted, nn.ReLU(), Reversed(nn.Linear(5, 4), nn.Linear(4, 5)))
+    batch = torch.randn(2, 3)
+    with untouched(model):
+        meta = model_summary(model, input_data=batch)
+        real = model_summary(model, input_data=batch, engine="real")
+    assert meta.engine == "meta" and meta.layers == real.layers
+    assert [row.label for row in meta.layers][-2:] == ["3.1", "3.0"]
+    assert meta.output_shapes == (2, 4)
+    model.eval()  # the scripted module keeps its flag in C++: nothing of ours may shadow it
+    assert scripted.training is False
