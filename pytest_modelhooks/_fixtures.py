@@ -21,8 +21,8 @@ from pytest_modelhooks.hooks import (
     HookFunc,
     Hooks,
     ModuleSpec,
+    _hookable,
     hook_output,
-    select_modules,
 )
 from pytest_modelhooks.stats import ActivationStats, GradientStats
 
@@ -164,7 +164,7 @@ class FixtureState:
         cpu: bool = False,
     ) -> Hooks:
         model = self._take(model)
-        named = select_modules(model, modules, default="children")
+        named = _hookable(model, modules, default="children")
         selected = [module for _, module in named]
         hooks = Hooks([], _store, names=[])
         hooks.names = [name for name, _ in named]

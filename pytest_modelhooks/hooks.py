@@ -345,6 +345,24 @@ def select_modules(
     return list(chosen.values())
 
 
+def _hookable(model: nn.Module, modules: ModuleSpec, default: str) -> list[tuple[str, nn.Module]]:
+    """:func:`select_modules` for hooks: TorchScript modules take no Python hooks, so a keyword
+    selection (``"params"``, ``"all"``...) leaves them out, and naming one is an error."""
+    named = select_modules(model, modules, default=default)
+    scripted = [name for name, module in named if isinstance(module, torch.jit.ScriptModule)]
+    if not scripted:
+        return named
+    spec = default if modules is None else modules
+    kept = [(name, module) for name, module in named if not isinstance(module, torch.jit.ScriptModule)]
+    if isinstance(spec, str) and spec in _KEYWORDS and kept:
+        return kept
+    shown = ", ".join(repr(name or type(model).__name__) for name in scripted[:5])
+    raise TypeError(
+        f"modules: {shown} {'is a TorchScript module' if len(scripted) == 1 else 'are TorchScript modules'}, "
+        f"and torch.jit modules take no Python hooks; select modules outside the scripted part"
+    )
+
+
 def _match(
     model: nn.Module, named: list[tuple[str, nn.Module]], item: Any, argument: str
 ) -> list[tuple[str, nn.Module]]:
@@ -525,7 +543,7 @@ class HookCallback:
                 stacklevel=2,
             )
         self.model = model
-        self.named_modules = select_modules(model, modules, default="params")
+        self.named_modules = _hookable(model, modules, default="params")
         self.modules = [module for _, module in self.named_modules]
         self.module_names = [name for name, _ in self.named_modules]
         self.do_remove = do_remove

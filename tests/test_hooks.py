@@ -327,3 +327,16 @@ def test_hooks_can_be_looked_up_by_name() -> None:
     with pytest.raises(ValueError, match="created without names"):
         _ = unnamed.stored_by_name
     unnamed.remove()
+
+
+def test_scripted_submodules_are_left_out_of_keyword_selections_and_refused_by_name() -> None:
+    # TorchScript modules take no Python hooks: "params" (the default) skips them, naming one
+    # says why, and a failed registration leaves no hook behind
+    from pytest_modelhooks import ActivationStats
+
+    model = nn.Sequential(nn.Linear(3, 4), torch.jit.script(nn.Linear(4, 4)), nn.ReLU())
+    with untouched(model), ActivationStats(model) as stats:
+        model(torch.randn(2, 3))
+    assert stats.series_names == ["0"]
+    with untouched(model), pytest.raises(TypeError, match=r"modules: '1' is a TorchScript module"):
+        ActivationStats(model, modules=["0", "1"])
