@@ -429,11 +429,11 @@ def _call_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # real kernels' (grouped_mm's meta kernel demands bfloat16 where the CPU kernel takes float32).
 _META_KERNEL_FILES = (
     "_meta_registrations.py",
-    "_refs",
-    "_prims",
-    "_decomp",
-    "fake_tensor.py",
-    "fake_impls.py",
+    "_refs/",
+    "_prims/",
+    "_prims_common/",
+    "_decomp/",
+    "_subclasses/fake_",
 )
 
 
@@ -441,7 +441,9 @@ def _raised_in_meta_kernel(error: BaseException) -> bool:
     traceback = error.__traceback__
     while traceback is not None:
         path = traceback.tb_frame.f_code.co_filename.replace("\\", "/")
-        if "/torch/" in path and any(part in path.rpartition("/torch/")[2] for part in _META_KERNEL_FILES):
+        # the path inside the torch package: a user's own "_refs" folder is not torch's
+        inside = path.rpartition("/torch/")[2] if "/torch/" in path else ""
+        if inside.startswith(_META_KERNEL_FILES):
             return True
         traceback = traceback.tb_next
     return False

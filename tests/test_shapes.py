@@ -539,3 +539,23 @@ def test_scripted_children_and_sequentials_with_their_own_order() -> None:
     assert meta.output_shapes == (2, 4)
     model.eval()  # the scripted module keeps its flag in C++: nothing of ours may shadow it
     assert scripted.training is False
+
+
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [
+        ("/env/lib/python3.11/site-packages/torch/_meta_registrations.py", True),
+        ("/env/lib/python3.11/site-packages/torch/_refs/__init__.py", True),
+        ("/env/lib/python3.11/site-packages/torch/_subclasses/fake_impls.py", True),
+        ("/env/lib/python3.11/site-packages/torch/nn/modules/linear.py", False),
+        ("/home/me/torch/myproject/_refs/layers.py", False),  # a user's folder named torch
+        ("/home/me/project/model.py", False),
+    ],
+)
+def test_only_errors_out_of_torchs_meta_kernels_count_as_engine_limits(filename: str, expected: bool) -> None:
+    from pytest_modelhooks.shapes import _is_engine_limitation
+
+    code = compile("raise RuntimeError('shapes do not match')", filename, "exec")
+    with pytest.raises(RuntimeError) as info:
+        exec(code)
+    assert _is_engine_limitation(info.value) is expected
