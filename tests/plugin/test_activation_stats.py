@@ -41,3 +41,28 @@ def test_activation_stats_uses_marker_bounds_and_reports_the_table(run, pytester
         ]
     )
     assert len(list(plots.glob("*test_too_narrow-activations.png"))) == 1
+
+
+def test_fused_statistics_through_the_fixture_serially_and_under_xdist(run, pytester) -> None:
+    # the fixture passes fused=True on; each xdist worker compiles its own kernel (or, where
+    # torch cannot compile, warns and records with the separate passes): same numbers either way
+    write(
+        pytester,
+        "test_fused",
+        """
+        import torch
+        from models import mlp
+        from pytest_modelhooks import ActivationStats
+
+        def test_fused_matches(activation_stats):
+            model = mlp()
+            batch = torch.randn(32, 8)
+            with activation_stats(model, fused=True) as fused, ActivationStats(model) as separate:
+                model(batch)
+            for name in separate.series_names:
+                torch.testing.assert_close(fused[name].std, separate[name].std, rtol=1e-5, atol=1e-7)
+                torch.testing.assert_close(fused[name].near_zero, separate[name].near_zero)
+            fused.check(std=(0.01, 10.0))
+        """,
+    )
+    run("-W", "ignore::UserWarning").assert_outcomes(passed=1)
