@@ -351,8 +351,8 @@ def module_shortcut(
     return None
 
 
-#: ``rule(shape, dtype)`` -> ``(output shape, flops, returns its input)``, or None to defer.
-ShapeRule = Callable[[torch.Size, torch.dtype], "tuple[torch.Size, int, bool] | None"]
+#: ``rule(module, shape, dtype)`` -> ``(output shape, flops, returns its input)``, or None to defer.
+ShapeRule = Callable[[torch.nn.Module, torch.Size, torch.dtype], "tuple[torch.Size, int, bool] | None"]
 
 
 # Per class: whether a Linear's weight and bias are plain entries of _parameters (no class
@@ -367,10 +367,55 @@ def _plain_linear_class(cls: type[torch.nn.Module]) -> bool:
     return plain
 
 
+# The rules are plain functions of the module, not closures made per module: a 10,000-layer
+# stack would spend ~20 ms making them.
+def _linear_rule(
+    module: torch.nn.Module, shape: torch.Size, dtype: torch.dtype
+) -> tuple[torch.Size, int, bool] | None:
+    params = module._parameters  # what nn.Module.__getattr__ would read, ~1 us cheaper
+    weight: Any = params.get("weight")
+    bias: Any = params.get("bias")
+    if not (_plain_meta(weight) and (bias is None or _plain_meta(bias))):
+        return None
+    out: int = weight.shape[0]
+    if (
+        len(shape) < 2
+        or weight.dim() != 2
+        or shape[-1] != weight.shape[1]
+        or dtype != weight.dtype
+        or (bias is not None and (bias.shape != (out,) or bias.dtype != dtype))
+    ):
+        return None
+    return torch.Size((*shape[:-1], out)), 2 * math.prod(shape) * out, False
+
+
+def _activation_rule(
+    module: torch.nn.Module, shape: torch.Size, dtype: torch.dtype
+) -> tuple[torch.Size, int, bool] | None:
+    # the instance dict: a missing attribute through nn.Module.__getattr__ costs ~8 us
+    if module.__dict__.get("approximate", "none") not in ("none", "tanh"):
+        return None
+    return shape, 0, bool(module.__dict__.get("inplace", False))
+
+
+def _identity_rule(
+    module: torch.nn.Module, shape: torch.Size, dtype: torch.dtype
+) -> tuple[torch.Size, int, bool] | None:
+    return None if module.training else (shape, 0, True)
+
+
+_RULES: dict[str, ShapeRule] = {
+    "linear": _linear_rule,
+    "same shape": _activation_rule,
+    "identity in eval": _identity_rule,
+}
+
+
 def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
     """What ``module``'s stand-in would build for a plain contiguous meta input of a given
-    shape and dtype, without building it: the output shape, the multiply-adds and whether the
-    module returns its input itself. None for modules without a stand-in.
+    shape and dtype, without building it: ``rule(module, shape, dtype)`` gives the output
+    shape, the multiply-adds and whether the module returns its input itself (or None to
+    defer). None for modules without a stand-in.
 
     A plain ``nn.Sequential`` chains these over runs of hook-free children, so that a deep
     stack of small layers allocates no tensor between them (see ``shapes._inline_sequentials``).
@@ -380,41 +425,8 @@ def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
     own = module.__dict__.get("forward")
     if kind is None or (own is not None and not getattr(own, _STAND_IN, False)):
         return None  # someone else's forward on the instance
-    if kind == "linear":
-        if not _plain_linear_class(cls):
-            # a parametrized Linear computes its weight through modules of its own, whose calls
-            # belong inside the Linear's call: it takes the ordinary (recorded) path
-            return None
-        params = module._parameters  # what nn.Module.__getattr__ would read, ~1 us cheaper
-
-        def linear_rule(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Size, int, bool] | None:
-            weight: Any = params.get("weight")
-            bias: Any = params.get("bias")
-            if not (_plain_meta(weight) and (bias is None or _plain_meta(bias))):
-                return None
-            out: int = weight.shape[0]
-            if (
-                len(shape) < 2
-                or weight.dim() != 2
-                or shape[-1] != weight.shape[1]
-                or dtype != weight.dtype
-                or (bias is not None and (bias.shape != (out,) or bias.dtype != dtype))
-            ):
-                return None
-            return torch.Size((*shape[:-1], out)), 2 * math.prod(shape) * out, False
-
-        return linear_rule
-    if kind == "same shape":
-        approximate = module.__dict__.get("approximate", "none")
-        in_place = bool(module.__dict__.get("inplace", False))
-
-        def activation_rule(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Size, int, bool] | None:
-            return None if approximate not in ("none", "tanh") else (shape, 0, in_place)
-
-        return activation_rule
-    identity = module
-
-    def identity_rule(shape: torch.Size, dtype: torch.dtype) -> tuple[torch.Size, int, bool] | None:
-        return None if identity.training else (shape, 0, True)
-
-    return identity_rule
+    if kind == "linear" and not _plain_linear_class(cls):
+        # a parametrized Linear computes its weight through modules of its own, whose calls
+        # belong inside the Linear's call: it takes the ordinary (recorded) path
+        return None
+    return _RULES[kind]

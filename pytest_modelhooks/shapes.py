@@ -319,12 +319,11 @@ class _Recorder:
     the forward of a deep MLP, and the model's own hook dicts are never touched.
     """
 
-    def __init__(self, named: Sequence[tuple[str, nn.Module]]) -> None:
+    def __init__(self, known: dict[int, tuple[str, int]]) -> None:
         self.calls: list[Call] = []
         self.stack: list[Call] = []  # the calls running now, outermost first
         self.counts: dict[int, int] = {}
-        self.names = {id(module): name for name, module in named}
-        self.depths = {id(module): name.count(".") + 1 if name else 0 for name, module in named}
+        self.known = known  # id(module) -> (qualified name, depth) for the model's modules
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
         self.handles = [register_module_forward_pre_hook(self._pre)]
@@ -336,11 +335,11 @@ class _Recorder:
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         key = id(module)
-        name = self.names.get(key)
-        if name is None:  # a module of another model, or not registered in this one
+        known = self.known.get(key)
+        if known is None:  # a module of another model, or not registered in this one
             return
         count = self.counts[key] = self.counts.get(key, 0) + 1
-        call = Call(name, module, self.depths[key], len(self.calls), count, pending=args)
+        call = Call(known[0], module, known[1], len(self.calls), count, pending=args)
         self.calls.append(call)
         self.stack.append(call)
 
@@ -351,7 +350,7 @@ class _Recorder:
         if stack and stack[-1].module is module:
             call = stack.pop()
         else:
-            if id(module) not in self.names:
+            if id(module) not in self.known:
                 return
             position = len(stack) - 1
             while position >= 0 and stack[position].module is not module:
@@ -377,15 +376,15 @@ class _Recorder:
         """Record a finished call of ``module`` that was never made: what the hooks would have
         recorded for a module whose output the caller computed from shapes alone."""
         key = id(module)
-        name = self.names.get(key)
-        if name is None:
+        known = self.known.get(key)
+        if known is None:
             return
         count = self.counts[key] = self.counts.get(key, 0) + 1
         self.calls.append(
             Call(
-                name,
+                known[0],
                 module,
-                self.depths[key],
+                known[1],
                 len(self.calls),
                 count,
                 (input_shape,),
@@ -509,8 +508,11 @@ def _swapped_tensors(
             rnn._flat_weights = weights
 
 
+_META = torch.device("meta")  # a device object: parsing the string costs ~0.4 us a tensor
+
+
 def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(tensor, device="meta")
+    return torch.empty_like(tensor, device=_META)
 
 
 def _input_devices(args: Any) -> set[torch.device]:
@@ -629,13 +631,14 @@ def _trace_once(
     # One walk gives both lists: the first path to each module is what named_modules() yields.
     paths = list(model.named_modules(remove_duplicate=False))
     named: list[tuple[str, nn.Module]] = []
-    seen: set[int] = set()
+    known: dict[int, tuple[str, int]] = {}  # also the set of modules seen
     for name, module in paths:
-        if id(module) not in seen:
-            seen.add(id(module))
+        key = id(module)
+        if key not in known:
+            known[key] = (name, name.count(".") + 1 if name else 0)
             named.append((name, module))
     modules = [module for _, module in named]
-    recorder = _Recorder(named)
+    recorder = _Recorder(known)
     trace = Trace(engine, named=named, paths=paths)
     try:
         with ExitStack() as stack:
@@ -771,7 +774,7 @@ def _inline_sequentials(
                 if rule is not None and (virtual or _plain_meta(input)):
                     if not virtual:
                         shape, dtype = input.shape, input.dtype
-                    answered = rule(shape, dtype)
+                    answered = rule(child, shape, dtype)
                     if answered is not None:
                         out_shape, flops, returns_input = answered
                         recorder.record(child, shape, out_shape, flops if count_flops else 0)

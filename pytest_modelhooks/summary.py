@@ -191,19 +191,15 @@ def _tally(entries: list[tuple[str, nn.Module]], module_names: set[str]) -> _Tal
     params: dict[int, torch.Tensor] = {}
     buffers: dict[int, torch.Tensor] = {}
     own: dict[str, tuple[int, int]] = {}
-    shared = False
+    # more paths than modules: some module is reachable twice
+    shared = len(entries) != len(module_names)
     unique_total = unique_trainable = 0
-    seen_modules: set[int] = set()
     for path, module in entries:
-        key = id(module)
-        shared = shared or key in seen_modules
-        seen_modules.add(key)
         if module._buffers:
             for buffer in module._buffers.values():
                 if buffer is not None:
                     buffers.setdefault(id(buffer), buffer)
         if not module._parameters:
-            own[path] = (0, 0)
             continue
         total = trainable = 0
         for param in module._parameters.values():
@@ -223,16 +219,20 @@ def _tally(entries: list[tuple[str, nn.Module]], module_names: set[str]) -> _Tal
         counts = _shared_counts(entries, module_names)
     else:
         # Nothing is held twice: a parent's count is its own plus its children's, bottom-up
-        # (pre-order reversed puts children before their parents).
+        # (pre-order reversed puts children before their parents). Only modules that hold
+        # parameters somewhere below them get an entry; the rest read (0, 0, 0).
         sums = dict(own)
         for path, _ in reversed(entries):
-            if path:
-                parent = path.rpartition(".")[0]
-                total, trainable = sums[path]
-                if total:
-                    parent_total, parent_trainable = sums[parent]
-                    sums[parent] = (parent_total + total, parent_trainable + trainable)
-        counts = {path: (total, trainable, own[path][0]) for path, (total, trainable) in sums.items()}
+            held = sums.get(path)
+            if held is None or not path or not held[0]:
+                continue
+            parent = path.rpartition(".")[0]
+            above = sums.get(parent)
+            sums[parent] = held if above is None else (above[0] + held[0], above[1] + held[1])
+        counts = {
+            path: (total, trainable, own[path][0] if path in own else 0)
+            for path, (total, trainable) in sums.items()
+        }
     return _Tally(counts, list(params.values()), list(buffers.values()), unique_total, unique_trainable)
 
 
