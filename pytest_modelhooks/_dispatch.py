@@ -411,6 +411,23 @@ _RULES: dict[str, ShapeRule] = {
 }
 
 
+def class_shape_rule(cls: type[torch.nn.Module]) -> ShapeRule | None:
+    """The shape rule instances of ``cls`` get when nothing is set on the instance (see
+    :func:`shape_rule`); the same for every instance, so callers may keep it per class."""
+    kind = _shortcut_kind(cls)
+    if kind is None or (kind == "linear" and not _plain_linear_class(cls)):
+        # a parametrized Linear computes its weight through modules of its own, whose calls
+        # belong inside the Linear's call: it takes the ordinary (recorded) path
+        return None
+    return _RULES[kind]
+
+
+def own_forward(module: torch.nn.Module) -> bool:
+    """True when a ``forward`` other than a stand-in of ours is set on the instance."""
+    own = module.__dict__.get("forward")
+    return own is not None and not getattr(own, _STAND_IN, False)
+
+
 def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
     """What ``module``'s stand-in would build for a plain contiguous meta input of a given
     shape and dtype, without building it: ``rule(module, shape, dtype)`` gives the output
@@ -420,13 +437,4 @@ def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
     A plain ``nn.Sequential`` chains these over runs of hook-free children, so that a deep
     stack of small layers allocates no tensor between them (see ``shapes._inline_sequentials``).
     """
-    cls = type(module)
-    kind = _shortcut_kind(cls)
-    own = module.__dict__.get("forward")
-    if kind is None or (own is not None and not getattr(own, _STAND_IN, False)):
-        return None  # someone else's forward on the instance
-    if kind == "linear" and not _plain_linear_class(cls):
-        # a parametrized Linear computes its weight through modules of its own, whose calls
-        # belong inside the Linear's call: it takes the ordinary (recorded) path
-        return None
-    return _RULES[kind]
+    return None if own_forward(module) else class_shape_rule(type(module))

@@ -486,20 +486,25 @@ def _swapped_tensors(
     flat_weights = [
         (module, list(module._flat_weights)) for module in modules if isinstance(module, nn.RNNBase)
     ]
+    remember = swapped.append
+
+    def swap(store: dict[str, Any]) -> None:
+        for name, tensor in store.items():
+            if tensor is None:
+                continue
+            stand_in = made.get(id(tensor))
+            if stand_in is None:
+                stand_in = made[id(tensor)] = make(tensor)
+            remember((store, name, tensor))
+            store[name] = stand_in
+
     try:
         for module in modules:
-            stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
-            for store in stores:
-                if not store:
-                    continue
-                for name, tensor in store.items():
-                    if tensor is None:
-                        continue
-                    stand_in = made.get(id(tensor))
-                    if stand_in is None:
-                        stand_in = made[id(tensor)] = make(tensor)
-                    swapped.append((store, name, tensor))
-                    store[name] = stand_in
+            # most modules hold no buffers, many no parameters: test before calling
+            if module._parameters:
+                swap(module._parameters)
+            if module._buffers:
+                swap(module._buffers)
         yield
     finally:
         for store, name, tensor in reversed(swapped):
@@ -729,7 +734,7 @@ def _inline_sequentials(
     """
     from torch.nn.modules import module as torch_module
 
-    from pytest_modelhooks._dispatch import ShapeRule, _plain_meta, shape_rule
+    from pytest_modelhooks._dispatch import ShapeRule, _plain_meta, class_shape_rule, own_forward
 
     patched: list[nn.Module] = []
     plain: dict[type[nn.Module], bool] = {}
@@ -744,6 +749,9 @@ def _inline_sequentials(
         )
 
     rules: dict[int, ShapeRule] = {}
+    class_rules: dict[type[nn.Module], ShapeRule | None] = {}
+    known, counts, calls = recorder.known, recorder.counts, recorder.calls
+    add_call = calls.append
 
     def inline(sequential: nn.Sequential) -> Callable[[Any], Any]:
         def forward(input: Any) -> Any:
@@ -753,11 +761,46 @@ def _inline_sequentials(
             # ``virtual``; it becomes a meta tensor again where a child needs one.
             virtual = False
             shape, dtype = torch.Size(), torch.float32
+            flops_total = 0
             for child in sequential._modules.values():
+                # the hot path first: a hook-free child with a shape rule (its class's call
+                # was checked plain when the rule was taken)
+                rule = rules.get(id(child))
+                if (
+                    rule is not None
+                    and not (
+                        child._forward_hooks
+                        or child._forward_pre_hooks
+                        or child._backward_hooks
+                        or child._backward_pre_hooks
+                        or child._compiled_call_impl is not None
+                    )
+                    and (virtual or _plain_meta(input))
+                ):
+                    if not virtual:
+                        shape, dtype = input.shape, input.dtype
+                    answered = rule(child, shape, dtype)
+                    if answered is not None:
+                        out_shape, flops, returns_input = answered
+                        # what recorder.record does, inline: this runs once a layer
+                        key = id(child)
+                        name, depth = known[key]
+                        count = counts[key] = counts.get(key, 0) + 1
+                        if not count_flops:
+                            flops = 0
+                        call = Call(name, child, depth, len(calls), count, (shape,), out_shape, True, flops)
+                        add_call(call)
+                        flops_total += flops
+                        # a module that returns its input keeps the real tensor, if there is one
+                        virtual = virtual or not returns_input
+                        shape = out_shape
+                        continue
                 cls = type(child)
                 is_plain = plain.get(cls)
                 if is_plain is None:
                     is_plain = plain[cls] = _plain_call(cls)
+                if virtual:
+                    input, virtual = _meta_tensor(shape, dtype), False
                 if (
                     not is_plain
                     or child._compiled_call_impl is not None
@@ -766,28 +809,14 @@ def _inline_sequentials(
                     or child._backward_hooks
                     or child._backward_pre_hooks
                 ):
-                    if virtual:
-                        input, virtual = _meta_tensor(shape, dtype), False
                     input = child(input)
                     continue
-                rule = rules.get(id(child))
-                if rule is not None and (virtual or _plain_meta(input)):
-                    if not virtual:
-                        shape, dtype = input.shape, input.dtype
-                    answered = rule(child, shape, dtype)
-                    if answered is not None:
-                        out_shape, flops, returns_input = answered
-                        recorder.record(child, shape, out_shape, flops if count_flops else 0)
-                        # a module that returns its input keeps the real tensor, if there is one
-                        virtual = virtual or not returns_input
-                        shape = out_shape
-                        continue
-                if virtual:
-                    input, virtual = _meta_tensor(shape, dtype), False
                 args = (input,)
                 recorder._pre(child, args)
                 input = child.forward(input)
                 recorder._post(child, args, {}, input)
+            if flops_total and recorder.stack:
+                recorder.stack[-1].flops += flops_total  # the Sequential's own call
             return _meta_tensor(shape, dtype) if virtual else input
 
         return forward
@@ -805,8 +834,14 @@ def _inline_sequentials(
                 patched.append(module)
                 if shape_rules:
                     for child in module._modules.values():
-                        rule = shape_rule(child) if child is not None else None
-                        if rule is not None:
+                        if child is None:
+                            continue
+                        kind = type(child)
+                        if kind in class_rules:
+                            rule = class_rules[kind]
+                        else:  # once per class: the call must be torch's own, too
+                            rule = class_rules[kind] = class_shape_rule(kind) if _plain_call(kind) else None
+                        if rule is not None and id(child) in known and not own_forward(child):
                             rules[id(child)] = rule
         yield set(rules)
     finally:

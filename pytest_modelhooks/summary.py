@@ -177,7 +177,7 @@ class _Tally:
     """Parameter counts per module and the model's unique tensors, from one walk of the tree."""
 
     counts: dict[str, tuple[int, int, int]]  # name -> (params, trainable, own params)
-    params: list[torch.Tensor]  # each tensor once
+    param_elements: dict[torch.dtype, int]  # each tensor once
     buffers: list[torch.Tensor]
     total: int  # of params
     trainable: int
@@ -191,6 +191,7 @@ def _tally(entries: list[tuple[str, nn.Module]], module_names: set[str]) -> _Tal
     params: dict[int, torch.Tensor] = {}
     buffers: dict[int, torch.Tensor] = {}
     own: dict[str, tuple[int, int]] = {}
+    param_elements: dict[torch.dtype, int] = {}
     # more paths than modules: some module is reachable twice
     shared = len(entries) != len(module_names)
     unique_total = unique_trainable = 0
@@ -210,6 +211,7 @@ def _tally(entries: list[tuple[str, nn.Module]], module_names: set[str]) -> _Tal
                 shared = True
             else:
                 params[id(param)] = param
+                param_elements[param.dtype] = param_elements.get(param.dtype, 0) + count
                 unique_total += count
                 unique_trainable += count if param.requires_grad else 0
             total += count
@@ -233,7 +235,7 @@ def _tally(entries: list[tuple[str, nn.Module]], module_names: set[str]) -> _Tal
             path: (total, trainable, own[path][0] if path in own else 0)
             for path, (total, trainable) in sums.items()
         }
-    return _Tally(counts, list(params.values()), list(buffers.values()), unique_total, unique_trainable)
+    return _Tally(counts, param_elements, list(buffers.values()), unique_total, unique_trainable)
 
 
 def _shared_counts(
@@ -271,6 +273,11 @@ def _memory(tensors: Sequence[torch.Tensor]) -> tuple[tuple[str, int, int], ...]
     elements: dict[torch.dtype, int] = {}
     for tensor in tensors:
         elements[tensor.dtype] = elements.get(tensor.dtype, 0) + tensor.numel()
+    return _memory_of(elements)
+
+
+def _memory_of(elements: dict[torch.dtype, int]) -> tuple[tuple[str, int, int], ...]:
+    """(dtype name, elements, bytes) per dtype, sorted by name."""
     by_name = {str(dtype).removeprefix("torch."): (n, n * dtype.itemsize) for dtype, n in elements.items()}
     return tuple((name, count, size) for name, (count, size) in sorted(by_name.items()))
 
@@ -420,7 +427,7 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
         output_shapes=trace.output_shapes,
         total_params=total,
         trainable_params=trainable,
-        param_memory=_memory(tally.params),
+        param_memory=_memory_of(tally.param_elements),
         buffer_memory=_memory(tally.buffers),
         mult_adds=mult_adds(trace.total_flops or 0),
         depth=depth,
