@@ -14,10 +14,11 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, NoReturn, overload
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from pytest_modelhooks._tree import format_shape, jsonable_shape, map_tensors, shapes_of, tensor_leaves
 from pytest_modelhooks.hooks import ModuleSpec, preserve_training_flags, select_modules
@@ -112,6 +113,8 @@ def input_spec(model: nn.Module) -> InputSpec:
     """
     model = _check_model(model)
     for name, module in model.named_modules():
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            _refuse_lazy(name, module)  # its sizes are not known yet (in_channels=0)
         spec = _spec_for(name, module)
         if spec is not None:
             return spec
@@ -630,6 +633,15 @@ class _EngineFailed(Exception):
         self.layer_error = layer_error
 
 
+def _refuse_lazy(name: str, module: nn.Module) -> NoReturn:
+    where = f"layer '{name}' ({type(module).__name__})" if name else f"model {type(module).__name__}"
+    raise ValueError(
+        f"{where} has uninitialized parameters: a lazy module takes its sizes from its first "
+        f"forward, which changes the model for good (it materializes the parameters and changes "
+        f"the module's class). Run the model once on a real batch first"
+    )
+
+
 def _trace_once(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], engine: str, count_flops: bool
 ) -> Trace:
@@ -642,6 +654,8 @@ def _trace_once(
         if key not in known:
             known[key] = (name, name.count(".") + 1 if name else 0)
             named.append((name, module))
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+                _refuse_lazy(name, module)
     modules = [module for _, module in named]
     recorder = _Recorder(known)
     trace = Trace(engine, named=named, paths=paths)

@@ -559,3 +559,24 @@ def test_only_errors_out_of_torchs_meta_kernels_count_as_engine_limits(filename:
     with pytest.raises(RuntimeError) as info:
         exec(code)
     assert _is_engine_limitation(info.value) is expected
+
+
+@pytest.mark.parametrize("engine", ["auto", "meta", "fake", "real"])
+def test_an_uninitialized_lazy_model_is_refused_and_left_lazy(engine: str) -> None:
+    # A lazy module's first forward materializes its parameters and changes its class: tracing
+    # must not do that behind the user's back, and must say which layer and what to do.
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(2))
+    refused = r"layer '2' \(LazyLinear\) has uninitialized parameters.*real batch"
+    with pytest.raises(ValueError, match=refused):
+        model_sizes(model, input=torch.randn(3, 4), engine=engine)
+    assert type(model[2]) is nn.LazyLinear and model[2].has_uninitialized_params()
+    assert not model[2]._forward_hooks and len(model[2]._forward_pre_hooks) == 1  # its own initializer
+
+
+def test_a_lazy_model_works_once_initialized_and_in_channels_refuses_before() -> None:
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"layer '0' \(LazyConv2d\) has uninitialized"):
+        in_channels(model)
+    model(torch.randn(1, 5, 16, 16))  # the user's own first forward
+    assert in_channels(model) == 5
+    assert model_sizes(model, (16, 16))[-1] == (1, 8, 14, 14)
