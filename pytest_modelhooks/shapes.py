@@ -113,7 +113,7 @@ def input_spec(model: nn.Module) -> InputSpec:
     """
     model = _check_model(model)
     for name, module in model.named_modules():
-        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        if _uninitialized_lazy(module):
             _refuse_lazy(name, module)  # its sizes are not known yet (in_channels=0)
         spec = _spec_for(name, module)
         if spec is not None:
@@ -633,6 +633,11 @@ class _EngineFailed(Exception):
         self.layer_error = layer_error
 
 
+def _uninitialized_lazy(module: nn.Module) -> bool:
+    lazy: Any = module  # the mixin's methods are typed for a protocol, not for nn.Module
+    return isinstance(module, LazyModuleMixin) and bool(lazy.has_uninitialized_params())
+
+
 def _refuse_lazy(name: str, module: nn.Module) -> NoReturn:
     where = f"layer '{name}' ({type(module).__name__})" if name else f"model {type(module).__name__}"
     raise ValueError(
@@ -654,7 +659,7 @@ def _trace_once(
         if key not in known:
             known[key] = (name, name.count(".") + 1 if name else 0)
             named.append((name, module))
-            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            if _uninitialized_lazy(module):
                 _refuse_lazy(name, module)
     modules = [module for _, module in named]
     recorder = _Recorder(known)
