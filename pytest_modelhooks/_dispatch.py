@@ -31,6 +31,56 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
+Handler = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NUMBER = (int, float)  # Python scalars that keep a floating tensor's dtype (not complex, not bool)
+
+
+def _dense(tensor: Any) -> bool:
+    """A meta tensor laid out contiguously: the layout every shortcut's output takes."""
+    return type(tensor) is torch.Tensor and tensor.is_meta and tensor.is_contiguous()
+
+
+def _dense_float(tensor: Any) -> bool:
+    return _dense(tensor) and tensor.dtype in _FLOATS
+
+
+def _empty(shape: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _broadcasts(shape: tuple[int, ...] | torch.Size, target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(dim in (1, goal) for dim, goal in zip(reversed(shape), reversed(target), strict=False))
+
+
+def _broadcast_shape(*shapes: torch.Size) -> tuple[int, ...] | None:
+    """The shape ``shapes`` broadcast to, or None where they do not (torch then says why)."""
+    rank = max(len(shape) for shape in shapes)
+    out: list[int] = []
+    for axis in range(-rank, 0):
+        size = 1
+        for shape in shapes:
+            if -axis > len(shape):
+                continue
+            dim = shape[axis]
+            if dim == 1:
+                continue
+            if size == 1:
+                size = dim
+            elif dim != size:
+                return None
+        out.append(size)
+    return tuple(out)
+
+
+def _dim_ok(dim: Any, rank: int) -> bool:
+    return type(dim) is int and -max(rank, 1) <= dim < max(rank, 1)
+
+
+# Pointwise ops whose output has the input's shape and dtype, for any dtype.
 _UNARY = {
     aten.relu.default,
     aten.gelu.default,
@@ -45,107 +95,317 @@ _UNARY = {
     aten.softplus.default,
     aten.clone.default,
 }
-_BINARY_SAME_SHAPE = {aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor}
+# ... for floating inputs only (integer inputs promote, or are refused).
+_FLOAT_UNARY = {
+    aten.rsqrt.default,
+    aten.sqrt.default,
+    aten.exp.default,
+    aten.log.default,
+    aten.neg.default,
+    aten.sin.default,
+    aten.cos.default,
+    aten.reciprocal.default,
+}
+# tensor (op) Python number: the tensor's dtype for a floating tensor
+_WITH_SCALAR = {
+    aten.mul.Scalar,
+    aten.add.Scalar,
+    aten.sub.Scalar,
+    aten.div.Scalar,
+    aten.pow.Tensor_Scalar,
+}
+_BROADCASTING = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor}
 
 
-def _dense(tensor: torch.Tensor) -> bool:
-    return tensor.is_contiguous()
+def _pointwise_out(x: Any) -> torch.Tensor | None:
+    """What a pointwise op on meta tensor ``x`` alone returns, or None where torch's choice is
+    not plain (dims of equal or zero stride).
+
+    torch lays the output out densely in the order of ``x``'s strides: contiguous for a
+    contiguous ``x``, the same strides for a transpose, the transpose's layout without the
+    gaps for a slice of a fused projection. (Strides of size-1 dims are left as they fall:
+    torch's kernels disagree among themselves there, and they change no shape and no later
+    op's result.)
+    """
+    if type(x) is not torch.Tensor or not x.is_meta:
+        return None
+    if x.is_contiguous():
+        return _empty(x.shape, x)
+    if not x.numel():
+        return None
+    shape = x.shape
+    order = sorted((stride, axis) for axis, stride in enumerate(x.stride()) if shape[axis] != 1)
+    strides = [0] * len(shape)
+    previous, dense = 0, 1
+    for stride, axis in order:
+        if stride <= previous:
+            return None
+        previous = stride
+        strides[axis] = dense
+        dense *= shape[axis]
+    for axis, size in enumerate(shape):
+        if size == 1:
+            strides[axis] = dense
+    return torch.empty_strided(shape, strides, dtype=x.dtype, device=x.device)
 
 
-def _broadcasts(shape: tuple[int, ...] | torch.Size, target: tuple[int, ...]) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(dim in (1, goal) for dim, goal in zip(reversed(shape), reversed(target), strict=False))
+def _unary(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0]
+    layout = kwargs.get("memory_format")
+    if layout is None:
+        return _pointwise_out(x)
+    if layout is torch.contiguous_format and _meta(x):  # clone(memory_format=...), .contiguous()
+        return _empty(x.shape, x)
+    return None
+
+
+def _float_unary(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0]
+    if len(args) == 1 and not kwargs and type(x) is torch.Tensor and x.dtype in _FLOATS:
+        return _pointwise_out(x)
+    return None
+
+
+def _with_scalar(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x, other = args[0], args[1]
+    if (
+        type(x) is torch.Tensor
+        and x.dtype in _FLOATS
+        and type(other) in _NUMBER
+        and all(type(value) in _NUMBER for value in (*args[2:], *kwargs.values()))
+    ):
+        return _pointwise_out(x)
+    return None
+
+
+def _broadcasting(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    left, right = args[0], args[1]
+    if type(right) in _NUMBER:  # x * 0.5 reaches the .Tensor overload with a Python number
+        return _with_scalar(args, kwargs)
+    if not (_dense_float(left) and _dense(right) and left.dtype == right.dtype):
+        return None
+    if any(type(value) not in _NUMBER for value in (*args[2:], *kwargs.values())):  # alpha=
+        return None
+    if left.shape == right.shape:
+        return _empty(left.shape, left)
+    shape = _broadcast_shape(left.shape, right.shape)
+    return None if shape is None else _empty(shape, left)
+
+
+def _where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    condition, left, right = args
+    if not (
+        _dense(condition)
+        and condition.dtype is torch.bool
+        and _dense(left)
+        and _dense(right)
+        and left.dtype == right.dtype
+    ):
+        return None
+    shape = _broadcast_shape(condition.shape, left.shape, right.shape)
+    return None if shape is None else _empty(shape, left)
+
+
+def _masked_fill(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x, mask, value = args
+    if (
+        _dense_float(x)
+        and _dense(mask)
+        and mask.dtype is torch.bool
+        and type(value) in _NUMBER
+        and _broadcasts(mask.shape, tuple(x.shape))
+    ):
+        return _empty(x.shape, x)
+    return None
+
+
+def _softmax(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # _softmax/_log_softmax(x, dim, half_to_float); _safe_softmax(x, dim, dtype=None)
+    x, dim = args[0], args[1]
+    rest = [*args[2:], *kwargs.values()]
+    if _dense_float(x) and _dim_ok(dim, x.dim()) and all(value in (None, False) for value in rest):
+        return _empty(x.shape, x)
+    return None
+
+
+def _triangle(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0]
+    diagonal = [*args[1:], *kwargs.values()]
+    if _dense(x) and x.dim() >= 2 and all(type(value) is int for value in diagonal):
+        return _empty(x.shape, x)
+    return None
+
+
+def _mean(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # mean.dim(x, dim, keepdim=False, *, dtype=None)
+    x, dims = args[0], args[1]
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if (
+        not _dense_float(x)
+        or x.dim() == 0
+        or kwargs.get("dtype") is not None
+        or type(keepdim) is not bool
+        or not isinstance(dims, (list, tuple))
+        or not dims
+        or not all(_dim_ok(dim, x.dim()) for dim in dims)
+    ):
+        return None
+    reduced = {dim % x.dim() for dim in dims}
+    if len(reduced) != len(dims):
+        return None  # a repeated dim: torch's error
+    if keepdim:
+        shape = [1 if axis in reduced else size for axis, size in enumerate(x.shape)]
+    else:
+        shape = [size for axis, size in enumerate(x.shape) if axis not in reduced]
+    return _empty(shape, x)
+
+
+def _same_but(shape: torch.Size, other: torch.Size, axis: int) -> bool:
+    return shape[:axis] == other[:axis] and shape[axis + 1 :] == other[axis + 1 :]
+
+
+def _cat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    # torch skips 1-d empty tensors (an empty cache to append to)
+    tensors = [tensor for tensor in args[0] if not (_meta(tensor) and tensor.shape == (0,))]
+    if not tensors or not all(_meta(tensor) for tensor in tensors):
+        return None
+    first = tensors[0]
+    rank = first.dim()
+    if rank == 0 or not _dim_ok(dim, rank):
+        return None
+    axis = dim % rank
+    total = 0
+    for tensor in tensors:
+        if (
+            tensor.dtype != first.dtype
+            or tensor.dim() != rank
+            # The output is contiguous unless every input suggests channels-last; a channel
+            # stride above the last dim's rules that out (any layout torch would call so).
+            or (rank in (4, 5) and not tensor.stride(1) > tensor.stride(-1))
+            or not _same_but(tensor.shape, first.shape, axis)
+        ):
+            return None
+        total += tensor.shape[axis]
+    shape = list(first.shape)
+    shape[axis] = total
+    return _empty(shape, first)
+
+
+def _addmm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    bias, left, right = args[:3]
+    if (
+        _dense(left)
+        and _dense(right)
+        and type(bias) is torch.Tensor
+        and bias.is_meta
+        and left.dim() == 2
+        and right.dim() == 2
+        and left.shape[1] == right.shape[0]
+        and left.dtype == right.dtype == bias.dtype
+        and _broadcasts(bias.shape, (left.shape[0], right.shape[1]))
+    ):
+        return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
+    return None
+
+
+def _mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    left, right = args
+    if (
+        _meta(left)
+        and _meta(right)
+        and left.dim() == 2
+        and right.dim() == 2
+        and left.shape[1] == right.shape[0]
+        and left.dtype == right.dtype
+    ):
+        return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
+    return None
+
+
+def _bmm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    left, right = args
+    if (
+        _meta(left)
+        and _meta(right)
+        and left.dim() == 3
+        and right.dim() == 3
+        and left.shape[0] == right.shape[0]
+        and left.shape[2] == right.shape[1]
+        and left.dtype == right.dtype
+    ):
+        return torch.empty(
+            (left.shape[0], left.shape[1], right.shape[2]), dtype=left.dtype, device=left.device
+        )
+    return None
+
+
+def _meta(tensor: Any) -> bool:
+    return type(tensor) is torch.Tensor and tensor.is_meta
+
+
+def _batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0]
+    per_channel = [tensor for tensor in args[1:5] if tensor is not None]
+    if (
+        _dense(x)
+        and x.dim() >= 2
+        and x.dtype in (torch.float32, torch.float64)
+        and all(_meta(tensor) and tensor.shape == (x.shape[1],) for tensor in per_channel)
+    ):
+        channels = (x.shape[1],)
+        return (_empty(x.shape, x), _empty(channels, x), _empty(channels, x))
+    return None
+
+
+def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x, normalized_shape = args[0], tuple(args[1])
+    affine = [tensor for tensor in args[2:4] if tensor is not None]
+    if (
+        _dense(x)
+        and x.dtype in (torch.float32, torch.float64)
+        and 0 < len(normalized_shape) <= x.dim()
+        and tuple(x.shape[x.dim() - len(normalized_shape) :]) == normalized_shape
+        and all(_meta(tensor) and tuple(tensor.shape) == normalized_shape for tensor in affine)
+    ):
+        axis = x.dim() - len(normalized_shape)
+        stats_shape = (*x.shape[:axis], *([1] * len(normalized_shape)))
+        return (_empty(x.shape, x), _empty(stats_shape, x), _empty(stats_shape, x))
+    return None
+
+
+_HANDLERS: dict[Any, Handler] = {
+    **dict.fromkeys(_UNARY, _unary),
+    **dict.fromkeys(_FLOAT_UNARY, _float_unary),
+    **dict.fromkeys(_WITH_SCALAR, _with_scalar),
+    **dict.fromkeys(_BROADCASTING, _broadcasting),
+    aten.where.self: _where,
+    aten.masked_fill.Scalar: _masked_fill,
+    aten._softmax.default: _softmax,
+    aten._log_softmax.default: _softmax,
+    aten._safe_softmax.default: _softmax,
+    aten.tril.default: _triangle,
+    aten.triu.default: _triangle,
+    aten.mean.dim: _mean,
+    aten.cat.default: _cat,
+    aten.addmm.default: _addmm,
+    aten.mm.default: _mm,
+    aten.bmm.default: _bmm,
+    aten._native_batch_norm_legit_no_training.default: _batch_norm,
+    aten.native_batch_norm.default: _batch_norm,
+    aten.native_layer_norm.default: _layer_norm,
+}
 
 
 def _fast_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The output of ``func`` on meta tensors, built directly, or None to defer to torch."""
-    if func in _UNARY:
-        x = args[0]
-        if kwargs.get("memory_format") is None and isinstance(x, torch.Tensor) and _dense(x):
-            return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        return None
-    if func is aten.addmm.default:
-        bias, left, right = args[:3]
-        if (
-            left.dim() == 2
-            and right.dim() == 2
-            and left.shape[1] == right.shape[0]
-            and left.dtype == right.dtype == bias.dtype
-            and _broadcasts(bias.shape, (left.shape[0], right.shape[1]))
-        ):
-            return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
-        return None
-    if func is aten.mm.default:
-        left, right = args
-        if (
-            left.dim() == 2
-            and right.dim() == 2
-            and left.shape[1] == right.shape[0]
-            and left.dtype == right.dtype
-        ):
-            return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
-        return None
-    if func is aten.bmm.default:
-        left, right = args
-        if (
-            left.dim() == 3
-            and right.dim() == 3
-            and left.shape[0] == right.shape[0]
-            and left.shape[2] == right.shape[1]
-            and left.dtype == right.dtype
-        ):
-            return torch.empty(
-                (left.shape[0], left.shape[1], right.shape[2]), dtype=left.dtype, device=left.device
-            )
-        return None
-    if func in _BINARY_SAME_SHAPE:
-        left, right = args[0], args[1]
-        if (
-            isinstance(left, torch.Tensor)
-            and isinstance(right, torch.Tensor)
-            and left.shape == right.shape
-            and left.dtype == right.dtype
-            and _dense(left)
-            and _dense(right)
-        ):
-            return torch.empty(left.shape, dtype=left.dtype, device=left.device)
-        return None
-    if func in (aten._native_batch_norm_legit_no_training.default, aten.native_batch_norm.default):
-        x = args[0]
-        per_channel = [tensor for tensor in args[1:5] if tensor is not None]
-        if (
-            _dense(x)
-            and x.dim() >= 2
-            and x.dtype in (torch.float32, torch.float64)
-            and all(tensor.shape == (x.shape[1],) for tensor in per_channel)
-        ):
-            channels = (x.shape[1],)
-            return (
-                torch.empty(x.shape, dtype=x.dtype, device=x.device),
-                torch.empty(channels, dtype=x.dtype, device=x.device),
-                torch.empty(channels, dtype=x.dtype, device=x.device),
-            )
-        return None
-    if func is aten.native_layer_norm.default:
-        x, normalized_shape = args[0], tuple(args[1])
-        affine = [tensor for tensor in args[2:4] if tensor is not None]
-        if (
-            _dense(x)
-            and x.dtype in (torch.float32, torch.float64)
-            and 0 < len(normalized_shape) <= x.dim()
-            and tuple(x.shape[x.dim() - len(normalized_shape) :]) == normalized_shape
-            and all(tuple(tensor.shape) == normalized_shape for tensor in affine)
-        ):
-            axis = x.dim() - len(normalized_shape)
-            stats_shape = (*x.shape[:axis], *([1] * len(normalized_shape)))
-            return (
-                torch.empty(x.shape, dtype=x.dtype, device=x.device),
-                torch.empty(stats_shape, dtype=x.dtype, device=x.device),
-                torch.empty(stats_shape, dtype=x.dtype, device=x.device),
-            )
-        return None
-    return None
+    """The output of ``func`` on meta tensors, built directly, or None to defer to torch.
+
+    Each handler answers only the plain case (meta inputs of one dtype, contiguous where the
+    output's layout depends on it, valid dims) and leaves the rest, errors included, to
+    torch's kernel. The tests hold every answer against torch's own meta kernel.
+    """
+    handler = _HANDLERS.get(func)
+    return None if handler is None else handler(args, kwargs)
 
 
 # torch's meta kernels for these accept mixed dtypes that every real kernel rejects (a bfloat16

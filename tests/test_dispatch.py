@@ -6,14 +6,24 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pytest_modelhooks._dispatch import TraceMode, _fast_meta, _matmul_flops, module_shortcut
+from pytest_modelhooks._dispatch import _BROADCASTING, TraceMode, _fast_meta, _matmul_flops, module_shortcut
 
 aten = torch.ops.aten
 
 
 def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, device="meta", dtype=dtype)
+
+
+def layout(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Shape, dtype and the strides of the dims longer than one: the strides of size-1 dims
+    differ between torch's own kernels (a relu keeps them, a TensorIterator op need not) and
+    change no shape, view or later result."""
+    strides = tuple(stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True) if size != 1)
+    return tensor.shape, strides, tensor.dtype
 
 
 CASES: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
@@ -57,6 +67,35 @@ CASES: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
     (aten.native_batch_norm.default, (meta(5, 3), None, None, None, None, True, 0.1, 1e-5), {}),
     (aten.native_layer_norm.default, (meta(2, 5, 8), [8], meta(8), meta(8), 1e-5), {}),
     (aten.native_layer_norm.default, (meta(2, 5, 8), [5, 8], None, None, 1e-5), {}),
+    # what attention, RMSNorm and rotary embeddings decompose into
+    (aten.rsqrt.default, (meta(2, 5, 1),), {}),
+    (aten.neg.default, (meta(3, dtype=torch.bfloat16),), {}),
+    (aten.exp.default, (meta(2, 2),), {}),
+    (aten.mul.Scalar, (meta(1, 12, 16, 64), 0.125), {}),
+    (aten.add.Scalar, (meta(4, 4), 1), {"alpha": 2}),
+    (aten.div.Scalar, (meta(4, 4, dtype=torch.float16), 3.0), {}),
+    (aten.pow.Tensor_Scalar, (meta(2, 16, 64), 2), {}),
+    (aten.add.Tensor, (meta(2, 3), meta(3)), {}),
+    (aten.add.Tensor, (meta(1, 12, 16, 16), meta(1, 1, 16, 16)), {"alpha": 0.5}),
+    (aten.mul.Tensor, (meta(2, 16, 64), meta(2, 16, 1)), {}),
+    (aten.mul.Tensor, (meta(16, 1), meta(1, 64)), {}),
+    (aten.div.Tensor, (meta(3, 1, 5), meta(4, 1)), {}),
+    (aten.sub.Tensor, (meta(5, 0, 2), meta(1, 2)), {}),
+    (
+        aten.where.self,
+        (meta(16, 16, dtype=torch.bool), meta(1, 12, 16, 16), meta(dtype=torch.float32)),
+        {},
+    ),
+    (aten.masked_fill.Scalar, (meta(2, 4, 8, 8), meta(8, 8, dtype=torch.bool), float("-inf")), {}),
+    (aten._softmax.default, (meta(2, 4, 8, 8), -1, False), {}),
+    (aten._log_softmax.default, (meta(2, 10), 1, False), {}),
+    (aten._safe_softmax.default, (meta(1, 12, 16, 16), -1), {}),
+    (aten.tril.default, (meta(16, 16, dtype=torch.bool),), {}),
+    (aten.triu.default, (meta(3, 16, 16), 1), {}),
+    (aten.mean.dim, (meta(2, 16, 64), [-1], True), {}),
+    (aten.mean.dim, (meta(2, 3, 8, 8), [2, 3]), {}),
+    (aten.cat.default, ([meta(2, 3, 4), meta(2, 5, 4)], 1), {}),
+    (aten.cat.default, ([meta(2, 8, 32), meta(2, 8, 32)], -1), {}),
 ]
 
 
@@ -81,9 +120,22 @@ def test_shortcut_matches_torch_meta_kernel(func: Any, args: tuple[Any, ...], kw
 @pytest.mark.parametrize(
     ("func", "args"),
     [
-        (aten.relu.default, (meta(4, 6).t(),)),  # not contiguous
+        (aten.relu.default, (meta(4, 1).expand(4, 3),)),  # a zero stride: torch's own choice
         (aten.addmm.default, (meta(8, dtype=torch.float16), meta(3, 5), meta(5, 8))),  # mixed dtypes
-        (aten.add.Tensor, (meta(2, 3), meta(3))),  # broadcasting
+        (aten.add.Tensor, (meta(2, 3), meta(4))),  # does not broadcast
+        (aten.add.Tensor, (meta(2, 3), torch.empty(2, 3))),  # a CPU tensor: torch's device error
+        (aten.add.Tensor, (meta(2, 3), meta(2, 3, dtype=torch.float64))),  # type promotion
+        (aten.mul.Tensor, (meta(2, 3, dtype=torch.int64), meta(2, 3, dtype=torch.int64))),  # not float
+        (aten.mul.Scalar, (meta(2, 3), 1j)),  # complex promotes
+        (aten.rsqrt.default, (meta(2, 3, dtype=torch.int64),)),  # int promotes to float
+        (aten.where.self, (meta(2, 3), meta(2, 3), meta(2, 3))),  # condition not bool
+        (aten.masked_fill.Scalar, (meta(2, 3), meta(4, 3, dtype=torch.bool), 0.0)),  # mask too big
+        (aten._softmax.default, (meta(2, 3), 2, False)),  # dim out of range
+        (aten._softmax.default, (meta(2, 3, dtype=torch.float16), 1, True)),  # half to float
+        (aten.tril.default, (meta(3),)),  # needs two dims
+        (aten.mean.dim, (meta(2, 3), [1, -1])),  # the same dim twice
+        (aten.cat.default, ([meta(2, 3), meta(3, 3)], 1)),  # sizes differ off the cat dim
+        (aten.cat.default, ([meta(2, 3), meta(2, 3, dtype=torch.float16)], 0)),
         (aten.addmm.default, (meta(8), meta(3, 5), meta(6, 8))),  # inner dims differ
         (aten.addmm.default, (meta(7), meta(3, 5), meta(5, 8))),  # bias does not broadcast
         (aten.mm.default, (meta(3, 5), meta(4, 2))),
@@ -100,6 +152,118 @@ def test_shortcut_matches_torch_meta_kernel(func: Any, args: tuple[Any, ...], kw
 )
 def test_unusual_cases_defer_to_torch(func: Any, args: tuple[Any, ...]) -> None:
     assert _fast_meta(func, args, {}) is None
+
+
+SHAPES = st.lists(st.integers(0, 3), min_size=0, max_size=4)
+
+
+@given(left=SHAPES, right=SHAPES, op=st.sampled_from(sorted(_BROADCASTING, key=str)))
+@settings(max_examples=200, deadline=None)
+def test_broadcasting_shortcut_builds_what_torch_builds_or_defers(
+    left: list[int], right: list[int], op: Any
+) -> None:
+    args = (meta(*left), meta(*right))
+    fast = _fast_meta(op, args, {})
+    try:
+        slow = op(*args)
+    except RuntimeError:
+        assert fast is None  # torch's error, in torch's words
+        return
+    assert fast is not None
+    assert (fast.shape, fast.stride(), fast.dtype) == (slow.shape, slow.stride(), slow.dtype)
+
+
+@st.composite
+def laid_out(draw: st.DrawFn, min_rank: int = 1) -> torch.Tensor:
+    """A meta tensor in a drawn layout: contiguous, permuted (packed), or with gaps (sliced)."""
+    shape = draw(st.lists(st.integers(1, 4), min_size=min_rank, max_size=5))
+    order = draw(st.permutations(range(len(shape))))
+    x = meta(*shape).permute(order)
+    if draw(st.booleans()) and x.dim() and x.shape[-1] > 1:
+        x = x[..., ::2]  # gaps: not packed
+    return x
+
+
+POINTWISE = [
+    (aten.relu.default, ()),
+    (aten.neg.default, ()),
+    (aten.exp.default, ()),
+    (aten.clone.default, ()),
+    (aten.mul.Scalar, (0.5,)),
+    (aten.mul.Tensor, (0.5,)),
+    (aten.pow.Tensor_Scalar, (2,)),
+]
+
+
+@given(x=laid_out(), case=st.sampled_from(POINTWISE))
+@settings(max_examples=200, deadline=None)
+def test_pointwise_shortcuts_keep_torchs_strides(x: torch.Tensor, case: tuple[Any, tuple[Any, ...]]) -> None:
+    op, extra = case
+    fast = _fast_meta(op, (x, *extra), {})
+    slow = op(x, *extra)
+    if x.is_contiguous():
+        assert fast is not None
+    if fast is not None:
+        assert layout(fast) == layout(slow)
+
+
+@given(x=laid_out(), op=st.sampled_from(sorted(_BROADCASTING, key=str)), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_binary_shortcuts_over_layouts_match_torch(x: torch.Tensor, op: Any, data: st.DataObject) -> None:
+    # the other operand: the same shape in its own layout, or a trailing slice of it
+    keep = data.draw(st.integers(0, x.dim()))
+    other = data.draw(laid_out(min_rank=0)) if data.draw(st.booleans()) else None
+    if other is None or other.dim() > x.dim():
+        other = meta(*x.shape[x.dim() - keep :])
+    fast = _fast_meta(op, (x, other), {})
+    try:
+        slow = op(x, other)
+    except RuntimeError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert layout(fast) == layout(slow)
+
+
+def test_pointwise_shortcut_answers_a_transposed_tensor_and_contiguous_clones() -> None:
+    x = meta(2, 12, 16, 64).transpose(1, 2)  # attention's (batch, tokens, heads, dim) view
+    out = _fast_meta(aten.mul.Scalar, (x, 0.125), {})
+    assert out is not None and out.stride() == x.stride()
+    # a head's slice of a fused q/k/v projection, as GPT-2 makes it: a transpose with gaps
+    q = meta(1, 128, 3 * 768)[..., :768].view(1, 128, 12, 64).transpose(1, 2)
+    scaled = _fast_meta(aten.mul.Scalar, (q, 0.125), {})
+    assert scaled is not None and layout(scaled) == layout(aten.mul.Scalar(q, 0.125))
+    clone = _fast_meta(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+    assert clone is not None and clone.is_contiguous()
+    assert _fast_meta(aten.clone.default, (meta(2, 3, 4, 4),), {"memory_format": torch.channels_last}) is None
+
+
+@given(
+    parts=st.integers(1, 3),
+    rank=st.integers(1, 5),
+    data=st.data(),
+)
+@settings(max_examples=200, deadline=None)
+def test_cat_shortcut_builds_what_torch_builds(parts: int, rank: int, data: st.DataObject) -> None:
+    shape = data.draw(st.lists(st.integers(1, 3), min_size=rank, max_size=rank))
+    dim = data.draw(st.integers(-rank, rank - 1))
+    tensors = []
+    for _ in range(parts):
+        own = list(shape)
+        own[dim] = data.draw(st.integers(1, 3))
+        order = data.draw(st.permutations(range(rank)))
+        inverse = sorted(range(rank), key=order.__getitem__)
+        # the logical shape ``own`` in a drawn memory order
+        tensors.append(meta(*[own[axis] for axis in order]).permute(*inverse))
+    if data.draw(st.booleans()):
+        tensors.insert(data.draw(st.integers(0, len(tensors))), meta(0))  # an empty cache
+    fast = _fast_meta(aten.cat.default, (tensors, dim), {})
+    slow = aten.cat.default(tensors, dim)
+    kept = [tensor for tensor in tensors if tensor.shape != (0,)]
+    if rank not in (4, 5) or all(tensor.stride(1) > tensor.stride(-1) for tensor in kept):
+        assert fast is not None
+    if fast is not None:
+        assert layout(fast) == layout(slow)
 
 
 def test_trace_mode_counts_flops_with_torchs_formulas() -> None:
