@@ -2,10 +2,12 @@
 
 :class:`TraceMode` has two jobs, both at the ATen level where every module's work ends up:
 
-* On the meta engine, answer the commonest ops (matmuls, pointwise activations, eval-mode
-  norms) by building the output directly. torch's own meta kernels for these go through Python
-  decompositions that cost ~0.2-0.5 ms per op, more than the op itself on a batch of one; the
-  shortcut's outputs are checked against those kernels (shape, stride, dtype) in the tests.
+* On the meta engine, answer the commonest ops (matmuls, pointwise and broadcasting
+  arithmetic, activations, eval-mode norms, and what attention decomposes into on meta:
+  softmax, causal masks, ``where``, ``cat``) by building the output directly. torch's own meta
+  kernels for these go through Python decompositions that cost ~0.1-0.7 ms per op, more than
+  the op itself on a batch of one; the shortcut's outputs are checked against those kernels
+  (shape, strides, dtype) in the tests.
   Anything unusual (mismatched shapes, mixed dtypes, odd strides, other ops) goes to torch's
   kernel, so that errors read exactly as torch's do.
 * Count flops with torch's own formulas (``torch.utils.flop_counter``) and hand each count to
