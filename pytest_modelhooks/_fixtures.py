@@ -129,6 +129,7 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
 
     on_device.__name__ = on_device.__qualname__ = kind
     on_device.__doc__ = core.__doc__
+    on_device.__wrapped__ = core  # type: ignore[attr-defined]  # inspect.signature shows core's
     return on_device
 
 
@@ -163,6 +164,9 @@ class FixtureState:
         detach: bool = True,
         cpu: bool = False,
     ) -> Hooks:
+        """Hooks on ``modules`` of ``model`` (default: its children), removed at teardown:
+        with no ``hook_func`` each stores its module's output (its gradient with
+        ``grad=True``); ``hooks["name"].stored``, ``hooks.stored``."""
         model = self._take(model)
         named = _hookable(model, modules, default="children")
         selected = [module for _, module in named]
@@ -185,8 +189,8 @@ class FixtureState:
         self.owned.append(stats)
         return stats
 
-    def gradient_stats(self, model: nn.Module) -> FixtureGradientStats:
-        grads = FixtureGradientStats(self._take(model), fixture=self)
+    def gradient_stats(self, model: nn.Module, **kwargs: Any) -> FixtureGradientStats:
+        grads = FixtureGradientStats(self._take(model), fixture=self, **kwargs)
         self.owned.append(grads)
         return grads
 
@@ -264,8 +268,8 @@ class FixtureActivationStats(ActivationStats):
 class FixtureGradientStats(GradientStats):
     """GradientStats that reports failing checks in the test's report."""
 
-    def __init__(self, model: nn.Module, *, fixture: FixtureState) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, *, fixture: FixtureState, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
         self._fixture = fixture
 
     def check(

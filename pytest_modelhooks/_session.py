@@ -199,6 +199,25 @@ def check_leaks(item: pytest.Item) -> None:
         )
 
 
+class FixtureCall:
+    """A fixture's value: call it as the library function it stands for. Its repr names it,
+    so a failing test's traceback shows ``activation_stats = <modelhooks fixture
+    activation_stats(model, ...)>`` rather than a bound method at an address."""
+
+    def __init__(self, name: str, call: Any, wraps: Any = None) -> None:
+        self._name = name
+        self._call = call
+        self.__wrapped__ = wraps if wraps is not None else call  # help() and signatures
+        self.__doc__ = getattr(self.__wrapped__, "__doc__", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        return self._call(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<modelhooks fixture {self._name}(model, ...)>"
+
+
 class HookTracker:
     """Per-test owner of everything a function-scoped fixture registered."""
 
@@ -223,10 +242,10 @@ class HookTracker:
 def bound_model_sizes(config: pytest.Config) -> Any:
     from pytest_modelhooks._fixtures import bound
 
-    return bound("model_sizes", config)
+    return FixtureCall("model_sizes", bound("model_sizes", config))
 
 
 def bound_model_summary(config: pytest.Config) -> Any:
     from pytest_modelhooks._fixtures import bound
 
-    return bound("model_summary", config)
+    return FixtureCall("model_summary", bound("model_summary", config))

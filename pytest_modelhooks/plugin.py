@@ -110,7 +110,7 @@ def hooked_model(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``hooks = hooked_model(model, modules=..., hook_func=None, grad=False)``: a ``Hooks``
     (outputs stored by default); every hook is removed at teardown, also when the test fails."""
     tracker = _session.HookTracker(request)
-    yield tracker.hooked_model
+    yield _session.FixtureCall("hooked_model", tracker.hooked_model, wraps=tracker.state.hooked_model)
     tracker.close()
 
 
@@ -120,7 +120,9 @@ def activation_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
     bounds from the marker, command line or ini; a failing check's table (and plot) goes into
     the test report."""
     tracker = _session.HookTracker(request)
-    yield tracker.activation_stats
+    from pytest_modelhooks.stats import ActivationStats
+
+    yield _session.FixtureCall("activation_stats", tracker.activation_stats, wraps=ActivationStats)
     tracker.close()
 
 
@@ -129,7 +131,9 @@ def gradient_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``with gradient_stats(model) as grads:`` records gradient statistics after each
     backward; ``grads.check()`` names unused, vanishing and exploding gradients."""
     tracker = _session.HookTracker(request)
-    yield tracker.gradient_stats
+    from pytest_modelhooks.stats import GradientStats
+
+    yield _session.FixtureCall("gradient_stats", tracker.gradient_stats, wraps=GradientStats)
     tracker.close()
 
 

@@ -25,3 +25,23 @@ def test_gradient_stats_names_unused_parameters(run, pytester) -> None:
     result.stdout.fnmatch_lines(
         ["*gradient health check failed*", "*unused.weight*unused: its .grad stayed None*"]
     )
+
+
+def test_gradient_stats_takes_the_library_options(run, pytester) -> None:
+    # the fixture forwards GradientStats' keyword options (fused=... raised TypeError once)
+    write(
+        pytester,
+        "test_options",
+        """
+        import torch
+        from torch import nn
+
+        def test_options(gradient_stats):
+            model = nn.Linear(3, 1)
+            with gradient_stats(model, fused=False) as grads:
+                model(torch.randn(2, 3)).sum().backward()
+            grads.check()
+            assert grads.num_steps == 1
+        """,
+    )
+    run().assert_outcomes(passed=1)

@@ -38,3 +38,35 @@ def test_a_run_that_uses_no_fixture_does_not_import_torch(pytester: pytest.Pytes
 def test_the_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(["@pytest.mark.modelhooks(std=(low, high), max_dead=*"])
+
+
+def test_fixture_values_read_well_in_tracebacks_and_keep_their_signatures(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_repr="""
+        import inspect
+
+        def test_signatures(model_sizes, model_summary, activation_stats, gradient_stats, hooked_model):
+            assert "size" in inspect.signature(model_sizes).parameters
+            assert "input_size" in inspect.signature(model_summary).parameters
+            assert "model" in inspect.signature(activation_stats).parameters
+            assert "fused" in inspect.signature(gradient_stats).parameters
+            assert "hook_func" in inspect.signature(hooked_model).parameters
+            assert all(
+                fixture.__doc__
+                for fixture in (model_sizes, model_summary, activation_stats, gradient_stats, hooked_model)
+            )
+
+        def test_fails(activation_stats, model_sizes):
+            assert False
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "activation_stats = <modelhooks fixture activation_stats(model, ...)>",
+            "model_sizes = <modelhooks fixture model_sizes(model, ...)>",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*object at 0x*")
+    result.stdout.no_fnmatch_line("*function*at 0x*")
