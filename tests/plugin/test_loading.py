@@ -60,7 +60,9 @@ def test_fixture_values_read_well_in_tracebacks_and_keep_their_signatures(pytest
             assert False
         """
     )
-    result = pytester.runpytest()
+    # in a subprocess: an inline run would unload the torch it imported, and a later import
+    # in this worker would then fail
+    result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
