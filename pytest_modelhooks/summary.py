@@ -459,7 +459,10 @@ def _bytes_text(size: int) -> str:
 def _memory_text(memory: Sequence[tuple[str, int, int]]) -> str:
     if not memory:
         return "none"
-    return "; ".join(f"{dtype} {_bytes_text(size)} ({count:,} elements)" for dtype, count, size in memory)
+    return "; ".join(
+        f"{dtype} {_bytes_text(size)} ({count:,} element{'' if count == 1 else 's'})"
+        for dtype, count, size in memory
+    )
 
 
 def render_text(summary: ModelSummary) -> str:

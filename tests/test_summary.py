@@ -325,3 +325,10 @@ def test_parametrized_and_reused_linears_in_a_sequential() -> None:
     assert meta.engine == "meta" and meta.layers == real.layers
     assert meta.mult_adds == real.mult_adds == 3 * (4 * 6 + 3 * 6 * 6)
     assert meta["1 [call 2]"].output_shapes == (3, 6)
+
+
+def test_memory_lines_count_elements_in_good_english() -> None:
+    text = str(model_summary(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)), input_size=(4, 2)))
+    # BatchNorm's step counter is one int64: "1 element", not "1 elements"
+    assert "Buffer memory: float32 24 B (6 elements); int64 8 B (1 element)" in text
+    assert "Parameter memory: float32 60 B (15 elements)" in text
