@@ -44,6 +44,17 @@ def _dense(tensor: Any) -> bool:
     return type(tensor) is torch.Tensor and tensor.is_meta and tensor.is_contiguous()
 
 
+def _canonical(tensor: torch.Tensor) -> bool:
+    """Contiguous with the strides ``torch.empty`` gives, size-1 dims included: a broadcast
+    output's layout follows its inputs' strides, those of their size-1 dims too."""
+    expected = 1
+    for size, stride in zip(reversed(tensor.shape), reversed(tensor.stride()), strict=True):
+        if stride != expected:
+            return False
+        expected *= max(size, 1)
+    return True
+
+
 def _dense_float(tensor: Any) -> bool:
     return _dense(tensor) and tensor.dtype in _FLOATS
 
@@ -190,6 +201,8 @@ def _broadcasting(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return None
     if left.shape == right.shape:
         return _empty(left.shape, left)
+    if not (_canonical(left) and _canonical(right)):
+        return None
     shape = _broadcast_shape(left.shape, right.shape)
     return None if shape is None else _empty(shape, left)
 
@@ -202,6 +215,10 @@ def _where(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         and _dense(left)
         and _dense(right)
         and left.dtype == right.dtype
+    ):
+        return None
+    if not (condition.shape == left.shape == right.shape) and not (
+        _canonical(condition) and _canonical(left) and _canonical(right)
     ):
         return None
     shape = _broadcast_shape(condition.shape, left.shape, right.shape)

@@ -738,10 +738,13 @@ class ActivationStats(HookCallback):
         max_std_growth: float | None = None,
         allow_nonfinite: bool = False,
     ) -> None:
-        """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`)."""
+        """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`), or
+        saying that nothing was recorded: a check of no batch would pass vacuously."""
         __tracebackhide__ = True
-        from pytest_modelhooks.checks import raise_for
+        from pytest_modelhooks.checks import HealthError, raise_for
 
+        if not self.num_batches:
+            raise HealthError(f"activation health check failed: {self._why_empty()}", [])
         raise_for(
             self.findings(
                 std=std,
@@ -752,6 +755,16 @@ class ActivationStats(HookCallback):
             ),
             "activation",
         )
+
+    def _why_empty(self) -> str:
+        if not self._forwards:
+            return (
+                f"no batch was recorded: {type(self.model).__name__}'s forward did not run while "
+                f"the hooks were on (run it inside the `with` block)"
+            )
+        if self.train_only:
+            return "no batch was recorded: train_only=True and the model ran only in eval mode"
+        return "no batch was recorded: no hooked module returned a floating-point tensor"
 
     def plot(
         self, statistics: Sequence[str] = ("mean", "std", "near_zero"), path: str | Path | None = None
@@ -971,9 +984,22 @@ class GradientStats:
     def check(
         self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
     ) -> None:
-        """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients."""
+        """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients,
+        or saying that no backward pass was recorded (every parameter would read as unused)."""
         __tracebackhide__ = True
-        from pytest_modelhooks.checks import raise_for
+        from pytest_modelhooks.checks import HealthError, raise_for
+
+        if not self.num_steps:
+            what = (
+                f"{len(self.params)} parameter(s) of {type(self.model).__name__} require grad"
+                if self.params
+                else f"{type(self.model).__name__} has no parameter that requires grad"
+            )
+            raise HealthError(
+                f"gradient health check failed: no backward pass was recorded ({what}); call "
+                f"loss.backward() inside the `with` block",
+                [],
+            )
 
         raise_for(self.findings(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad), "gradient")
 

@@ -4,8 +4,9 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
-from pytest_modelhooks import ActivationStats, Finding, HealthError
+from pytest_modelhooks import ActivationStats, Finding, GradientStats, HealthError
 from pytest_modelhooks.checks import format_findings, raise_for
 from tests import zoo
 
@@ -54,3 +55,25 @@ def test_the_message_is_a_table_of_every_finding() -> None:
     assert isinstance(info.value, AssertionError)
     assert "step" in format_findings(findings, unit="step").splitlines()[0]
     assert str(findings[0]) == "encoder.conv1 (Conv2d): std 12.5, bound <= 5 at batch 3 (exploding)"
+
+
+def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
+    # a test that forgot to run the model inside the block must not pass vacuously
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with ActivationStats(model) as stats:
+        pass
+    with pytest.raises(HealthError, match=r"no batch was recorded: Sequential's forward did not run"):
+        stats.check()
+    with ActivationStats(model, train_only=True) as stats:
+        model.eval()(torch.randn(2, 4))
+    with pytest.raises(HealthError, match="train_only=True and the model ran only in eval mode"):
+        stats.check()
+    with GradientStats(model) as grads:
+        model(torch.randn(2, 4))  # no backward
+    with pytest.raises(HealthError, match=r"no backward pass was recorded \(2 parameter\(s\) of Sequential"):
+        grads.check()
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with GradientStats(frozen) as grads:
+        pass
+    with pytest.raises(HealthError, match="Linear has no parameter that requires grad"):
+        grads.check()

@@ -174,11 +174,11 @@ def test_broadcasting_shortcut_builds_what_torch_builds_or_defers(
 
 
 @st.composite
-def laid_out(draw: st.DrawFn, min_rank: int = 1) -> torch.Tensor:
+def laid_out(draw: st.DrawFn, min_rank: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A meta tensor in a drawn layout: contiguous, permuted (packed), or with gaps (sliced)."""
     shape = draw(st.lists(st.integers(1, 4), min_size=min_rank, max_size=5))
     order = draw(st.permutations(range(len(shape))))
-    x = meta(*shape).permute(order)
+    x = meta(*shape, dtype=dtype).permute(order)
     if draw(st.booleans()) and x.dim() and x.shape[-1] > 1:
         x = x[..., ::2]  # gaps: not packed
     return x
@@ -218,6 +218,26 @@ def test_binary_shortcuts_over_layouts_match_torch(x: torch.Tensor, op: Any, dat
     fast = _fast_meta(op, (x, other), {})
     try:
         slow = op(x, other)
+    except RuntimeError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert layout(fast) == layout(slow)
+
+
+@given(
+    condition=laid_out(min_rank=0, dtype=torch.bool),
+    left=laid_out(min_rank=0),
+    right=laid_out(min_rank=0),
+)
+@settings(max_examples=200, deadline=None)
+def test_where_shortcut_over_layouts_matches_torch(
+    condition: torch.Tensor, left: torch.Tensor, right: torch.Tensor
+) -> None:
+    args = (condition, left, right)
+    fast = _fast_meta(aten.where.self, args, {})
+    try:
+        slow = aten.where.self(*args)
     except RuntimeError:
         assert fast is None
         return
