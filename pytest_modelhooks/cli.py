@@ -27,8 +27,9 @@ class UsageError(Exception):
 
 
 def _shape(text: str, argument: str) -> tuple[int, ...]:
+    # "1,3,224,224" or "1x3x224x224"; every part an integer (a stray "x" or "," is no dim)
     try:
-        dims = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:
         dims = ()
     if not dims or any(dim <= 0 for dim in dims):

@@ -86,6 +86,9 @@ def test_sizes(capsys: pytest.CaptureFixture[str]) -> None:
             "--input-size '1,a': expected comma-separated",
         ),
         (["sizes", "cli_models:small", "--size", "0,4"], "--size '0,4': expected comma-separated positive"),
+        # a stray separator is no dimension: (1, 3) would have reached the model
+        (["summary", "cli_models:small", "--input-size", "1,3,x"], "--input-size '1,3,x': expected"),
+        (["summary", "cli_models:small", "--input-size", "1,3,,8"], "--input-size '1,3,,8': expected"),
         (["summary", "cli_models:small", "--depth", "-1"], "--depth -1: must be >= 0"),
     ],
 )
