@@ -17,7 +17,7 @@
 One level higher, at the module, :func:`module_shortcut` gives the layers that dominate deep
 stacks of small modules (``nn.Linear``, the common activations, ``Identity``, eval ``Dropout``)
 a stand-in ``forward`` that builds the output directly: one Python call per layer instead of
-two or three trips through the dispatch mode (~15 us each). :func:`shape_rule` gives the same
+two or three trips through the dispatch mode (~15 us each). :func:`class_shape_rule` gives the same
 answer from a shape and dtype alone, for runs of such layers inside an ``nn.Sequential``.
 """
 
@@ -93,7 +93,8 @@ def _dim_ok(dim: Any, rank: int) -> bool:
     return type(dim) is int and -max(rank, 1) <= dim < max(rank, 1)
 
 
-# Pointwise ops whose output has the input's shape and dtype, for any dtype.
+# Pointwise ops whose output has a floating input's shape and dtype (torch refuses some of
+# them for integers: that error is torch's to raise).
 _UNARY = {
     aten.relu.default,
     aten.gelu.default,
@@ -106,9 +107,8 @@ _UNARY = {
     aten.hardswish.default,
     aten.mish.default,
     aten.softplus.default,
-    aten.clone.default,
 }
-# ... for floating inputs only (integer inputs promote, or are refused).
+# ... and with no other argument (integer inputs would promote to float).
 _FLOAT_UNARY = {
     aten.rsqrt.default,
     aten.sqrt.default,
@@ -164,10 +164,17 @@ def _pointwise_out(x: Any) -> torch.Tensor | None:
 
 def _unary(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     x = args[0]
+    if type(x) is torch.Tensor and x.dtype in _FLOATS and kwargs.get("memory_format") is None:
+        return _pointwise_out(x)
+    return None
+
+
+def _clone(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0]
     layout = kwargs.get("memory_format")
     if layout is None:
-        return _pointwise_out(x)
-    if layout is torch.contiguous_format and _meta(x):  # clone(memory_format=...), .contiguous()
+        return _pointwise_out(x)  # any dtype
+    if layout is torch.contiguous_format and _meta(x):  # .contiguous() of a transposed view
         return _empty(x.shape, x)
     return None
 
@@ -395,6 +402,7 @@ def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 _HANDLERS: dict[Any, Handler] = {
     **dict.fromkeys(_UNARY, _unary),
+    aten.clone.default: _clone,
     **dict.fromkeys(_FLOAT_UNARY, _float_unary),
     **dict.fromkeys(_WITH_SCALAR, _with_scalar),
     **dict.fromkeys(_BROADCASTING, _broadcasting),
@@ -691,8 +699,15 @@ _RULES: dict[str, ShapeRule] = {
 
 
 def class_shape_rule(cls: type[torch.nn.Module]) -> ShapeRule | None:
-    """The shape rule instances of ``cls`` get when nothing is set on the instance (see
-    :func:`shape_rule`); the same for every instance, so callers may keep it per class."""
+    """What the stand-in forward of a ``cls`` instance would build for a plain contiguous meta
+    input of a given shape and dtype, without building it: ``rule(module, shape, dtype)`` gives
+    the output shape, the multiply-adds and whether the module returns its input itself (or
+    None to defer). None for classes without a stand-in; instances with a ``forward`` of their
+    own (:func:`own_forward`) get none either.
+
+    A plain ``nn.Sequential`` chains these over runs of hook-free children, so that a deep
+    stack of small layers allocates no tensor between them (see ``shapes._inline_sequentials``).
+    """
     kind = _shortcut_kind(cls)
     if kind is None or (kind == "linear" and not _plain_linear_class(cls)):
         # a parametrized Linear computes its weight through modules of its own, whose calls
@@ -705,15 +720,3 @@ def own_forward(module: torch.nn.Module) -> bool:
     """True when a ``forward`` other than a stand-in of ours is set on the instance."""
     own = module.__dict__.get("forward")
     return own is not None and not getattr(own, _STAND_IN, False)
-
-
-def shape_rule(module: torch.nn.Module) -> ShapeRule | None:
-    """What ``module``'s stand-in would build for a plain contiguous meta input of a given
-    shape and dtype, without building it: ``rule(module, shape, dtype)`` gives the output
-    shape, the multiply-adds and whether the module returns its input itself (or None to
-    defer). None for modules without a stand-in.
-
-    A plain ``nn.Sequential`` chains these over runs of hook-free children, so that a deep
-    stack of small layers allocates no tensor between them (see ``shapes._inline_sequentials``).
-    """
-    return None if own_forward(module) else class_shape_rule(type(module))

@@ -373,32 +373,6 @@ class _Recorder:
         if stack:
             stack[-1].flops += call.flops
 
-    def record(
-        self, module: nn.Module, input_shape: torch.Size, output_shape: torch.Size, flops: int
-    ) -> None:
-        """Record a finished call of ``module`` that was never made: what the hooks would have
-        recorded for a module whose output the caller computed from shapes alone."""
-        key = id(module)
-        known = self.known.get(key)
-        if known is None:
-            return
-        count = self.counts[key] = self.counts.get(key, 0) + 1
-        self.calls.append(
-            Call(
-                known[0],
-                module,
-                known[1],
-                len(self.calls),
-                count,
-                (input_shape,),
-                output_shape,
-                True,
-                flops,
-            )
-        )
-        if self.stack:
-            self.stack[-1].flops += flops
-
     def add_flops(self, flops: int) -> None:
         """Attribute ``flops`` to the innermost running call."""
         if self.stack:
@@ -747,7 +721,7 @@ def _inline_sequentials(
     ``__call__`` or JIT tracing takes the ordinary call.
 
     With ``shape_rules`` (the meta engine), children that have a
-    :func:`~pytest_modelhooks._dispatch.shape_rule` are answered from the shape and dtype of
+    :func:`~pytest_modelhooks._dispatch.class_shape_rule` are answered from the shape and dtype of
     their input alone, and a run of them builds no tensor in between; their calls are recorded
     directly. Yields the ids of those children: they need no stand-in ``forward``.
     """

@@ -128,6 +128,7 @@ def test_shortcut_matches_torch_meta_kernel(func: Any, args: tuple[Any, ...], kw
         (aten.mul.Tensor, (meta(2, 3, dtype=torch.int64), meta(2, 3, dtype=torch.int64))),  # not float
         (aten.mul.Scalar, (meta(2, 3), 1j)),  # complex promotes
         (aten.rsqrt.default, (meta(2, 3, dtype=torch.int64),)),  # int promotes to float
+        (aten.gelu.default, (meta(2, 3, dtype=torch.int64),)),  # torch refuses integers
         (aten.where.self, (meta(2, 3), meta(2, 3), meta(2, 3))),  # condition not bool
         (aten.masked_fill.Scalar, (meta(2, 3), meta(4, 3, dtype=torch.bool), 0.0)),  # mask too big
         (aten._softmax.default, (meta(2, 3), 2, False)),  # dim out of range
