@@ -320,50 +320,35 @@ def _cat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 def _addmm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     bias, left, right = args[:3]
-    if (
-        _dense(left)
-        and _dense(right)
-        and type(bias) is torch.Tensor
-        and bias.is_meta
-        and left.dim() == 2
-        and right.dim() == 2
-        and left.shape[1] == right.shape[0]
-        and left.dtype == right.dtype == bias.dtype
-        and _broadcasts(bias.shape, (left.shape[0], right.shape[1]))
-    ):
-        return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
+    # any strides: the output is contiguous (F.linear passes the weight transposed)
+    if _meta(bias) and _meta(left) and _meta(right) and left.dtype == right.dtype == bias.dtype:
+        out = _matmul_shape(left, right, rank=2)
+        if out is not None and _broadcasts(bias.shape, out):
+            return _empty(out, left)
     return None
 
 
-def _mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    left, right = args
+def _matmul_shape(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[int, ...] | None:
+    """The output shape of mm (``rank`` 2) or bmm (3, one batch size), or None."""
     if (
-        _meta(left)
-        and _meta(right)
-        and left.dim() == 2
-        and right.dim() == 2
-        and left.shape[1] == right.shape[0]
-        and left.dtype == right.dtype
+        left.dim() == rank
+        and right.dim() == rank
+        and left.shape[:-2] == right.shape[:-2]
+        and left.shape[-1] == right.shape[-2]
     ):
-        return torch.empty((left.shape[0], right.shape[1]), dtype=left.dtype, device=left.device)
+        return (*left.shape[:-1], right.shape[-1])
     return None
 
 
-def _bmm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    left, right = args
-    if (
-        _meta(left)
-        and _meta(right)
-        and left.dim() == 3
-        and right.dim() == 3
-        and left.shape[0] == right.shape[0]
-        and left.shape[2] == right.shape[1]
-        and left.dtype == right.dtype
-    ):
-        return torch.empty(
-            (left.shape[0], left.shape[1], right.shape[2]), dtype=left.dtype, device=left.device
-        )
-    return None
+def _matmul(rank: int) -> Handler:
+    def handler(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        left, right = args
+        if _meta(left) and _meta(right) and left.dtype == right.dtype:
+            out = _matmul_shape(left, right, rank)
+            return None if out is None else _empty(out, left)
+        return None
+
+    return handler
 
 
 def _meta(tensor: Any) -> bool:
@@ -416,8 +401,8 @@ _HANDLERS: dict[Any, Handler] = {
     aten.mean.dim: _mean,
     aten.cat.default: _cat,
     aten.addmm.default: _addmm,
-    aten.mm.default: _mm,
-    aten.bmm.default: _bmm,
+    aten.mm.default: _matmul(2),
+    aten.bmm.default: _matmul(3),
     aten._native_batch_norm_legit_no_training.default: _batch_norm,
     aten.native_batch_norm.default: _batch_norm,
     aten.native_layer_norm.default: _layer_norm,

@@ -49,7 +49,9 @@ CASES: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
     (aten.clone.default, (meta(3, 4),), {}),
     (aten.addmm.default, (meta(8), meta(3, 5), meta(5, 8)), {}),
     (aten.addmm.default, (meta(3, 8), meta(3, 5), meta(5, 8)), {"beta": 0.5}),
+    (aten.addmm.default, (meta(8), meta(3, 5), meta(8, 5).t()), {}),  # F.linear's transposed weight
     (aten.mm.default, (meta(3, 5), meta(5, 2)), {}),
+    (aten.bmm.default, (meta(4, 5, 3).transpose(1, 2), meta(4, 5, 6)), {}),
     (aten.bmm.default, (meta(4, 3, 5), meta(4, 5, 6)), {}),
     (aten.add.Tensor, (meta(2, 3), meta(2, 3)), {"alpha": 2}),
     (aten.mul.Tensor, (meta(2, 3, dtype=torch.float16), meta(2, 3, dtype=torch.float16)), {}),
