@@ -16,7 +16,7 @@ if [ -d .device-wheels ]; then
 fi
 plugin="-p pytest_modelhooks.plugin"
 python -c "import importlib.metadata as m; raise SystemExit(not any(e.name == 'modelhooks' for e in m.entry_points(group='pytest11')))" && plugin=""
-python -m pytest -q -p no:cacheprovider -p no:modelhooks -o addopts="" tests/test_cuda.py tests/test_stats.py tests/test_summary.py -x 2>&1 | tail -15
+python -m pytest -q -p no:cacheprovider -p no:modelhooks -p pytester -o addopts="" tests/test_cuda.py tests/test_stats.py tests/test_summary.py -x 2>&1 | tail -15
 python -m pytest -q -p no:cacheprovider $plugin -o addopts="" examples --modelhooks-device=cuda -rs 2>&1 | tail -15
 python benchmarks/bench_stats.py --device cuda --step --batch 32 --repeats 10 --profile --json "$OUT/stats_step_cuda.json"
 python benchmarks/bench_stats.py --device cuda --batch 32 --repeats 10 --json "$OUT/stats_forward_cuda.json"

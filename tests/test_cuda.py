@@ -77,3 +77,45 @@ def test_non_finite_values_are_counted_on_the_device() -> None:
     assert stats.findings()[0].layer == "1"
     near = stats["0"]
     assert 0 <= float(near.near_zero[0]) <= 1
+
+
+def test_the_plugin_fixtures_run_end_to_end_on_cuda(pytester: pytest.Pytester) -> None:
+    # CPU-built models and inputs move to the GPU; statistics stay there; the summary text is
+    # the CPU's (the snapshot is written on the CPU, then compared on CUDA)
+    pytester.makepyfile(
+        test_gpu="""
+        import torch
+        from torch import nn
+
+        def net():
+            torch.manual_seed(0)
+            layers = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)]
+            return nn.Sequential(*layers)
+
+        def built():
+            model = net()
+            model(torch.randn(1, 3, 8, 8))  # initialise the lazy head on the CPU
+            return model
+
+        def test_summary(model_summary, model_snapshot):
+            assert model_summary(built(), input_size=(1, 3, 8, 8)) == model_snapshot
+
+        def test_stats_and_grads(activation_stats, gradient_stats, hooked_model, modelhooks_device):
+            model = built()
+            hooks = hooked_model(model, modules=["0"])
+            with activation_stats(model) as stats, gradient_stats(model) as grads:
+                model(torch.randn(4, 3, 8, 8, device=modelhooks_device)).sum().backward()
+            assert next(model.parameters()).device == modelhooks_device
+            assert hooks["0"].stored.device == modelhooks_device
+            stats.check(std=(1e-3, 1e3))
+            grads.check()
+        """
+    )
+    from importlib import metadata
+
+    # a checkout that is not pip-installed (the lent GPU machine) has no entry point: name it
+    installed = any(entry.name == "modelhooks" for entry in metadata.entry_points(group="pytest11"))
+    plugin = [] if installed else ["-p", "pytest_modelhooks.plugin"]
+    pytester.runpytest_subprocess(*plugin, "--snapshot-update").assert_outcomes(passed=2)
+    result = pytester.runpytest_subprocess(*plugin, "--modelhooks-device=cuda")
+    result.assert_outcomes(passed=2)
