@@ -119,9 +119,9 @@ def activation_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``with activation_stats(model, ...) as stats:`` records; ``stats.check()`` uses the
     bounds from the marker, command line or ini; a failing check's table (and plot) goes into
     the test report."""
-    tracker = _session.HookTracker(request)
     from pytest_modelhooks.stats import ActivationStats
 
+    tracker = _session.HookTracker(request)
     yield _session.FixtureCall("activation_stats", tracker.activation_stats, wraps=ActivationStats)
     tracker.close()
 
@@ -130,9 +130,9 @@ def activation_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
 def gradient_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``with gradient_stats(model) as grads:`` records gradient statistics after each
     backward; ``grads.check()`` names unused, vanishing and exploding gradients."""
-    tracker = _session.HookTracker(request)
     from pytest_modelhooks.stats import GradientStats
 
+    tracker = _session.HookTracker(request)
     yield _session.FixtureCall("gradient_stats", tracker.gradient_stats, wraps=GradientStats)
     tracker.close()
 

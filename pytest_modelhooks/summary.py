@@ -174,10 +174,11 @@ class ModelSummary:
 
 @dataclass
 class _Tally:
-    """Parameter counts per module and the model's unique tensors, from one walk of the tree."""
+    """Parameter counts per module, elements per dtype and the model's buffers (each tensor
+    once), from one walk of the tree."""
 
     counts: dict[str, tuple[int, int, int]]  # name -> (params, trainable, own params)
-    param_elements: dict[torch.dtype, int]  # each tensor once
+    param_elements: dict[torch.dtype, int]  # parameter elements per dtype
     buffers: list[torch.Tensor]
     total: int  # of params
     trainable: int
