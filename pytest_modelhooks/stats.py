@@ -757,10 +757,17 @@ class ActivationStats(HookCallback):
         )
 
     def _why_empty(self) -> str:
+        if type(self.model).__name__ == "OptimizedModule":
+            return (
+                "no batch was recorded: the model is torch.compile'd, and hooks registered after "
+                "its first call never fire; create ActivationStats on the original module "
+                "(model._orig_mod) before compiling it"
+            )
         if not self._forwards:
             return (
                 f"no batch was recorded: {type(self.model).__name__}'s forward did not run while "
-                f"the hooks were on (run it inside the `with` block)"
+                f"the hooks were on (run it inside the `with` block; a torch.compile'd copy "
+                f"compiled before the hooks were added runs without them)"
             )
         if self.train_only:
             return "no batch was recorded: train_only=True and the model ran only in eval mode"

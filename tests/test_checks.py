@@ -72,6 +72,11 @@ def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
         model(torch.randn(2, 4))  # no backward
     with pytest.raises(HealthError, match=r"no backward pass was recorded \(2 parameter\(s\) of Sequential"):
         grads.check()
+    compiled = torch.compile(model)  # (not called: nothing compiles)
+    with pytest.warns(UserWarning, match="torch.compile'd model"), ActivationStats(compiled) as stats:
+        pass
+    with pytest.raises(HealthError, match=r"the model is torch.compile'd.*model._orig_mod"):
+        stats.check()
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with GradientStats(frozen) as grads:
         pass
