@@ -292,9 +292,14 @@ def _same_but(shape: torch.Size, other: torch.Size, axis: int) -> bool:
 
 def _cat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    # torch skips 1-d empty tensors (an empty cache to append to)
-    tensors = [tensor for tensor in args[0] if not (_meta(tensor) and tensor.shape == (0,))]
-    if not tensors or not all(_meta(tensor) for tensor in tensors):
+    given = args[0]
+    if not given or not all(_meta(tensor) for tensor in given):
+        return None
+    # torch skips 1-d empty tensors (an empty cache to append to), but not their dtype
+    if any(tensor.dtype != given[0].dtype for tensor in given):
+        return None
+    tensors = [tensor for tensor in given if tensor.shape != (0,)]
+    if not tensors:
         return None
     first = tensors[0]
     rank = first.dim()
