@@ -332,3 +332,45 @@ def test_memory_lines_count_elements_in_good_english() -> None:
     # BatchNorm's step counter is one int64: "1 element", not "1 elements"
     assert "Buffer memory: float32 24 B (6 elements); int64 8 B (1 element)" in text
     assert "Parameter memory: float32 60 B (15 elements)" in text
+
+
+class EagerAttention(nn.Module):
+    """Attention written out the way LLM code does it: fused qkv, RMSNorm, rotary halves, a
+    causal mask, masked_fill/where, softmax, an empty KV cache to append to. On the meta engine
+    each of these ops is answered directly (see pytest_modelhooks._dispatch)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_weight = nn.Parameter(torch.ones(dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+        q, k, v = self.qkv(h).split(dim, dim=-1)
+        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        half = q.shape[-1] // 2
+        angle = torch.arange(tokens, device=x.device, dtype=x.dtype)[:, None] * 0.1
+        cos, sin = angle.cos(), angle.sin()
+        q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+        past = torch.empty(0, device=x.device, dtype=x.dtype)  # an empty cache
+        k = torch.cat([past, k], dim=-2)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        causal = torch.tril(torch.ones(tokens, tokens, dtype=torch.bool, device=x.device))
+        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = torch.where(causal, scores, torch.zeros((), device=x.device))
+        attention = scores.softmax(dim=-1) @ v
+        return x + self.out(attention.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def test_llm_style_attention_reads_the_same_on_meta_and_for_real() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(EagerAttention(), EagerAttention())
+    batch = torch.randn(2, 7, 32)
+    with untouched(model):
+        meta = model_summary(model, input_data=batch, engine="meta")
+        real = model_summary(model, input_data=batch, engine="real")
+    assert meta.layers == real.layers and meta.mult_adds == real.mult_adds
+    assert str(meta) == str(real)
