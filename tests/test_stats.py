@@ -99,7 +99,7 @@ def test_statistics_of_a_large_activation_stay_accurate() -> None:
     assert norm == pytest.approx(float(torch.linalg.vector_norm(truth)), rel=1e-6)
 
 
-@pytest.mark.parametrize("size", [7, 4096 * 3 + 5, 2 * 2**18 + 5])
+@pytest.mark.parametrize("size", [7, 4096, 4097, 4096 * 3 + 5, 2 * 2**18 + 5])  # both sides of the small path
 @pytest.mark.parametrize("eps", [0.05, 0.0])
 def test_near_zero_counts_signed_zeros_and_the_boundary_but_not_nan(size: int, eps: float) -> None:
     torch.manual_seed(size)
