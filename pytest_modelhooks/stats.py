@@ -722,9 +722,13 @@ class ActivationStats(HookCallback):
         max_std_growth: float | None = None,
         allow_nonfinite: bool = False,
     ) -> list[Finding]:
-        """The health findings as data (see :func:`pytest_modelhooks.checks.activation_findings`)."""
-        from pytest_modelhooks.checks import activation_findings
+        """The health findings as data (see :func:`pytest_modelhooks.checks.activation_findings`).
+        With no batch recorded there is nothing to judge: one finding says why, so that neither
+        ``check()`` nor ``assert not stats.findings()`` passes vacuously."""
+        from pytest_modelhooks.checks import Finding, activation_findings
 
+        if not self.num_batches:
+            return [Finding("", type(self.model).__name__, "batches", 0.0, ">= 1", None, self._why_empty())]
         return activation_findings(
             self,
             std=std,
@@ -743,13 +747,11 @@ class ActivationStats(HookCallback):
         max_std_growth: float | None = None,
         allow_nonfinite: bool = False,
     ) -> None:
-        """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`), or
-        saying that nothing was recorded: a check of no batch would pass vacuously."""
+        """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`; also
+        when nothing was recorded)."""
         __tracebackhide__ = True
-        from pytest_modelhooks.checks import HealthError, raise_for
+        from pytest_modelhooks.checks import raise_for
 
-        if not self.num_batches:
-            raise HealthError(f"activation health check failed: {self._why_empty()}", [])
         raise_for(
             self.findings(
                 std=std,
@@ -988,30 +990,27 @@ class GradientStats:
     def findings(
         self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
     ) -> list[Finding]:
-        """The gradient findings as data (see :func:`pytest_modelhooks.checks.gradient_findings`)."""
-        from pytest_modelhooks.checks import gradient_findings
+        """The gradient findings as data (see :func:`pytest_modelhooks.checks.gradient_findings`).
+        With no backward recorded, one finding says so (rather than every parameter unused)."""
+        from pytest_modelhooks.checks import Finding, gradient_findings
 
+        if not self.num_steps:
+            what = (
+                f"{len(self.params)} parameter(s) require grad"
+                if self.params
+                else "no parameter requires grad"
+            )
+            note = f"no backward pass was recorded ({what}); call loss.backward() inside the `with` block"
+            return [Finding("", type(self.model).__name__, "steps", 0.0, ">= 1", None, note)]
         return gradient_findings(self, max_norm=max_norm, min_norm=min_norm, require_grad=require_grad)
 
     def check(
         self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
     ) -> None:
-        """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients,
-        or saying that no backward pass was recorded (every parameter would read as unused)."""
+        """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients
+        (or that no backward pass was recorded)."""
         __tracebackhide__ = True
-        from pytest_modelhooks.checks import HealthError, raise_for
-
-        if not self.num_steps:
-            what = (
-                f"{len(self.params)} parameter(s) of {type(self.model).__name__} require grad"
-                if self.params
-                else f"{type(self.model).__name__} has no parameter that requires grad"
-            )
-            raise HealthError(
-                f"gradient health check failed: no backward pass was recorded ({what}); call "
-                f"loss.backward() inside the `with` block",
-                [],
-            )
+        from pytest_modelhooks.checks import raise_for
 
         raise_for(self.findings(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad), "gradient")
 

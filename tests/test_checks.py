@@ -58,10 +58,18 @@ def test_the_message_is_a_table_of_every_finding() -> None:
 
 
 def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
-    # a test that forgot to run the model inside the block must not pass vacuously
+    # a test that forgot to run the model inside the block must not pass vacuously, whether it
+    # calls check() or asserts on findings()
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with ActivationStats(model) as stats:
         pass
+    (finding,) = stats.findings()
+    assert (finding.layer, finding.layer_type, finding.statistic, finding.observed) == (
+        "",
+        "Sequential",
+        "batches",
+        0,
+    )
     with pytest.raises(HealthError, match=r"no batch was recorded: Sequential's forward did not run"):
         stats.check()
     with ActivationStats(model, train_only=True) as stats:
@@ -70,7 +78,11 @@ def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
         stats.check()
     with GradientStats(model) as grads:
         model(torch.randn(2, 4))  # no backward
-    with pytest.raises(HealthError, match=r"no backward pass was recorded \(2 parameter\(s\) of Sequential"):
+    (finding,) = grads.findings()  # one finding, not every parameter "unused"
+    assert finding.statistic == "steps" and "no backward pass was recorded" in finding.note
+    with pytest.raises(
+        HealthError, match=r"\(model\)\s+Sequential\s+steps.*\(2 parameter\(s\) require grad\)"
+    ):
         grads.check()
     compiled = torch.compile(model)  # (not called: nothing compiles)
     with pytest.warns(UserWarning, match="torch.compile'd model"), ActivationStats(compiled) as stats:
@@ -80,5 +92,5 @@ def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with GradientStats(frozen) as grads:
         pass
-    with pytest.raises(HealthError, match="Linear has no parameter that requires grad"):
+    with pytest.raises(HealthError, match="no parameter requires grad"):
         grads.check()
