@@ -309,8 +309,7 @@ def _cat(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     total = 0
     for tensor in tensors:
         if (
-            tensor.dtype != first.dtype
-            or tensor.dim() != rank
+            tensor.dim() != rank
             # The output is contiguous unless every input suggests channels-last; a channel
             # stride above the last dim's rules that out (any layout torch would call so).
             or (rank in (4, 5) and not tensor.stride(1) > tensor.stride(-1))

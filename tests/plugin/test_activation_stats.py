@@ -66,3 +66,33 @@ def test_fused_statistics_through_the_fixture_serially_and_under_xdist(run, pyte
         """,
     )
     run("-W", "ignore::UserWarning").assert_outcomes(passed=1)
+
+
+def test_a_test_that_never_runs_the_model_fails_with_the_reason(run, pytester) -> None:
+    # the trap a vacuous check would set: the forward happens outside the block
+    write(
+        pytester,
+        "test_forgot",
+        """
+        import torch
+        from models import mlp
+
+        def test_forgot_to_run(activation_stats):
+            model = mlp()
+            with activation_stats(model) as stats:
+                pass
+            model(torch.randn(4, 8))
+            stats.check()
+
+        def test_forgot_backward(gradient_stats):
+            model = mlp()
+            with gradient_stats(model) as grads:
+                model(torch.randn(4, 8))
+            grads.check()
+        """,
+    )
+    result = run()
+    result.assert_outcomes(failed=2)
+    # each on its own: under xdist the two failures come back in either order
+    result.stdout.fnmatch_lines(["*no batch was recorded: Sequential's forward did not run while the hooks*"])
+    result.stdout.fnmatch_lines(["*no backward pass was recorded (4 parameter(s) require grad)*"])
