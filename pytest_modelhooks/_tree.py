@@ -13,8 +13,57 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["format_shape", "jsonable_shape", "map_tensors", "shapes_of", "tensor_leaves"]
+__all__ = [
+    "NestedSize",
+    "format_shape",
+    "jsonable_shape",
+    "map_tensors",
+    "nested_size",
+    "shapes_of",
+    "tensor_leaves",
+]
+
+
+class NestedSize(tuple[int | None, ...]):
+    """The size of a nested (ragged) tensor, which has no single ``torch.Size``: the number of
+    components, then each dimension's length, ``None`` where it varies between components.
+    ``spans`` keeps those dimensions' (shortest, longest) for display.
+
+    >>> x = torch.nested.nested_tensor([torch.ones(2, 4), torch.ones(3, 4)], layout=torch.jagged)
+    >>> size = nested_size(x)
+    >>> size, size.spans
+    ((2, None, 4), {1: (2, 3)})
+    >>> format_shape(size)
+    '(2, 2..3, 4)'
+    """
+
+    spans: dict[int, tuple[int, int]]
+
+    def __new__(cls, dims: Any, spans: dict[int, tuple[int, int]] | None = None) -> NestedSize:
+        size = super().__new__(cls, dims)
+        size.spans = dict(spans or {})
+        return size
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (xdist, caches) with its spans
+        return (NestedSize, (tuple(self), self.spans))
+
+
+def nested_size(tensor: torch.Tensor) -> NestedSize:
+    """The :class:`NestedSize` of a nested tensor (strided or jagged layout)."""
+    shapes = [tuple(component.shape) for component in tensor.unbind()]
+    dims: list[int | None] = [len(shapes)]
+    spans: dict[int, tuple[int, int]] = {}
+    for axis in range(tensor.dim() - 1):
+        lengths = [shape[axis] for shape in shapes if axis < len(shape)]
+        low, high = (min(lengths), max(lengths)) if lengths else (0, 0)
+        if low == high:
+            dims.append(low)
+        else:
+            dims.append(None)
+            spans[axis + 1] = (low, high)
+    return NestedSize(dims, spans)
 
 
 def _is_dataclass_instance(obj: object) -> bool:
@@ -50,6 +99,13 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
             if hasattr(obj, field.name)
         }
         return _rebuild_dataclass(obj, values)
+    if isinstance(obj, PackedSequence):
+        # batch_sizes stays where it is: torch requires it on the CPU (as PackedSequence.to does)
+        return obj._replace(
+            data=fn(obj.data),
+            sorted_indices=map_tensors(obj.sorted_indices, fn),
+            unsorted_indices=map_tensors(obj.unsorted_indices, fn),
+        )
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
         return type(obj)(*(map_tensors(item, fn) for item in obj))
     if isinstance(obj, (tuple, list)):
@@ -109,7 +165,7 @@ def shapes_of(obj: Any) -> Any:
     """
     # Called for every module call of a traced forward: the common cases come first.
     if isinstance(obj, torch.Tensor):
-        return obj.shape
+        return nested_size(obj) if obj.is_nested else obj.shape
     kind = type(obj)
     if kind is tuple:
         return tuple([shapes_of(item) for item in obj])
@@ -140,6 +196,16 @@ def format_shape(shape: Any) -> str:
     """
     if isinstance(shape, torch.Size):
         return "(" + ", ".join(str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
+    if isinstance(shape, NestedSize):  # ragged dimensions as shortest..longest
+        spans = shape.spans
+        return (
+            "("
+            + ", ".join(
+                str(dim) if dim is not None else "{}..{}".format(*spans[axis])
+                for axis, dim in enumerate(shape)
+            )
+            + ")"
+        )
     if isinstance(shape, tuple):
         inner = ", ".join(format_shape(item) for item in shape)
         return "(" + inner + ("," if len(shape) == 1 else "") + ")"
@@ -158,8 +224,8 @@ def jsonable_shape(shape: Any) -> Any:
     >>> jsonable_shape((torch.Size([1, 3]), {0: torch.Size([2])}))
     [[1, 3], {'0': [2]}]
     """
-    if isinstance(shape, torch.Size):
-        return list(shape)
+    if isinstance(shape, (torch.Size, NestedSize)):
+        return list(shape)  # a ragged dimension is null
     if isinstance(shape, (tuple, list)):
         return [jsonable_shape(item) for item in shape]
     if isinstance(shape, dict):

@@ -363,12 +363,16 @@ class _Recorder:
             call = stack[position]
             del stack[position:]
         call.pending = None
-        call.input_shapes = (
-            (args[0].shape,)
-            if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor
-            else _call_shapes(args, kwargs)
-        )
-        call.output_shapes = output.shape if type(output) is torch.Tensor else shapes_of(output)
+        try:
+            call.input_shapes = (
+                (args[0].shape,)
+                if not kwargs and len(args) == 1 and type(args[0]) is torch.Tensor
+                else _call_shapes(args, kwargs)
+            )
+            call.output_shapes = output.shape if type(output) is torch.Tensor else shapes_of(output)
+        except RuntimeError:  # a nested tensor has no single size (checked only when one fails)
+            call.input_shapes = _call_shapes(args, kwargs)
+            call.output_shapes = shapes_of(output)
         call.finished = True
         if stack:
             stack[-1].flops += call.flops
@@ -393,7 +397,7 @@ class _Recorder:
 
 
 def _call_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) and not args[0].is_nested:
         return (args[0].shape,)  # the common case, without the structure walk
     shapes = shapes_of(args)
     if kwargs:
@@ -576,6 +580,13 @@ def trace_model(
     kwargs = dict(kwargs or {})
     _check_devices(model, (args, kwargs), argument)
     engines = _engine_order(model, engine)
+    if engines != ["real"] and any(tensor.is_nested for _, tensor in tensor_leaves((args, kwargs))):
+        # torch cannot make meta or fake copies of nested tensors (jagged sizes are symbols)
+        if engine != "auto":
+            raise ValueError(
+                f"engine={engine!r} cannot run a nested tensor {argument}: use engine='real' or 'auto'"
+            )
+        engines = ["real"]
     for position, engine_name in enumerate(engines):
         try:
             with gc_paused():
@@ -585,6 +596,26 @@ def trace_model(
             if is_last or not _is_engine_limitation(failed.error):
                 raise failed.layer_error from None
     raise AssertionError("unreachable: every engine either returns or raises")
+
+
+@contextmanager
+def _attention_fastpath_off() -> Iterator[None]:
+    """Turn off torch's fused inference path of ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention`` for the trace. Under ``no_grad`` on a CPU or GPU it runs a whole
+    layer as one kernel (its attention, linear and norm submodules never run, and no
+    mult-adds are seen) and, given a padding mask, turns the batch into a nested tensor; on meta
+    tensors it never runs. Off, every engine gives the same rows: the architecture, not the
+    kernel choice of the moment."""
+    mha = getattr(torch.backends, "mha", None)  # torch >= 2.2
+    if mha is None:
+        yield
+        return
+    was_enabled = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was_enabled)
 
 
 @contextmanager
@@ -642,6 +673,7 @@ def _trace_once(
         with ExitStack() as stack:
             stack.enter_context(preserve_training_flags(model, eval_mode=True, modules=modules))
             stack.enter_context(torch.no_grad())
+            stack.enter_context(_attention_fastpath_off())
             run_args, run_kwargs = stack.enter_context(_engine_inputs(modules, engine, args, kwargs))
             if engine == "meta" or count_flops:
                 from pytest_modelhooks._dispatch import TraceMode
@@ -658,7 +690,7 @@ def _trace_once(
             try:
                 output = model(*run_args, **run_kwargs)
             except Exception as error:
-                raise _EngineFailed(error, _layer_error(recorder, model, error)) from error
+                raise _EngineFailed(error, _layer_error(recorder, model, error, args, kwargs)) from error
             trace.output_shapes = shapes_of(output)
             trace.counted_flops = count_flops
     finally:
@@ -842,8 +874,13 @@ def _inline_sequentials(
             module.__dict__.pop("forward", None)
 
 
-def _layer_error(recorder: _Recorder, model: nn.Module, error: BaseException) -> LayerError:
+def _layer_error(
+    recorder: _Recorder, model: nn.Module, error: BaseException, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> LayerError:
     call = recorder.failing_call()
+    if call is not None and call.module is model and call.call_number == 1:
+        # the recorder's pre-hook sees positional inputs only; the model's own are known
+        call.input_shapes = _call_shapes(args, kwargs)
     if call is None:
         return LayerError(
             f"{type(model).__name__} failed before any layer ran: {error}",
@@ -990,9 +1027,11 @@ def model_sizes(
     """The output size of each layer of ``model`` for a batch of one of spatial ``size``.
 
     Works on any ``nn.Module``. ``modules`` defaults to the model's direct children (fastai's
-    order for a Sequential); it also takes ``"leaves"``, ``"all"``, qualified names or globs,
-    module types or module objects. ``input`` (a tensor, a tuple of positional inputs or a dict
-    of keyword inputs) replaces the dummy batch for models whose input cannot be guessed.
+    order for a Sequential; the model itself when it has none); it also takes ``"leaves"``,
+    ``"all"``, qualified names or globs, module types or module objects. ``input`` (a tensor,
+    a tuple of positional inputs or a dict of keyword inputs) replaces the dummy batch for
+    models whose input cannot be guessed; nested (ragged) tensors run on the real engine, and
+    their sizes hold ``None`` in a ragged dimension (shown as ``2..5``, shortest to longest).
     No weights are computed on or copied when the meta/fake engines can run the model
     (``sizes.engine`` tells which ran).
 
@@ -1011,7 +1050,9 @@ def _model_sizes(
     model: nn.Module, size: Sequence[int] | None, input: Any, modules: ModuleSpec, engine: str
 ) -> LayerSizes:
     __tracebackhide__ = True
-    selected = select_modules(model, modules, default="children")
+    # a model without children (a bare nn.LSTM) is its own only layer
+    default = "children" if next(model.children(), None) is not None else "all"
+    selected = select_modules(model, modules, default=default)
     if input is None:
         args: tuple[Any, ...] = (dummy_batch(model, size),)
         kwargs: dict[str, Any] = {}

@@ -337,6 +337,20 @@ def _finish_device(raw: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return finished
 
 
+def _nested_values(x: torch.Tensor) -> torch.Tensor:
+    """A nested tensor's values as one dense tensor, its components joined along their first
+    dimension (``(B, ragged, F)`` gives ``(total, F)``: statistics see every value once and no
+    padding; features stay the last dimension, for dead units). Components that also differ
+    further in are flattened."""
+    components = x.unbind()
+    if not components:
+        return torch.empty(0, dtype=x.dtype, device=x.device)
+    trailing = {tuple(component.shape[1:]) for component in components}
+    if len(trailing) == 1 and components[0].dim() > 0:
+        return torch.cat(components)
+    return torch.cat([component.reshape(-1) for component in components])
+
+
 def _channel_dim(module: nn.Module, rank: int, conv1d_model: bool) -> int | None:
     if rank < 2:
         return None
@@ -566,6 +580,8 @@ class ActivationStats(HookCallback):
             if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             x = tensor.detach()
+            if x.is_nested:
+                x = _nested_values(x)
             series = self._series_id(module, path, call)
             channel_max = self._channel_max_of(module, x) if self.track_dead else None
             fused = self._reduce_fused(x) if self.fused else None

@@ -401,24 +401,29 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
                 }
             )
         )
+    idle: list[tuple[str, LayerInfo]] = []
     for _, module in trace.named:
         # ModuleList/ModuleDict hold modules but cannot be called: not "never ran"
         if id(module) not in calls_by_module and not is_container(module):
             name = names[id(module)]
             total, trainable, own = counts(module)
-            rows.append(
-                LayerInfo(
-                    name=name,
-                    type=type(module).__name__,
-                    depth=name.count(".") + 1 if name else 0,
-                    calls=0,
-                    params=total,
-                    own_params=own,
-                    trainable_params=trainable,
-                    mult_adds=None,
-                    ran=False,
+            idle.append(
+                (
+                    name,
+                    LayerInfo(
+                        name=name,
+                        type=type(module).__name__,
+                        depth=name.count(".") + 1 if name else 0,
+                        calls=0,
+                        params=total,
+                        own_params=own,
+                        trainable_params=trainable,
+                        mult_adds=None,
+                        ran=False,
+                    ),
                 )
             )
+    rows = _with_idle_rows(rows, idle)
 
     total, trainable = tally.total, tally.trainable
     return ModelSummary(
@@ -434,6 +439,41 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
         depth=depth,
         engine=trace.engine,
     )
+
+
+def _with_idle_rows(rows: list[LayerInfo], idle: list[tuple[str, LayerInfo]]) -> list[LayerInfo]:
+    """Place each module that never ran where it belongs in the tree: before the first call
+    inside it (its children ran without it), else after the last call inside its nearest
+    ancestor that ran (``nn.MultiheadAttention.out_proj``, whose weights the attention uses
+    directly, right under its attention). Module order is kept among idle siblings."""
+    if not idle:
+        return rows
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        prefix = row.name
+        while True:  # the row is inside every prefix of its name, and inside the model ("")
+            first.setdefault(prefix, index)
+            last[prefix] = index
+            if not prefix:
+                break
+            prefix = prefix.rpartition(".")[0]
+    before: dict[int, list[LayerInfo]] = {}  # rows to insert before rows[i]; i == len: at the end
+    for name, info in idle:
+        if name in first:
+            position = first[name]
+        else:
+            ancestor = name.rpartition(".")[0]
+            while ancestor and ancestor not in last:
+                ancestor = ancestor.rpartition(".")[0]
+            position = last[ancestor] + 1 if ancestor in last else len(rows)
+        before.setdefault(position, []).append(info)
+    placed: list[LayerInfo] = []
+    for index, row in enumerate(rows):
+        placed += before.get(index, ())
+        placed.append(row)
+    placed += before.get(len(rows), ())
+    return placed
 
 
 # --------------------------------------------------------------------------- rendering

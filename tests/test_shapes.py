@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import warnings
 from typing import Any
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from pytest_modelhooks import (
     LayerError,
@@ -18,7 +21,7 @@ from pytest_modelhooks import (
     model_sizes,
     num_features_model,
 )
-from pytest_modelhooks._tree import shapes_of
+from pytest_modelhooks._tree import map_tensors, shapes_of
 from pytest_modelhooks.hooks import select_modules, training_flags
 from tests import zoo
 from tests.helpers import untouched
@@ -580,3 +583,63 @@ def test_a_lazy_model_works_once_initialized_and_in_channels_refuses_before() ->
     model(torch.randn(1, 5, 16, 16))  # the user's own first forward
     assert in_channels(model) == 5
     assert model_sizes(model, (16, 16))[-1] == (1, 8, 14, 14)
+
+
+def jagged(*lengths: int, features: int = 4) -> torch.Tensor:
+    torch.manual_seed(0)
+    parts = [torch.randn(length, features) for length in lengths]
+    return torch.nested.nested_tensor(parts, layout=torch.jagged)
+
+
+class OnNested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(x))
+
+
+def test_nested_tensors_get_a_size_with_their_ragged_dimension() -> None:
+    model = OnNested()
+    with untouched(model):
+        sizes = model_sizes(model, input=jagged(2, 5, 3), modules="all")
+    assert sizes.engine == "real"  # torch makes no meta or fake copies of nested tensors
+    assert sizes["proj"] == (3, None, 6) and sizes["proj"].spans == {1: (2, 5)}
+    lines = [" ".join(line.split()) for line in str(sizes).splitlines()]
+    assert "proj (Linear) (3, 2..5, 6)" in lines
+    assert json.loads(json.dumps(sizes.to_dict()))["proj"]["calls"] == [[3, None, 6]]
+    same = model_sizes(model, input=jagged(4, 4, 4), modules="all")
+    assert type(same["proj"]).__name__ == "NestedSize" and same["proj"] == (3, 4, 6)
+    with pytest.raises(ValueError, match="engine='meta' cannot run a nested tensor input"):
+        model_sizes(model, input=jagged(2, 3), engine="meta")
+
+
+def test_strided_nested_tensors_too() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: the strided layout is a prototype
+        x = torch.nested.nested_tensor([torch.ones(2, 3, 4), torch.ones(2, 5, 4)])
+    size = shapes_of(x)
+    assert size == (2, 2, None, 4) and size.spans == {2: (3, 5)}
+    assert pickle.loads(pickle.dumps(size)).spans == size.spans  # crosses xdist workers intact
+
+
+def test_packed_sequences_keep_their_batch_sizes_on_the_cpu_for_meta() -> None:
+    # torch refuses a PackedSequence whose batch_sizes left the CPU
+    lstm = nn.LSTM(8, 16, batch_first=True)
+    lengths = torch.tensor([5, 3, 2])
+    packed = pack_padded_sequence(torch.randn(3, 5, 8), lengths, batch_first=True, enforce_sorted=False)
+    with untouched(lstm):
+        sizes = model_sizes(lstm, input=(packed,))
+    assert sizes.engine == "meta"
+    (data, batch_sizes, sorted_indices, unsorted_indices), (hidden, cell) = sizes[0]
+    assert (data, batch_sizes, sorted_indices, unsorted_indices) == ((10, 16), (5,), (3,), (3,))
+    assert hidden == cell == (1, 3, 16)
+    moved = map_tensors(packed, lambda tensor: tensor.to("meta"))
+    assert moved.data.is_meta and moved.sorted_indices.is_meta and moved.batch_sizes.device.type == "cpu"
+
+
+def test_a_model_without_children_is_its_own_layer() -> None:
+    sizes = model_sizes(nn.Linear(3, 4), input=torch.zeros(2, 3))
+    assert sizes.names == ("",) and sizes[0] == (2, 4)

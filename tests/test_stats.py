@@ -648,3 +648,42 @@ def test_device_gradient_counts_stay_exact_past_float32s_integers(size: int, nan
         grad[nan_at] = math.nan
     row = _finish_grad(_grad_on_device(grad), size)
     assert float(row[4]) == (0.0 if nan_at is None else 1.0)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_nested_outputs_are_reduced_over_their_values_without_padding() -> None:
+    # nn.TransformerEncoder in eval mode with a padding mask hands its layers nested tensors
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    src = torch.randn(3, 6, 16)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, 2:] = True  # the first sequence has 2 tokens, the others 6
+    outputs: list[torch.Tensor] = []
+    handle = model.layers[0].register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+    with torch.no_grad(), untouched(model), ActivationStats(model, modules=["layers.0"]) as stats:
+        model(src, src_key_padding_mask=mask)
+    handle.remove()
+    assert outputs[0].is_nested  # the case under test did happen
+    values = torch.cat(outputs[0].unbind())  # 14 tokens of 16 features, no padding
+    assert values.shape == (14, 16)
+    row = stats["layers.0"]
+    for name, expected in reference(values).items():
+        assert float(row[name][0]) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+    assert row.channels == 16 and row.dead == 0.0
+
+
+def test_jagged_outputs_count_dead_features() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias[:2] = -100.0  # features 0 and 1 never fire
+    parts = [torch.randn(length, 4) for length in (2, 5, 3)]
+    batch = torch.nested.nested_tensor(parts, layout=torch.jagged)
+    with ActivationStats(model, modules="all") as stats:
+        model(batch)
+    relu = stats["1"]
+    assert relu.channels == 6 and relu.dead == pytest.approx(2 / 6)
+    expected = reference(model(torch.cat(parts)))
+    assert float(relu.mean[0]) == pytest.approx(expected["mean"], rel=1e-5)
+    assert float(relu.near_zero[0]) == pytest.approx(expected["near_zero"])

@@ -374,3 +374,94 @@ def test_llm_style_attention_reads_the_same_on_meta_and_for_real() -> None:
         real = model_summary(model, input_data=batch, engine="real")
     assert meta.layers == real.layers and meta.mult_adds == real.mult_adds
     assert str(meta) == str(real)
+
+
+def test_idle_modules_sit_under_their_parent_in_the_tree() -> None:
+    # nn.MultiheadAttention uses out_proj's weights directly: the row belongs under the attention,
+    # not after the last layer; a module whose children ran without it comes before them
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.wrapper = nn.Sequential(nn.Linear(8, 8))  # never called itself
+            self.head = nn.Linear(8, 2)
+            self.spare = nn.Linear(2, 2)  # never called at all
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.attn(x, x, x, need_weights=False)[0]
+            return self.head(self.wrapper[0](x))
+
+    summary = model_summary(Outer(), (2, 5, 8))
+    assert [(layer.name, layer.ran) for layer in summary.layers] == [
+        ("", True),
+        ("attn", True),
+        ("attn.out_proj", False),
+        ("wrapper", False),
+        ("wrapper.0", True),
+        ("head", True),
+        ("spare", False),
+    ]
+    lines = str(summary).splitlines()
+    attention = next(index for index, line in enumerate(lines) if line.startswith("  attn "))
+    assert re.search(
+        r"^    attn\.out_proj \(NonDynamicallyQuantizableLinear\)\s+-\s+never ran", lines[attention + 1]
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_torch_transformer_encoder_reads_the_same_on_every_engine(masked: bool) -> None:
+    # In eval mode under no_grad torch runs each layer as one fused kernel (with a padding mask,
+    # on nested tensors): the summary would lose every submodule and its mult-adds on a real
+    # forward. The trace turns that path off, so the engines agree, and turns it back on.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    batch: dict[str, torch.Tensor] = {"src": torch.randn(3, 6, 16)}
+    if masked:
+        mask = torch.zeros(3, 6, dtype=torch.bool)
+        mask[0, 4:] = True
+        batch["src_key_padding_mask"] = mask
+    with untouched(model):
+        texts = {
+            engine: str(model_summary(model, input_data=batch, engine=engine))
+            for engine in ("meta", "fake", "real")
+        }
+    assert texts["meta"] == texts["fake"] == texts["real"]
+    summary = model_summary(model, input_data=batch, engine="real")
+    assert [layer.name for layer in summary.layers if not layer.ran] == [
+        "layers.0.self_attn.out_proj",
+        "layers.1.self_attn.out_proj",
+    ]
+    assert summary["layers.0.linear1"].output_shapes == (3, 6, 32)
+    assert summary.mult_adds == 2 * summary["layers.0"].mult_adds > 0
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_the_attention_fast_path_flag_is_restored_when_the_forward_fails() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert not torch.backends.mha.get_fastpath_enabled()
+            raise RuntimeError("boom")
+
+    with pytest.raises(LayerError, match="boom"):
+        model_summary(Broken(), (1, 3, 8))
+    assert torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:  # a user's own choice is kept, not switched on
+        model_summary(nn.Sequential(nn.Linear(2, 2)), (1, 2))
+        assert not torch.backends.mha.get_fastpath_enabled()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_a_model_failing_on_keyword_inputs_shows_them() -> None:
+    class NeedsMask(nn.Module):
+        def forward(self, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return src @ mask
+
+    with pytest.raises(LayerError, match=r"model NeedsMask got input \{src: \(2, 3\), mask: \(4, 4\)\}"):
+        model_summary(NeedsMask(), input_data={"src": torch.ones(2, 3), "mask": torch.ones(4, 4)})
