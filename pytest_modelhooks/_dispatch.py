@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -461,7 +461,59 @@ def _flop_registry() -> dict[Any, Any]:
     cpu_flash = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if flash is not None and cpu_flash is not None:
         formulas.setdefault(cpu_flash, flash)
+    # Fused recurrent kernels (oneDNN on the CPU, cuDNN on the GPU) have no formula either: a
+    # real forward of an LSTM counted 0 where meta, which runs it step by step, counts every
+    # matmul. nn.Bilinear's op has none on any engine.
+    for name, formula in (
+        ("mkldnn_rnn_layer", _mkldnn_rnn_layer_flops),
+        ("_cudnn_rnn", _cudnn_rnn_flops),
+        ("_trilinear", _trilinear_flops),
+    ):
+        op = getattr(aten, name, None)
+        if op is not None:
+            formulas.setdefault(op, formula)
     return formulas
+
+
+def _tokens(input: torch.Tensor) -> int:
+    # (T, B, F), (B, T, F) or a packed (tokens, F): every position meets every weight once
+    return input.numel() // input.shape[-1] if input.dim() else 0
+
+
+def _mkldnn_rnn_layer_flops(
+    input: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, *args: Any, **kwargs: Any
+) -> int:
+    """One layer, one direction: the input and hidden projections at every step (as the
+    step-by-step matmuls count them: two flops a multiply-add, biases not counted)."""
+    return 2 * _tokens(input) * (w_ih.numel() + w_hh.numel())
+
+
+def _cudnn_rnn_flops(input: torch.Tensor, weights: Any, *args: Any, **kwargs: Any) -> int:
+    """Every layer and direction at once: each weight matrix meets every position once."""
+    matrices = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2]
+    return 2 * _tokens(input) * sum(w.numel() for w in matrices)
+
+
+def _trilinear_flops(
+    i1: torch.Tensor,
+    i2: torch.Tensor,
+    i3: torch.Tensor,
+    expand1: Sequence[int],
+    expand2: Sequence[int],
+    expand3: Sequence[int],
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    """``nn.Bilinear``: one multiply-add per point of the three inputs' joint index space
+    (batch x out x in1 x in2), two flops each."""
+    shapes: list[list[int]] = []
+    for tensor, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        shape = [int(size) for size in tensor.shape]
+        for dim in sorted(expand):
+            shape.insert(dim, 1)
+        shapes.append(shape)
+    joint = [max(sizes) for sizes in zip(*shapes, strict=True)]  # same rank once expanded
+    return int(2 * math.prod(joint))
 
 
 class TraceMode(TorchDispatchMode):  # type: ignore[no-untyped-call]

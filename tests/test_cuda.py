@@ -119,3 +119,13 @@ def test_the_plugin_fixtures_run_end_to_end_on_cuda(pytester: pytest.Pytester) -
     pytester.runpytest_subprocess(*plugin, "--snapshot-update").assert_outcomes(passed=2)
     result = pytester.runpytest_subprocess(*plugin, "--modelhooks-device=cuda")
     result.assert_outcomes(passed=2)
+
+
+def test_cudnn_recurrent_layers_count_the_same_mult_adds_as_meta() -> None:
+    # cuDNN runs every layer and direction of an LSTM as one op with its own flop formula here
+    lstm = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True).cuda()
+    batch = torch.randn(2, 5, 8, device="cuda")
+    meta = model_summary(lstm, input_data=batch, engine="meta")
+    real = model_summary(lstm, input_data=batch, engine="real")
+    assert real.mult_adds == meta.mult_adds == 10 * 2 * 4 * 16 * (8 + 16 + 32 + 16)
+    assert str(real) == str(meta)

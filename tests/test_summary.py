@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from pytest_modelhooks import LayerError, model_summary
 from tests import zoo
@@ -465,3 +466,34 @@ def test_a_model_failing_on_keyword_inputs_shows_them() -> None:
 
     with pytest.raises(LayerError, match=r"model NeedsMask got input \{src: \(2, 3\), mask: \(4, 4\)\}"):
         model_summary(NeedsMask(), input_data={"src": torch.ones(2, 3), "mask": torch.ones(4, 4)})
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "expected"),
+    [
+        # 4 gates x hidden x (input + hidden) multiply-adds per token and layer
+        (nn.LSTM(8, 16, batch_first=True), (2, 5, 8), 10 * 4 * 16 * (8 + 16)),
+        (nn.LSTM(8, 16, num_layers=2, bidirectional=True), (5, 2, 8), 10 * 2 * 4 * 16 * (8 + 16 + 32 + 16)),
+        (nn.GRU(8, 16), (5, 2, 8), 10 * 3 * 16 * (8 + 16)),
+        (nn.Bilinear(3, 5, 2), [(4, 3), (4, 5)], 4 * 2 * 3 * 5),
+    ],
+    ids=["lstm", "deep-bidirectional-lstm", "gru", "bilinear"],
+)
+def test_recurrent_and_bilinear_mult_adds_agree_on_every_engine(
+    model: nn.Module, size: Any, expected: int
+) -> None:
+    # the CPU runs an LSTM as one oneDNN kernel, which torch's flop formulas do not cover
+    counts = {
+        engine: model_summary(model, input_size=size, engine=engine).mult_adds for engine in ("meta", "real")
+    }
+    assert counts == {"meta": expected, "real": expected}
+
+
+def test_packed_lstm_input_summarises_on_meta_with_the_real_counts() -> None:
+    lstm = nn.LSTM(8, 16, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(3, 5, 8), torch.tensor([5, 3, 2]), batch_first=True)
+    with untouched(lstm):
+        auto = model_summary(lstm, input_data=(packed,))
+        real = model_summary(lstm, input_data=(packed,), engine="real")
+    assert auto.engine == "meta" and str(auto) == str(real)
+    assert auto.mult_adds == 10 * 4 * 16 * (8 + 16)  # 10 tokens, padding not counted
