@@ -217,6 +217,10 @@ class ModelSnapshotExtension(SingleFileSnapshotExtension):
         )
 
     def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:
+        if snapshot_data == "":  # syrupy's stand-in for a snapshot not written yet
+            yield "Write it with: pytest --snapshot-update (then review and commit the .txt file)"
+            yield from super().diff_lines(serialized_data, snapshot_data)
+            return
         changes = describe_changes(str(snapshot_data), str(serialized_data))
         if changes:
             yield "Changed layers (snapshot -> now):"

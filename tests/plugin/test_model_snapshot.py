@@ -23,6 +23,13 @@ def test_sizes(model_sizes, model_snapshot):
 
 def test_snapshot_lifecycle_create_pass_change_fail_update(run, pytester) -> None:
     write(pytester, "test_snap", SNAPSHOT_TEST.format(width=16, stride=1))
+    missing = run()
+    missing.assert_outcomes(failed=2)
+    # a snapshot not written yet says how to write it, without listing every layer as changed
+    missing.stdout.fnmatch_lines(
+        ["*Snapshot 'test_summary' does not exist!*", "*Write it with: pytest --snapshot-update*"]
+    )
+    assert "Changed layers" not in missing.stdout.str()
     created = run("--snapshot-update")
     created.assert_outcomes(passed=2)
     stored = pytester.path / "__snapshots__" / "test_snap" / "test_summary.txt"
