@@ -62,7 +62,7 @@ def test_parameter_budget_and_layer_table(model, model_summary, model_snapshot):
     assert summary == model_snapshot  # __snapshots__/test_cnn_classifier/...; --snapshot-update
 
 
-@pytest.mark.modelhooks(std=(0.05, 5.0), max_dead=0.5)
+@pytest.mark.modelhooks(std=(0.05, 5.0), max_dead=0.3)
 def test_activations_and_gradients_stay_healthy(model, activation_stats, gradient_stats, modelhooks_device):
     device = modelhooks_device  # --modelhooks-device=cuda runs the same test on the GPU
     with activation_stats(model) as stats, gradient_stats(model) as grads:

@@ -102,7 +102,8 @@ def activation_findings(
     """Every broken rule among the recorded activation statistics, in execution order.
 
     * ``std=(low, high)``: each series' std must stay within, on every batch.
-    * ``max_dead``: the fraction of channels never above zero, per layer.
+    * ``max_dead``: the fraction of channels never above zero, per layer (not judged on the
+      tensors the model itself returns: logits may be negative for every sample).
     * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
     * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch.
     * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
@@ -147,7 +148,13 @@ def activation_findings(
                 found.append(
                     Finding(layer.name, layer.type, "std", value, f"<= {high:g}", batch, "exploding")
                 )
-        if max_dead is not None and layer.dead is not None and layer.dead > max_dead:
+        # a model's output (logits) is read as it is: negative for every sample is not dead
+        if (
+            max_dead is not None
+            and layer.dead is not None
+            and not layer.model_output
+            and layer.dead > max_dead
+        ):
             dead_units = round(layer.dead * (layer.channels or 0))
             found.append(
                 Finding(

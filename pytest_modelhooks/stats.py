@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,7 +370,9 @@ class LayerStats:
     Each statistic is a float64 tensor with one value per recorded batch (NaN where the module
     did not run in that batch, see ``ran``, or where the statistic was not recorded). ``dead``
     is the fraction of channels (features) whose value was never above zero on any recorded
-    sample, or None when there is no channel dimension.
+    sample, or None when there is no channel dimension. ``model_output`` marks a tensor that
+    the model itself returned (logits, a decoder's last layer): its dead units are recorded
+    but not judged by ``max_dead``, since an output is read as it is, not through a ReLU.
     """
 
     name: str
@@ -387,6 +390,7 @@ class LayerStats:
     dead: float | None
     channels: int | None
     hist: torch.Tensor | None = field(repr=False)
+    model_output: bool = False
 
     def __getitem__(self, statistic: str) -> torch.Tensor:
         if statistic not in STATISTICS:
@@ -403,6 +407,7 @@ class LayerStats:
             "batches": self.batches.tolist(),
             "dead": self.dead,
             "channels": self.channels,
+            "model_output": self.model_output,
         }
         for statistic in STATISTICS:
             data[statistic] = [None if math.isnan(value) else value for value in self[statistic].tolist()]
@@ -506,6 +511,9 @@ class ActivationStats(HookCallback):
         self._batches: list[tuple[int, list[tuple[Any, ...]]]] = []
         self._hists: list[tuple[int, list[int], torch.Tensor]] = []
         self._channel_max: dict[int, torch.Tensor] = {}
+        # this batch's tensors with dead units tracked, to tell which the model returned
+        self._tracked: list[tuple[int, weakref.ref[torch.Tensor]]] = []
+        self._model_outputs: set[int] = set()
         self._batch_handles: list[RemovableHandle] = []
         self._cache: dict[str, Any] | None = None
 
@@ -534,12 +542,21 @@ class ActivationStats(HookCallback):
         self._pending = []
         self._pending_hist = []
         self._calls_this_batch = {}
+        self._tracked = []
 
     def _end_batch(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._recording:
             return
         self._recording = False
         batch = self._forwards - 1
+        if self._tracked:
+            # by identity, through weak references: a live tensor's id is its own
+            returned = {id(tensor) for _, tensor in tensor_leaves(output)}
+            for series, ref in self._tracked:
+                tensor = ref()
+                if tensor is not None and id(tensor) in returned:
+                    self._model_outputs.add(series)
+            self._tracked = []
         if self._pending:
             self._batches.append((batch, _blocks(self._pending)))
         # histograms: one stack per device (a model may span devices)
@@ -594,6 +611,7 @@ class ActivationStats(HookCallback):
                 self._pending.append((series, (raw, x.numel())))
             if channel_max is not None:
                 self._track_dead(series, channel_max)
+                self._tracked.append((series, weakref.ref(tensor)))
             if self.with_hist:
                 low, high = self.hist_range
                 self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
@@ -718,6 +736,7 @@ class ActivationStats(HookCallback):
             dead=dead,
             channels=channels,
             hist=gathered["hists"].get(index),
+            model_output=index in self._model_outputs,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -94,3 +94,47 @@ def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
         pass
     with pytest.raises(HealthError, match="no parameter requires grad"):
         grads.check()
+
+
+class DictHead(nn.Module):
+    """Returns its logits inside a dict, as Hugging Face models do."""
+
+    def __init__(self, hidden: nn.Linear, head: nn.Linear) -> None:
+        super().__init__()
+        self.hidden, self.head = hidden, head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.hidden(x)))}
+
+
+def _negative_for_half(layer: nn.Linear) -> nn.Linear:
+    with torch.no_grad():
+        layer.bias[: layer.out_features // 2] = -100.0  # never above zero on any sample
+    return layer
+
+
+@pytest.mark.parametrize("wrap", ["sequential", "dict"])
+def test_dead_units_are_not_judged_on_what_the_model_returns(wrap: str) -> None:
+    # logits negative for every sample of a class are an answer, not dead units; the same
+    # values in a hidden layer (read through a ReLU) are dead
+    torch.manual_seed(0)
+    hidden = _negative_for_half(nn.Linear(6, 8))
+    head = _negative_for_half(nn.Linear(8, 10))
+    model: nn.Module
+    if wrap == "sequential":
+        model = nn.Sequential(hidden, nn.ReLU(), head)
+        names = {"hidden": "0", "head": "2", "model": ""}
+        judged = ["0", "1"]  # the hidden Linear and its ReLU
+    else:
+        model = DictHead(hidden, head)
+        names = {"hidden": "hidden", "head": "head", "model": "logits"}
+        judged = ["hidden"]
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(16, 6))
+    head_stats = stats[names["head"]]
+    assert head_stats.dead >= 0.5 and head_stats.model_output and stats[names["model"]].model_output
+    assert (
+        not stats[names["hidden"]].model_output and stats[names["hidden"]].to_dict()["model_output"] is False
+    )
+    dead = [finding.layer for finding in stats.findings(max_dead=0.3) if finding.statistic == "dead"]
+    assert dead == judged
