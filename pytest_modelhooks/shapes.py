@@ -383,8 +383,13 @@ class _Recorder:
             self.stack[-1].flops += flops
 
     def remove(self) -> None:
+        from torch.nn.modules import module as torch_module
+
         for handle in self.handles:
             handle.remove()
+            # torch's handle forgets the global hook's with_kwargs flag; left behind, it makes
+            # every later torch.compile'd module warn about global hooks, for the whole process
+            torch_module._global_forward_hooks_with_kwargs.pop(handle.id, None)
         self.handles.clear()
 
     def failing_call(self) -> Call | None:

@@ -895,7 +895,8 @@ class GradientStats:
     Use it as a context manager around training steps. Each parameter's statistics are taken
     from its accumulated ``.grad`` right after backward writes it (a post-accumulate-grad
     hook), so ``zero_grad()`` anywhere in the loop does not matter. A *step* ends at the next
-    forward of ``model``, at :meth:`end_step`, or when the block ends. Parameters that require
+    forward of ``model``, when a parameter's gradient arrives again (a second backward),
+    at :meth:`end_step`, or when the block ends. Parameters that require
     grad but never got one are reported by :meth:`unused`; frozen parameters are not tracked.
     ``fused=True`` reduces each gradient in one ``torch.compile``d pass, as
     :class:`ActivationStats` does.
@@ -939,7 +940,11 @@ class GradientStats:
             for _, param in self.params:
                 hook = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
                 self._handles.append(hook)
-            self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.end_step()))
+            if type(self.model).__name__ != "OptimizedModule":
+                # (a hook on a torch.compile'd module makes torch warn about global hooks; there a
+                # step ends when a parameter's gradient arrives a second time)
+                pre_hook = self.model.register_forward_pre_hook(lambda module, args: self.end_step())
+                self._handles.append(pre_hook)
         except BaseException:
             self.stop()
             raise
@@ -961,7 +966,10 @@ class GradientStats:
         if raw is None:
             self.fused = False  # (after compile failed: separate passes from now on)
             raw = _grad_on_host(grad) if grad.device.type == "cpu" else _grad_on_device(grad)
-        self._pending[self._index[id(param)]] = raw
+        index = self._index[id(param)]
+        if index in self._pending:  # a second backward with no forward in between: a new step
+            self.end_step()
+        self._pending[index] = raw
 
     def end_step(self) -> None:
         """Close the current step, if any gradient arrived since the last one."""

@@ -11,6 +11,14 @@ from torch import nn
 from pytest_modelhooks.hooks import count_hooks, hooks_by_module, training_flags
 
 
+def _global_hooks() -> dict[str, list[int]]:
+    """torch's process-wide module hook tables, including the flags kept beside them."""
+    from torch.nn.modules import module as torch_module
+
+    tables = {name: value for name, value in vars(torch_module).items() if name.startswith("_global_")}
+    return {name: sorted(table) for name, table in tables.items() if isinstance(table, dict)}
+
+
 @contextmanager
 def untouched(model: nn.Module, *, values: bool = True) -> Iterator[None]:
     """Assert that the block leaves ``model`` exactly as it was: no new hooks, the same
@@ -18,6 +26,7 @@ def untouched(model: nn.Module, *, values: bool = True) -> Iterator[None]:
     devices and values (BatchNorm running statistics included, unless ``values=False`` for a
     block that trains), also when the block raises."""
     hooks = hooks_by_module(model)
+    global_hooks = _global_hooks()
     flags = training_flags(model)
     requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -26,6 +35,7 @@ def untouched(model: nn.Module, *, values: bool = True) -> Iterator[None]:
         yield
     finally:
         assert hooks_by_module(model) == hooks, f"hooks left behind: {hooks_by_module(model)}"
+        assert _global_hooks() == global_hooks, "global module hooks (or their flags) left behind"
         assert training_flags(model) == flags
         # nothing set on an instance and left there (a stand-in forward, a cache)
         assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes

@@ -687,3 +687,29 @@ def test_jagged_outputs_count_dead_features() -> None:
     expected = reference(model(torch.cat(parts)))
     assert float(relu.mean[0]) == pytest.approx(expected["mean"], rel=1e-5)
     assert float(relu.near_zero[0]) == pytest.approx(expected["near_zero"])
+
+
+def test_each_backward_is_a_step_even_without_a_forward_in_between() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    with GradientStats(model) as grads:
+        loss = model(torch.randn(3, 4)).square().sum()
+        loss.backward(retain_graph=True)
+        first = model.weight.grad.norm().item()
+        loss.backward()  # accumulates: the .grad doubles
+    assert grads.num_steps == 2
+    norms = grads["weight"].norm.tolist()
+    assert norms == pytest.approx([first, 2 * first], rel=1e-6)
+
+
+def test_a_compiled_model_counts_steps_without_torch_warning_about_hooks() -> None:
+    # a forward pre-hook on torch.compile's wrapper makes torch warn about global hooks
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with GradientStats(compiled) as grads:
+            for _ in range(2):
+                compiled(torch.randn(3, 4)).sum().backward()
+    assert grads.num_steps == 2 and grads.unused() == []
+    assert count_hooks(compiled) == 0

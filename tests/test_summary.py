@@ -497,3 +497,14 @@ def test_packed_lstm_input_summarises_on_meta_with_the_real_counts() -> None:
         real = model_summary(lstm, input_data=(packed,), engine="real")
     assert auto.engine == "meta" and str(auto) == str(real)
     assert auto.mult_adds == 10 * 4 * 16 * (8 + 16)  # 10 tokens, padding not counted
+
+
+def test_no_global_hook_state_outlives_a_summary() -> None:
+    # torch keeps a global hook's with_kwargs flag after the hook is removed; a leftover made
+    # every later torch.compile'd module in the process warn about global hooks
+    from torch.nn.modules import module as torch_module
+
+    model_summary(nn.Sequential(nn.Linear(2, 2)), (1, 2))
+    with pytest.raises(LayerError):
+        model_summary(nn.Sequential(nn.Linear(3, 2)), (1, 2))
+    assert not torch_module._has_any_global_hook()
