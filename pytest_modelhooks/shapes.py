@@ -104,6 +104,11 @@ def _spec_for(name: str, module: nn.Module) -> InputSpec | None:
     return None
 
 
+_GIVE_INPUT = (
+    "give the input explicitly (model_sizes(input=...), model_summary(input_size=... or input_data=...))"
+)
+
+
 def input_spec(model: nn.Module) -> InputSpec:
     """Describe the input ``model`` expects, read from its first leaf layer with parameters (in
     registration order).
@@ -125,11 +130,10 @@ def input_spec(model: nn.Module) -> InputSpec:
             raise ValueError(
                 f"cannot tell the input of {type(model).__name__}: its first layer with parameters, "
                 f"{_layer_label(name, module)}, is not a convolution, Linear, norm, RNN, attention or "
-                f"Embedding layer; pass input= explicitly"
+                f"Embedding layer; {_GIVE_INPUT}"
             )
     raise ValueError(
-        f"cannot tell the input of {type(model).__name__}: it has no layer with parameters; "
-        f"pass input= explicitly"
+        f"cannot tell the input of {type(model).__name__}: it has no layer with parameters; {_GIVE_INPUT}"
     )
 
 
@@ -910,7 +914,7 @@ def _layer_error(
 # --------------------------------------------------------------------------- model_sizes
 
 
-def _normalise_input(input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _normalise_input(input: Any, argument: str = "input") -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(input, torch.Tensor):
         return (input,), {}
     if isinstance(input, Mapping):
@@ -918,7 +922,7 @@ def _normalise_input(input: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(input, (tuple, list)):
         return tuple(input), {}
     raise TypeError(
-        f"input must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"{argument} must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
         f"got {type(input).__name__}"
     )
 

@@ -347,7 +347,7 @@ def model_summary(
     if input_size is not None and input_data is not None:
         raise ValueError("pass either input_size= or input_data=, not both")
     if input_data is not None:
-        args, kwargs = _normalise_input(input_data)
+        args, kwargs = _normalise_input(input_data, "input_data")
         argument = "input_data"
     elif input_size is not None:
         args, kwargs = _input_from_size(model, input_size), {}

@@ -19,6 +19,7 @@ from pytest_modelhooks import (
     dummy_eval,
     in_channels,
     model_sizes,
+    model_summary,
     num_features_model,
 )
 from pytest_modelhooks._tree import map_tensors, shapes_of
@@ -77,8 +78,12 @@ def test_in_channels_names_an_unknown_first_layer() -> None:
     model = nn.Sequential(nn.ReLU(), nn.Bilinear(3, 3, 2))
     with pytest.raises(ValueError, match=r"first layer with parameters, layer '1' \(Bilinear\), is not a"):
         in_channels(model)
-    with pytest.raises(ValueError, match="has no layer with parameters; pass input="):
+    with pytest.raises(
+        ValueError, match=r"has no layer with parameters; give the input explicitly \(model_sizes"
+    ):
         in_channels(zoo.no_params())
+    with pytest.raises(ValueError, match=r"model_summary\(input_size=\.\.\. or input_data=\.\.\.\)"):
+        model_summary(nn.Sequential(nn.ReLU(), nn.Bilinear(3, 3, 2)))
 
 
 @pytest.mark.parametrize(

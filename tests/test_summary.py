@@ -173,7 +173,7 @@ def test_failures_name_the_layer_and_leave_the_model_untouched() -> None:
             r"either input_size= or input_data=",
         ),
         ({"depth": -1}, ValueError, r"depth must be a non-negative int or None, got depth=-1"),
-        ({"input_data": 3}, TypeError, r"input must be a tensor"),
+        ({"input_data": 3}, TypeError, r"input_data must be a tensor, a tuple of positional inputs"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
