@@ -25,9 +25,10 @@ _CELLS = re.compile(r"\s{2,}")
 
 
 def snapshot_text(data: Any) -> str:
-    """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats or str."""
+    """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats, GradientStats
+    or str."""
     from pytest_modelhooks.shapes import LayerSizes
-    from pytest_modelhooks.stats import ActivationStats
+    from pytest_modelhooks.stats import ActivationStats, GradientStats
     from pytest_modelhooks.summary import ModelSummary
 
     if isinstance(data, ModelSummary):
@@ -36,10 +37,13 @@ def snapshot_text(data: Any) -> str:
         return "Layer sizes\n" + str(data) + "\n"
     if isinstance(data, ActivationStats):
         return _stats_text(data)
+    if isinstance(data, GradientStats):
+        return _grads_text(data)
     if isinstance(data, str):
         return data if data.endswith("\n") else data + "\n"
     raise TypeError(
-        f"model_snapshot stores ModelSummary, LayerSizes, ActivationStats or str, got {type(data).__name__}"
+        "model_snapshot stores ModelSummary, LayerSizes, ActivationStats, GradientStats or str, "
+        f"got {type(data).__name__}"
     )
 
 
@@ -57,11 +61,35 @@ def _stats_text(stats: Any) -> str:
                 "-" if layer.dead is None else f"{layer.dead:.6g}",
             ]
         )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return f"Activation statistics (mean over {stats.num_batches} batches)\n" + _table(rows)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
-    return f"Activation statistics (mean over {stats.num_batches} batches)\n" + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def _grads_text(grads: Any) -> str:
+    # which parameters get a gradient, and how large: norm and max |g| averaged over the steps
+    rows = [["parameter", "shape", "norm", "max_abs", "nonfinite"]]
+    for param in grads:
+        shape = "x".join(str(size) for size in param.shape) or "scalar"
+        if not param.got_grad:
+            rows.append([param.name, shape, "-", "-", "no gradient"])
+            continue
+        rows.append(
+            [
+                param.name,
+                shape,
+                f"{_nanmean(param.norm):.6g}",
+                f"{_nanmean(param.max_abs):.6g}",
+                f"{sum(value for value in param.nonfinite.tolist() if not math.isnan(value)):g}",
+            ]
+        )
+    return f"Gradient statistics (mean over {grads.num_steps} steps)\n" + _table(rows)
 
 
 def _nanmean(values: Any) -> float:
@@ -98,7 +126,7 @@ def _rows(text: str) -> tuple[list[str], dict[str, dict[str, str]], dict[str, st
     header: list[str] | None = None
     for line in lines:
         if header is None:
-            if line.startswith("Layer (type)") or line.startswith("layer  "):
+            if line.startswith(("Layer (type)", "layer  ", "parameter  ")):
                 header = _CELLS.split(line.strip())
             continue
         if not line.strip() or set(line.strip()) <= {"=", "-"}:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pytest_modelhooks import model_sizes, model_summary
+from pytest_modelhooks import GradientStats, model_sizes, model_summary
 from pytest_modelhooks.snapshot import ModelSnapshotExtension, _numbers_close, describe_changes, snapshot_text
 
 
@@ -60,6 +60,27 @@ def test_snapshot_text_rejects_other_types() -> None:
     import pytest
 
     with pytest.raises(
-        TypeError, match="model_snapshot stores ModelSummary, LayerSizes, ActivationStats or str, got int"
+        TypeError,
+        match="stores ModelSummary, LayerSizes, ActivationStats, GradientStats or str, got int",
     ):
         snapshot_text(3)
+
+
+def test_gradient_snapshots_show_which_parameters_learn_and_how_much() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    model.add_module("spare", nn.Linear(2, 2))  # registered, never used: no gradient
+    with GradientStats(model) as grads:
+        for _ in range(2):
+            model[:3](torch.randn(5, 3)).sum().backward()
+            model.zero_grad()
+    text = snapshot_text(grads)
+    lines = [line.split() for line in text.splitlines()]
+    assert lines[0] == ["Gradient", "statistics", "(mean", "over", "2", "steps)"]
+    assert lines[1] == ["parameter", "shape", "norm", "max_abs", "nonfinite"]
+    norms = grads["0.weight"].norm
+    assert lines[2] == ["0.weight", "4x3", f"{float(norms.mean()):.6g}", lines[2][3], "0"]
+    assert lines[-1] == ["spare.bias", "2", "-", "-", "no", "gradient"]
+    # a parameter that stops learning shows up as a changed row
+    frozen = snapshot_text(grads).replace(lines[2][2], "0", 1)
+    assert describe_changes(text, frozen)[0].startswith(f"~ 0.weight: norm {lines[2][2]} -> 0")
