@@ -236,6 +236,25 @@ def gradient_findings(
         raise ValueError(f"min_norm={min_norm!r} is above max_norm={max_norm!r}")
     found: list[Finding] = []
     steps = torch.arange(grads.num_steps)
+    # under a GradScaler a step with non-finite gradients is skipped by design: leave it out,
+    # unless no step was finite (the model, not the scale, makes them)
+    skipped = grads.skipped_steps()
+    kept = torch.ones(grads.num_steps, dtype=torch.bool)
+    if skipped and len(skipped) < grads.num_steps:
+        kept[skipped] = False
+    elif skipped:
+        kept[:] = False  # one finding for the model, not one per parameter
+        found.append(
+            Finding(
+                "",
+                type(grads.model).__name__,
+                "nonfinite grad",
+                float(len(skipped)),
+                "a finite step",
+                None,
+                f"every step ({len(skipped)}) overflowed under the GradScaler: no finite gradient",
+            )
+        )
     for param in grads:
         kind = "parameter " + "x".join(str(dim) for dim in param.shape)
         if require_grad and not param.got_grad:
@@ -245,16 +264,17 @@ def gradient_findings(
                 )
             )
             continue
-        nonfinite = torch.nan_to_num(param.nonfinite, nan=0.0)
+        nonfinite = torch.where(kept, torch.nan_to_num(param.nonfinite, nan=0.0), 0.0)
         if bool((nonfinite > 0).any()):
             value, step = _worst(param.nonfinite, steps, largest=True)
             found.append(Finding(param.name, kind, "nonfinite grad", value, "0", step))
             continue
-        if max_norm is not None and bool((param.norm > max_norm).any()):
-            value, step = _worst(param.norm, steps, largest=True)
+        norm = torch.where(kept, param.norm, math.nan)  # NaN compares False: not judged
+        if max_norm is not None and bool((norm > max_norm).any()):
+            value, step = _worst(norm, steps, largest=True)
             found.append(Finding(param.name, kind, "grad norm", value, f"<= {max_norm:g}", step, "exploding"))
-        if min_norm is not None and bool((param.norm < min_norm).any()):
-            value, step = _worst(param.norm, steps, largest=False)
+        if min_norm is not None and bool((norm < min_norm).any()):
+            value, step = _worst(norm, steps, largest=False)
             found.append(Finding(param.name, kind, "grad norm", value, f">= {min_norm:g}", step, "vanishing"))
     return found
 

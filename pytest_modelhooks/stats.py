@@ -901,6 +901,12 @@ class GradientStats:
     ``fused=True`` reduces each gradient in one ``torch.compile``d pass, as
     :class:`ActivationStats` does.
 
+    With mixed precision, pass the ``torch.amp.GradScaler`` as ``scaler=``: backward then writes
+    gradients multiplied by the loss scale, and the statistics are divided by the scale of
+    their step (read on the device, no sync). A step whose gradients overflowed is one the
+    scaler skips (:meth:`skipped_steps`): the checks leave it out, and fail only when no step
+    was finite.
+
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     >>> with GradientStats(net) as grads:
     ...     net(torch.randn(5, 3)).sum().backward()
@@ -908,11 +914,16 @@ class GradientStats:
     (1, [])
     """
 
-    def __init__(self, model: nn.Module, *, fused: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, fused: bool = False, scaler: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if scaler is not None and not (hasattr(scaler, "scale") and hasattr(scaler, "get_scale")):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.model = model
         self.fused = fused
+        self.scaler = scaler
+        self._scales: list[torch.Tensor | float | None] = []  # per step: the loss scale
+        self._pending_scale: torch.Tensor | float | None = None
         self.params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         self._index = {id(param): position for position, (_, param) in enumerate(self.params)}
         self._handles: list[Any] = []
@@ -969,13 +980,28 @@ class GradientStats:
         index = self._index[id(param)]
         if index in self._pending:  # a second backward with no forward in between: a new step
             self.end_step()
+        if not self._pending and self.scaler is not None:
+            self._pending_scale = self._current_scale()
         self._pending[index] = raw
+
+    def _current_scale(self) -> torch.Tensor | float | None:
+        """The scaler's loss scale now, as a copy on its device (``update()`` changes it in
+        place); None when the scaler is disabled."""
+        scaler = self.scaler
+        if not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)  # the device tensor behind get_scale()
+        if isinstance(scale, torch.Tensor):
+            return scale.detach().clone()
+        return float(scaler.get_scale())
 
     def end_step(self) -> None:
         """Close the current step, if any gradient arrived since the last one."""
         if self._pending:
             self._steps.append(self._pending)
+            self._scales.append(self._pending_scale)
             self._pending = {}
+            self._pending_scale = None
             self._cache = None
 
     @property
@@ -996,8 +1022,26 @@ class GradientStats:
                     else:
                         row = torch.tensor(recorded, dtype=torch.float64)
                     values[:, position, column] = row
+            if self.scaler is not None:
+                # the loss scale multiplies every gradient: divide it out of the sizes (not the
+                # non-finite count); one host read of every step's scale, here
+                on_device = [scale.reshape(()) for scale in self._scales if isinstance(scale, torch.Tensor)]
+                read = iter(torch.stack(on_device).double().cpu().tolist() if on_device else [])
+                scales = [
+                    next(read) if isinstance(scale, torch.Tensor) else 1.0 if scale is None else scale
+                    for scale in self._scales
+                ]
+                values[:4] /= torch.tensor(scales, dtype=torch.float64)
             self._cache = values
         return self._cache
+
+    def skipped_steps(self) -> list[int]:
+        """With ``scaler=``: the steps whose gradients held an infinity or NaN (the scaler skips
+        their optimizer step and lowers the scale). Without a scaler: none."""
+        if self.scaler is None:
+            return []
+        nonfinite = torch.nan_to_num(self._gather()[4], nan=0.0)
+        return [int(step) for step in (nonfinite > 0).any(dim=0).nonzero().flatten().tolist()]
 
     def __len__(self) -> int:
         return len(self.params)

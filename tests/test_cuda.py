@@ -129,3 +129,23 @@ def test_cudnn_recurrent_layers_count_the_same_mult_adds_as_meta() -> None:
     real = model_summary(lstm, input_data=batch, engine="real")
     assert real.mult_adds == meta.mult_adds == 10 * 2 * 4 * 16 * (8 + 16 + 32 + 16)
     assert str(real) == str(meta)
+
+
+def test_gradient_scaler_steps_read_the_scale_without_a_sync() -> None:
+    model, batch = zoo.build("mlp")
+    model.cuda().eval()  # no dropout: the same gradients twice
+    batch = batch.cuda()
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    with GradientStats(model) as plain:
+        model(batch).sum().backward()
+    model.zero_grad()
+    with GradientStats(model, scaler=scaler) as grads:
+        scaler.scale(model(batch).sum())  # creates the scale tensor
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.scale(model(batch).sum()).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for name in ("0.weight", "0.bias"):
+        torch.testing.assert_close(grads[name].norm, plain[name].norm, rtol=1e-5, atol=0.0)

@@ -713,3 +713,47 @@ def test_a_compiled_model_counts_steps_without_torch_warning_about_hooks() -> No
                 compiled(torch.randn(3, 4)).sum().backward()
     assert grads.num_steps == 2 and grads.unused() == []
     assert count_hooks(compiled) == 0
+
+
+def _scaled_steps(scaler: Any, steps: int, loss_factor: float = 1.0) -> GradientStats:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the same gradients every step
+    batch = torch.randn(6, 4)
+    with GradientStats(model, scaler=scaler) as grads:
+        for _ in range(steps):
+            scaler.scale(model(batch).sum() * loss_factor).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+    return grads
+
+
+def test_gradient_scaler_statistics_are_in_the_unscaled_units() -> None:
+    unscaled = _scaled_steps(torch.amp.GradScaler("cpu", enabled=False), 1)
+    scaled = _scaled_steps(torch.amp.GradScaler("cpu", init_scale=1024.0), 1)
+    for name in ("0.weight", "2.bias"):
+        for statistic in ("norm", "mean", "std", "max_abs"):
+            expected = getattr(unscaled[name], statistic)
+            assert getattr(scaled[name], statistic).tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    assert scaled.skipped_steps() == [] and unscaled.skipped_steps() == []
+
+
+def test_a_step_the_scaler_skips_is_not_a_finding() -> None:
+    # the first step overflows at a scale of 2**100; the scaler skips it and drops the scale
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-40)
+    grads = _scaled_steps(scaler, 3, loss_factor=1e10)
+    assert grads.skipped_steps() == [0]
+    norms = grads["0.weight"].norm
+    assert math.isnan(norms[0]) and norms[1] == pytest.approx(float(norms[2])) and norms[1] > 1e9
+    assert grads.findings(max_norm=1e12) == []
+    assert [f.statistic for f in grads.findings(max_norm=1e9)] == ["grad norm"] * 4  # steps 1-2 judged
+
+
+def test_only_overflowing_steps_under_a_scaler_is_one_finding() -> None:
+    grads = _scaled_steps(torch.amp.GradScaler("cpu", init_scale=2.0**127), 2, loss_factor=1e10)
+    assert grads.skipped_steps() == [0, 1]
+    (finding,) = grads.findings(max_norm=1.0)
+    assert finding.statistic == "nonfinite grad" and "every step (2) overflowed" in finding.note
+    with pytest.raises(TypeError, match=r"scaler must be a torch\.amp\.GradScaler, got float"):
+        GradientStats(nn.Linear(2, 2), scaler=1024.0)
