@@ -399,7 +399,6 @@ _HANDLERS: dict[Any, Handler] = {
     aten.masked_fill.Scalar: _masked_fill,
     aten._softmax.default: _softmax,
     aten._log_softmax.default: _softmax,
-    aten._safe_softmax.default: _softmax,
     aten.tril.default: _triangle,
     aten.triu.default: _triangle,
     aten.mean.dim: _mean,
@@ -411,6 +410,9 @@ _HANDLERS: dict[Any, Handler] = {
     aten.native_batch_norm.default: _batch_norm,
     aten.native_layer_norm.default: _layer_norm,
 }
+# ops newer than the oldest torch supported (2.1): registered where this torch has them
+if hasattr(aten, "_safe_softmax"):  # torch >= 2.5: softmax inside attention
+    _HANDLERS[aten._safe_softmax.default] = _softmax
 
 
 def _fast_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

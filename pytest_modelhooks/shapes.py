@@ -335,7 +335,10 @@ class _Recorder:
 
         self.handles = [register_module_forward_pre_hook(self._pre)]
         try:
-            self.handles.append(register_module_forward_hook(self._post, with_kwargs=True))
+            try:
+                self.handles.append(register_module_forward_hook(self._post, with_kwargs=True))
+            except TypeError:  # torch < 2.2: global hooks see no keyword arguments
+                self.handles.append(register_module_forward_hook(self._post_without_kwargs))
         except BaseException:
             self.remove()
             raise
@@ -349,6 +352,9 @@ class _Recorder:
         call = Call(known[0], module, known[1], len(self.calls), count, pending=args)
         self.calls.append(call)
         self.stack.append(call)
+
+    def _post_without_kwargs(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._post(module, args, {}, output)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         # Not called when the forward raised: the failing calls stay unfinished, and the last
@@ -393,7 +399,7 @@ class _Recorder:
             handle.remove()
             # torch's handle forgets the global hook's with_kwargs flag; left behind, it makes
             # every later torch.compile'd module warn about global hooks, for the whole process
-            torch_module._global_forward_hooks_with_kwargs.pop(handle.id, None)
+            getattr(torch_module, "_global_forward_hooks_with_kwargs", {}).pop(handle.id, None)
         self.handles.clear()
 
     def failing_call(self) -> Call | None:
@@ -607,6 +613,10 @@ def trace_model(
     raise AssertionError("unreachable: every engine either returns or raises")
 
 
+#: Whether modules carry ``Module.compile()``'s slot (torch >= 2.2): read only where they do.
+_COMPILE_CALL = "_compiled_call_impl" in vars(nn.Module())
+
+
 @contextmanager
 def _attention_fastpath_off() -> Iterator[None]:
     """Turn off torch's fused inference path of ``nn.TransformerEncoderLayer`` and
@@ -807,7 +817,7 @@ def _inline_sequentials(
                         or child._forward_pre_hooks
                         or child._backward_hooks
                         or child._backward_pre_hooks
-                        or child._compiled_call_impl is not None
+                        or (_COMPILE_CALL and child._compiled_call_impl is not None)
                     )
                     and (virtual or _plain_meta(input))
                 ):
@@ -837,7 +847,7 @@ def _inline_sequentials(
                     input, virtual = _meta_tensor(shape, dtype), False
                 if (
                     not is_plain
-                    or child._compiled_call_impl is not None
+                    or (_COMPILE_CALL and child._compiled_call_impl is not None)
                     or child._forward_hooks
                     or child._forward_pre_hooks
                     or child._backward_hooks

@@ -508,3 +508,17 @@ def test_no_global_hook_state_outlives_a_summary() -> None:
     with pytest.raises(LayerError):
         model_summary(nn.Sequential(nn.Linear(3, 2)), (1, 2))
     assert not torch_module._has_any_global_hook()
+
+
+def test_a_torch_without_keyword_global_hooks_still_summarises(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch < 2.2 has no with_kwargs for global forward hooks: keyword inputs go unseen there
+    from torch.nn.modules import module as torch_module
+
+    original = torch_module.register_module_forward_hook
+
+    def without_kwargs(hook: Any, *, always_call: bool = False) -> Any:
+        return original(hook, always_call=always_call)
+
+    expected = str(model_summary(zoo.ResNetish(), (1, 3, 32, 32)))
+    monkeypatch.setattr(torch_module, "register_module_forward_hook", without_kwargs)
+    assert str(model_summary(zoo.ResNetish(), (1, 3, 32, 32))) == expected
