@@ -36,7 +36,7 @@ def _figure(width: float, height: float) -> Figure:
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - exercised only without the extra
         raise ImportError("plots need matplotlib: pip install 'pytest-modelhooks[plot]'") from error
-    figure = Figure(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")  # room for colorbars
     FigureCanvasAgg(figure)  # attaches itself: no pyplot, no global state, no display
     return figure
 
@@ -53,27 +53,97 @@ def plot_stats(
     statistics: Sequence[str] = ("mean", "std", "near_zero"),
     path: str | Path | None = None,
 ) -> Figure:
-    """One panel per statistic, one line per layer over the recorded batches."""
+    """One panel per statistic, one line per layer over the recorded batches. Up to 12 layers
+    get a legend; more are colored by execution order (a colorbar names the first, middle and
+    last), and the two lines that moved most in each panel are named at their end."""
     unknown = [name for name in statistics if name not in _TITLES]
     if unknown or not statistics:
         raise ValueError(
             f"statistics must be a non-empty subset of {', '.join(_TITLES)}, got {list(statistics)!r}"
         )
-    figure = _figure(5.0 * len(statistics), 4.0)
-    axes = figure.subplots(1, len(statistics), squeeze=False)[0]
     layers = list(stats)
+    many = len(layers) > _LEGEND_LIMIT
+    figure = _figure(5.0 * len(statistics) + (1.5 if many else 0.0), 4.0)
+    axes = figure.subplots(1, len(statistics), squeeze=False)[0]
+    colors: list[Any] = [None] * len(layers)
+    if many:  # a legend of dozens of names says nothing: color by depth in the forward instead
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"]
+        colors = [cmap(index / (len(layers) - 1)) for index in range(len(layers))]
     for axis, statistic in zip(axes, statistics, strict=True):
-        for layer in layers:
+        for layer, color in zip(layers, colors, strict=True):
             axis.plot(
-                layer.batches.tolist(), layer[statistic].tolist(), label=layer.name or layer.type, linewidth=1
+                layer.batches.tolist(),
+                layer[statistic].tolist(),
+                label=_label(layer),
+                linewidth=1,
+                color=color,
             )
+        if many:
+            _name_outliers(axis, layers, statistic)
         axis.set_title(_TITLES[statistic])
         axis.set_xlabel("batch")
-    if layers and len(layers) <= 12:
+        _whole_batches(axis)
+    if layers and not many:
         axes[-1].legend(fontsize="small")
-    figure.tight_layout()
+    if many:
+        _depth_colorbar(figure, axes, layers)
     _save(figure, path)
     return figure
+
+
+def _whole_batches(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # no batch 0.25
+
+
+#: Up to this many layers get a legend; more are colored by execution order.
+_LEGEND_LIMIT = 12
+
+
+def _label(layer: Any) -> str:
+    return str(layer.name or "(model)")  # as the findings table names the model's own output
+
+
+def _name_outliers(axis: Any, layers: list[Any], statistic: str, count: int = 2) -> None:
+    """Write the names of the ``count`` layers that stand out at the end of their line: those
+    that moved most over the batches, or with one batch, the highest and the lowest."""
+    ends: list[tuple[float, float, float, Any]] = []  # (score, x, y, layer)
+    for layer in layers:
+        values = layer[statistic]
+        finite = ~torch.isnan(values)
+        if not bool(finite.any()):
+            continue
+        seen = values[finite]
+        x = float(layer.batches[finite][-1])
+        ends.append((abs(float(seen[-1] - seen[0])), x, float(seen[-1]), layer))
+    if not ends:
+        return
+    if any(score > 0 for score, *_ in ends):
+        chosen = sorted(ends, key=lambda end: end[0], reverse=True)[:count]
+    else:
+        by_value = sorted(ends, key=lambda end: end[2])
+        chosen = [by_value[-1], by_value[0]][:count]
+    for _, x, y, layer in chosen:
+        # inside the panel, just before the line's end
+        axis.annotate(
+            _label(layer), (x, y), fontsize="x-small", xytext=(-2, 2), textcoords="offset points", ha="right"
+        )
+
+
+def _depth_colorbar(figure: Any, axes: Any, layers: list[Any]) -> None:
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    mappable = ScalarMappable(norm=Normalize(0, len(layers) - 1), cmap=colormaps["viridis"])
+    bar = figure.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.01)
+    ticks = sorted({0, (len(layers) - 1) // 2, len(layers) - 1})
+    bar.set_ticks(ticks)
+    bar.set_ticklabels([_label(layers[tick]) for tick in ticks], fontsize="x-small")
+    bar.set_label("layer, in execution order")
 
 
 def color_dim(stats: ActivationStats, layer: int | str, path: str | Path | None = None) -> Figure:
@@ -95,11 +165,11 @@ def color_dim(stats: ActivationStats, layer: int | str, path: str | Path | None 
         extent=(0, max(len(record.batches), 1), low, high),
         cmap="viridis",
     )
-    axis.set_title(f"{record.name or record.type}: log(1 + count) per value bin")
+    axis.set_title(f"{_label(record)}: log(1 + count) per value bin")
     axis.set_xlabel("batch")
+    _whole_batches(axis)
     axis.set_ylabel("activation")
     if not math.isclose(low, high):
         axis.axhline(0.0, color="white", linewidth=0.5)
-    figure.tight_layout()
     _save(figure, path)
     return figure

@@ -56,3 +56,22 @@ def test_bad_requests_are_explained(recorded: ActivationStats) -> None:
         ValueError, match=r"no histograms for '0': record with ActivationStats\(..., with_hist=True\)"
     ):
         plain.color_dim(0)
+
+
+def test_many_layers_are_colored_by_depth_and_the_movers_named(tmp_path: Path) -> None:
+    # 20 layers: a legend would be unreadable; the layer whose statistics drift gets its name
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(20)])
+    with ActivationStats(model) as stats:
+        for _ in range(4):
+            with torch.no_grad():
+                model[13].weight.mul_(2.0)  # layer 13's output grows batch after batch
+            model(torch.randn(32, 8))
+    figure = stats.plot(["std"], path=tmp_path / "many.png")
+    assert png_size(tmp_path / "many.png") == (650, 400)  # 5 in + 1.5 in for the colorbar
+    panel, colorbar = figure.axes
+    assert panel.get_legend() is None and colorbar.get_ylabel() == "layer, in execution order"
+    assert [label.get_text() for label in colorbar.get_yticklabels()] == ["0", "9", "19"]
+    named = [text.get_text() for text in panel.texts]
+    assert named[0] == "13" and len(named) == 2  # the biggest mover first
+    assert all(tick == int(tick) for tick in panel.get_xticks())  # whole batches
