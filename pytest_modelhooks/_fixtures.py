@@ -163,6 +163,7 @@ class FixtureState:
         grad: bool = False,
         detach: bool = True,
         cpu: bool = False,
+        clone: bool = False,
     ) -> Hooks:
         """Hooks on ``modules`` of ``model`` (default: its children), removed at teardown:
         with no ``hook_func`` each stores its module's output (its gradient with
@@ -175,9 +176,9 @@ class FixtureState:
         self.owned.append(hooks)
         for module in selected:
             hook = (
-                hook_output(module, detach=detach, grad=grad, cpu=cpu)
+                hook_output(module, detach=detach, grad=grad, cpu=cpu, clone=clone)
                 if hook_func is None
-                else Hook(module, hook_func, is_forward=not grad, detach=detach, cpu=cpu)
+                else Hook(module, hook_func, is_forward=not grad, detach=detach, cpu=cpu, clone=clone)
             )
             hooks.hooks.append(hook)
             if hook._handle is not None:

@@ -45,12 +45,41 @@ ModuleSpec: TypeAlias = "str | type | nn.Module | Iterable[str | type | nn.Modul
 _KEYWORDS = ("children", "leaves", "all", "params")
 
 
-def _detach(obj: Any, cpu: bool) -> Any:
-    if isinstance(obj, torch.Tensor):  # the common case, without the structure walk
+def _detach(obj: Any, cpu: bool, clone: bool = False) -> Any:
+    if isinstance(obj, torch.Tensor) and not clone:  # the common case, without the walk
         return obj.detach().cpu() if cpu else obj.detach()
+    if clone:
+        return map_tensors(obj, lambda t: _copy(t.detach(), cpu))
     if cpu:
         return map_tensors(obj, lambda t: t.detach().cpu())
     return map_tensors(obj, torch.Tensor.detach)
+
+
+def _copy(tensor: torch.Tensor, cpu: bool) -> torch.Tensor:
+    moved = tensor.cpu() if cpu else tensor
+    return moved.clone() if moved is tensor else moved  # .cpu() of a GPU tensor is a copy already
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning that points at the first frame outside this package."""
+    import os
+    import sys
+
+    here = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
+
+
+def _versions(obj: Any) -> list[tuple[torch.Tensor, int]]:
+    """Each tensor in ``obj`` with its version counter now (in-place ops bump it; a detached
+    tensor shares its source's)."""
+    if isinstance(obj, torch.Tensor):
+        return [(obj, obj._version)]
+    if obj is None:
+        return []
+    return [(tensor, tensor._version) for _, tensor in tensor_leaves(obj)]
 
 
 class Hook:
@@ -59,7 +88,9 @@ class Hook:
     ``hook_func(module, input, output)`` runs after each forward (or, with ``is_forward=False``,
     after each backward through a full backward hook, with the gradients as ``input``/``output``).
     With ``detach=True`` the tensors it receives are detached (recursively through tuples, dicts,
-    dataclasses); with ``cpu=True`` they are also copied to the CPU.
+    dataclasses); with ``cpu=True`` they are also copied to the CPU; with ``clone=True`` they
+    are copies (a detached output shares memory with the module's, so an in-place op later in
+    the forward, such as ``nn.ReLU(inplace=True)``, changes it: reading ``.stored`` then warns).
 
     The hook is removed by :meth:`remove` (idempotent) or when the ``with`` block ends, also on
     an exception. ``.stored`` stays readable after removal.
@@ -78,6 +109,8 @@ class Hook:
         is_forward: bool = True,
         detach: bool = True,
         cpu: bool = False,
+        *,
+        clone: bool = False,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Hook: module must be an nn.Module, got {type(module).__name__}")
@@ -88,7 +121,10 @@ class Hook:
         self.is_forward = is_forward
         self.detach = detach
         self.cpu = cpu
-        self.stored: Any = None
+        self.clone = clone
+        self._stored: Any = None
+        self._stored_versions: list[tuple[torch.Tensor, int]] = []
+        self._warned = False
         self._handle: RemovableHandle | None
         if is_forward:
             self._handle = module.register_forward_hook(self.hook_fn)
@@ -97,10 +133,35 @@ class Hook:
 
     def hook_fn(self, module: nn.Module, input: Any, output: Any) -> None:
         """What torch calls: prepares the arguments, then stores ``hook_func``'s result."""
-        if self.detach:
-            input = _detach(input, self.cpu)
-            output = _detach(output, self.cpu)
+        if self.detach or self.clone:
+            input = _detach(input, self.cpu, self.clone) if self.detach else map_tensors(input, torch.clone)
+            output = (
+                _detach(output, self.cpu, self.clone) if self.detach else map_tensors(output, torch.clone)
+            )
         self.stored = self.hook_func(module, input, output)
+        self._stored_versions = _versions(self._stored)
+
+    @property
+    def stored(self) -> Any:
+        """What ``hook_func`` returned on the last call (None before any). Warns, once, when a
+        tensor in it was changed in place after it was stored."""
+        versions = self._stored_versions
+        if versions and not self._warned and any(tensor._version != seen for tensor, seen in versions):
+            self._warned = True
+            warnings.warn(
+                f"Hook on {type(self.module).__name__}: a stored tensor was changed in place after "
+                f"the hook stored it (by an in-place op later in the forward, such as "
+                f"nn.ReLU(inplace=True)), so .stored shows the changed values, not what the module "
+                f"returned; pass clone=True to keep a copy",
+                stacklevel=_caller_level(),
+            )
+        return self._stored
+
+    @stored.setter
+    def stored(self, value: Any) -> None:
+        self._stored = value
+        self._stored_versions = []
+        self._warned = False
 
     @property
     def removed(self) -> bool:
@@ -257,7 +318,9 @@ class _OutputGradHook(Hook):
             tensor.register_hook(lambda grad, position=position: receive(position, grad))  # type: ignore[no-untyped-call]
 
 
-def hook_output(module: nn.Module, detach: bool = True, grad: bool = False, cpu: bool = False) -> Hook:
+def hook_output(
+    module: nn.Module, detach: bool = True, grad: bool = False, cpu: bool = False, *, clone: bool = False
+) -> Hook:
     """A :class:`Hook` that stores ``module``'s output (or, with ``grad=True``, the gradient of
     its output after backward: a tensor, or a tuple over the output's tensors in order).
 
@@ -269,11 +332,16 @@ def hook_output(module: nn.Module, detach: bool = True, grad: bool = False, cpu:
     """
     if grad:
         return _OutputGradHook(module, detach, cpu)
-    return Hook(module, _store_output, detach=detach, cpu=cpu)
+    return Hook(module, _store_output, detach=detach, cpu=cpu, clone=clone)
 
 
 def hook_outputs(
-    modules: Iterable[nn.Module], detach: bool = True, grad: bool = False, cpu: bool = False
+    modules: Iterable[nn.Module],
+    detach: bool = True,
+    grad: bool = False,
+    cpu: bool = False,
+    *,
+    clone: bool = False,
 ) -> Hooks:
     """:class:`Hooks` that store each module's output (or output gradient with ``grad=True``).
 
@@ -286,7 +354,7 @@ def hook_outputs(
     hooks = Hooks([], _store_output)
     try:
         for module in _as_module_list(modules):
-            hooks.hooks.append(hook_output(module, detach=detach, grad=grad, cpu=cpu))
+            hooks.hooks.append(hook_output(module, detach=detach, grad=grad, cpu=cpu, clone=clone))
     except BaseException:
         hooks.remove()
         raise

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -340,3 +341,43 @@ def test_scripted_submodules_are_left_out_of_keyword_selections_and_refused_by_n
     assert stats.series_names == ["0"]
     with untouched(model), pytest.raises(TypeError, match=r"modules: '1' is a TorchScript module"):
         ActivationStats(model, modules=["0", "1"])
+
+
+def _inplace_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
+
+
+def test_a_stored_output_changed_in_place_later_warns_when_read() -> None:
+    # the BatchNorm's output is the ReLU's input, which ReLU(inplace=True) overwrites
+    net = _inplace_net()
+    batch = torch.randn(2, 3, 8, 8)
+    with hook_outputs([net[0], net[1]]) as hooks:
+        net(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv_out = hooks[0].stored  # nothing changed it: no warning
+    with pytest.warns(
+        UserWarning, match=r"Hook on BatchNorm2d: a stored tensor was changed in place"
+    ) as seen:
+        bn_out = hooks[1].stored
+    assert seen[0].filename == __file__  # points at the reader, not at the library
+    assert float(bn_out.min()) == 0.0  # what the ReLU left, not what the BatchNorm returned
+    assert float(conv_out.min()) < 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hooks.stored  # noqa: B018 - once per stored value
+
+
+def test_clone_keeps_what_the_module_returned() -> None:
+    net = _inplace_net()
+    batch = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = net[1](net[0](batch)).clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with hook_outputs([net[1]], clone=True) as hooks, hook_output(net[1], cpu=True, clone=True) as on_cpu:
+            net(batch)
+        torch.testing.assert_close(hooks.stored[0], expected)
+        torch.testing.assert_close(on_cpu.stored, expected)
+    assert float(expected.min()) < 0.0
