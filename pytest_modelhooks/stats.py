@@ -951,11 +951,7 @@ class GradientStats:
             for _, param in self.params:
                 hook = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
                 self._handles.append(hook)
-            if type(self.model).__name__ != "OptimizedModule":
-                # (a hook on a torch.compile'd module makes torch warn about global hooks; there a
-                # step ends when a parameter's gradient arrives a second time)
-                pre_hook = self.model.register_forward_pre_hook(lambda module, args: self.end_step())
-                self._handles.append(pre_hook)
+            self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.end_step()))
         except BaseException:
             self.stop()
             raise

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks
+from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks, model_summary
 from pytest_modelhooks.stats import (
     _finish_device,
     _grad_on_host,
@@ -703,8 +703,10 @@ def test_each_backward_is_a_step_even_without_a_forward_in_between() -> None:
 
 
 def test_a_compiled_model_counts_steps_without_torch_warning_about_hooks() -> None:
-    # a forward pre-hook on torch.compile's wrapper makes torch warn about global hooks
+    # torch.compile'd modules warn when torch sees global module hooks; a summary used to leave
+    # one global hook's flag behind, so every compiled model after it warned
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    model_summary(model, (3, 4))
     compiled = torch.compile(model, backend="eager")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
