@@ -3,11 +3,17 @@
     python -m pytest_modelhooks summary PACKAGE.MODULE:FACTORY --input-size 1,3,224,224 \\
         [--meta] [--depth N] [--format text|json|markdown]
     python -m pytest_modelhooks sizes PACKAGE.MODULE:FACTORY --size 64,64 [--modules leaves]
+    python -m pytest_modelhooks health PACKAGE.MODULE:FACTORY --input-size 16,3,64,64 \\
+        [--batches 3] [--train] [--std 0.2,5] [--max-dead 0.3] [--max-grad-norm 100]
 
 ``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
 ``nn.Module``; the current directory is importable. ``--meta`` builds the model on the meta
 device: no memory for the weights, so even a 7B model prints in under a second. The text output
 is the same text a snapshot stores, so the command can write snapshot files ahead of a test run.
+``health`` runs random batches (standard normal values, or token ids for an embedding model)
+through the model and prints its activation statistics, with ``--train`` also a backward of a
+stand-in loss (the mean square of the output) and the gradient statistics, then the findings
+for the bounds given; it exits with 1 when there are findings, so it can gate a CI step.
 """
 
 from __future__ import annotations
@@ -99,6 +105,92 @@ def _markdown(summary: Any) -> str:
     return "\n".join(lines)
 
 
+def _bounds(text: str | None, argument: str) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{argument} {text!r}: expected low,high such as 0.2,5") from None
+    return low, high
+
+
+def _random_batch(model: Any, shape: tuple[int, ...], seed: int) -> Any:
+    import torch
+
+    from pytest_modelhooks.shapes import input_spec
+
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        spec = input_spec(model)
+    except ValueError:
+        spec = None
+    if spec is not None and spec.layout == "tokens":
+        return torch.randint(0, spec.channels, shape, generator=generator)
+    return torch.randn(shape, generator=generator)
+
+
+def _health(model: Any, args: argparse.Namespace) -> int:
+    import torch
+
+    from pytest_modelhooks._tree import tensor_leaves
+    from pytest_modelhooks.checks import format_findings
+    from pytest_modelhooks.snapshot import snapshot_text
+    from pytest_modelhooks.stats import ActivationStats, GradientStats
+
+    if args.batches < 1:
+        raise UsageError(f"--batches {args.batches}: must be >= 1")
+    shape = _shape(args.input_size, "--input-size")
+    std = _bounds(args.std, "--std")
+    model.train(args.train)
+    with ActivationStats(model, args.modules) as stats, GradientStats(model) as grads:
+        for batch in range(args.batches):
+            inputs = _random_batch(model, shape, args.seed + batch)
+            with torch.set_grad_enabled(args.train):
+                output = model(inputs)
+            if args.train:
+                leaves = [leaf for _, leaf in tensor_leaves(output) if leaf.is_floating_point()]
+                if not leaves or not leaves[0].requires_grad:
+                    raise UsageError(
+                        "--train: the model's output has no floating-point tensor that needs grad"
+                    )
+                leaves[0].float().square().mean().backward()  # type: ignore[no-untyped-call]
+                model.zero_grad(set_to_none=True)
+    try:
+        findings = stats.findings(
+            std=std,
+            max_dead=args.max_dead,
+            max_near_zero=args.max_near_zero,
+            max_std_growth=args.max_std_growth,
+        )
+        grad_findings = grads.findings(max_norm=args.max_grad_norm) if args.train else []
+    except ValueError as error:  # a bound out of range: the command line's fault
+        raise UsageError(str(error).replace("max_", "--max-").replace("std=", "--std ")) from None
+    if args.format == "json":
+        report: dict[str, Any] = {
+            "activations": stats.to_dict(),
+            "findings": [vars(finding) for finding in findings + grad_findings],
+        }
+        if args.train:
+            report["gradients"] = grads.to_dict()
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(snapshot_text(stats), end="")
+        if args.train:
+            print()
+            print(snapshot_text(grads), end="")
+        print()
+        if findings:
+            print(f"Activation findings ({len(findings)}):")
+            print(format_findings(findings))
+        if grad_findings:
+            print(f"Gradient findings ({len(grad_findings)}):")
+            print(format_findings(grad_findings, unit="step"))
+        if not findings and not grad_findings:
+            print("No findings with these bounds.")
+    return 1 if findings or grad_findings else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_modelhooks", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +208,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     sizes.add_argument("--meta", action="store_true", help="build the model on the meta device")
     sizes.add_argument("--format", choices=("text", "json"), default="text")
+    health = commands.add_parser("health", help="run random batches and check activation health")
+    health.add_argument("factory", help="PACKAGE.MODULE:FACTORY")
+    health.add_argument("--input-size", required=True, help="full input shape, batch included: 16,3,64,64")
+    health.add_argument("--batches", type=int, default=3, help="forward passes to record (default 3)")
+    health.add_argument(
+        "--train", action="store_true", help="train mode, a backward per batch, gradients too"
+    )
+    health.add_argument("--modules", default="params", help="params (default), all, leaves, a name or a glob")
+    health.add_argument("--std", help="std bounds low,high")
+    health.add_argument("--max-dead", type=float, help="max fraction of channels never active")
+    health.add_argument("--max-near-zero", type=float, help="max fraction of values near zero")
+    health.add_argument("--max-std-growth", type=float, help="max std ratio between consecutive layers")
+    health.add_argument("--max-grad-norm", type=float, help="max gradient norm per parameter (--train)")
+    health.add_argument("--seed", type=int, default=0, help="seed of the random batches")
+    health.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -126,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pytest_modelhooks.snapshot import snapshot_text
 
     try:
-        model = _load(args.factory, args.meta)
+        model = _load(args.factory, getattr(args, "meta", False))
+        if args.command == "health":
+            return _health(model, args)
         if args.command == "summary":
             from pytest_modelhooks.summary import model_summary
 

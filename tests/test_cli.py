@@ -30,6 +30,14 @@ NOT_A_MODEL = 3
 
 def returns_int():
     return 3
+
+def exploding():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(5.0)  # each layer multiplies the std by ~3
+    return model
 """
 
 
@@ -115,3 +123,36 @@ def test_python_dash_m(tmp_path: Path) -> None:
         check=True,
     )
     assert out.stdout.splitlines()[-1].split()[-2:] == ["(1,", "2)"]
+
+
+def test_health_of_a_sound_model_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["health", "cli_models:small", "--input-size", "8,3,16,16", "--train", "--max-dead", "0.5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Activation statistics (mean over 3 batches)\n")
+    assert "Gradient statistics (mean over 3 steps)" in out and "4.weight" in out
+    assert out.rstrip().endswith("No findings with these bounds.")
+
+
+def test_health_names_each_bad_layer_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["health", "cli_models:exploding", "--input-size", "16,32", "--std", "0.1,5", "--format", "json"]
+    assert main(argv) == 1
+    report = json.loads(capsys.readouterr().out)
+    exploding = [finding["layer"] for finding in report["findings"] if finding["note"] == "exploding"]
+    assert exploding == ["1", "2", "3"]  # the first layer (std ~3) is within bounds
+    assert report["activations"]["batches"] == [0, 1, 2] and "gradients" not in report
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-dead", "2"], "--max-dead must be a fraction in [0, 1], got --max-dead=2.0"),
+        (["--std", "low,high"], "--std 'low,high': expected low,high such as 0.2,5"),
+        (["--batches", "0"], "--batches 0: must be >= 1"),
+    ],
+)
+def test_health_bad_bounds_exit_2(extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["health", "cli_models:small", "--input-size", "2,3,8,8", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
