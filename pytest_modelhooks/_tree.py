@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 __all__ = [
     "NestedSize",
+    "PackedShape",
     "format_shape",
     "jsonable_shape",
     "map_tensors",
@@ -48,6 +49,21 @@ class NestedSize(tuple[int | None, ...]):
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickles (xdist, caches) with its spans
         return (NestedSize, (tuple(self), self.spans))
+
+
+class PackedShape(tuple[Any, ...]):
+    """The shapes inside a ``PackedSequence``: ``(data, batch_sizes, sorted_indices,
+    unsorted_indices)``, equal to that plain tuple, shown as ``packed(10, 16; 5 steps)``: the
+    packed data (every sequence's steps, then features) and the longest sequence.
+
+    >>> from torch.nn.utils.rnn import pack_sequence
+    >>> shape = shapes_of(pack_sequence([torch.ones(3, 4), torch.ones(2, 4)]))
+    >>> format_shape(shape), shape == ((5, 4), (3,), None, None)
+    ('packed(5, 4; 3 steps)', True)
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PackedShape, (tuple(self),))
 
 
 def nested_size(tensor: torch.Tensor) -> NestedSize:
@@ -157,8 +173,8 @@ def tensor_leaves(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]
 
 def shapes_of(obj: Any) -> Any:
     """The structure of ``obj`` with every tensor replaced by its ``torch.Size``; other leaves
-    become ``None``. Tuples (NamedTuples included) become plain tuples, lists stay lists,
-    mappings and dataclasses become dicts.
+    become ``None``. Tuples (NamedTuples included) become plain tuples (a ``PackedSequence``
+    a :class:`PackedShape`), lists stay lists, mappings and dataclasses become dicts.
 
     >>> shapes_of((torch.ones(2), [torch.ones(1, 3)], {"a": 1}))
     (torch.Size([2]), [torch.Size([1, 3])], {'a': None})
@@ -173,6 +189,8 @@ def shapes_of(obj: Any) -> Any:
         return [shapes_of(item) for item in obj]
     if kind is dict:
         return {key: shapes_of(value) for key, value in obj.items()}
+    if isinstance(obj, PackedSequence):
+        return PackedShape(shapes_of(item) for item in obj)
     if _is_dataclass_instance(obj):
         return {
             field.name: shapes_of(getattr(obj, field.name, None))
@@ -196,6 +214,9 @@ def format_shape(shape: Any) -> str:
     """
     if isinstance(shape, torch.Size):
         return "(" + ", ".join(str(dim) for dim in shape) + ("," if len(shape) == 1 else "") + ")"
+    if isinstance(shape, PackedShape) and isinstance(shape[0], torch.Size):
+        steps = shape[1][0] if isinstance(shape[1], torch.Size) and len(shape[1]) == 1 else "?"
+        return "packed(" + ", ".join(str(dim) for dim in shape[0]) + f"; {steps} steps)"
     if isinstance(shape, NestedSize):  # ragged dimensions as shortest..longest
         spans = shape.spans
         return (

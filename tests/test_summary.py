@@ -497,6 +497,12 @@ def test_packed_lstm_input_summarises_on_meta_with_the_real_counts() -> None:
         real = model_summary(lstm, input_data=(packed,), engine="real")
     assert auto.engine == "meta" and str(auto) == str(real)
     assert auto.mult_adds == 10 * 4 * 16 * (8 + 16)  # 10 tokens, padding not counted
+    # the packed data and the longest sequence, not a tuple of four shapes
+    row = " ".join(str(auto).splitlines()[5].split())
+    assert (
+        row == "LSTM packed(10, 8; 5 steps) (packed(10, 16; 5 steps), ((1, 3, 16), (1, 3, 16))) 1,664 15,360"
+    )
+    assert auto.input_shapes == ((10, 8), (5,), None, None)
 
 
 def test_no_global_hook_state_outlives_a_summary() -> None:
