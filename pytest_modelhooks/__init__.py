@@ -13,6 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+
+class StoredOutputChanged(UserWarning):
+    """A hook's stored output was changed in place after it was stored (by an in-place op later
+    in the forward, such as ``nn.ReLU(inplace=True)``): its values are not what the module
+    returned, though its shape is. Defined here, without torch, so that a ``filterwarnings``
+    entry naming it costs no ``import torch``."""
+
+
 _EXPORTS: dict[str, str] = {
     "Hook": "hooks",
     "Hooks": "hooks",
@@ -46,6 +54,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "__version__",
+    "StoredOutputChanged",
     "ActivationStats",
     "Finding",
     "GradientStats",

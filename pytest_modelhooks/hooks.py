@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from pytest_modelhooks import StoredOutputChanged
 from pytest_modelhooks._tree import map_tensors, tensor_leaves
 
 __all__ = [
@@ -152,7 +153,9 @@ class Hook:
                 f"Hook on {type(self.module).__name__}: a stored tensor was changed in place after "
                 f"the hook stored it (by an in-place op later in the forward, such as "
                 f"nn.ReLU(inplace=True)), so .stored shows the changed values, not what the module "
-                f"returned; pass clone=True to keep a copy",
+                f"returned; pass clone=True to keep a copy (or ignore StoredOutputChanged where only "
+                f"shapes matter)",
+                StoredOutputChanged,
                 stacklevel=_caller_level(),
             )
         return self._stored

@@ -11,6 +11,7 @@ from pytest_modelhooks import (
     Hook,
     HookCallback,
     Hooks,
+    StoredOutputChanged,
     count_hooks,
     hook_output,
     hook_outputs,
@@ -358,7 +359,7 @@ def test_a_stored_output_changed_in_place_later_warns_when_read() -> None:
         warnings.simplefilter("error")
         conv_out = hooks[0].stored  # nothing changed it: no warning
     with pytest.warns(
-        UserWarning, match=r"Hook on BatchNorm2d: a stored tensor was changed in place"
+        StoredOutputChanged, match=r"Hook on BatchNorm2d: a stored tensor was changed in place"
     ) as seen:
         bn_out = hooks[1].stored
     assert seen[0].filename == __file__  # points at the reader, not at the library

@@ -35,3 +35,37 @@ def test_hooked_model_removes_hooks_at_teardown_even_when_the_test_fails(run, py
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*RuntimeError: the test body failed*"])
     assert "hooks left behind" not in result.stdout.str()
+
+
+def test_stored_outputs_changed_in_place_warn_and_can_be_filtered_by_name(run, pytester) -> None:
+    write(
+        pytester,
+        "test_inplace",
+        """
+        import torch
+        from torch import nn
+
+        def test_shapes_only(hooked_model):
+            net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True))
+            hooks = hooked_model(net, modules=["0"])
+            net(torch.randn(2, 8))
+            assert hooks["0"].stored.shape == (2, 16)  # the ReLU overwrote its values, not its shape
+
+        def test_values_with_clone(hooked_model):
+            net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True))
+            hooks = hooked_model(net, modules=["0"], clone=True)
+            net(torch.randn(2, 8))
+            assert float(hooks["0"].stored.min()) < 0  # what the Linear returned
+        """,
+    )
+    pytester.makeini("[pytest]\naddopts = -p no:randomly -p no:cacheprovider\nfilterwarnings = error\n")
+    strict = run()
+    strict.assert_outcomes(passed=1, failed=1)
+    strict.stdout.fnmatch_lines(
+        ["*StoredOutputChanged: Hook on Linear: a stored tensor was changed in place*"]
+    )
+    pytester.makeini(
+        "[pytest]\naddopts = -p no:randomly -p no:cacheprovider\n"
+        "filterwarnings =\n    error\n    ignore::pytest_modelhooks.StoredOutputChanged\n"
+    )
+    run().assert_outcomes(passed=2)
