@@ -759,3 +759,21 @@ def test_only_overflowing_steps_under_a_scaler_is_one_finding() -> None:
     assert finding.statistic == "nonfinite grad" and "every step (2) overflowed" in finding.note
     with pytest.raises(TypeError, match=r"scaler must be a torch\.amp\.GradScaler, got float"):
         GradientStats(nn.Linear(2, 2), scaler=1024.0)
+
+
+def test_hooks_added_before_torch_compile_record_the_compiled_forwards() -> None:
+    # dynamo traces into the hooks (graph breaks at the host reads) and the numbers stay right
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    batch = torch.randn(32, 8)
+    with ActivationStats(model) as eager:
+        model(batch)
+    with ActivationStats(model) as stats:
+        compiled = torch.compile(model, backend="eager")
+        compiled(batch)
+        compiled(batch)
+    assert stats.num_batches == 2 and stats.series_names == eager.series_names
+    for name in stats.series_names:
+        for statistic in ("mean", "std", "near_zero", "min", "max"):
+            assert stats[name][statistic].tolist() == pytest.approx([float(eager[name][statistic][0])] * 2)
+    assert count_hooks(model) == 0
