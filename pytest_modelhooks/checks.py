@@ -171,7 +171,9 @@ def activation_findings(
             value, batch = _worst(layer.near_zero, batches, largest=True)
             found.append(Finding(layer.name, layer.type, "near_zero", value, f"<= {max_near_zero:g}", batch))
         if max_std_growth is not None and previous is not None:
-            ratio = layer.std / previous.std
+            # after a constant output (a zero-initialised residual BatchNorm) growth is undefined:
+            # NaN, not judged; the std bounds are what catch a vanishing layer
+            ratio = torch.where(previous.std > 0, layer.std / previous.std, math.nan)
             if bool((ratio > max_std_growth).any()):
                 value, batch = _worst(ratio, batches, largest=True)
                 found.append(

@@ -138,3 +138,15 @@ def test_dead_units_are_not_judged_on_what_the_model_returns(wrap: str) -> None:
     )
     dead = [finding.layer for finding in stats.findings(max_dead=0.3) if finding.statistic == "dead"]
     assert dead == judged
+
+
+def test_std_growth_is_not_judged_after_a_constant_layer() -> None:
+    # a residual block whose last BatchNorm starts at zero (zero_init_residual), a common recipe
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+    nn.init.zeros_(model[1].weight)
+    with ActivationStats(model) as stats:
+        model(torch.randn(16, 8))
+    assert float(stats["1"].std[0]) == 0.0
+    assert stats.findings(max_std_growth=10.0) == []
+    assert [f.note for f in stats.findings(std=(0.01, 10.0))] == ["vanishing"]  # still caught
