@@ -470,6 +470,7 @@ def _flop_registry() -> dict[Any, Any]:
         ("mkldnn_rnn_layer", _mkldnn_rnn_layer_flops),
         ("_cudnn_rnn", _cudnn_rnn_flops),
         ("_trilinear", _trilinear_flops),
+        ("linear", _linear_flops),  # reaches dispatch whole only for nested inputs
     ):
         op = getattr(aten, name, None)
         if op is not None:
@@ -494,6 +495,13 @@ def _cudnn_rnn_flops(input: torch.Tensor, weights: Any, *args: Any, **kwargs: An
     """Every layer and direction at once: each weight matrix meets every position once."""
     matrices = [w for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2]
     return 2 * _tokens(input) * sum(w.numel() for w in matrices)
+
+
+def _linear_flops(input: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    """``F.linear`` kept whole (a nested input: a dense one decomposes into a counted matmul):
+    every input row meets the weight once."""
+    elements = sum(part.numel() for part in input.unbind()) if input.is_nested else input.numel()
+    return 2 * elements * weight.shape[0]
 
 
 def _trilinear_flops(

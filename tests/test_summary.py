@@ -528,3 +528,13 @@ def test_a_torch_without_keyword_global_hooks_still_summarises(monkeypatch: pyte
     expected = str(model_summary(zoo.ResNetish(), (1, 3, 32, 32)))
     monkeypatch.setattr(torch_module, "register_module_forward_hook", without_kwargs)
     assert str(model_summary(zoo.ResNetish(), (1, 3, 32, 32))) == expected
+
+
+def test_mult_adds_of_a_linear_on_a_nested_batch_count_its_tokens() -> None:
+    # F.linear on a nested tensor reaches dispatch whole (no decomposed matmul to count)
+    parts = [torch.randn(2, 4), torch.randn(5, 4)]
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    nested = model_summary(model, input_data=(torch.nested.nested_tensor(parts, layout=torch.jagged),))
+    dense = model_summary(model, input_data=(torch.cat(parts),))
+    assert nested.mult_adds == dense.mult_adds == 7 * 4 * 6
+    assert nested.engine == "real" and nested["0"].output_shapes == (2, None, 6)
