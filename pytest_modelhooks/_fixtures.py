@@ -258,7 +258,7 @@ class FixtureActivationStats(ActivationStats):
             path = self._fixture.plot_path("activations")
             if path is not None:
                 try:
-                    self.plot(path=path)
+                    self.plot(path=path, std=bounds.get("std"), max_near_zero=bounds.get("max_near_zero"))
                     text += f"\nplot: {path}"
                 except ImportError as missing:
                     text += f"\nno plot: {missing}"

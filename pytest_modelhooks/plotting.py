@@ -52,16 +52,25 @@ def plot_stats(
     stats: ActivationStats,
     statistics: Sequence[str] = ("mean", "std", "near_zero"),
     path: str | Path | None = None,
+    *,
+    std: tuple[float, float] | None = None,
+    max_near_zero: float | None = None,
 ) -> Figure:
     """One panel per statistic, one line per layer over the recorded batches. Up to 12 layers
     get a legend; more are colored by execution order (a colorbar names the first, middle and
-    last), and the two lines that moved most in each panel are named at their end."""
+    last), and the two lines that moved most in each panel are named at their end. With one
+    batch recorded (a typical test) each panel is the statistic along the layers instead: one
+    point per layer, in execution order. Bounds given (``std=(low, high)``, ``max_near_zero``)
+    are drawn as dashed red lines on their panels."""
     unknown = [name for name in statistics if name not in _TITLES]
     if unknown or not statistics:
         raise ValueError(
             f"statistics must be a non-empty subset of {', '.join(_TITLES)}, got {list(statistics)!r}"
         )
     layers = list(stats)
+    bounds = {"std": list(std or ()), "near_zero": [] if max_near_zero is None else [max_near_zero]}
+    if stats.num_batches == 1:
+        return _plot_along_layers(layers, statistics, path, bounds)
     many = len(layers) > _LEGEND_LIMIT
     figure = _figure(5.0 * len(statistics) + (1.5 if many else 0.0), 4.0)
     axes = figure.subplots(1, len(statistics), squeeze=False)[0]
@@ -82,6 +91,7 @@ def plot_stats(
             )
         if many:
             _name_outliers(axis, layers, statistic)
+        _draw_bounds(axis, bounds.get(statistic, []))
         axis.set_title(_TITLES[statistic])
         axis.set_xlabel("batch")
         _whole_batches(axis)
@@ -89,6 +99,32 @@ def plot_stats(
         axes[-1].legend(fontsize="small")
     if many:
         _depth_colorbar(figure, axes, layers)
+    _save(figure, path)
+    return figure
+
+
+def _draw_bounds(axis: Any, values: list[float]) -> None:
+    for value in values:
+        axis.axhline(value, color="tab:red", linestyle="--", linewidth=0.8)
+
+
+def _plot_along_layers(
+    layers: list[Any], statistics: Sequence[str], path: str | Path | None, bounds: dict[str, list[float]]
+) -> Figure:
+    # lines over a single batch would be single invisible points: depth is the useful axis
+    width = max(5.0, 0.25 * len(layers))
+    figure = _figure(width * len(statistics), 4.5)
+    axes = figure.subplots(1, len(statistics), squeeze=False)[0]
+    positions = list(range(len(layers)))
+    step = max(1, len(layers) // 40)  # at most ~40 names on the axis
+    for axis, statistic in zip(axes, statistics, strict=True):
+        axis.plot(positions, [float(layer[statistic][0]) for layer in layers], marker="o", markersize=3)
+        _draw_bounds(axis, bounds.get(statistic, []))
+        axis.set_title(_TITLES[statistic])
+        axis.set_xlabel("layer, in execution order")
+        axis.set_xticks(
+            positions[::step], [_label(layer) for layer in layers[::step]], rotation=90, fontsize="x-small"
+        )
     _save(figure, path)
     return figure
 

@@ -816,13 +816,18 @@ class ActivationStats(HookCallback):
         return "no batch was recorded: no hooked module returned a floating-point tensor"
 
     def plot(
-        self, statistics: Sequence[str] = ("mean", "std", "near_zero"), path: str | Path | None = None
+        self,
+        statistics: Sequence[str] = ("mean", "std", "near_zero"),
+        path: str | Path | None = None,
+        *,
+        std: tuple[float, float] | None = None,
+        max_near_zero: float | None = None,
     ) -> Figure:
-        """Plot ``statistics`` per layer over batches (needs matplotlib); see
-        :func:`pytest_modelhooks.plotting.plot_stats`."""
+        """Plot ``statistics`` per layer over batches (needs matplotlib), with the bounds given
+        drawn as dashed lines; see :func:`pytest_modelhooks.plotting.plot_stats`."""
         from pytest_modelhooks.plotting import plot_stats
 
-        return plot_stats(self, statistics, path)
+        return plot_stats(self, statistics, path, std=std, max_near_zero=max_near_zero)
 
     def color_dim(self, layer: int | str, path: str | Path | None = None) -> Figure:
         """The histogram-over-batches image of ``layer`` (needs ``with_hist=True``)."""

@@ -75,3 +75,20 @@ def test_many_layers_are_colored_by_depth_and_the_movers_named(tmp_path: Path) -
     named = [text.get_text() for text in panel.texts]
     assert named[0] == "13" and len(named) == 2  # the biggest mover first
     assert all(tick == int(tick) for tick in panel.get_xticks())  # whole batches
+
+
+def test_one_batch_is_plotted_along_the_layers_with_the_bounds(tmp_path: Path) -> None:
+    # the usual test records one batch: the useful axis is depth, not batches
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)])
+    with ActivationStats(model) as stats:
+        model(torch.randn(16, 8))
+    figure = stats.plot(path=tmp_path / "one.png", std=(0.5, 2.0), max_near_zero=0.3)
+    mean, std, near_zero = figure.axes
+    assert std.get_xlabel() == "layer, in execution order"
+    assert [label.get_text() for label in std.get_xticklabels()] == ["0", "1", "2", "3", "4", "5"]
+    values, *bounds = std.lines
+    assert list(values.get_ydata()) == pytest.approx([float(layer.std[0]) for layer in stats])
+    assert [line.get_ydata()[0] for line in bounds] == [0.5, 2.0]
+    assert [line.get_ydata()[0] for line in near_zero.lines[1:]] == [0.3] and len(mean.lines) == 1
+    assert png_size(tmp_path / "one.png")[1] == 450
