@@ -103,7 +103,8 @@ def activation_findings(
 
     * ``std=(low, high)``: each series' std must stay within, on every batch.
     * ``max_dead``: the fraction of channels never above zero, per layer (not judged on the
-      tensors the model itself returns: logits may be negative for every sample).
+      tensors the model itself returns, unless rectified: logits may be negative for every
+      sample).
     * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
     * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch.
     * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
@@ -148,11 +149,12 @@ def activation_findings(
                 found.append(
                     Finding(layer.name, layer.type, "std", value, f"<= {high:g}", batch, "exploding")
                 )
-        # a model's output (logits) is read as it is: negative for every sample is not dead
+        # A model's output (logits) is read as it is: negative for every sample is not dead.
+        # A rectified output (min >= 0: a backbone's last ReLU) is judged: zero is dead there.
         if (
             max_dead is not None
             and layer.dead is not None
-            and not layer.model_output
+            and (not layer.model_output or bool((layer.min >= 0).all()))
             and layer.dead > max_dead
         ):
             dead_units = round(layer.dead * (layer.channels or 0))

@@ -372,7 +372,8 @@ class LayerStats:
     is the fraction of channels (features) whose value was never above zero on any recorded
     sample, or None when there is no channel dimension. ``model_output`` marks a tensor that
     the model itself returned (logits, a decoder's last layer): its dead units are recorded
-    but not judged by ``max_dead``, since an output is read as it is, not through a ReLU.
+    but not judged by ``max_dead``, since an output is read as it is, not through a ReLU,
+    unless it is rectified (never below zero: a backbone ending in a ReLU).
     """
 
     name: str

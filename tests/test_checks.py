@@ -150,3 +150,14 @@ def test_std_growth_is_not_judged_after_a_constant_layer() -> None:
     assert float(stats["1"].std[0]) == 0.0
     assert stats.findings(max_std_growth=10.0) == []
     assert [f.note for f in stats.findings(std=(0.01, 10.0))] == ["vanishing"]  # still caught
+
+
+def test_a_rectified_model_output_is_still_judged_for_dead_units() -> None:
+    # a feature extractor ending in a ReLU: its zero channels are dead, output or not
+    torch.manual_seed(0)
+    model = nn.Sequential(_negative_for_half(nn.Linear(6, 8)), nn.ReLU())
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(16, 6))
+    assert stats["1"].model_output and stats["0"].model_output is False
+    dead = [finding.layer for finding in stats.findings(max_dead=0.3) if finding.statistic == "dead"]
+    assert dead == ["0", "1", ""]  # the Linear, its ReLU and the model's (rectified) output
