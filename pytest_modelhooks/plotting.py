@@ -112,7 +112,7 @@ def _plot_along_layers(
     layers: list[Any], statistics: Sequence[str], path: str | Path | None, bounds: dict[str, list[float]]
 ) -> Figure:
     # lines over a single batch would be single invisible points: depth is the useful axis
-    width = max(5.0, 0.25 * len(layers))
+    width = min(max(5.0, 0.25 * len(layers)), 12.0)  # wide enough for the names, within reason
     figure = _figure(width * len(statistics), 4.5)
     axes = figure.subplots(1, len(statistics), squeeze=False)[0]
     positions = list(range(len(layers)))
