@@ -130,6 +130,29 @@ def _random_batch(model: Any, shape: tuple[int, ...], seed: int) -> Any:
     return torch.randn(shape, generator=generator)
 
 
+#: The library's argument names in its messages, and the options that set them here.
+_BOUND_OPTIONS = {
+    "max_std_growth": "--max-std-growth",
+    "max_near_zero": "--max-near-zero",
+    "max_dead": "--max-dead",
+    "max_norm": "--max-grad-norm",
+    "std=": "--std ",
+}
+
+
+def _raise_naming_the_layer(model: Any, inputs: Any) -> None:
+    """After a failed forward: the same forward traced (on meta stand-ins where it can), so
+    that the error names the layer and the shape it got, as ``summary`` does."""
+    from pytest_modelhooks.shapes import LayerError, trace_model
+
+    try:
+        trace_model(model, (inputs,))
+    except LayerError as error:
+        raise error from None
+    except Exception:  # the trace failed some other way: the original error says more
+        return
+
+
 def _health(model: Any, args: argparse.Namespace) -> int:
     import torch
 
@@ -143,19 +166,25 @@ def _health(model: Any, args: argparse.Namespace) -> int:
     shape = _shape(args.input_size, "--input-size")
     std = _bounds(args.std, "--std")
     model.train(args.train)
-    with ActivationStats(model, args.modules) as stats, GradientStats(model) as grads:
-        for batch in range(args.batches):
-            inputs = _random_batch(model, shape, args.seed + batch)
-            with torch.set_grad_enabled(args.train):
-                output = model(inputs)
-            if args.train:
-                leaves = [leaf for _, leaf in tensor_leaves(output) if leaf.is_floating_point()]
-                if not leaves or not leaves[0].requires_grad:
-                    raise UsageError(
-                        "--train: the model's output has no floating-point tensor that needs grad"
-                    )
-                leaves[0].float().square().mean().backward()  # type: ignore[no-untyped-call]
-                model.zero_grad(set_to_none=True)
+    inputs = None
+    try:
+        with ActivationStats(model, args.modules) as stats, GradientStats(model) as grads:
+            for batch in range(args.batches):
+                inputs = _random_batch(model, shape, args.seed + batch)
+                with torch.set_grad_enabled(args.train):
+                    output = model(inputs)
+                if args.train:
+                    leaves = [leaf for _, leaf in tensor_leaves(output) if leaf.is_floating_point()]
+                    if not leaves or not leaves[0].requires_grad:
+                        raise UsageError(
+                            "--train: the model's output has no floating-point tensor that needs grad"
+                        )
+                    leaves[0].float().square().mean().backward()  # type: ignore[no-untyped-call]
+                    model.zero_grad(set_to_none=True)
+    except (RuntimeError, ValueError, TypeError):
+        if inputs is not None:  # the hooks are off again: trace the failing batch
+            _raise_naming_the_layer(model, inputs)
+        raise
     try:
         findings = stats.findings(
             std=std,
@@ -165,7 +194,10 @@ def _health(model: Any, args: argparse.Namespace) -> int:
         )
         grad_findings = grads.findings(max_norm=args.max_grad_norm) if args.train else []
     except ValueError as error:  # a bound out of range: the command line's fault
-        raise UsageError(str(error).replace("max_", "--max-").replace("std=", "--std ")) from None
+        message = str(error)
+        for name, option in _BOUND_OPTIONS.items():
+            message = message.replace(name, option)
+        raise UsageError(message) from None
     if args.format == "json":
         report: dict[str, Any] = {
             "activations": stats.to_dict(),

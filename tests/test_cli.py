@@ -149,6 +149,7 @@ def test_health_names_each_bad_layer_and_exits_1(capsys: pytest.CaptureFixture[s
         (["--max-dead", "2"], "--max-dead must be a fraction in [0, 1], got --max-dead=2.0"),
         (["--std", "low,high"], "--std 'low,high': expected low,high such as 0.2,5"),
         (["--batches", "0"], "--batches 0: must be >= 1"),
+        (["--max-std-growth", "0"], "--max-std-growth must be > 0, got --max-std-growth=0.0"),
     ],
 )
 def test_health_bad_bounds_exit_2(extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -156,3 +157,8 @@ def test_health_bad_bounds_exit_2(extra: list[str], message: str, capsys: pytest
         main(["health", "cli_models:small", "--input-size", "2,3,8,8", *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_health_of_a_model_that_fails_names_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", "cli_models:small", "--input-size", "2,4,16,16"]) == 1
+    assert "layer '0' (Conv2d, in_channels=3) got input (2, 4, 16, 16)" in capsys.readouterr().err
