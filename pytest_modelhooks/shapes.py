@@ -532,11 +532,23 @@ def _check_devices(model: nn.Module, args: Any, argument: str) -> None:
             )
 
 
-def _engine_order(model: nn.Module, engine: str) -> list[str]:
+def _engine_order(model: nn.Module, engine: str, inputs: Any = None, argument: str = "input") -> list[str]:
     if engine not in _ENGINES:
         raise ValueError(f"engine must be one of {', '.join(_ENGINES)}, got engine={engine!r}")
     weights = _first_tensor(model)
     on_meta = weights is not None and weights.device.type == "meta"
+    if any(tensor.is_nested for _, tensor in tensor_leaves(inputs)):
+        # torch makes no meta or fake copies of nested tensors (jagged sizes are symbols)
+        if engine not in ("auto", "real"):
+            raise ValueError(
+                f"engine={engine!r} cannot run a nested tensor {argument}: use engine='real' or 'auto'"
+            )
+        if on_meta:
+            raise ValueError(
+                f"a nested tensor {argument} runs only on the real engine, and its weights are on "
+                f"the meta device"
+            )
+        return ["real"]
     if engine == "auto":
         return ["meta", "fake"] if on_meta else ["meta", "fake", "real"]
     if engine == "real" and on_meta:
@@ -594,14 +606,7 @@ def trace_model(
     model = _check_model(model)
     kwargs = dict(kwargs or {})
     _check_devices(model, (args, kwargs), argument)
-    engines = _engine_order(model, engine)
-    if engines != ["real"] and any(tensor.is_nested for _, tensor in tensor_leaves((args, kwargs))):
-        # torch cannot make meta or fake copies of nested tensors (jagged sizes are symbols)
-        if engine != "auto":
-            raise ValueError(
-                f"engine={engine!r} cannot run a nested tensor {argument}: use engine='real' or 'auto'"
-            )
-        engines = ["real"]
+    engines = _engine_order(model, engine, (args, kwargs), argument)
     for position, engine_name in enumerate(engines):
         try:
             with gc_paused():

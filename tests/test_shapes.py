@@ -619,6 +619,12 @@ def test_nested_tensors_get_a_size_with_their_ragged_dimension() -> None:
     assert type(same["proj"]).__name__ == "NestedSize" and same["proj"] == (3, 4, 6)
     with pytest.raises(ValueError, match="engine='meta' cannot run a nested tensor input"):
         model_sizes(model, input=jagged(2, 3), engine="meta")
+    with torch.device("meta"):
+        on_meta = OnNested()
+    with pytest.raises(
+        ValueError, match="a nested tensor input runs only on the real engine, and its weights"
+    ):
+        model_sizes(on_meta, input=jagged(2, 3))
 
 
 def test_strided_nested_tensors_too() -> None:
