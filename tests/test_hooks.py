@@ -382,3 +382,18 @@ def test_clone_keeps_what_the_module_returned() -> None:
         torch.testing.assert_close(hooks.stored[0], expected)
         torch.testing.assert_close(on_cpu.stored, expected)
     assert float(expected.min()) < 0.0
+
+
+def test_nested_outputs_are_stored_detached_copied_and_on_the_cpu() -> None:
+    parts = [torch.randn(2, 4), torch.randn(5, 4)]
+    batch = torch.nested.nested_tensor(parts, layout=torch.jagged, requires_grad=True)
+    layer = nn.Linear(4, 3)
+    with hook_output(layer, cpu=True) as plain, hook_output(layer, clone=True) as copied:
+        out = layer(batch)
+    for hook in (plain, copied):
+        stored = hook.stored
+        assert stored.is_nested and not stored.requires_grad
+        assert [tuple(part.shape) for part in stored.unbind()] == [(2, 3), (5, 3)]
+        torch.testing.assert_close(stored.values(), out.values().detach())
+    assert copied.stored.values().data_ptr() != out.values().data_ptr()
+    assert count_hooks(layer) == 0
