@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from pytest_modelhooks._tree import format_shape, jsonable_shape, map_tensors, shapes_of, tensor_leaves
-from pytest_modelhooks.hooks import ModuleSpec, preserve_training_flags, select_modules
+from pytest_modelhooks.hooks import ModuleSpec, _caller_level, preserve_training_flags, select_modules
 
 __all__ = [
     "Call",
@@ -237,8 +238,23 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
     torch.Size([1, 8, 8, 8])
     """
     batch = dummy_batch(model, size)
-    with preserve_training_flags(model, eval_mode=True), torch.no_grad():
+    with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
         return model(batch)
+
+
+# torch warns of these only because the forward runs under no_grad, not because of the model:
+# a reentrant ``torch.utils.checkpoint`` block sees inputs that need no gradient.
+_NO_GRAD_WARNINGS = ("None of the inputs have requires_grad=True",)
+
+
+@contextmanager
+def no_grad_quietly() -> Iterator[None]:
+    """``torch.no_grad()`` without the warnings that no_grad alone makes torch give (under a
+    ``filterwarnings = error`` configuration they would fail the test). Other warnings pass."""
+    with warnings.catch_warnings(), torch.no_grad():
+        for message in _NO_GRAD_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
+        yield
 
 
 # --------------------------------------------------------------------------- tracing a forward
@@ -466,10 +482,13 @@ def _is_engine_limitation(error: BaseException) -> bool:
 
 @contextmanager
 def _swapped_tensors(
-    modules: Sequence[nn.Module], make: Callable[[torch.Tensor], torch.Tensor]
+    modules: Sequence[nn.Module],
+    make: Callable[[torch.Tensor], torch.Tensor],
+    stores: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
 ) -> Iterator[None]:
-    """Put a stand-in made by ``make`` in place of every parameter and buffer for the block,
-    and the originals back afterwards, also on an exception.
+    """Put a stand-in made by ``make`` in place of every parameter and buffer for the block
+    (or of those in the ``stores`` of each module, when given), and the originals back
+    afterwards, also on an exception.
 
     One stand-in per tensor object, so tied weights (an LM's shared embedding and head) stay
     tied. This is what ``torch.func.functional_call`` does, without its name bookkeeping,
@@ -496,11 +515,15 @@ def _swapped_tensors(
 
     try:
         for module in modules:
-            # most modules hold no buffers, many no parameters: test before calling
-            if module._parameters:
-                swap(module._parameters)
-            if module._buffers:
-                swap(module._buffers)
+            if stores is not None:
+                for store in stores(module):
+                    swap(store)
+            else:
+                # most modules hold no buffers, many no parameters: test before calling
+                if module._parameters:
+                    swap(module._parameters)
+                if module._buffers:
+                    swap(module._buffers)
         yield
     finally:
         for store, name, tensor in reversed(swapped):
@@ -514,6 +537,45 @@ _META = torch.device("meta")  # a device object: parsing the string costs ~0.4 u
 
 def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, device=_META)
+
+
+def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
+
+
+def _written_in_forward(module: nn.Module) -> list[dict[str, Any]]:
+    """The tensors a real forward may write to, which it runs on copies of: every buffer (a
+    running average some modules update in eval mode too, a cache) and the weight of an
+    Embedding with ``max_norm`` (renormalised in place at each lookup). Buffers are small next
+    to the weights; other weights are left in place (copying them would double the memory)
+    and checked afterwards instead."""
+    stores: list[dict[str, Any]] = [module._buffers] if module._buffers else []
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+        stores.append(module._parameters)
+    return stores
+
+
+def _param_versions(named: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, torch.Tensor, int]]:
+    return [
+        (f"{prefix}.{name}" if prefix else name, param, param._version)
+        for prefix, module in named
+        for name, param in module._parameters.items()
+        if param is not None
+    ]
+
+
+def _warn_if_changed(versions: list[tuple[str, torch.Tensor, int]]) -> None:
+    """Warn, naming them, of parameters whose version counter moved: the real forward changed
+    them in place, and it could not run them on copies (see :func:`_written_in_forward`)."""
+    changed = [name for name, param, version in versions if param._version != version]
+    if changed:
+        shown = ", ".join(changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        warnings.warn(
+            f"the model's forward changed parameters in place ({shown}{more}) while its shapes "
+            f"were traced on the real engine; the model keeps the changed values",
+            stacklevel=_caller_level(),
+        )
 
 
 def _input_devices(args: Any) -> set[torch.device]:
@@ -564,7 +626,8 @@ def _engine_inputs(
 ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
     """Run the block with the model's tensors swapped for ``engine``; yield the inputs to use."""
     if engine == "real":
-        yield args, kwargs
+        with _swapped_tensors(modules, _copy_of, _written_in_forward):
+            yield args, kwargs
         return
     if engine == "meta":
         with _swapped_tensors(modules, _to_meta):
@@ -693,10 +756,11 @@ def _trace_once(
     modules = [module for _, module in named]
     recorder = _Recorder(known)
     trace = Trace(engine, named=named, paths=paths)
+    versions = _param_versions(named) if engine == "real" else []
     try:
         with ExitStack() as stack:
             stack.enter_context(preserve_training_flags(model, eval_mode=True, modules=modules))
-            stack.enter_context(torch.no_grad())
+            stack.enter_context(no_grad_quietly())
             stack.enter_context(_attention_fastpath_off())
             run_args, run_kwargs = stack.enter_context(_engine_inputs(modules, engine, args, kwargs))
             if engine == "meta" or count_flops:
@@ -719,6 +783,7 @@ def _trace_once(
             trace.counted_flops = count_flops
     finally:
         recorder.remove()
+        _warn_if_changed(versions)
     trace.calls = recorder.calls
     return trace
 

@@ -654,3 +654,90 @@ def test_packed_sequences_keep_their_batch_sizes_on_the_cpu_for_meta() -> None:
 def test_a_model_without_children_is_its_own_layer() -> None:
     sizes = model_sizes(nn.Linear(3, 4), input=torch.zeros(2, 3))
     assert sizes.names == ("",) and sizes[0] == (2, 4)
+
+
+class Checkpointed(nn.Module):
+    """Blocks under activation checkpointing, both flavours, as large models train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.second = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(self.first, x, use_reentrant=False)
+        x = checkpoint(self.second, x, use_reentrant=True)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("engine", ["meta", "fake", "real"])
+def test_checkpointed_blocks_trace_without_torchs_no_grad_warning(engine: str) -> None:
+    # Reentrant checkpointing warns that no input needs a gradient, which is only true because
+    # the trace runs under no_grad: under `filterwarnings = error` that failed every summary.
+    model = Checkpointed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sizes = model_sizes(model, input=torch.randn(4, 8), modules="all", engine=engine)
+        assert dummy_eval(model, (3,)).shape == (1, 3, 2)  # a batch of one, 3 positions
+    assert sizes["second.0"] == (4, 8) and sizes[-1] == (4, 2)
+    # the user's own no_grad forward still warns: only the trace is quiet
+    with torch.no_grad(), pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        model(torch.randn(4, 8))
+
+
+class KeepsARunningMean(nn.Module):
+    """Updates a buffer in every forward, eval mode too, and branches on values (so only a
+    real forward can run it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("running", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        self.running.mul_(0.5).add_(y.mean(0))
+        return y if y.sum() > -1e9 else -y
+
+
+@pytest.mark.parametrize("engine", ["auto", "real"])
+def test_the_real_engine_writes_to_copies_of_the_buffers(engine: str) -> None:
+    model = KeepsARunningMean()
+    with untouched(model):
+        sizes = model_sizes(model, input=torch.randn(2, 4), engine=engine)
+    assert sizes.engine == "real"
+    model(torch.randn(2, 4))  # the model's own buffer still works after the trace
+    assert model.running.abs().sum() > 0
+
+
+def test_an_embedding_with_max_norm_keeps_its_weights() -> None:
+    # each lookup renormalises the rows it reads, in place: a real forward changed the weights
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+    with untouched(model), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for engine in ("meta", "fake", "real"):
+            summary = model_summary(model, input_data=torch.tensor([[1, 2, 3]]), engine=engine)
+            assert summary.total_params == 50
+
+
+def test_a_parameter_changed_in_place_by_a_real_forward_is_named() -> None:
+    class Clamps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.linear.weight.clamp_(-0.1, 0.1)  # (under the trace's no_grad)
+            return self.linear(x)
+
+    with pytest.warns(UserWarning, match=r"changed parameters in place \(linear.weight\)") as record:
+        model_sizes(Clamps(), input=torch.randn(2, 4), engine="real")
+    assert record[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_sizes(Clamps(), input=torch.randn(2, 4), engine="meta")  # stand-ins: nothing to say
