@@ -117,6 +117,13 @@ class Hook:
             raise TypeError(f"Hook: module must be an nn.Module, got {type(module).__name__}")
         if not callable(hook_func):
             raise TypeError(f"Hook: hook_func must be callable, got {type(hook_func).__name__}")
+        if isinstance(module, torch.jit.ScriptModule):
+            # torch's own refusal (a RuntimeError) does not say what to hook instead
+            raise TypeError(
+                f"Hook: module {type(module).__name__} is a TorchScript module, and torch.jit "
+                f"modules take no Python hooks; hook the eager module (before torch.jit.script) "
+                f"or a module outside the scripted part"
+            )
         self.module = module
         self.hook_func = hook_func
         self.is_forward = is_forward

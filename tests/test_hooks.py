@@ -344,6 +344,29 @@ def test_scripted_submodules_are_left_out_of_keyword_selections_and_refused_by_n
         ActivationStats(model, modules=["0", "1"])
 
 
+class _WithLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_a_hook_on_a_scripted_module_is_refused_saying_what_to_hook() -> None:
+    scripted = torch.jit.script(_WithLinear())
+    makers = (
+        lambda module: Hook(module, lambda *args: None),
+        hook_output,
+        lambda module: hook_outputs([module]),
+        lambda module: hook_output(module, grad=True),
+    )
+    for module in (scripted, scripted.linear):
+        for make in makers:
+            with untouched(scripted), pytest.raises(TypeError, match=r"TorchScript module.*eager module"):
+                make(module)
+
+
 def _inplace_net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
