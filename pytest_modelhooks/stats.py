@@ -579,6 +579,8 @@ class ActivationStats(HookCallback):
             series = self._series[key] = len(self._series_names)
             module_name = self._names_by_id.get(id(module), "?")
             name = module_name + path if module_name or not path else path.lstrip(".")
+            if not module_name and path and any(name == other for other, _ in self.model.named_modules()):
+                name = "(model)" + path  # the model's output "head" is not its layer "head"
             # a module called twice in one forward gets a series per call, as summaries get rows
             self._series_names.append(name if call == 1 else f"{name} [call {call}]")
             self._series_modules.append(module_name)

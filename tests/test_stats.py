@@ -203,6 +203,24 @@ def test_tuple_and_dict_outputs_give_one_named_series_per_tensor() -> None:
     assert stats.series_names == ["body", "head", "logits", "hidden"]
 
 
+def test_a_model_output_named_like_one_of_its_layers_gets_a_series_of_its_own_name() -> None:
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 2)
+            self.aux = nn.Identity()  # no parameters: not hooked, its name is still taken
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"head": self.head(x) * 2, "aux": self.aux(x), "other": x}
+
+    model = Heads()
+    with ActivationStats(model, modules=["", "head"]) as stats:
+        model(torch.randn(3, 4))
+    assert stats.series_names == ["head", "(model).head", "(model).aux", "other"]
+    assert stats["head"].type == "Linear" and stats["(model).head"].type == "Heads"
+    assert stats["(model).head"].mean.item() == pytest.approx(2 * stats["head"].mean.item())
+
+
 def relu_net_with_dead_units() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
