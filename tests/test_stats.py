@@ -407,16 +407,28 @@ def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
 def test_gradient_statistics_match_the_gradients() -> None:
     model, batch = zoo.build("mlp")
     norms: list[dict[str, float]] = []
+    extremes: list[dict[str, tuple[float, float, bool]]] = []
     with GradientStats(model) as grads:
         for _ in range(3):
             model(batch).pow(2).sum().backward()
             norms.append({name: float(p.grad.norm()) for name, p in model.named_parameters()})
             means = {name: float(p.grad.double().mean()) for name, p in model.named_parameters()}
+            extremes.append(
+                {
+                    name: (float(p.grad.abs().max()), float(p.grad.std()), bool(-p.grad.min() > p.grad.max()))
+                    for name, p in model.named_parameters()
+                }
+            )
             model.zero_grad(set_to_none=True)
     assert grads.num_steps == 3
     for step, expected in enumerate(norms):
         for name, value in expected.items():
             assert float(grads[name].norm[step]) == pytest.approx(value, rel=1e-5)
+            max_abs, std, _ = extremes[step][name]
+            assert float(grads[name].max_abs[step]) == max_abs
+            assert float(grads[name].std[step]) == pytest.approx(std, rel=1e-5)
+    # max |g| is right both where the largest magnitude is negative and where it is positive
+    assert {negative for step in extremes for _, _, negative in step.values()} == {True, False}
     assert float(grads["5.bias"].mean[2]) == pytest.approx(means["5.bias"], rel=1e-5, abs=1e-9)
     assert set(grads.module_norms()) == {"0", "3", "5"}
 
