@@ -7,7 +7,9 @@
         [--batches 3] [--train] [--std 0.2,5] [--max-dead 0.3] [--max-grad-norm 100]
 
 ``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
-``nn.Module``; the current directory is importable. ``--meta`` builds the model on the meta
+``nn.Module``; the current directory is importable. ``'mypkg.models:build(depth=50)'`` calls it
+with literal arguments (numbers, strings, lists, dicts...; nothing is evaluated). ``--device
+cuda`` moves the model there (and makes the batches there). ``--meta`` builds the model on the meta
 device: no memory for the weights, so even a 7B model prints in under a second. The text output
 is the same text a snapshot stores, so the command can write snapshot files ahead of a test run.
 ``health`` runs random batches (standard normal values, or token ids for an embedding model)
@@ -19,7 +21,9 @@ for the bounds given; it exits with 1 when there are findings, so it can gate a 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -45,10 +49,39 @@ def _shape(text: str, argument: str) -> tuple[int, ...]:
     return dims
 
 
+def _call_arguments(path: str, text: str) -> tuple[list[Any], dict[str, Any]]:
+    """The literal arguments of ``FACTORY(...)`` (``depth=50, widths=[64, 128]``): numbers,
+    strings, booleans, None, tuples, lists and dicts of these; nothing is evaluated."""
+    try:
+        call = ast.parse(f"factory({text})", mode="eval").body
+        assert isinstance(call, ast.Call)
+        args = [ast.literal_eval(node) for node in call.args]
+        kwargs = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except (SyntaxError, ValueError, AssertionError):
+        raise UsageError(
+            f"factory {path!r}: the arguments in (...) must be Python literals, such as "
+            f"mypkg.models:build(depth=50, widths=[64, 128])"
+        ) from None
+    if None in kwargs:  # **mapping
+        raise UsageError(f"factory {path!r}: write each keyword argument out (no **)")
+    return args, {str(name): value for name, value in kwargs.items()}
+
+
 def _load(path: str, meta: bool) -> Any:
     module_name, _, attribute = path.partition(":")
+    call_args: list[Any] = []
+    call_kwargs: dict[str, Any] = {}
+    called = "(" in attribute
+    if called:
+        attribute, _, rest = attribute.partition("(")
+        if not rest.endswith(")"):
+            raise UsageError(f"factory {path!r}: expected FACTORY(arguments), closed by ')'")
+        call_args, call_kwargs = _call_arguments(path, rest[:-1])
     if not module_name or not attribute:
-        raise UsageError(f"factory {path!r}: expected PACKAGE.MODULE:FACTORY, such as mypkg.models:ResNet")
+        raise UsageError(
+            f"factory {path!r}: expected PACKAGE.MODULE:FACTORY, such as mypkg.models:ResNet "
+            f"or 'mypkg.models:build(depth=50)'"
+        )
     if "" not in sys.path:
         sys.path.insert(0, "")  # like `python -m`: the current directory is importable
     try:
@@ -64,15 +97,24 @@ def _load(path: str, meta: bool) -> Any:
     import torch
     from torch import nn
 
-    if isinstance(target, nn.Module):
+    if isinstance(target, nn.Module) and not called:
         return target.to("meta") if meta else target
     if not callable(target):
         raise UsageError(f"factory {path!r}: {attribute!r} is neither an nn.Module nor callable")
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to check (some builtins): just call it
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*call_args, **call_kwargs)
+        except TypeError as error:  # arguments missing or unknown: say so before building
+            raise UsageError(f"factory {path!r}: {error}") from None
     if meta:
         with torch.device("meta"):
-            model = target()
+            model = target(*call_args, **call_kwargs)
     else:
-        model = target()
+        model = target(*call_args, **call_kwargs)
     if not isinstance(model, nn.Module):
         raise UsageError(
             f"factory {path!r}: calling {attribute!r} returned {type(model).__name__}, not an nn.Module"
@@ -115,19 +157,37 @@ def _bounds(text: str | None, argument: str) -> tuple[float, float] | None:
     return low, high
 
 
-def _random_batch(model: Any, shape: tuple[int, ...], seed: int) -> Any:
+def _random_batch(model: Any, shape: tuple[int, ...], seed: int, device: Any) -> Any:
     import torch
 
     from pytest_modelhooks.shapes import input_spec
 
+    # made on the CPU from a seeded generator: the same batch on every device
     generator = torch.Generator().manual_seed(seed)
     try:
         spec = input_spec(model)
     except ValueError:
         spec = None
     if spec is not None and spec.layout == "tokens":
-        return torch.randint(0, spec.channels, shape, generator=generator)
-    return torch.randn(shape, generator=generator)
+        return torch.randint(0, spec.channels, shape, generator=generator).to(device)
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def _device(text: str, meta: bool) -> Any:
+    """The ``--device`` to run on, checked: a usage error if torch does not know it or this
+    machine does not have it."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r}: not a torch device, such as cpu, cuda or cuda:1") from None
+    if meta and device.type != "cpu":
+        raise UsageError(f"--device {text} and --meta: the model is either on meta or on {text}")
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise UsageError(f"--device {text!r}: {device.type} is not available on this machine")
+    return device
 
 
 #: The library's argument names in its messages, and the options that set them here.
@@ -170,7 +230,7 @@ def _health(model: Any, args: argparse.Namespace) -> int:
     try:
         with ActivationStats(model, args.modules) as stats, GradientStats(model) as grads:
             for batch in range(args.batches):
-                inputs = _random_batch(model, shape, args.seed + batch)
+                inputs = _random_batch(model, shape, args.seed + batch, args.device)
                 with torch.set_grad_enabled(args.train):
                     output = model(inputs)
                 if args.train:
@@ -223,25 +283,30 @@ def _health(model: Any, args: argparse.Namespace) -> int:
     return 1 if findings or grad_findings else 0
 
 
+_FACTORY_HELP = "PACKAGE.MODULE:FACTORY, or 'PACKAGE.MODULE:FACTORY(depth=50, ...)' with literal arguments"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_modelhooks", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="print a model summary")
-    summary.add_argument("factory", help="PACKAGE.MODULE:FACTORY")
+    summary.add_argument("factory", help=_FACTORY_HELP)
     summary.add_argument("--input-size", help="full input shape, batch included: 1,3,224,224")
     summary.add_argument("--depth", type=int, default=None, help="fold rows deeper than this")
     summary.add_argument("--meta", action="store_true", help="build the model on the meta device")
+    summary.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
     summary.add_argument("--format", choices=("text", "json", "markdown"), default="text")
     sizes = commands.add_parser("sizes", help="print the output size of each layer")
-    sizes.add_argument("factory", help="PACKAGE.MODULE:FACTORY")
+    sizes.add_argument("factory", help=_FACTORY_HELP)
     sizes.add_argument("--size", help="spatial size (or sequence length): 64,64")
     sizes.add_argument(
         "--modules", default="children", help="children, leaves, all, params, a name or a glob"
     )
     sizes.add_argument("--meta", action="store_true", help="build the model on the meta device")
+    sizes.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
     sizes.add_argument("--format", choices=("text", "json"), default="text")
     health = commands.add_parser("health", help="run random batches and check activation health")
-    health.add_argument("factory", help="PACKAGE.MODULE:FACTORY")
+    health.add_argument("factory", help=_FACTORY_HELP)
     health.add_argument("--input-size", required=True, help="full input shape, batch included: 16,3,64,64")
     health.add_argument("--batches", type=int, default=3, help="forward passes to record (default 3)")
     health.add_argument(
@@ -254,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--max-std-growth", type=float, help="max std ratio between consecutive layers")
     health.add_argument("--max-grad-norm", type=float, help="max gradient norm per parameter (--train)")
     health.add_argument("--seed", type=int, default=0, help="seed of the random batches")
+    health.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
     health.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
@@ -265,7 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pytest_modelhooks.snapshot import snapshot_text
 
     try:
-        model = _load(args.factory, getattr(args, "meta", False))
+        meta = getattr(args, "meta", False)
+        args.device = _device(args.device, meta)
+        model = _load(args.factory, meta)
+        if args.device.type != "cpu":
+            model = model.to(args.device)
         if args.command == "health":
             return _health(model, args)
         if args.command == "summary":

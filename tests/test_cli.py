@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pytest_modelhooks.cli import main
 
@@ -27,6 +28,10 @@ class Big(nn.Module):
 
 INSTANCE = small()
 NOT_A_MODEL = 3
+
+def built(width, kinds=("relu",)):
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
+    return nn.Sequential(nn.Conv2d(3, width, 3), *[acts[kind]() for kind in kinds])
 
 def returns_int():
     return 3
@@ -162,3 +167,52 @@ def test_health_bad_bounds_exit_2(extra: list[str], message: str, capsys: pytest
 def test_health_of_a_model_that_fails_names_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["health", "cli_models:small", "--input-size", "2,4,16,16"]) == 1
     assert "layer '0' (Conv2d, in_channels=3) got input (2, 4, 16, 16)" in capsys.readouterr().err
+
+
+def test_a_factory_called_with_literal_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["sizes", "cli_models:built(width=4, kinds=['relu', 'tanh'])", "--size", "8,8", "--modules", "leaves"]
+    assert main(argv) == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert lines[1:] == ["0 (Conv2d) (1, 4, 6, 6)", "1 (ReLU) (1, 4, 6, 6)", "2 (Tanh) (1, 4, 6, 6)"]
+    assert main(["summary", "cli_models:built(2)", "--input-size", "1,3,8,8", "--meta"]) == 0
+    assert "Total params: 56" in capsys.readouterr().out  # 3 * 2 * 9 + 2, on meta
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("cli_models:built(width=open('x'))", "must be Python literals"),
+        ("cli_models:built(width=4", "closed by ')'"),
+        ("cli_models:built(4, depth=4)", "unexpected keyword argument 'depth'"),
+        ("cli_models:built()", "missing a required argument: 'width'"),
+        ("cli_models:built(**{'width': 4})", "no **"),
+        ("cli_models:(width=4)", "expected PACKAGE.MODULE:FACTORY"),
+    ],
+)
+def test_bad_factory_arguments_exit_2_before_building(
+    factory: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sizes", factory])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not Path("x").exists()  # nothing was evaluated
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "gpu0"], "--device 'gpu0': not a torch device"),
+        (["--device", "cuda", "--meta"], "--device cuda and --meta"),
+        pytest.param(
+            ["--device", "cuda"],
+            "cuda is not available on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_bad_devices_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "cli_models:small", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

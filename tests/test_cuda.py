@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,3 +151,23 @@ def test_gradient_scaler_steps_read_the_scale_without_a_sync() -> None:
             torch.cuda.set_sync_debug_mode("default")
     for name in ("0.weight", "0.bias"):
         torch.testing.assert_close(grads[name].norm, plain[name].norm, rtol=1e-5, atol=0.0)
+
+
+def test_the_command_line_runs_a_health_check_on_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pytest_modelhooks.cli import main
+
+    (tmp_path / "gpu_models.py").write_text(
+        "from torch import nn\n"
+        "def net(width):\n"
+        "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 2))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["health", "gpu_models:net(width=8)", "--input-size", "8,3,16,16", "--train", "--format", "json"]
+    assert main([*argv, "--device", "cuda"]) == 0
+    on_cuda = capsys.readouterr().out
+    assert main(argv) == 0
+    assert '"0.weight"' in on_cuda and on_cuda.count("mean") == capsys.readouterr().out.count("mean")
