@@ -170,8 +170,8 @@ def test_health_of_a_model_that_fails_names_the_layer(capsys: pytest.CaptureFixt
 
 
 def test_a_factory_called_with_literal_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["sizes", "cli_models:built(width=4, kinds=['relu', 'tanh'])", "--size", "8,8", "--modules", "leaves"]
-    assert main(argv) == 0
+    factory = "cli_models:built(width=4, kinds=['relu', 'tanh'])"
+    assert main(["sizes", factory, "--size", "8,8", "--modules", "leaves"]) == 0
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
     assert lines[1:] == ["0 (Conv2d) (1, 4, 6, 6)", "1 (ReLU) (1, 4, 6, 6)", "2 (Tanh) (1, 4, 6, 6)"]
     assert main(["summary", "cli_models:built(2)", "--input-size", "1,3,8,8", "--meta"]) == 0
