@@ -226,6 +226,27 @@ def _first_nonfinite(layers: list, recorded: frozenset[str]) -> list[Finding]:  
     return [Finding(layer.name, layer.type, "nonfinite", observed, "0", int(layer.batches[column]), note)]
 
 
+def _first_nonfinite_grad(grads: GradientStats, kept: torch.Tensor) -> dict[str, str]:
+    """The note for the parameter whose gradient went non-finite first in backward order, in
+    the first (kept) step that had one; keyed by its name. The finite gradient before it
+    brackets the culprit: the NaN or infinity arose between their layers (often in a layer
+    without parameters, such as a sqrt or a division)."""
+    nonfinite = {param.name: param.nonfinite for param in grads}
+    for step in range(grads.num_steps):
+        if not bool(kept[step]):
+            continue
+        order = grads.backward_order(step)
+        bad = [name for name in order if float(nonfinite[name][step]) > 0]
+        if not bad:
+            continue
+        position = order.index(bad[0])
+        where = f"first non-finite in backward at step {step}"
+        if position == 0:
+            return {bad[0]: f"{where}; the first gradient of that backward"}
+        return {bad[0]: f"{where}; {order[position - 1]} before it was finite"}
+    return {}
+
+
 def gradient_findings(
     grads: GradientStats,
     *,
@@ -259,6 +280,7 @@ def gradient_findings(
                 f"every step ({len(skipped)}) overflowed under the GradScaler: no finite gradient",
             )
         )
+    first = _first_nonfinite_grad(grads, kept)
     for param in grads:
         kind = "parameter " + "x".join(str(dim) for dim in param.shape)
         if require_grad and not param.got_grad:
@@ -271,7 +293,8 @@ def gradient_findings(
         nonfinite = torch.where(kept, torch.nan_to_num(param.nonfinite, nan=0.0), 0.0)
         if bool((nonfinite > 0).any()):
             value, step = _worst(param.nonfinite, steps, largest=True)
-            found.append(Finding(param.name, kind, "nonfinite grad", value, "0", step))
+            note = first.get(param.name, "")
+            found.append(Finding(param.name, kind, "nonfinite grad", value, "0", step, note))
             continue
         norm = torch.where(kept, param.norm, math.nan)  # NaN compares False: not judged
         if max_norm is not None and bool((norm > max_norm).any()):
@@ -280,6 +303,8 @@ def gradient_findings(
         if min_norm is not None and bool((norm < min_norm).any()):
             value, step = _worst(norm, steps, largest=False)
             found.append(Finding(param.name, kind, "grad norm", value, f">= {min_norm:g}", step, "vanishing"))
+    # the gradient where non-finite values began heads the table (a stable sort keeps the rest)
+    found.sort(key=lambda finding: finding.layer not in first)
     return found
 
 

@@ -1050,6 +1050,26 @@ class GradientStats:
         nonfinite = torch.nan_to_num(self._gather()[4], nan=0.0)
         return [int(step) for step in (nonfinite > 0).any(dim=0).nonzero().flatten().tolist()]
 
+    def backward_order(self, step: int = 0) -> list[str]:
+        """The parameters whose gradient arrived in ``step``, in the order backward finished
+        them: the layers nearest the loss first. A non-finite gradient starts where this order
+        first meets one (the checks name it, and the finite one before it).
+
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> with GradientStats(net) as grads:
+        ...     net(torch.randn(5, 3)).sum().backward()
+        >>> grads.backward_order()[0].startswith("2.")
+        True
+        """
+        self.end_step()
+        steps = range(len(self._steps))
+        try:
+            recorded = self._steps[steps[step]]
+        except IndexError:
+            raise IndexError(f"step={step} is out of range: {len(self._steps)} step(s) recorded") from None
+        # a step's dict is filled as the gradients arrive: its keys are in backward order
+        return [self.params[position][0] for position in recorded]
+
     def __len__(self) -> int:
         return len(self.params)
 

@@ -467,6 +467,47 @@ def test_exploding_vanishing_and_non_finite_gradients() -> None:
         grads.findings(max_norm=1, min_norm=2)
 
 
+class _InfiniteSlope(nn.Module):
+    """sqrt at zero: finite forward, infinite gradient in backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(x.clamp(min=0))
+
+
+def test_a_non_finite_gradient_is_traced_to_where_backward_first_produced_it() -> None:
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), _InfiniteSlope(), nn.Linear(8, 8), nn.Linear(8, 1)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        model[2].weight[0] = 0.0  # unit 0 is exactly 0 before the sqrt
+        model[2].bias[0] = 0.0
+    with GradientStats(model) as grads:
+        model(torch.randn(16, 4)).sum().backward()  # step 0: the infinite slope
+        model(torch.randn(16, 4).abs() + 1).sum().backward()  # step 1 as well
+    order = grads.backward_order(0)
+    assert sorted(order) == sorted(name for name, _ in model.named_parameters())
+    positions = [order.index(f"{layer}.weight") for layer in (5, 4, 2, 0)]
+    assert positions == sorted(positions)  # nearest the loss first
+    assert grads.backward_order(-1) == grads.backward_order(1)
+    with pytest.raises(IndexError, match=r"step=2 is out of range: 2 step\(s\) recorded"):
+        grads.backward_order(2)
+    findings = grads.findings()
+    assert {f.layer for f in findings} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    head = findings[0]  # where non-finite values began comes first, bracketed by the finite one
+    assert head.layer.startswith("2.") and head.note.startswith("first non-finite in backward at step 0; 4.")
+    assert head.note.endswith("before it was finite")
+    assert [f.note for f in findings[1:]] == ["", "", ""]
+
+
+def test_a_non_finite_loss_is_the_first_gradient_of_its_backward() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    with GradientStats(model) as grads:
+        (model(torch.randn(8, 4)) * float("nan")).sum().backward()
+    head = grads.findings()[0]
+    assert head.layer == grads.backward_order()[0]
+    assert head.note.endswith("the first gradient of that backward")
+
+
 def test_gradient_steps_end_at_the_next_forward() -> None:
     model = zoo.mlp()
     with GradientStats(model) as grads:
