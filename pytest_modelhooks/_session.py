@@ -152,7 +152,10 @@ def settings_in_test(config: pytest.Config, item: pytest.Item | None) -> Setting
     try:
         return settings_for(config, item)
     except pytest.UsageError as error:
-        pytest.fail(str(error), pytrace=False)
+        message = str(error)
+    # failed outside the except block: the report shows the message once, not also the usage
+    # error it replaced ("During handling of the above exception...")
+    pytest.fail(message, pytrace=False)
 
 
 def current_settings(config: pytest.Config) -> Settings:
