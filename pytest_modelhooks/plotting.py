@@ -205,6 +205,12 @@ def color_dim(stats: ActivationStats, layer: int | str, path: str | Path | None 
     axis.set_xlabel("batch")
     _whole_batches(axis)
     axis.set_ylabel("activation")
+    # zoom onto the bins that hold values (a bin of margin each side): the default range is
+    # wide, so that nothing is cut off, and most activations fill a small part of it
+    occupied = (record.hist.sum(dim=0) > 0).nonzero().flatten().tolist()
+    if occupied:
+        width = (high - low) / record.hist.shape[1]
+        axis.set_ylim(max(low, low + (occupied[0] - 1) * width), min(high, low + (occupied[-1] + 2) * width))
     if not math.isclose(low, high):
         axis.axhline(0.0, color="white", linewidth=0.5)
     _save(figure, path)

@@ -46,6 +46,19 @@ def test_color_dim_draws_the_histogram_over_batches(recorded: ActivationStats, t
     assert image.shape == (80, 5)  # bins x batches
 
 
+def test_color_dim_zooms_onto_the_values_and_keeps_a_full_range() -> None:
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(1, 1))
+    with ActivationStats(model, modules="all", with_hist=True, hist_bins=20) as stats:
+        model(torch.tensor([[-0.9], [0.3], [0.95]]))  # bins of 1.0 over (-10, 10)
+        model(torch.tensor([[-9.5], [9.5], [0.0]]))
+    narrow = ActivationStats(model, modules="all", with_hist=True, hist_bins=20)
+    with narrow:
+        model(torch.tensor([[-0.9], [0.3], [0.95]]))
+    # values in [-1, 1): the bins [-1, 0) and [0, 1), one bin of margin each side
+    assert narrow.color_dim("0").axes[0].get_ylim() == pytest.approx((-2.0, 2.0))
+    assert stats.color_dim("0").axes[0].get_ylim() == pytest.approx((-10.0, 10.0))  # not beyond
+
+
 def test_bad_requests_are_explained(recorded: ActivationStats) -> None:
     with pytest.raises(ValueError, match=r"statistics must be a non-empty subset of mean, std"):
         recorded.plot(["median"])
