@@ -589,7 +589,7 @@ class ActivationStats(HookCallback):
         return series
 
     def hook(self, module: nn.Module, input: Any, output: Any) -> None:
-        """Reduce each floating-point tensor ``module`` returned to its statistics."""
+        """Reduce each floating-point (or complex) tensor ``module`` returned to its statistics."""
         # No no_grad() here: the tensors are detached, so nothing records a graph, and the
         # context manager would cost more per call than the rest of this method.
         if not self._recording:
@@ -597,13 +597,19 @@ class ActivationStats(HookCallback):
         call = self._calls_this_batch[id(module)] = self._calls_this_batch.get(id(module), 0) + 1
         leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
         for path, tensor in leaves:
-            if not tensor.is_floating_point() or tensor.numel() == 0:
+            complex_valued = tensor.is_complex()
+            if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
                 continue
             x = tensor.detach()
             if x.is_nested:
                 x = _nested_values(x)
+            if complex_valued:
+                # a spectral layer's output: its real and imaginary parts are the values (a
+                # complex number is never "above zero", so no dead units)
+                x = torch.view_as_real(x.resolve_conj())
             series = self._series_id(module, path, call)
-            channel_max = self._channel_max_of(module, x) if self.track_dead else None
+            tracks_dead = self.track_dead and not complex_valued
+            channel_max = self._channel_max_of(module, x) if tracks_dead else None
             fused = self._reduce_fused(x) if self.fused else None
             if fused is not None:
                 self._pending.append((series, (fused, x.numel())))

@@ -221,6 +221,28 @@ def test_a_model_output_named_like_one_of_its_layers_gets_a_series_of_its_own_na
     assert stats["(model).head"].mean.item() == pytest.approx(2 * stats["head"].mean.item())
 
 
+class _Spectral(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(x)
+
+
+def test_complex_outputs_are_reduced_over_their_real_and_imaginary_parts() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _Spectral())
+    batch = torch.randn(4, 8)
+    with ActivationStats(model, modules="all", with_hist=True) as stats:
+        spectrum = model(batch)
+    assert spectrum.is_complex() and stats.series_names == ["0", "1", ""]
+    parts = torch.view_as_real(spectrum).detach().double()
+    record = stats["1"]
+    assert float(record.mean[0]) == pytest.approx(float(parts.mean()), rel=1e-5, abs=1e-7)
+    assert float(record.std[0]) == pytest.approx(float(parts.std()), rel=1e-5)
+    assert float(record.max[0]) == pytest.approx(float(parts.max()), rel=1e-6)
+    assert float(record.nonfinite[0]) == 0 and record.dead is None  # no dead units
+    assert record.hist is not None and float(record.hist.sum()) == parts.numel()
+    stats.check(max_dead=0.0)  # nothing to judge there, and nothing fails
+
+
 def relu_net_with_dead_units() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
