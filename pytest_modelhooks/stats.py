@@ -986,6 +986,8 @@ class GradientStats:
         if grad is None:
             return
         grad = grad.detach()
+        if grad.is_complex():  # over the real and imaginary parts (the norm is the complex one)
+            grad = torch.view_as_real(grad.resolve_conj())
         raw: Any = _compiled_call("GradientStats", _fused_grad_raw, grad.reshape(-1)) if self.fused else None
         if raw is None:
             self.fused = False  # (after compile failed: separate passes from now on)

@@ -243,6 +243,18 @@ def test_complex_outputs_are_reduced_over_their_real_and_imaginary_parts() -> No
     stats.check(max_dead=0.0)  # nothing to judge there, and nothing fails
 
 
+def test_complex_parameters_get_gradient_statistics() -> None:
+    layer = nn.Linear(4, 3, dtype=torch.complex64)
+    with warnings.catch_warnings(), GradientStats(layer) as grads:
+        warnings.simplefilter("error")  # no "casting complex values to real discards..."
+        layer(torch.randn(2, 4, dtype=torch.complex64)).abs().sum().backward()
+    assert grads.unused() == []
+    grad = layer.weight.grad
+    assert grad is not None
+    assert float(grads["weight"].norm[0]) == pytest.approx(float(torch.linalg.vector_norm(grad)), rel=1e-5)
+    assert float(grads["weight"].max_abs[0]) == float(torch.view_as_real(grad).abs().max())
+
+
 def relu_net_with_dead_units() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
