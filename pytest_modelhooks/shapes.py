@@ -38,6 +38,7 @@ __all__ = [
     "make_input",
     "model_sizes",
     "num_features_model",
+    "trace_dummy",
     "trace_model",
 ]
 
@@ -202,7 +203,10 @@ def dummy_batch(model: nn.Module, size: Sequence[int] | None = None) -> torch.Te
     >>> dummy_batch(nn.Conv2d(3, 8, 3), (32, 32)).shape
     torch.Size([1, 3, 32, 32])
     """
-    spec = input_spec(model)
+    return _batch_for(model, input_spec(model), size)
+
+
+def _batch_for(model: nn.Module, spec: InputSpec, size: Sequence[int] | None) -> torch.Tensor:
     dims = _resolve_size(spec, size)
     device, dtype = _model_device_dtype(model)
     if spec.layout == "channels_first":
@@ -255,6 +259,50 @@ def no_grad_quietly() -> Iterator[None]:
         for message in _NO_GRAD_WARNINGS:
             warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
         yield
+
+
+def trace_dummy(
+    model: nn.Module, size: Sequence[int] | None = None, *, engine: str = "auto", count_flops: bool = False
+) -> tuple[Trace, tuple[Any, ...]]:
+    """:func:`trace_model` on :func:`dummy_batch`, and the inputs that ran.
+
+    The batch is made for the first layer with parameters in *registration* order, which is not
+    always the first to run (a head declared before the backbone). When the forward then fails
+    at another layer that reads inputs (a convolution, Linear, Embedding...), it is retried
+    once with a batch made for that layer, and kept only if the whole forward succeeds. If not,
+    the first error is raised, saying which layer the batch was made for.
+    """
+    __tracebackhide__ = True
+    spec = input_spec(model)
+    args: tuple[Any, ...] = (_batch_for(model, spec, size),)
+    try:
+        return trace_model(model, args, engine=engine, count_flops=count_flops), args
+    except LayerError as error:
+        first_error = error
+    retry = _spec_of_layer(model, first_error.layer)
+    if retry is not None and retry.layer != spec.layer:
+        try:
+            args = (_batch_for(model, retry, size),)
+            return trace_model(model, args, engine=engine, count_flops=count_flops), args
+        except (LayerError, ValueError):
+            pass  # the first error says more: it is about the model as the user wrote it
+    label = f"'{spec.layer}' ({spec.layer_type})" if spec.layer else spec.layer_type
+    raise LayerError(
+        f"{first_error}; the input was made for layer {label}, the first layer with parameters "
+        f"(in registration order): if another layer reads the input, {_GIVE_INPUT}",
+        first_error.layer,
+        first_error.layer_type,
+        first_error.input_shapes,
+        first_error.original,
+    ) from None
+
+
+def _spec_of_layer(model: nn.Module, name: str) -> InputSpec | None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:  # the model's own forward failed (name ""), or a name torch cannot find
+        return None
+    return _spec_for(name, module) if name else None
 
 
 # --------------------------------------------------------------------------- tracing a forward
@@ -1143,13 +1191,12 @@ def _model_sizes(
     default = "children" if next(model.children(), None) is not None else "all"
     selected = select_modules(model, modules, default=default)
     if input is None:
-        args: tuple[Any, ...] = (dummy_batch(model, size),)
-        kwargs: dict[str, Any] = {}
+        trace, _ = trace_dummy(model, size, engine=engine)
     else:
         if size is not None:
             raise ValueError("pass either size= or input=, not both")
         args, kwargs = _normalise_input(input)
-    trace = trace_model(model, args, kwargs, engine=engine)
+        trace = trace_model(model, args, kwargs, engine=engine)
     by_module: dict[int, list[Any]] = {}
     for call in trace.calls:
         by_module.setdefault(id(call.module), []).append(call.output_shapes)

@@ -20,11 +20,11 @@ from pytest_modelhooks.shapes import (
     _check_model,
     _model_device_dtype,
     _normalise_input,
-    dummy_batch,
     gc_paused,
     input_spec,
     is_container,
     make_input,
+    trace_dummy,
     trace_model,
 )
 
@@ -346,16 +346,16 @@ def model_summary(
         raise ValueError(f"depth must be a non-negative int or None, got depth={depth!r}")
     if input_size is not None and input_data is not None:
         raise ValueError("pass either input_size= or input_data=, not both")
-    if input_data is not None:
-        args, kwargs = _normalise_input(input_data, "input_data")
-        argument = "input_data"
-    elif input_size is not None:
-        args, kwargs = _input_from_size(model, input_size), {}
-        argument = "input_size"
-    else:
-        args, kwargs = (dummy_batch(model),), {}
-        argument = "input"
     with gc_paused():
+        if input_data is None and input_size is None:
+            trace, _ = trace_dummy(model, engine=engine, count_flops=count_mult_adds)
+            return _build(model, trace, depth, count_mult_adds)
+        if input_data is not None:
+            args, kwargs = _normalise_input(input_data, "input_data")
+            argument = "input_data"
+        else:
+            args, kwargs = _input_from_size(model, input_size), {}
+            argument = "input_size"
         trace = trace_model(
             model, args, kwargs, engine=engine, count_flops=count_mult_adds, argument=argument
         )

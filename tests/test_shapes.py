@@ -741,3 +741,38 @@ def test_a_parameter_changed_in_place_by_a_real_forward_is_named() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model_sizes(Clamps(), input=torch.randn(2, 4), engine="meta")  # stand-ins: nothing to say
+
+
+class HeadFirst(nn.Module):
+    """Declares its head before the backbone that runs first."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, classes)
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_a_model_declaring_its_head_first_is_sized_from_the_layer_that_reads_the_input() -> None:
+    model = HeadFirst()
+    with untouched(model):
+        sizes = model_sizes(model, (32, 32))
+        summary = model_summary(model)
+    assert sizes["features"] == (1, 16) and sizes["head"] == (1, 10)
+    assert summary.input_shapes == (1, 3, 64, 64) and summary.total_params == 16 * 3 * 9 + 16 + 170
+    assert num_features_model(HeadFirst(classes=7)) == 7
+
+
+def test_a_real_shape_bug_is_reported_as_it_is_when_the_retry_fails_too() -> None:
+    broken = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(64, 10))  # 32 != 64
+    message = (
+        r"layer '2' \(Linear, in_features=64\) got input \(1, 32\).*"
+        r"the input was made for layer '0' \(Linear\), the first layer with parameters"
+    )
+    with untouched(broken), pytest.raises(LayerError, match=message) as info:
+        model_sizes(broken)
+    assert info.value.layer == "2" and info.value.input_shapes == ((1, 32),)
+    with pytest.raises(LayerError, match=message):
+        model_summary(broken)
