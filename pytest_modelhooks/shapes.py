@@ -242,7 +242,7 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
     torch.Size([1, 8, 8, 8])
     """
     batch = dummy_batch(model, size)
-    with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
+    with preserve_training_flags(model, eval_mode=True), _no_grad_quietly():
         return model(batch)
 
 
@@ -252,7 +252,7 @@ _NO_GRAD_WARNINGS = ("None of the inputs have requires_grad=True",)
 
 
 @contextmanager
-def no_grad_quietly() -> Iterator[None]:
+def _no_grad_quietly() -> Iterator[None]:
     """``torch.no_grad()`` without the warnings that no_grad alone makes torch give (under a
     ``filterwarnings = error`` configuration they would fail the test). Other warnings pass."""
     with warnings.catch_warnings(), torch.no_grad():
@@ -263,8 +263,8 @@ def no_grad_quietly() -> Iterator[None]:
 
 def trace_dummy(
     model: nn.Module, size: Sequence[int] | None = None, *, engine: str = "auto", count_flops: bool = False
-) -> tuple[Trace, tuple[Any, ...]]:
-    """:func:`trace_model` on :func:`dummy_batch`, and the inputs that ran.
+) -> Trace:
+    """:func:`trace_model` on :func:`dummy_batch`.
 
     The batch is made for the first layer with parameters in *registration* order, which is not
     always the first to run (a head declared before the backbone). When the forward then fails
@@ -274,16 +274,15 @@ def trace_dummy(
     """
     __tracebackhide__ = True
     spec = input_spec(model)
-    args: tuple[Any, ...] = (_batch_for(model, spec, size),)
     try:
-        return trace_model(model, args, engine=engine, count_flops=count_flops), args
+        return trace_model(model, (_batch_for(model, spec, size),), engine=engine, count_flops=count_flops)
     except LayerError as error:
         first_error = error
     retry = _spec_of_layer(model, first_error.layer)
     if retry is not None and retry.layer != spec.layer:
         try:
-            args = (_batch_for(model, retry, size),)
-            return trace_model(model, args, engine=engine, count_flops=count_flops), args
+            batch = _batch_for(model, retry, size)
+            return trace_model(model, (batch,), engine=engine, count_flops=count_flops)
         except (LayerError, ValueError):
             pass  # the first error says more: it is about the model as the user wrote it
     label = f"'{spec.layer}' ({spec.layer_type})" if spec.layer else spec.layer_type
@@ -298,11 +297,13 @@ def trace_dummy(
 
 
 def _spec_of_layer(model: nn.Module, name: str) -> InputSpec | None:
+    if not name:  # the model's own forward failed: no layer to make a batch for
+        return None
     try:
         module = model.get_submodule(name)
-    except AttributeError:  # the model's own forward failed (name ""), or a name torch cannot find
+    except AttributeError:
         return None
-    return _spec_for(name, module) if name else None
+    return _spec_for(name, module)
 
 
 # --------------------------------------------------------------------------- tracing a forward
@@ -808,7 +809,7 @@ def _trace_once(
     try:
         with ExitStack() as stack:
             stack.enter_context(preserve_training_flags(model, eval_mode=True, modules=modules))
-            stack.enter_context(no_grad_quietly())
+            stack.enter_context(_no_grad_quietly())
             stack.enter_context(_attention_fastpath_off())
             run_args, run_kwargs = stack.enter_context(_engine_inputs(modules, engine, args, kwargs))
             if engine == "meta" or count_flops:
@@ -1191,7 +1192,7 @@ def _model_sizes(
     default = "children" if next(model.children(), None) is not None else "all"
     selected = select_modules(model, modules, default=default)
     if input is None:
-        trace, _ = trace_dummy(model, size, engine=engine)
+        trace = trace_dummy(model, size, engine=engine)
     else:
         if size is not None:
             raise ValueError("pass either size= or input=, not both")

@@ -348,7 +348,7 @@ def model_summary(
         raise ValueError("pass either input_size= or input_data=, not both")
     with gc_paused():
         if input_data is None and input_size is None:
-            trace, _ = trace_dummy(model, engine=engine, count_flops=count_mult_adds)
+            trace = trace_dummy(model, engine=engine, count_flops=count_mult_adds)
             return _build(model, trace, depth, count_mult_adds)
         if input_data is not None:
             args, kwargs = _normalise_input(input_data, "input_data")
