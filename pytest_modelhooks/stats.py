@@ -22,7 +22,7 @@ import math
 import threading
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -352,7 +352,48 @@ def _nested_values(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([component.reshape(-1) for component in components])
 
 
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+
+
+def _unwrapped(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The plain tensor under torch.func's wrappers, and the batch dimension each vmap level
+    added (outermost first). Under ``vmap`` (per-sample gradients, ensembles) a hook sees one
+    sample's view, which cannot be read; its plain tensor holds the whole batch."""
+    bdims: list[int] = []
+    if _FUNCTORCH is None or _is_compiling():
+        return tensor, bdims  # (dynamo cannot trace the functorch queries: it warns, then breaks)
+    while _FUNCTORCH.is_functorch_wrapped_tensor(tensor):
+        if _FUNCTORCH.is_batchedtensor(tensor):
+            bdims.append(_FUNCTORCH.maybe_get_bdim(tensor))
+        tensor = _FUNCTORCH.get_unwrapped(tensor)
+    return tensor, bdims
+
+
+_CONV_SPATIAL: dict[type[nn.Module], int] = {
+    nn.Conv1d: 1,
+    nn.Conv2d: 2,
+    nn.Conv3d: 3,
+    nn.ConvTranspose1d: 1,
+    nn.ConvTranspose2d: 2,
+    nn.ConvTranspose3d: 3,
+}
+_spatial_by_type: dict[type[nn.Module], int | None] = {}  # subclasses too, looked up once
+
+
+def _conv_spatial(module: nn.Module) -> int | None:
+    kind = type(module)
+    if kind not in _spatial_by_type:
+        _spatial_by_type[kind] = next(
+            (rank for conv, rank in _CONV_SPATIAL.items() if isinstance(module, conv)), None
+        )
+    return _spatial_by_type[kind]
+
+
 def _channel_dim(module: nn.Module, rank: int, conv1d_model: bool) -> int | None:
+    spatial = _conv_spatial(module)
+    if spatial is not None and rank == spatial + 1:
+        return 0  # an unbatched convolution, (C, *spatial): one sample, as under vmap
     if rank < 2:
         return None
     if isinstance(module, _FEATURES_LAST) or (_RMS_NORM is not None and isinstance(module, _RMS_NORM)):
@@ -600,7 +641,8 @@ class ActivationStats(HookCallback):
             complex_valued = tensor.is_complex()
             if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
                 continue
-            x = tensor.detach()
+            x, bdims = _unwrapped(tensor)
+            x = x.detach()
             if x.is_nested:
                 x = _nested_values(x)
             if complex_valued:
@@ -609,7 +651,7 @@ class ActivationStats(HookCallback):
                 x = torch.view_as_real(x.resolve_conj())
             series = self._series_id(module, path, call)
             tracks_dead = self.track_dead and not complex_valued
-            channel_max = self._channel_max_of(module, x) if tracks_dead else None
+            channel_max = self._channel_max_of(module, x, bdims) if tracks_dead else None
             fused = self._reduce_fused(x) if self.fused else None
             if fused is not None:
                 self._pending.append((series, (fused, x.numel())))
@@ -633,10 +675,14 @@ class ActivationStats(HookCallback):
             self.fused = False
         return row
 
-    def _channel_max_of(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        dim = _channel_dim(module, x.dim(), self._conv1d)
+    def _channel_max_of(
+        self, module: nn.Module, x: torch.Tensor, bdims: Sequence[int] = ()
+    ) -> torch.Tensor | None:
+        dim = _channel_dim(module, x.dim() - len(bdims), self._conv1d)
         if dim is None:
             return None
+        for bdim in bdims:  # each vmap level's batch dimension sits at bdim in the tensor under it
+            dim = dim if dim < bdim else dim + 1
         return x.amax(dim=[axis for axis in range(x.dim()) if axis != dim])
 
     def _track_dead(self, series: int, current: torch.Tensor) -> None:

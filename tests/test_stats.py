@@ -255,6 +255,51 @@ def test_complex_parameters_get_gradient_statistics() -> None:
     assert float(grads["weight"].max_abs[0]) == float(torch.view_as_real(grad).abs().max())
 
 
+def _conv_net_with_dead_channels() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(0), nn.Linear(6 * 36, 4))
+    with torch.no_grad():
+        model[0].bias[:2] = -100.0  # two of six channels can never fire
+    return model
+
+
+@pytest.mark.parametrize("in_dims", [0, 1])
+def test_statistics_under_vmap_cover_the_whole_batch(in_dims: int) -> None:
+    # torch.func.vmap (per-sample gradients, ensembles) hands hooks one sample's view, which
+    # cannot be read (.item() under vmap raised); the statistics are the whole batch's
+    from torch.func import vmap
+
+    model = _conv_net_with_dead_channels()
+    batch = torch.randn(5, 3, 8, 8)
+    with ActivationStats(model) as single:
+        model(batch[0])  # one unbatched sample, as vmap hands the model
+    assert single["0"].dead == pytest.approx(2 / 6)  # (C, H, W): channels are the first dim
+    with ActivationStats(model, with_hist=True) as under_vmap:
+        out = vmap(model, in_dims=in_dims)(batch.movedim(0, in_dims))
+    assert out.shape == (5, 4)
+    assert under_vmap.num_batches == 1 and under_vmap["0"].dead == pytest.approx(2 / 6)
+    direct = model[0](batch).detach().double()
+    assert float(under_vmap["0"].mean[0]) == pytest.approx(float(direct.mean()), rel=1e-5)
+    assert float(under_vmap["0"].std[0]) == pytest.approx(float(direct.std()), rel=1e-5)
+    assert float(under_vmap["3"].hist.sum()) == 5 * 4  # every sample's logits
+
+
+def test_per_sample_gradients_with_torch_func_run_under_activation_stats() -> None:
+    from torch.func import functional_call, grad, vmap
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    params = {name: param.detach() for name, param in model.named_parameters()}
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    with untouched(model), ActivationStats(model) as stats:
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    assert per_sample["0.weight"].shape == (6, 8, 4)
+    assert float(stats["0"].mean[0]) == pytest.approx(float(model[0](x).detach().mean()), rel=1e-5)
+
+
 def relu_net_with_dead_units() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
