@@ -46,14 +46,44 @@ ModuleSpec: TypeAlias = "str | type | nn.Module | Iterable[str | type | nn.Modul
 _KEYWORDS = ("children", "leaves", "all", "params")
 
 
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+
+
+def unvmapped(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The plain tensor under ``torch.func``'s wrappers, and how many batch dimensions vmap
+    added; they are moved to the front, the outermost vmap's first. Inside ``vmap`` (or
+    ``grad``) a hook sees a wrapper for one sample, which cannot be read and must not escape;
+    the plain tensor holds the whole batch. Any other tensor comes back as it is, with 0.
+
+    >>> unvmapped(torch.zeros(2, 3))[0].shape
+    torch.Size([2, 3])
+    """
+    # (checked before the functorch query, which dynamo cannot trace: it warns and breaks)
+    if _FUNCTORCH is None or _is_compiling() or not _FUNCTORCH.is_functorch_wrapped_tensor(tensor):
+        return tensor, 0
+    labels = list(range(tensor.dim()))  # the sample's own dims; vmap levels get -1, -2, ...
+    levels = 0
+    while _FUNCTORCH.is_functorch_wrapped_tensor(tensor):
+        if _FUNCTORCH.is_batchedtensor(tensor):  # a grad level wraps without a batch dim
+            levels += 1
+            labels.insert(_FUNCTORCH.maybe_get_bdim(tensor), -levels)
+        tensor = _FUNCTORCH.get_unwrapped(tensor)
+    # the wrapper seen first is the innermost vmap: the outermost has the lowest label
+    order = [labels.index(label) for label in range(-levels, 0)]
+    order += [labels.index(dim) for dim in range(len(labels) - levels)]
+    return tensor.permute(order), levels
+
+
 def _detach(obj: Any, cpu: bool, clone: bool = False) -> Any:
     if isinstance(obj, torch.Tensor) and not clone:  # the common case, without the walk
+        obj = unvmapped(obj)[0]
         return obj.detach().cpu() if cpu else obj.detach()
     if clone:
-        return map_tensors(obj, lambda t: _copy(t.detach(), cpu))
+        return map_tensors(obj, lambda t: _copy(unvmapped(t)[0].detach(), cpu))
     if cpu:
-        return map_tensors(obj, lambda t: t.detach().cpu())
-    return map_tensors(obj, torch.Tensor.detach)
+        return map_tensors(obj, lambda t: unvmapped(t)[0].detach().cpu())
+    return map_tensors(obj, lambda t: unvmapped(t)[0].detach())
 
 
 def _copy(tensor: torch.Tensor, cpu: bool) -> torch.Tensor:

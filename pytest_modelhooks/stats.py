@@ -22,7 +22,7 @@ import math
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._tree import tensor_leaves
-from pytest_modelhooks.hooks import HookCallback, ModuleSpec
+from pytest_modelhooks.hooks import HookCallback, ModuleSpec, unvmapped
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -352,24 +352,6 @@ def _nested_values(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([component.reshape(-1) for component in components])
 
 
-_FUNCTORCH = getattr(torch._C, "_functorch", None)
-_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
-
-
-def _unwrapped(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """The plain tensor under torch.func's wrappers, and the batch dimension each vmap level
-    added (outermost first). Under ``vmap`` (per-sample gradients, ensembles) a hook sees one
-    sample's view, which cannot be read; its plain tensor holds the whole batch."""
-    bdims: list[int] = []
-    if _FUNCTORCH is None or _is_compiling():
-        return tensor, bdims  # (dynamo cannot trace the functorch queries: it warns, then breaks)
-    while _FUNCTORCH.is_functorch_wrapped_tensor(tensor):
-        if _FUNCTORCH.is_batchedtensor(tensor):
-            bdims.append(_FUNCTORCH.maybe_get_bdim(tensor))
-        tensor = _FUNCTORCH.get_unwrapped(tensor)
-    return tensor, bdims
-
-
 _CONV_SPATIAL: dict[type[nn.Module], int] = {
     nn.Conv1d: 1,
     nn.Conv2d: 2,
@@ -641,7 +623,7 @@ class ActivationStats(HookCallback):
             complex_valued = tensor.is_complex()
             if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
                 continue
-            x, bdims = _unwrapped(tensor)
+            x, leading = unvmapped(tensor)  # under vmap: the whole batch, its dims in front
             x = x.detach()
             if x.is_nested:
                 x = _nested_values(x)
@@ -651,7 +633,7 @@ class ActivationStats(HookCallback):
                 x = torch.view_as_real(x.resolve_conj())
             series = self._series_id(module, path, call)
             tracks_dead = self.track_dead and not complex_valued
-            channel_max = self._channel_max_of(module, x, bdims) if tracks_dead else None
+            channel_max = self._channel_max_of(module, x, leading) if tracks_dead else None
             fused = self._reduce_fused(x) if self.fused else None
             if fused is not None:
                 self._pending.append((series, (fused, x.numel())))
@@ -675,14 +657,13 @@ class ActivationStats(HookCallback):
             self.fused = False
         return row
 
-    def _channel_max_of(
-        self, module: nn.Module, x: torch.Tensor, bdims: Sequence[int] = ()
-    ) -> torch.Tensor | None:
-        dim = _channel_dim(module, x.dim() - len(bdims), self._conv1d)
+    def _channel_max_of(self, module: nn.Module, x: torch.Tensor, leading: int = 0) -> torch.Tensor | None:
+        """Per channel, the max over everything else (``leading`` batch dims of vmap come
+        first, before the dims the module sees)."""
+        dim = _channel_dim(module, x.dim() - leading, self._conv1d)
         if dim is None:
             return None
-        for bdim in bdims:  # each vmap level's batch dimension sits at bdim in the tensor under it
-            dim = dim if dim < bdim else dim + 1
+        dim += leading
         return x.amax(dim=[axis for axis in range(x.dim()) if axis != dim])
 
     def _track_dead(self, series: int, current: torch.Tensor) -> None:

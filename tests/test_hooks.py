@@ -367,6 +367,38 @@ def test_a_hook_on_a_scripted_module_is_refused_saying_what_to_hook() -> None:
                 make(module)
 
 
+@pytest.mark.parametrize("in_dims", [0, 1])
+def test_outputs_stored_under_vmap_are_the_whole_batch_batch_first(in_dims: int) -> None:
+    # the wrapper a hook sees inside vmap escapes unreadable ("your tensor may have escaped")
+    from torch.func import vmap
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    batch = torch.randn(5, 4)
+    with hook_outputs([model[0], model[2]]) as hooks:
+        vmap(model, in_dims=in_dims)(batch.movedim(0, in_dims))
+    first, last = hooks.stored
+    torch.testing.assert_close(first, model[0](batch).detach())
+    assert last.shape == (5, 2)
+
+
+def test_unvmapped_orders_nested_vmap_levels_outermost_first() -> None:
+    from torch.func import vmap
+
+    from pytest_modelhooks.hooks import unvmapped
+
+    seen: list[tuple[torch.Tensor, int]] = []
+
+    def inner(x: torch.Tensor) -> torch.Tensor:
+        seen.append(unvmapped(x * 1))
+        return x.sum()
+
+    data = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # (outer, feature, inner)
+    vmap(vmap(inner, in_dims=1), in_dims=0)(data)
+    plain, levels = seen[0]
+    assert levels == 2 and not torch._C._functorch.is_functorch_wrapped_tensor(plain)
+    torch.testing.assert_close(plain, data.movedim(2, 1))  # (outer, inner, feature)
+
+
 def _inplace_net() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
