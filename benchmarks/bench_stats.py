@@ -1,6 +1,7 @@
 """ActivationStats overhead vs a plain forward (or training step) and vs fastai-style hooks.
 
     python benchmarks/bench_stats.py [--device cpu|cuda] [--batch 8] [--step] [--repeats 5]
+    python benchmarks/bench_stats.py --memory   # what a long run of recorded batches holds
 
 All contenders run in one process, interleaved round by round; the figures are ratios of
 medians. "fastai-style" is a reference implementation of fastai's default hook: per module,
@@ -40,6 +41,36 @@ def fastai_style(model: torch.nn.Module) -> list[Any]:
     return [module.register_forward_hook(hook) for module in modules]
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:  # Linux
+        return int(statm.read().split()[1]) * 4096
+
+
+def memory_per_record(batches: int = 20_000, layers: int = 50) -> None:
+    """Resident memory per series and recorded batch over a long run (a training loop that
+    records every batch): tiny layers, so the records, not the forward, dominate."""
+    import gc
+
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()) for _ in range(layers)]
+    model = torch.nn.Sequential(*blocks)
+    batch = torch.randn(4, 16)
+    with ActivationStats(model) as stats:
+        for _ in range(100):  # allocator and caches warm
+            model(batch)
+        gc.collect()
+        before = _resident_bytes()
+        for _ in range(batches):
+            model(batch)
+        gc.collect()
+        grown = _resident_bytes() - before
+    series = len(stats.series_names)
+    print(
+        f"ActivationStats records, {series} series x {batches:,} batches (CPU): "
+        f"{grown / (series * batches):.0f} bytes per series and batch resident"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -52,7 +83,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print torch.profiler's top ops for one recorded run"
     )
+    parser.add_argument("--memory", action="store_true", help="measure what recorded batches hold, then exit")
     args = parser.parse_args()
+    if args.memory:
+        memory_per_record()
+        return
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = ResNet50().to(device)

@@ -18,10 +18,12 @@ Speed rules (see the README's Performance section for figures):
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import warnings
 import weakref
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,7 +323,12 @@ def _blocks(pending: list[tuple[int, Any]]) -> list[tuple[Any, ...]]:
             ids.append(series)
             raws.append(parts)
             counts.append(count)
-    blocks: list[tuple[Any, ...]] = [(host_ids, host_rows)] if host_ids else []
+    # host rows packed as one float64 tensor: ~50 bytes a series and batch, against ~260 as
+    # lists of Python floats (a long training run records 100,000s of batches)
+    blocks: list[tuple[Any, ...]] = []
+    if host_ids:
+        packed = array("d", itertools.chain.from_iterable(host_rows))  # ~25% faster than torch.tensor
+        blocks.append((host_ids, torch.frombuffer(packed, dtype=torch.float64).view(-1, len(STATISTICS))))
     blocks += [(ids, _stack_raw(raws), counts) for ids, raws, counts in devices.values()]
     return blocks
 
@@ -539,6 +546,7 @@ class ActivationStats(HookCallback):
         self._tracked: list[tuple[int, weakref.ref[torch.Tensor]]] = []
         self._model_outputs: set[int] = set()
         self._batch_handles: list[RemovableHandle] = []
+        self._id_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._cache: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ recording
@@ -582,7 +590,12 @@ class ActivationStats(HookCallback):
                     self._model_outputs.add(series)
             self._tracked = []
         if self._pending:
-            self._batches.append((batch, _blocks(self._pending)))
+            blocks = _blocks(self._pending)
+            # the same series every batch: one tuple of their ids kept, not a list per batch
+            for position, (ids, *rest) in enumerate(blocks):
+                key = tuple(ids)
+                blocks[position] = (self._id_tuples.setdefault(key, key), *rest)
+            self._batches.append((batch, blocks))
         # histograms: one stack per device (a model may span devices)
         by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
         for series, hist in self._pending_hist:
@@ -693,8 +706,7 @@ class ActivationStats(HookCallback):
                         raw.to("cpu", torch.float64), torch.tensor(counts, dtype=torch.float64)
                     )
                 else:
-                    ids, host_rows = block
-                    rows = torch.tensor(host_rows, dtype=torch.float64)
+                    ids, rows = block
                 values[:, ids, column] = rows.T
                 ran[ids, column] = True
         dead: dict[int, tuple[float, int]] = {}

@@ -14,6 +14,7 @@ from torch import nn
 
 from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks, model_summary
 from pytest_modelhooks.stats import (
+    STATISTICS,
     _finish_device,
     _grad_on_host,
     _reduce_on_device,
@@ -298,6 +299,20 @@ def test_per_sample_gradients_with_torch_func_run_under_activation_stats() -> No
         per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     assert per_sample["0.weight"].shape == (6, 8, 4)
     assert float(stats["0"].mean[0]) == pytest.approx(float(model[0](x).detach().mean()), rel=1e-5)
+
+
+def test_recorded_batches_are_packed_for_long_runs() -> None:
+    # a training loop may record 100,000s of batches: per batch one float64 tensor of rows and
+    # a shared tuple of series ids, not lists of Python floats (~4x the memory)
+    model = zoo.mlp()
+    with ActivationStats(model) as stats:
+        for _ in range(3):
+            model(torch.randn(4, 20))
+    (_, first), *_, (_, last) = stats._batches
+    assert first[0][0] is last[0][0] and isinstance(first[0][0], tuple)
+    rows = first[0][1]
+    assert isinstance(rows, torch.Tensor) and rows.dtype == torch.float64
+    assert rows.shape == (len(stats.series_names), len(STATISTICS))
 
 
 def relu_net_with_dead_units() -> nn.Sequential:
