@@ -69,6 +69,20 @@ def memory_per_record(batches: int = 20_000, layers: int = 50) -> None:
         f"ActivationStats records, {series} series x {batches:,} batches (CPU): "
         f"{grown / (series * batches):.0f} bytes per series and batch resident"
     )
+    steps = batches // 4  # each a backward too
+    with GradientStats(model) as grads:
+        for _ in range(50):
+            model(batch).sum().backward()
+        gc.collect()
+        before = _resident_bytes()
+        for _ in range(steps):
+            model(batch).sum().backward()
+        gc.collect()
+        grown = _resident_bytes() - before
+    print(
+        f"GradientStats records, {len(grads)} parameters x {steps:,} steps (CPU): "
+        f"{grown / (len(grads) * steps):.0f} bytes per parameter and step resident"
+    )
 
 
 def main() -> None:

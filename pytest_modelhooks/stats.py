@@ -927,7 +927,7 @@ def _grad_on_host(grad: torch.Tensor) -> list[float]:
 
 def _grad_on_device(grad: torch.Tensor) -> torch.Tensor:
     """Raw ``(norm, mean, variance, max |g|, finite count)`` on the device, in five launches;
-    :func:`_finish_grad` completes them on the host."""
+    :func:`_finish_grads` completes them on the host."""
     acc = _accumulator(grad.dtype)
     g = grad if grad.dtype == acc else grad.to(acc)
     variance, mean = torch.var_mean(g)
@@ -938,11 +938,35 @@ def _grad_on_device(grad: torch.Tensor) -> torch.Tensor:
     return torch.stack([part.to(torch.float64) for part in (norm, mean, variance, max_abs, finite)])
 
 
-def _finish_grad(raw: torch.Tensor, count: int) -> torch.Tensor:
-    row = raw.to("cpu", torch.float64)
-    row[2] = row[2].clamp(min=0).sqrt()
-    row[4] = count - row[4]
-    return row
+def _finish_grads(raw: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``(params, 5)`` raw rows (see :func:`_grad_on_device`) to :data:`_GRAD_STATISTICS`, on
+    the host; ``sizes`` are the parameters' element counts."""
+    rows = raw.to("cpu", torch.float64)
+    rows[:, 2] = rows[:, 2].clamp(min=0).sqrt()
+    # float64: a float32 count is off by one past 2**24 elements
+    rows[:, 4] = torch.tensor(sizes, dtype=torch.float64) - rows[:, 4]
+    return rows
+
+
+def _pack_grad_rows(pending: dict[int, Any], sizes: Sequence[int]) -> tuple[torch.Tensor, bool]:
+    """A step's rows as one tensor, and whether they are raw (device or fused rows, finished
+    when read) or finished (host rows). A long run records 100,000s of steps: one tensor per
+    step, not a list of Python floats per parameter. Host rows: one float64 tensor; device
+    rows: stacked on their device (no sync); a model across devices or a fused pass that fell
+    back mid-step: each row finished here (reads the device once; rare)."""
+    values = list(pending.values())
+    if all(isinstance(value, list) for value in values):
+        packed = array("d", itertools.chain.from_iterable(values))
+        return torch.frombuffer(packed, dtype=torch.float64).view(-1, len(_GRAD_STATISTICS)), False
+    if all(isinstance(value, torch.Tensor) for value in values) and len({v.device for v in values}) == 1:
+        return torch.stack(values), True
+    rows = [
+        torch.tensor(value, dtype=torch.float64)
+        if isinstance(value, list)
+        else _finish_grads(value.reshape(1, -1), [sizes[position]])[0]
+        for position, value in pending.items()
+    ]
+    return torch.stack(rows), False
 
 
 class GradientStats:
@@ -982,9 +1006,13 @@ class GradientStats:
         self._pending_scale: torch.Tensor | float | None = None
         self.params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         self._index = {id(param): position for position, (_, param) in enumerate(self.params)}
+        self._sizes = [param.numel() for _, param in self.params]
         self._handles: list[Any] = []
         self._pending: dict[int, Any] = {}
-        self._steps: list[dict[int, Any]] = []
+        # per step: the parameters' positions in the order their gradients arrived, and their
+        # rows packed (see _pack_grad_rows)
+        self._steps: list[tuple[tuple[int, ...], Any, bool]] = []
+        self._orders: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct order
         self._cache: torch.Tensor | None = None
 
     def __enter__(self) -> GradientStats:
@@ -1052,7 +1080,9 @@ class GradientStats:
     def end_step(self) -> None:
         """Close the current step, if any gradient arrived since the last one."""
         if self._pending:
-            self._steps.append(self._pending)
+            order = tuple(self._pending)
+            rows, raw = _pack_grad_rows(self._pending, self._sizes)
+            self._steps.append((self._orders.setdefault(order, order), rows, raw))
             self._scales.append(self._pending_scale)
             self._pending = {}
             self._pending_scale = None
@@ -1069,13 +1099,10 @@ class GradientStats:
             values = torch.full(
                 (len(_GRAD_STATISTICS), len(self.params), len(self._steps)), math.nan, dtype=torch.float64
             )
-            for column, step in enumerate(self._steps):
-                for position, recorded in step.items():
-                    if isinstance(recorded, torch.Tensor):
-                        row = _finish_grad(recorded, self.params[position][1].numel())
-                    else:
-                        row = torch.tensor(recorded, dtype=torch.float64)
-                    values[:, position, column] = row
+            for column, (order, rows, raw) in enumerate(self._steps):
+                if raw:
+                    rows = _finish_grads(rows, [self._sizes[at] for at in order])
+                values[:, list(order), column] = rows.T
             if self.scaler is not None:
                 # the loss scale multiplies every gradient: divide it out of the sizes (not the
                 # non-finite count); one host read of every step's scale, here
@@ -1111,11 +1138,10 @@ class GradientStats:
         self.end_step()
         steps = range(len(self._steps))
         try:
-            recorded = self._steps[steps[step]]
+            order = self._steps[steps[step]][0]
         except IndexError:
             raise IndexError(f"step={step} is out of range: {len(self._steps)} step(s) recorded") from None
-        # a step's dict is filled as the gradients arrive: its keys are in backward order
-        return [self.params[position][0] for position in recorded]
+        return [self.params[position][0] for position in order]
 
     def __len__(self) -> int:
         return len(self.params)

@@ -315,6 +315,28 @@ def test_recorded_batches_are_packed_for_long_runs() -> None:
     assert rows.shape == (len(stats.series_names), len(STATISTICS))
 
 
+def test_gradient_steps_are_packed_for_long_runs() -> None:
+    model = zoo.mlp()
+    with GradientStats(model) as grads:
+        for _ in range(3):
+            model(torch.randn(4, 20)).sum().backward()
+    (first_order, first_rows, raw), *_, (last_order, _, _) = grads._steps
+    assert first_order is last_order and not raw  # one shared order; host rows finished
+    assert isinstance(first_rows, torch.Tensor) and first_rows.shape == (len(grads), 5)
+
+
+def test_a_step_mixing_host_and_device_rows_is_finished_row_by_row() -> None:
+    # (a model across devices, or a fused pass that fell back mid-step)
+    from pytest_modelhooks.stats import _grad_on_device, _pack_grad_rows
+
+    torch.manual_seed(0)
+    first, second = torch.randn(6, 3), torch.randn(50)
+    rows, raw = _pack_grad_rows({1: _grad_on_host(second), 0: _grad_on_device(first)}, [18, 50])
+    assert not raw
+    expected = torch.tensor([_grad_on_host(second), _grad_on_host(first)], dtype=torch.float64)
+    torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-7)
+
+
 def relu_net_with_dead_units() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -614,12 +636,12 @@ def test_gradient_steps_end_at_the_next_forward() -> None:
 
 
 def test_device_gradient_reduction_agrees_with_the_host_one() -> None:
-    from pytest_modelhooks.stats import _finish_grad, _grad_on_device
+    from pytest_modelhooks.stats import _finish_grads, _grad_on_device
 
     torch.manual_seed(0)
     for grad in [torch.randn(7, 5) * 3, torch.randn(40).to(torch.bfloat16)]:
         host = torch.tensor(_grad_on_host(grad), dtype=torch.float64)
-        device = _finish_grad(_grad_on_device(grad), grad.numel())
+        device = _finish_grads(_grad_on_device(grad).reshape(1, -1), [grad.numel()])[0]
         torch.testing.assert_close(device, host, rtol=1e-5, atol=1e-6)
 
 
@@ -806,12 +828,12 @@ def test_the_std_of_a_single_value_is_zero_on_every_path() -> None:
 
 @pytest.mark.parametrize(("size", "nan_at"), [(2**24 + 3, None), (2**24 + 4, 7)])
 def test_device_gradient_counts_stay_exact_past_float32s_integers(size: int, nan_at: int | None) -> None:
-    from pytest_modelhooks.stats import _finish_grad, _grad_on_device
+    from pytest_modelhooks.stats import _finish_grads, _grad_on_device
 
     grad = torch.ones(size)
     if nan_at is not None:
         grad[nan_at] = math.nan
-    row = _finish_grad(_grad_on_device(grad), size)
+    row = _finish_grads(_grad_on_device(grad).reshape(1, -1), [size])[0]
     assert float(row[4]) == (0.0 if nan_at is None else 1.0)
 
 
