@@ -591,11 +591,8 @@ class ActivationStats(HookCallback):
             self._tracked = []
         if self._pending:
             blocks = _blocks(self._pending)
-            # the same series every batch: one tuple of their ids kept, not a list per batch
-            for position, (ids, *rest) in enumerate(blocks):
-                key = tuple(ids)
-                blocks[position] = (self._id_tuples.setdefault(key, key), *rest)
-            self._batches.append((batch, blocks))
+            # the same series (and sizes) every batch: one tuple of each kept, not a list per batch
+            self._batches.append((batch, [tuple(self._interned(part) for part in block) for block in blocks]))
         # histograms: one stack per device (a model may span devices)
         by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
         for series, hist in self._pending_hist:
@@ -607,6 +604,13 @@ class ActivationStats(HookCallback):
         self._pending = []
         self._pending_hist = []
         self._cache = None
+
+    def _interned(self, part: Any) -> Any:
+        """A list of ints as the one tuple kept for its values; anything else as it is."""
+        if not isinstance(part, list):
+            return part
+        key = tuple(part)
+        return self._id_tuples.setdefault(key, key)
 
     def _series_id(self, module: nn.Module, path: str, call: int) -> int:
         key = (id(module), path, call)
