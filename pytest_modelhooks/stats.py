@@ -547,6 +547,7 @@ class ActivationStats(HookCallback):
         self._model_outputs: set[int] = set()
         self._batch_handles: list[RemovableHandle] = []
         self._id_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._saw_meta = False
         self._cache: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ recording
@@ -641,6 +642,9 @@ class ActivationStats(HookCallback):
             if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
                 continue
             x, leading = unvmapped(tensor)  # under vmap: the whole batch, its dims in front
+            if x.is_meta:  # shapes without values (a model built on meta): nothing to measure
+                self._saw_meta = True
+                continue
             x = x.detach()
             if x.is_nested:
                 x = _nested_values(x)
@@ -863,6 +867,12 @@ class ActivationStats(HookCallback):
                 f"the hooks were on (run it inside the `with` block; a torch.compile'd copy "
                 f"compiled before the hooks were added runs without them)"
             )
+        if self._saw_meta:
+            return (
+                "no batch was recorded: the model ran on the meta device, whose tensors have shapes "
+                "but no values (move it to a real device, e.g. model.to_empty(device='cpu') and "
+                "initialise it, to measure activations)"
+            )
         if self.train_only:
             return "no batch was recorded: train_only=True and the model ran only in eval mode"
         return "no batch was recorded: no hooked module returned a floating-point tensor"
@@ -1011,6 +1021,7 @@ class GradientStats:
         self.params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         self._index = {id(param): position for position, (_, param) in enumerate(self.params)}
         self._sizes = [param.numel() for _, param in self.params]
+        self._saw_meta = False
         self._handles: list[Any] = []
         self._pending: dict[int, Any] = {}
         # per step: the parameters' positions in the order their gradients arrived, and their
@@ -1055,6 +1066,9 @@ class GradientStats:
         # (detached below: no graph is recorded, no no_grad() needed)
         grad = param.grad
         if grad is None:
+            return
+        if grad.is_meta:  # shapes without values: nothing to measure (findings say so)
+            self._saw_meta = True
             return
         grad = grad.detach()
         if grad.is_complex():  # over the real and imaginary parts (the norm is the complex one)
@@ -1192,6 +1206,8 @@ class GradientStats:
                 else "no parameter requires grad"
             )
             note = f"no backward pass was recorded ({what}); call loss.backward() inside the `with` block"
+            if self._saw_meta:
+                note = "no backward pass was recorded: the gradients were on the meta device (no values)"
             return [Finding("", type(self.model).__name__, "steps", 0.0, ">= 1", None, note)]
         return gradient_findings(self, max_norm=max_norm, min_norm=min_norm, require_grad=require_grad)
 

@@ -337,6 +337,18 @@ def test_a_step_mixing_host_and_device_rows_is_finished_row_by_row() -> None:
     torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_a_model_on_meta_is_not_measured_and_the_check_says_why() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with ActivationStats(model) as stats, GradientStats(model) as grads:
+        model(torch.randn(2, 4, device="meta")).sum().backward()
+    with pytest.raises(HealthError, match=r"ran on the meta device, whose tensors have shapes but no values"):
+        stats.check()
+    assert stats.num_batches == 0 and stats.stats.shape == (2, 2, 0)  # two hooked Linears
+    with pytest.raises(HealthError, match=r"the gradients were on the meta device"):
+        grads.check()
+
+
 def relu_net_with_dead_units() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
