@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.hooks import HookCallback, ModuleSpec, unvmapped
+from pytest_modelhooks.shapes import _CONV_RANK
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -359,22 +360,16 @@ def _nested_values(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([component.reshape(-1) for component in components])
 
 
-_CONV_SPATIAL: dict[type[nn.Module], int] = {
-    nn.Conv1d: 1,
-    nn.Conv2d: 2,
-    nn.Conv3d: 3,
-    nn.ConvTranspose1d: 1,
-    nn.ConvTranspose2d: 2,
-    nn.ConvTranspose3d: 3,
-}
 _spatial_by_type: dict[type[nn.Module], int | None] = {}  # subclasses too, looked up once
 
 
 def _conv_spatial(module: nn.Module) -> int | None:
+    """The spatial rank of a convolution (or 2-d/3-d BatchNorm, which never sees an unbatched
+    input), from the table the dummy batches use; None for other modules."""
     kind = type(module)
     if kind not in _spatial_by_type:
         _spatial_by_type[kind] = next(
-            (rank for conv, rank in _CONV_SPATIAL.items() if isinstance(module, conv)), None
+            (rank for conv, rank in _CONV_RANK.items() if isinstance(module, conv)), None
         )
     return _spatial_by_type[kind]
 
