@@ -268,15 +268,18 @@ def trace_dummy(
 
     The batch is made for the first layer with parameters in *registration* order, which is not
     always the first to run (a head declared before the backbone). When the forward then fails
-    at another layer that reads inputs (a convolution, Linear, Embedding...), it is retried
-    once with a batch made for that layer, and kept only if the whole forward succeeds. If not,
-    the first error is raised, saying which layer the batch was made for.
+    before that layer ran, at another layer that reads inputs (a convolution, Linear,
+    Embedding...), it is retried once with a batch made for that layer, and kept only if the
+    whole forward succeeds. If not, the first error is raised, saying which layer the batch was
+    made for. A failure after that layer ran is the model's own, raised as it is.
     """
     __tracebackhide__ = True
     spec = input_spec(model)
     try:
         return trace_model(model, (_batch_for(model, spec, size),), engine=engine, count_flops=count_flops)
     except LayerError as error:
+        if spec.layer in error.finished:
+            raise  # the batch fit the layer it was made for: the failure is the model's own
         first_error = error
     retry = _spec_of_layer(model, first_error.layer)
     if retry is not None and retry.layer != spec.layer:
@@ -352,6 +355,7 @@ class LayerError(RuntimeError):
 
     ``.original`` is the exception the layer raised. It is not chained for display: its
     traceback runs through torch's kernels and hooks and would bury the one line that matters.
+    ``.finished`` names the layers that returned before the failure.
     """
 
     def __init__(
@@ -361,12 +365,14 @@ class LayerError(RuntimeError):
         layer_type: str,
         input_shapes: Any,
         original: BaseException | None = None,
+        finished: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
         self.layer = layer
         self.layer_type = layer_type
         self.input_shapes = input_shapes
         self.original = original
+        self.finished = finished
 
 
 _KEY_ATTRIBUTES = ("in_channels", "in_features", "num_features", "input_size", "embed_dim", "num_embeddings")
@@ -1032,12 +1038,12 @@ def _layer_error(
         format_shape(shapes[0]) if isinstance(shapes, tuple) and len(shapes) == 1 else format_shape(shapes)
     )
     message = f"{_layer_label(call.name, call.module)} got input {shown}: {type(error).__name__}: {error}"
-    if not call.name:
-        finished = [done for done in recorder.calls if done.finished and done.name]
-        if finished:
-            last = finished[-1]
-            message += f" (after layer '{last.name}' returned {format_shape(last.output_shapes)})"
-    return LayerError(message, call.name, type(call.module).__name__, shapes, error)
+    finished = [done for done in recorder.calls if done.finished and done.name]
+    if not call.name and finished:
+        last = finished[-1]
+        message += f" (after layer '{last.name}' returned {format_shape(last.output_shapes)})"
+    names = tuple(done.name for done in finished)
+    return LayerError(message, call.name, type(call.module).__name__, shapes, error, names)
 
 
 # --------------------------------------------------------------------------- model_sizes

@@ -765,14 +765,32 @@ def test_a_model_declaring_its_head_first_is_sized_from_the_layer_that_reads_the
     assert num_features_model(HeadFirst(classes=7)) == 7
 
 
-def test_a_real_shape_bug_is_reported_as_it_is_when_the_retry_fails_too() -> None:
+def test_a_real_shape_bug_after_the_first_layer_is_reported_as_it_is() -> None:
     broken = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(64, 10))  # 32 != 64
-    message = (
-        r"layer '2' \(Linear, in_features=64\) got input \(1, 32\).*"
-        r"the input was made for layer '0' \(Linear\), the first layer with parameters"
-    )
+    message = r"^layer '2' \(Linear, in_features=64\) got input \(1, 32\): RuntimeError: [^;]*$"
     with untouched(broken), pytest.raises(LayerError, match=message) as info:
         model_sizes(broken)
     assert info.value.layer == "2" and info.value.input_shapes == ((1, 32),)
+    assert info.value.finished == ("0", "1")
     with pytest.raises(LayerError, match=message):
         model_summary(broken)
+
+
+def test_a_batch_that_fits_no_layer_says_which_layer_it_was_made_for() -> None:
+    # the batch for 'head' fails at 'features.0', the first to run; the retry's batch, made for
+    # 'features.0', then fails at 'extra' (16 channels into 4): the first error is raised
+    class HeadFirstBroken(HeadFirst):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features[0] = nn.Conv2d(5, 16, 3)
+            self.extra = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.extra(self.features[0](x)).flatten(1))
+
+    message = (
+        r"layer 'features.0' \(Conv2d, in_channels=5\) got input \(1, 16\).*"
+        r"the input was made for layer 'head' \(Linear\), the first layer with parameters"
+    )
+    with untouched(model := HeadFirstBroken()), pytest.raises(LayerError, match=message):
+        model_sizes(model)
