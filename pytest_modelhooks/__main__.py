@@ -1,5 +1,5 @@
 """``python -m pytest_modelhooks``: see :mod:`pytest_modelhooks.cli`."""
 
-from pytest_modelhooks.cli import main
+from pytest_modelhooks.cli import run
 
-raise SystemExit(main())
+run()

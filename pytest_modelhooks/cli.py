@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 
 class UsageError(Exception):
@@ -322,6 +322,11 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
     health.add_argument("--format", choices=("text", "json"), default="text")
     return parser
+
+
+def run() -> None:
+    """The ``modelhooks`` console script: :func:`main`, exiting with its status."""
+    raise SystemExit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

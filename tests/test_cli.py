@@ -119,6 +119,18 @@ def test_a_model_error_exits_1_naming_the_layer(capsys: pytest.CaptureFixture[st
     assert "layer '0' (Conv2d, in_channels=3) got input (1, 4, 16, 16)" in capsys.readouterr().err
 
 
+def test_the_modelhooks_console_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("modelhooks")
+    if not script.exists():
+        pytest.skip("the package is not installed here (no console script)")
+    ok = subprocess.run(
+        [script, "sizes", "cli_models:small", "--size", "8,8"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and ok.stdout.splitlines()[-1].split()[-2:] == ["(1,", "2)"]
+    bad = subprocess.run([script, "sizes", "cli_models"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected PACKAGE.MODULE:FACTORY" in bad.stderr
+
+
 def test_python_dash_m(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "pytest_modelhooks", "sizes", "cli_models:small", "--size", "8,8"],
