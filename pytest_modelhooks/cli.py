@@ -97,7 +97,9 @@ def _load(path: str, meta: bool) -> Any:
     import torch
     from torch import nn
 
-    if isinstance(target, nn.Module) and not called:
+    if isinstance(target, nn.Module):
+        if called:  # calling it would run its forward
+            raise UsageError(f"factory {path!r}: {attribute!r} is a model instance, not a factory to call")
         return target.to("meta") if meta else target
     if not callable(target):
         raise UsageError(f"factory {path!r}: {attribute!r} is neither an nn.Module nor callable")

@@ -199,6 +199,7 @@ def test_a_factory_called_with_literal_arguments(capsys: pytest.CaptureFixture[s
         ("cli_models:built()", "missing a required argument: 'width'"),
         ("cli_models:built(**{'width': 4})", "no **"),
         ("cli_models:(width=4)", "expected PACKAGE.MODULE:FACTORY"),
+        ("cli_models:INSTANCE(4)", "'INSTANCE' is a model instance, not a factory to call"),
     ],
 )
 def test_bad_factory_arguments_exit_2_before_building(
