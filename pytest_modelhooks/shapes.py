@@ -238,12 +238,26 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
     """Run ``model`` in eval mode on :func:`dummy_batch` under ``no_grad`` and return its output;
     every module's train/eval flag is restored afterwards.
 
+    When that batch fails, the forward is traced on meta stand-ins to name the layer (a
+    :class:`LayerError`), or to find the layer that really reads the input, as
+    :func:`model_sizes` does (a head declared before its backbone): the model then runs on a
+    batch for that layer.
+
     >>> dummy_eval(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout()), (10, 10)).shape
     torch.Size([1, 8, 8, 8])
     """
-    batch = dummy_batch(model, size)
+    __tracebackhide__ = True
+    spec = input_spec(model)
     with preserve_training_flags(model, eval_mode=True), _no_grad_quietly():
-        return model(batch)
+        try:
+            return model(_batch_for(model, spec, size))
+        except Exception as error:
+            failed = error
+    _, fitting = _fitting_dummy(model, size)  # raises a LayerError naming the layer
+    if fitting.layer == spec.layer:
+        raise failed  # the trace ran where the real forward did not: the model's own failure
+    with preserve_training_flags(model, eval_mode=True), _no_grad_quietly():
+        return model(_batch_for(model, fitting, size))
 
 
 # torch warns of these only because the forward runs under no_grad, not because of the model:
@@ -274,9 +288,18 @@ def trace_dummy(
     made for. A failure after that layer ran is the model's own, raised as it is.
     """
     __tracebackhide__ = True
+    return _fitting_dummy(model, size, engine=engine, count_flops=count_flops)[0]
+
+
+def _fitting_dummy(
+    model: nn.Module, size: Sequence[int] | None, *, engine: str = "auto", count_flops: bool = False
+) -> tuple[Trace, InputSpec]:
+    """:func:`trace_dummy`, and the layer whose batch ran."""
+    __tracebackhide__ = True
     spec = input_spec(model)
     try:
-        return trace_model(model, (_batch_for(model, spec, size),), engine=engine, count_flops=count_flops)
+        batch = _batch_for(model, spec, size)
+        return trace_model(model, (batch,), engine=engine, count_flops=count_flops), spec
     except LayerError as error:
         if spec.layer in error.finished:
             raise  # the batch fit the layer it was made for: the failure is the model's own
@@ -285,7 +308,7 @@ def trace_dummy(
     if retry is not None and retry.layer != spec.layer:
         try:
             batch = _batch_for(model, retry, size)
-            return trace_model(model, (batch,), engine=engine, count_flops=count_flops)
+            return trace_model(model, (batch,), engine=engine, count_flops=count_flops), retry
         except (LayerError, ValueError):
             pass  # the first error says more: it is about the model as the user wrote it
     label = f"'{spec.layer}' ({spec.layer_type})" if spec.layer else spec.layer_type

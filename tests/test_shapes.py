@@ -765,6 +765,16 @@ def test_a_model_declaring_its_head_first_is_sized_from_the_layer_that_reads_the
     assert num_features_model(HeadFirst(classes=7)) == 7
 
 
+def test_dummy_eval_finds_the_layer_that_reads_the_input_or_names_the_failing_one() -> None:
+    model = HeadFirst().train()
+    with untouched(model):
+        assert dummy_eval(model, (16, 16)).shape == (1, 10)
+    broken = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(64, 10))
+    named = r"^layer '2' \(Linear, in_features=64\) got input"
+    with untouched(broken), pytest.raises(LayerError, match=named):
+        dummy_eval(broken)
+
+
 def test_a_real_shape_bug_after_the_first_layer_is_reported_as_it_is() -> None:
     broken = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(64, 10))  # 32 != 64
     message = r"^layer '2' \(Linear, in_features=64\) got input \(1, 32\): RuntimeError: [^;]*$"
