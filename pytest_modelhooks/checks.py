@@ -11,6 +11,7 @@ never got a gradient.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -90,6 +91,10 @@ def _worst(values: torch.Tensor, batches: torch.Tensor, *, largest: bool) -> tup
     return float(values[position]), int(batches[position])
 
 
+# BatchNorm2d, LayerNorm, GroupNorm, InstanceNorm1d, RMSNorm, LlamaRMSNorm, T5LayerNorm...
+_NORMALIZATION = re.compile(r"Norm(\d?d)?$")
+
+
 def activation_findings(
     stats: ActivationStats,
     *,
@@ -106,7 +111,10 @@ def activation_findings(
       tensors the model itself returns, unless rectified: logits may be negative for every
       sample).
     * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
-    * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch.
+    * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch;
+      not judged into a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ``...Norm``
+      classes of other libraries), whose output scale is set by its own weights: a transformer's
+      small residual branch into its LayerNorm is not an explosion.
     * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
     """
     _check_range("std", std)
@@ -172,7 +180,7 @@ def activation_findings(
         if max_near_zero is not None and bool((layer.near_zero > max_near_zero).any()):
             value, batch = _worst(layer.near_zero, batches, largest=True)
             found.append(Finding(layer.name, layer.type, "near_zero", value, f"<= {max_near_zero:g}", batch))
-        if max_std_growth is not None and previous is not None:
+        if max_std_growth is not None and previous is not None and not _NORMALIZATION.search(layer.type):
             # after a constant output (a zero-initialised residual BatchNorm) growth is undefined:
             # NaN, not judged; the std bounds are what catch a vanishing layer
             ratio = torch.where(previous.std > 0, layer.std / previous.std, math.nan)

@@ -152,6 +152,36 @@ def test_std_growth_is_not_judged_after_a_constant_layer() -> None:
     assert [f.note for f in stats.findings(std=(0.01, 10.0))] == ["vanishing"]  # still caught
 
 
+class LlamaRMSNorm(nn.Module):
+    """Named as transformers names its own norm classes (not an nn subclass)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(16), LlamaRMSNorm(16), nn.BatchNorm1d(16)])
+def test_std_growth_into_a_normalization_layer_is_not_an_explosion(norm: nn.Module) -> None:
+    # a transformer's residual branch starts small (init std 0.02) and its norm rescales it to ~1
+    torch.manual_seed(0)
+    branch = nn.Linear(16, 16)
+    nn.init.normal_(branch.weight, std=0.002)
+    nn.init.zeros_(branch.bias)
+    model = nn.Sequential(branch, norm, nn.Linear(16, 16))
+    with ActivationStats(model) as stats:
+        model(torch.randn(32, 16))
+    assert float(stats["1"].std[0]) / float(stats["0"].std[0]) > 100
+    assert stats.findings(max_std_growth=10.0) == []
+    with torch.no_grad():
+        model[2].weight.mul_(1000)  # growth out of the norm is still judged
+    with ActivationStats(model) as stats:
+        model(torch.randn(32, 16))
+    assert [(f.layer, f.note) for f in stats.findings(max_std_growth=10.0)] == [("2", "vs 1")]
+
+
 def test_a_rectified_model_output_is_still_judged_for_dead_units() -> None:
     # a feature extractor ending in a ReLU: its zero channels are dead, output or not
     torch.manual_seed(0)
