@@ -304,6 +304,14 @@ def _stack_raw(batch: list[Any]) -> torch.Tensor:
     return torch.stack(columns, dim=1)
 
 
+def _packed(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Host rows of Python floats as one ``(len(rows), width)`` float64 tensor: 8 bytes a value
+    where lists of floats keep ~40 (a long run records 100,000s of batches). Built through an
+    array: ~25% faster than ``torch.tensor`` on nested lists."""
+    packed = array("d", itertools.chain.from_iterable(rows))
+    return torch.frombuffer(packed, dtype=torch.float64).view(-1, width)
+
+
 def _blocks(pending: list[tuple[int, Any]]) -> list[tuple[Any, ...]]:
     """A batch's results grouped for storage: host rows as they are, device rows stacked once
     per device (a model may span devices, or return a CPU tensor from a GPU model)."""
@@ -324,12 +332,7 @@ def _blocks(pending: list[tuple[int, Any]]) -> list[tuple[Any, ...]]:
             ids.append(series)
             raws.append(parts)
             counts.append(count)
-    # host rows packed as one float64 tensor: ~50 bytes a series and batch, against ~260 as
-    # lists of Python floats (a long training run records 100,000s of batches)
-    blocks: list[tuple[Any, ...]] = []
-    if host_ids:
-        packed = array("d", itertools.chain.from_iterable(host_rows))  # ~25% faster than torch.tensor
-        blocks.append((host_ids, torch.frombuffer(packed, dtype=torch.float64).view(-1, len(STATISTICS))))
+    blocks: list[tuple[Any, ...]] = [(host_ids, _packed(host_rows, len(STATISTICS)))] if host_ids else []
     blocks += [(ids, _stack_raw(raws), counts) for ids, raws, counts in devices.values()]
     return blocks
 
@@ -965,8 +968,7 @@ def _pack_grad_rows(pending: dict[int, Any], sizes: Sequence[int]) -> tuple[torc
     back mid-step: each row finished here (reads the device once; rare)."""
     values = list(pending.values())
     if all(isinstance(value, list) for value in values):
-        packed = array("d", itertools.chain.from_iterable(values))
-        return torch.frombuffer(packed, dtype=torch.float64).view(-1, len(_GRAD_STATISTICS)), False
+        return _packed(values, len(_GRAD_STATISTICS)), False
     if all(isinstance(value, torch.Tensor) for value in values) and len({v.device for v in values}) == 1:
         return torch.stack(values), True
     rows = [
