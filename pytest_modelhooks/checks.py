@@ -239,20 +239,22 @@ def _first_nonfinite_grad(grads: GradientStats, kept: torch.Tensor) -> dict[str,
     the first (kept) step that had one; keyed by its name. The finite gradient before it
     brackets the culprit: the NaN or infinity arose between their layers (often in a layer
     without parameters, such as a sqrt or a division)."""
-    nonfinite = {param.name: param.nonfinite for param in grads}
-    for step in range(grads.num_steps):
-        if not bool(kept[step]):
-            continue
-        order = grads.backward_order(step)
-        bad = [name for name in order if float(nonfinite[name][step]) > 0]
-        if not bad:
-            continue
-        position = order.index(bad[0])
-        where = f"first non-finite in backward at step {step}"
-        if position == 0:
-            return {bad[0]: f"{where}; the first gradient of that backward"}
-        return {bad[0]: f"{where}; {order[position - 1]} before it was finite"}
-    return {}
+    params = list(grads)
+    if not params or not grads.num_steps:
+        return {}
+    # (params, steps): one pass over every step, not a host read per parameter and step
+    bad = (torch.nan_to_num(torch.stack([param.nonfinite for param in params]), nan=0.0) > 0) & kept
+    steps = bad.any(dim=0).nonzero().flatten().tolist()
+    if not steps:
+        return {}
+    step = steps[0]
+    row_of = {param.name: row for row, param in enumerate(params)}
+    order = grads.backward_order(step)
+    position = next(at for at, name in enumerate(order) if bool(bad[row_of[name], step]))
+    where = f"first non-finite in backward at step {step}"
+    if position == 0:
+        return {order[0]: f"{where}; the first gradient of that backward"}
+    return {order[position]: f"{where}; {order[position - 1]} before it was finite"}
 
 
 def gradient_findings(
