@@ -775,6 +775,21 @@ def test_dummy_eval_finds_the_layer_that_reads_the_input_or_names_the_failing_on
         dummy_eval(broken)
 
 
+def test_dummy_eval_keeps_the_models_own_error_as_the_original() -> None:
+    class Refuses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("this model wants a mask")
+
+    model = Refuses().train()
+    with untouched(model), pytest.raises(LayerError, match="wants a mask") as info:
+        dummy_eval(model)
+    assert isinstance(info.value.original, ValueError)  # as model_sizes reports it
+
+
 def test_a_real_shape_bug_after_the_first_layer_is_reported_as_it_is() -> None:
     broken = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(64, 10))  # 32 != 64
     message = r"^layer '2' \(Linear, in_features=64\) got input \(1, 32\): RuntimeError: [^;]*$"
