@@ -125,6 +125,8 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
         watch(config, settings, model)
         if input_argument in kwargs:
             kwargs[input_argument] = _inputs_to(kwargs[input_argument], device)
+        if args and shapes.is_input_data(args[0]):  # model_sizes(model, x): data in the size slot
+            args = (_inputs_to(args[0], device), *args[1:])
         return core(model, *args, **kwargs)
 
     on_device.__name__ = on_device.__qualname__ = kind

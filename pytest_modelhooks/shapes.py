@@ -1072,6 +1072,16 @@ def _layer_error(
 # --------------------------------------------------------------------------- model_sizes
 
 
+def is_input_data(value: Any) -> bool:
+    """Whether a size argument was given data instead: a tensor, or a tuple, list or dict holding
+    one (a shape never holds a tensor), so ``model_sizes(model, x)`` means ``input=x``."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return any(isinstance(item, torch.Tensor) for item in value.values())
+    return isinstance(value, (tuple, list)) and any(isinstance(item, torch.Tensor) for item in value)
+
+
 def _normalise_input(input: Any, argument: str = "input") -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(input, torch.Tensor):
         return (input,), {}
@@ -1185,7 +1195,7 @@ class LayerSizes(Sequence[Any]):
 
 def model_sizes(
     model: nn.Module,
-    size: Sequence[int] | None = None,
+    size: Sequence[int] | torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     input: Any = None,
     modules: ModuleSpec = None,
@@ -1197,7 +1207,8 @@ def model_sizes(
     order for a Sequential; the model itself when it has none); it also takes ``"leaves"``,
     ``"all"``, qualified names or globs, module types or module objects. ``input`` (a tensor,
     a tuple of positional inputs or a dict of keyword inputs) replaces the dummy batch for
-    models whose input cannot be guessed; nested (ragged) tensors run on the real engine, and
+    models whose input cannot be guessed (a tensor or tuple of tensors given as ``size`` is taken
+    as ``input``); nested (ragged) tensors run on the real engine, and
     their sizes hold ``None`` in a ragged dimension (shown as ``2..5``, shortest to longest).
     No weights are computed on or copied when the meta/fake engines can run the model
     (``sizes.engine`` tells which ran).
@@ -1209,8 +1220,12 @@ def model_sizes(
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not ours
     model = _check_model(model)
+    if is_input_data(size):
+        if input is not None:
+            raise ValueError("got input data both as size and as input=; pass it once")
+        size, input = None, size
     with gc_paused():
-        return _model_sizes(model, size, input, modules, engine)
+        return _model_sizes(model, size, input, modules, engine)  # type: ignore[arg-type]
 
 
 def _model_sizes(

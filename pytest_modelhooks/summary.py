@@ -23,6 +23,7 @@ from pytest_modelhooks.shapes import (
     gc_paused,
     input_spec,
     is_container,
+    is_input_data,
     make_input,
     trace_dummy,
     trace_model,
@@ -330,10 +331,11 @@ def model_summary(
 
     ``input_size`` is the full input shape, batch included (``(1, 3, 224, 224)``), or a list of
     shapes for several inputs; ``input_data`` is a tensor, a tuple of positional inputs or a
-    dict of keyword inputs; with neither, a dummy batch of one is built from the first layer.
-    ``depth`` folds rows deeper than it (totals are unaffected). The forward runs on meta/fake
-    stand-ins for the weights whenever it can (no compute, no copy); ``summary.engine`` says
-    which engine ran. The model is left with no hooks and the same train/eval flags.
+    dict of keyword inputs (``model_summary(model, x)`` takes a tensor given as ``input_size``
+    as data); with neither, a dummy batch of one is built from the first layer. ``depth`` folds
+    rows deeper than it (totals are unaffected). The forward runs on meta/fake stand-ins for the
+    weights whenever it can (no compute, no copy); ``summary.engine`` says which engine ran.
+    The model is left with no hooks and the same train/eval flags.
 
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> summary = model_summary(net, (1, 4))
@@ -344,6 +346,11 @@ def model_summary(
     model = _check_model(model)
     if depth is not None and (not isinstance(depth, int) or depth < 0):
         raise ValueError(f"depth must be a non-negative int or None, got depth={depth!r}")
+    if is_input_data(input_size):
+        # model_summary(model, x): a tensor is data, never a shape
+        if input_data is not None:
+            raise ValueError("got input data both as input_size and as input_data=; pass it once")
+        input_size, input_data = None, input_size
     if input_size is not None and input_data is not None:
         raise ValueError("pass either input_size= or input_data=, not both")
     with gc_paused():

@@ -313,6 +313,11 @@ def test_a_failure_in_the_models_own_forward_names_the_last_layer_that_ran() -> 
             ValueError,
             r"pass either size= or input=, not both",
         ),
+        (
+            {"size": torch.zeros(1, 3, 8, 8), "input": torch.zeros(1, 3, 8, 8)},
+            ValueError,
+            r"got input data both as size and as input=; pass it once",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument_and_value(
@@ -324,6 +329,16 @@ def test_bad_arguments_name_the_argument_and_value(
         model_sizes(target, **kwargs)
     if isinstance(target, nn.Module):
         assert not any(module._forward_hooks or module._forward_pre_hooks for module in target.modules())
+
+
+def test_tensors_given_as_the_size_are_the_input() -> None:
+    model = zoo.ResNetish()
+    batch = torch.randn(2, 3, 20, 20)
+    expected = model_sizes(model, input=batch)
+    assert list(model_sizes(model, batch)) == list(expected)
+    assert model_sizes(model, batch)[0][0] == 2  # the batch given, not a dummy batch of one
+    assert list(model_sizes(model, (batch,))) == list(expected)
+    assert list(model_sizes(model, [batch])) == list(expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -172,6 +172,11 @@ def test_failures_name_the_layer_and_leave_the_model_untouched() -> None:
             ValueError,
             r"either input_size= or input_data=",
         ),
+        (
+            {"input_size": torch.zeros(1, 4), "input_data": torch.zeros(1, 4)},
+            ValueError,
+            r"got input data both as input_size and as input_data=; pass it once",
+        ),
         ({"depth": -1}, ValueError, r"depth must be a non-negative int or None, got depth=-1"),
         ({"input_data": 3}, TypeError, r"input_data must be a tensor, a tuple of positional inputs"),
     ],
@@ -179,6 +184,19 @@ def test_failures_name_the_layer_and_leave_the_model_untouched() -> None:
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         model_summary(zoo.mlp(), **kwargs)
+
+
+def test_tensors_given_as_the_input_size_are_the_input_data() -> None:
+    model = zoo.mlp()
+    batch = torch.randn(3, 20)
+    expected = str(model_summary(model, input_data=batch))
+    assert "Input: (3, 20)" in expected
+    assert str(model_summary(model, batch)) == expected
+    assert str(model_summary(model, (batch,))) == expected
+    two, pair = zoo.TwoInputs(), (torch.randn(2, 3, 6, 6), torch.randn(2, 5))
+    assert str(model_summary(two, pair)) == str(model_summary(two, input_data=pair))
+    named = {"image": pair[0], "extra": pair[1]}
+    assert str(model_summary(two, named)) == str(model_summary(two, input_data=named))
 
 
 def test_a_7b_decoder_built_on_meta_summarises_quickly() -> None:

@@ -59,3 +59,25 @@ def test_cuda_device_is_skipped_without_cuda(pytester: pytest.Pytester) -> None:
         result.assert_outcomes(passed=1)
     else:
         result.assert_outcomes(skipped=1)
+
+
+def test_data_given_in_the_size_slot_moves_to_the_fixture_device(pytestconfig, monkeypatch) -> None:
+    # no second device here: record what goes through the fixtures' device mover instead
+    import torch
+    from torch import nn
+
+    from pytest_modelhooks import _fixtures
+
+    moved: list[object] = []
+    mover = _fixtures._inputs_to
+    monkeypatch.setattr(
+        _fixtures, "_inputs_to", lambda value, device: moved.append(value) or mover(value, device)
+    )
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    batch, pair = torch.randn(2, 3, 8, 8), (torch.randn(2, 3, 8, 8),)
+    sizes = _fixtures.bound("model_sizes", pytestconfig)(net, batch)
+    summary = _fixtures.bound("model_summary", pytestconfig)(net, pair)
+    assert list(sizes) == [(2, 4, 6, 6), (2, 4, 6, 6)] and summary.output_shapes == (2, 4, 6, 6)
+    assert [id(value) for value in moved] == [id(batch), id(pair)]
+    _fixtures.bound("model_sizes", pytestconfig)(net, (8, 8))  # a size is not data: not moved
+    assert len(moved) == 2
