@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._tree import tensor_leaves
-from pytest_modelhooks.hooks import HookCallback, ModuleSpec, unvmapped
+from pytest_modelhooks.hooks import HookCallback, ModuleSpec, _is_compiling, unvmapped
 from pytest_modelhooks.shapes import _CONV_RANK
 
 if TYPE_CHECKING:
@@ -69,8 +69,9 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 def _on_host(x: torch.Tensor) -> bool:
-    """Whether ``x`` is reduced with host reads (CPU) or kept on its device (anything else)."""
-    return x.device.type == "cpu"
+    """Whether ``x`` is reduced with host reads (CPU) or kept on its device (anything else, and
+    the CPU while dynamo traces a compiled model: a host read would break its graph)."""
+    return x.device.type == "cpu" and not _is_compiling()
 
 
 # Rows of this many elements keep each float32 partial sum short (accurate) while one kernel

@@ -961,18 +961,26 @@ def test_only_overflowing_steps_under_a_scaler_is_one_finding() -> None:
 
 
 def test_hooks_added_before_torch_compile_record_the_compiled_forwards() -> None:
-    # dynamo traces into the hooks (graph breaks at the host reads) and the numbers stay right
+    # dynamo traces into the hooks, which reduce with tensor ops while it compiles (a host
+    # read would break the graph and log a screenful of warnings), and the numbers stay right
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     batch = torch.randn(32, 8)
-    with ActivationStats(model) as eager:
+    with ActivationStats(model, with_hist=True) as eager:
         model(batch)
-    with ActivationStats(model) as stats:
+    torch._dynamo.reset()
+    counters.clear()
+    with ActivationStats(model, with_hist=True) as stats:
         compiled = torch.compile(model, backend="eager")
         compiled(batch)
         compiled(batch)
+    assert dict(counters["graph_break"]) == {}
     assert stats.num_batches == 2 and stats.series_names == eager.series_names
     for name in stats.series_names:
         for statistic in ("mean", "std", "near_zero", "min", "max"):
             assert stats[name][statistic].tolist() == pytest.approx([float(eager[name][statistic][0])] * 2)
+        assert stats[name].dead == eager[name].dead
+        assert torch.equal(stats[name].hist[0], eager[name].hist[0])
     assert count_hooks(model) == 0
