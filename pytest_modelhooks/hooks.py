@@ -421,7 +421,8 @@ def select_modules(
 ) -> list[tuple[str, nn.Module]]:
     """Resolve a ``modules=`` argument to ``(qualified_name, module)`` pairs.
 
-    Accepted: ``"children"`` (direct children, registration order), ``"leaves"`` (modules with
+    Accepted: ``"children"`` (direct children, registration order; those of the wrapped model
+    under ``DataParallel``/``DistributedDataParallel``), ``"leaves"`` (modules with
     no children), ``"all"`` (every module, the model included), ``"params"`` (modules that own
     parameters directly), a qualified name or glob (``"encoder.*.conv?"``), a module type, a
     module object, or an iterable of these. ``None`` means ``default``. A module reused under
@@ -471,12 +472,23 @@ def _hookable(model: nn.Module, modules: ModuleSpec, default: str) -> list[tuple
     )
 
 
+def _children(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The direct children; a DataParallel/DistributedDataParallel wrapper's one child is the
+    model itself, so its "children" are the wrapped model's (named as in the wrapper)."""
+    prefix, root = "", model
+    while isinstance(root, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        if next(root.module.children(), None) is None:
+            break  # a wrapped bare LSTM: the wrapper's child is the layer
+        prefix, root = f"{prefix}module.", root.module
+    return [(prefix + name, module) for name, module in root.named_children()]
+
+
 def _match(
     model: nn.Module, named: list[tuple[str, nn.Module]], item: Any, argument: str
 ) -> list[tuple[str, nn.Module]]:
     if isinstance(item, str):
         if item == "children":
-            return list(model.named_children())
+            return _children(model)
         if item == "leaves":
             return [(name, module) for name, module in named if next(module.children(), None) is None]
         if item == "all":

@@ -671,6 +671,26 @@ def test_a_model_without_children_is_its_own_layer() -> None:
     assert sizes.names == ("",) and sizes[0] == (2, 4)
 
 
+def test_data_parallel_wrappers_list_the_wrapped_models_layers(tmp_path) -> None:
+    import torch.distributed as dist
+
+    model = zoo.ResNetish()
+    plain = model_sizes(model, (16, 16))
+    wrapped = model_sizes(nn.DataParallel(model), (16, 16))  # no GPU: a plain call
+    assert wrapped.names == tuple(f"module.{name}" for name in plain.names)
+    assert list(wrapped) == list(plain)
+    assert model_sizes(nn.DataParallel(nn.LSTM(4, 8)), input=torch.zeros(3, 2, 4)).names == ("module",)
+    # DistributedDataParallel, in a one-process group
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        with untouched(ddp):
+            assert model_sizes(ddp, (16, 16)).names == wrapped.names
+            assert list(model_sizes(ddp, (16, 16))) == list(plain)
+    finally:
+        dist.destroy_process_group()
+
+
 class Checkpointed(nn.Module):
     """Blocks under activation checkpointing, both flavours, as large models train."""
 
