@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -253,6 +254,8 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
             return model(_batch_for(model, spec, size))
         except Exception as error:
             failed = error
+    if _sharded(model) is not None:
+        raise failed  # no trace can run on a sharded model to name the layer
     _, fitting = _fitting_dummy(model, size)  # raises a LayerError naming the layer
     if fitting.layer == spec.layer:
         raise failed  # the trace ran where the real forward did not: the model's own failure
@@ -745,6 +748,7 @@ def trace_model(
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not ours
     model = _check_model(model)
+    _refuse_sharded(model)
     kwargs = dict(kwargs or {})
     _check_devices(model, (args, kwargs), argument)
     engines = _engine_order(model, engine, (args, kwargs), argument)
@@ -815,6 +819,36 @@ def _refuse_lazy(name: str, module: nn.Module) -> NoReturn:
         f"forward, which changes the model for good (it materializes the parameters and changes "
         f"the module's class). Run the model once on a real batch first"
     )
+
+
+def _sharded(model: nn.Module) -> str | None:
+    """Why ``model`` is sharded (FSDP2's ``fully_shard``, or DTensor parameters from tensor
+    parallelism), or None. FSDP2 is found by its module class, since a forward that failed
+    leaves its parameters unsharded, as plain tensors."""
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp is not None:  # never imported: nothing was sharded
+        for name, module in model.named_modules():
+            if isinstance(module, fsdp):
+                return f"{'the model' if not name else repr(name)} is sharded by fully_shard (FSDP2)"
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None:
+        for name, param in model.named_parameters():
+            if isinstance(param, dtensor):
+                return f"parameter {name!r} is a DTensor (tensor parallelism)"
+    return None
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """Refuse a sharded model before anything runs: FSDP2's hooks all-gather and swap
+    parameters in the forward, and a trace that swaps them too leaves the sharding state
+    half-initialised."""
+    reason = _sharded(model)
+    if reason is not None:
+        raise TypeError(
+            f"cannot trace {type(model).__name__}: {reason}. Shapes and summaries trace the "
+            f"unsharded model: run them before sharding it (built under torch.device('meta') "
+            f"it costs no memory)"
+        )
 
 
 def _trace_once(

@@ -4,6 +4,7 @@ import json
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from pytest_modelhooks import (
     num_features_model,
 )
 from pytest_modelhooks._tree import map_tensors, shapes_of
-from pytest_modelhooks.hooks import select_modules, training_flags
+from pytest_modelhooks.hooks import hooks_by_module, select_modules, training_flags
 from tests import zoo
 from tests.helpers import untouched
 
@@ -671,24 +672,75 @@ def test_a_model_without_children_is_its_own_layer() -> None:
     assert sizes.names == ("",) and sizes[0] == (2, 4)
 
 
-def test_data_parallel_wrappers_list_the_wrapped_models_layers(tmp_path) -> None:
+@pytest.fixture
+def process_group(tmp_path) -> Iterator[None]:
+    """A one-process gloo group, as DistributedDataParallel and FSDP2 need."""
     import torch.distributed as dist
 
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_wrappers_list_the_wrapped_models_layers(process_group) -> None:
     model = zoo.ResNetish()
     plain = model_sizes(model, (16, 16))
     wrapped = model_sizes(nn.DataParallel(model), (16, 16))  # no GPU: a plain call
     assert wrapped.names == tuple(f"module.{name}" for name in plain.names)
     assert list(wrapped) == list(plain)
     assert model_sizes(nn.DataParallel(nn.LSTM(4, 8)), input=torch.zeros(3, 2, 4)).names == ("module",)
-    # DistributedDataParallel, in a one-process group
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
-    try:
-        ddp = nn.parallel.DistributedDataParallel(model)
-        with untouched(ddp):
-            assert model_sizes(ddp, (16, 16)).names == wrapped.names
-            assert list(model_sizes(ddp, (16, 16))) == list(plain)
-    finally:
-        dist.destroy_process_group()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with untouched(ddp):
+        assert model_sizes(ddp, (16, 16)).names == wrapped.names
+        assert list(model_sizes(ddp, (16, 16))) == list(plain)
+
+
+def test_a_model_sharded_by_fsdp2_is_refused_before_anything_runs(process_group) -> None:
+    # a trace swapping parameters under FSDP2's own swapping left it half-initialised: the
+    # next plain forward failed
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    expected = model(torch.ones(3, 8))
+    fully_shard(model[0])
+    fully_shard(model)
+    hooks = hooks_by_module(model)  # FSDP2's own
+    refused = (
+        r"cannot trace FSDPSequential: the model is sharded by fully_shard \(FSDP2\)\. .*before sharding"
+    )
+    for call in (
+        lambda: model_summary(model, (2, 8)),
+        lambda: model_sizes(model, (8,)),
+        lambda: model_sizes(model),
+    ):
+        with pytest.raises(TypeError, match=refused):
+            call()
+    assert hooks_by_module(model) == hooks
+    assert torch.allclose(model(torch.ones(3, 8)), expected)  # it still trains and runs
+    model(torch.randn(4, 8)).sum().backward()
+    assert dummy_eval(model).shape == (1, 2)  # a plain forward: it runs
+    broken = nn.Sequential(nn.Linear(8, 16), nn.Linear(17, 2))
+    fully_shard(broken)
+    with pytest.raises(RuntimeError, match=r"cannot be multiplied \(1x16 and 17x2\)"):
+        dummy_eval(broken)  # the model's own error, as the forward raised it
+
+
+def test_a_model_with_dtensor_parameters_is_refused(process_group) -> None:
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    mesh = init_device_mesh("cpu", (1,))
+    model[2].weight = nn.Parameter(distribute_tensor(model[2].weight.detach(), mesh, [Replicate()]))
+    with (
+        untouched(model),
+        pytest.raises(TypeError, match=r"parameter '2\.weight' is a DTensor \(tensor parallelism\)"),
+    ):
+        model_summary(model, (2, 8))
 
 
 class Checkpointed(nn.Module):
