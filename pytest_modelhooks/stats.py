@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import threading
 import warnings
 import weakref
@@ -1069,6 +1070,12 @@ class GradientStats:
             self._saw_meta = True
             return
         grad = grad.detach()
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        if dtensor is not None and isinstance(grad, dtensor):
+            # a shard (FSDP2, tensor parallelism): the whole gradient, gathered, gives the
+            # statistics of the parameter (a shard's norm is not the norm, and its element
+            # count is not the parameter's). Every rank records the same steps, in order.
+            grad = grad.full_tensor()
         if grad.is_complex():  # over the real and imaginary parts (the norm is the complex one)
             grad = torch.view_as_real(grad.resolve_conj())
         raw: Any = _compiled_call("GradientStats", _fused_grad_raw, grad.reshape(-1)) if self.fused else None

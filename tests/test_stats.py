@@ -984,3 +984,61 @@ def test_hooks_added_before_torch_compile_record_the_compiled_forwards() -> None
         assert stats[name].dead == eager[name].dead
         assert torch.equal(stats[name].hist[0], eager[name].hist[0])
     assert count_hooks(model) == 0
+
+
+def _sharded_gradient_stats(rank: int, store: str, out: str) -> None:
+    """One rank of a two-process FSDP2 run: the same model and batch, sharded and not."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"file://{store}")
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        reference = copy.deepcopy(model)
+        fully_shard(model[0])
+        fully_shard(model)
+        batch = torch.randn(4, 8)  # the same on both ranks: FSDP2's averaged gradient is the plain one
+        results = {}
+        for name, net in (("sharded", model), ("plain", reference)):
+            with GradientStats(net) as grads:
+                net(batch).sum().backward()
+            results[name] = grads.to_dict()
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_sharded_by_fsdp2_are_measured_whole(tmp_path) -> None:
+    # each rank holds half of each gradient: measured on its shard, the norm was the shard's
+    # (1.91 for a parameter whose gradient norm is 4.29)
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    out = str(tmp_path / "stats")
+    context = mp.spawn(_sharded_gradient_stats, args=(str(tmp_path / "store"), out), nprocs=2, join=False)
+    import time
+
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):  # True once both ended
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two FSDP2 ranks did not finish in 120 s")
+    for rank in (0, 1):
+        results = torch.load(f"{out}.{rank}")
+        assert (
+            results["sharded"].keys()
+            == results["plain"].keys()
+            == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        )
+        for name, plain in results["plain"].items():
+            for statistic, values in plain.items():
+                assert results["sharded"][name][statistic] == pytest.approx(values, rel=1e-6), (
+                    name,
+                    statistic,
+                )
