@@ -25,7 +25,7 @@ import threading
 import warnings
 import weakref
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -67,6 +67,10 @@ _RMS_NORM = getattr(nn, "RMSNorm", None)
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
     # fp16/bf16 activations are reduced in float32; float64 stays float64.
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: The id of the backward pass running on this thread, -1 outside backward.
+_graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _on_host(x: torch.Tensor) -> bool:
@@ -569,6 +573,11 @@ class ActivationStats(HookCallback):
         self._batch_handles = []
 
     def _begin_batch(self, module: nn.Module, args: Any) -> None:
+        if _graph_task_id() != -1:
+            # a forward inside backward: activation checkpointing recomputes the model
+            # (``checkpoint(model, x)``); that batch was recorded on its way forward
+            self._recording = False
+            return
         wanted = not self.train_only or self.model.training
         self._recording = wanted and self._forwards % self.every == 0
         self._forwards += 1

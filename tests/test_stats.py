@@ -1042,3 +1042,44 @@ def test_gradients_sharded_by_fsdp2_are_measured_whole(tmp_path) -> None:
                     name,
                     statistic,
                 )
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("where", ["model", "block"])
+def test_activation_checkpointing_recomputes_are_not_batches(reentrant: bool, where: str) -> None:
+    # backward reruns checkpointed forwards; run on the whole model, the rerun counted as a
+    # batch (reentrant: twice the batches; every=2 recorded every batch, numbered 0, 2, 4, 6)
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+            self.head = nn.Linear(16, 2)
+            self.checkpoint_block = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.checkpoint_block:
+                return self.head(checkpoint(self.block, x, use_reentrant=reentrant))
+            return self.head(self.block(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    batch = torch.randn(4, 8, requires_grad=True)
+
+    def run(checkpointed: bool, every: int) -> ActivationStats:
+        net.checkpoint_block = checkpointed and where == "block"
+        with ActivationStats(net, every=every) as stats:
+            for _ in range(4):
+                if checkpointed and where == "model":
+                    output = checkpoint(net, batch, use_reentrant=reentrant)
+                else:
+                    output = net(batch)
+                output.sum().backward()
+        return stats
+
+    for every in (1, 2):
+        plain, checkpointed = run(False, every), run(True, every)
+        assert checkpointed.to_dict()["batches"] == plain.to_dict()["batches"] == list(range(0, 4, every))
+        assert checkpointed.series_names == plain.series_names
+        assert torch.equal(checkpointed.stats, plain.stats)
