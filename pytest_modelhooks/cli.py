@@ -288,8 +288,8 @@ def _health(model: Any, args: argparse.Namespace) -> int:
 _FACTORY_HELP = "PACKAGE.MODULE:FACTORY, or 'PACKAGE.MODULE:FACTORY(depth=50, ...)' with literal arguments"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pytest_modelhooks", description=__doc__.split("\n\n")[0])
+def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     summary = commands.add_parser("summary", help="print a model summary")
     summary.add_argument("factory", help=_FACTORY_HELP)
@@ -326,14 +326,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run() -> None:
-    """The ``modelhooks`` console script: :func:`main`, exiting with its status."""
-    raise SystemExit(main())
+def run(prog: str = "python -m pytest_modelhooks") -> None:
+    """The command line as a program: :func:`main`, exiting with its status."""
+    raise SystemExit(main(prog=prog))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def script() -> None:
+    """The ``modelhooks`` console script (its usage lines say ``modelhooks``)."""
+    run("modelhooks")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_modelhooks") -> int:
     """Run the command line; returns the exit status (2 for usage errors)."""
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     from pytest_modelhooks.snapshot import snapshot_text
 

@@ -129,6 +129,7 @@ def test_the_modelhooks_console_script(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stdout.splitlines()[-1].split()[-2:] == ["(1,", "2)"]
     bad = subprocess.run([script, "sizes", "cli_models"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2 and "expected PACKAGE.MODULE:FACTORY" in bad.stderr
+    assert bad.stderr.startswith("usage: modelhooks ")  # the name the user typed
 
 
 def test_python_dash_m(tmp_path: Path) -> None:
@@ -140,6 +141,10 @@ def test_python_dash_m(tmp_path: Path) -> None:
         check=True,
     )
     assert out.stdout.splitlines()[-1].split()[-2:] == ["(1,", "2)"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "pytest_modelhooks"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: python -m pytest_modelhooks ")
 
 
 def test_health_of_a_sound_model_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
