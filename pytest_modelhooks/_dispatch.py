@@ -389,6 +389,65 @@ def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
+def _grouped_mm_shape(
+    mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None
+) -> tuple[int, ...] | None:
+    """The output shape of ``torch._grouped_mm`` (an MoE layer's experts in one call), or None
+    where the arguments are invalid. Layouts: (tokens, K) x (experts, K, N) -> (tokens, N);
+    (G, M, K) x (G, K, N) -> (G, M, N); (M, K_all) x (K_all, N) -> (G, M, N);
+    (G, M, K) x (K, N_all) -> (M, N_all). A 2-D operand needs 1-D int32 group offsets."""
+    if mat_a.dim() not in (2, 3) or mat_b.dim() not in (2, 3):
+        return None
+    a_2d, b_2d = mat_a.dim() == 2, mat_b.dim() == 2
+    if (a_2d or b_2d) != (offs is not None):
+        return None
+    if offs is not None and (offs.dim() != 1 or offs.dtype != torch.int32):
+        return None
+    groups = offs.shape[0] if offs is not None else mat_a.shape[0]
+    shape: tuple[int, ...] | None
+    if a_2d and b_2d:
+        shape = (groups, mat_a.shape[0], mat_b.shape[1]) if mat_a.shape[1] == mat_b.shape[0] else None
+    elif a_2d:
+        valid = mat_a.shape[1] == mat_b.shape[1] and groups == mat_b.shape[0]
+        shape = (mat_a.shape[0], mat_b.shape[2]) if valid else None
+    elif b_2d:
+        valid = mat_a.shape[2] == mat_b.shape[0] and groups == mat_a.shape[0]
+        shape = (mat_a.shape[1], mat_b.shape[1]) if valid else None
+    else:
+        valid = mat_a.shape[0] == mat_b.shape[0] and mat_a.shape[2] == mat_b.shape[1]
+        shape = (mat_a.shape[0], mat_a.shape[1], mat_b.shape[2]) if valid else None
+    return None if shape is None else tuple(int(size) for size in shape)
+
+
+def _grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # torch's meta kernel checks what the CUDA kernel needs (bfloat16 only, 16-byte aligned
+    # strides), so a float32 MoE model failed on meta although the CPU kernel runs it: the
+    # output is built from the shapes, for any floating dtype the two operands share.
+    names = ("mat_a", "mat_b", "offs", "bias", "out_dtype")
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    mat_a: Any = bound.get("mat_a")
+    mat_b: Any = bound.get("mat_b")
+    offs: Any = bound.get("offs")
+    if not (_meta(mat_a) and _meta(mat_b) and (offs is None or _meta(offs))):
+        return None
+    if mat_a.dtype != mat_b.dtype or mat_a.dtype not in _FLOATS or bound.get("bias") is not None:
+        return None
+    if bound.get("out_dtype") not in (None, mat_a.dtype):
+        return None
+    shape = _grouped_mm_shape(mat_a, mat_b, offs)
+    return None if shape is None else _empty(shape, mat_a)
+
+
+def _grouped_mm_flops(
+    mat_a: torch.Tensor, mat_b: torch.Tensor, *args: Any, out_val: Any = None, **kwargs: Any
+) -> int:
+    """Each output element is a dot product over its group's contraction length; with two 2-D
+    operands the groups split the contraction dimension instead."""
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        return int(2 * mat_a.shape[0] * mat_a.shape[1] * mat_b.shape[1])
+    return int(2 * out_val.numel() * mat_a.shape[-1])
+
+
 _HANDLERS: dict[Any, Handler] = {
     **dict.fromkeys(_UNARY, _unary),
     aten.clone.default: _clone,
@@ -413,6 +472,8 @@ _HANDLERS: dict[Any, Handler] = {
 # ops newer than the oldest torch supported (2.1): registered where this torch has them
 if hasattr(aten, "_safe_softmax"):  # torch >= 2.5: softmax inside attention
     _HANDLERS[aten._safe_softmax.default] = _softmax
+if hasattr(aten, "_grouped_mm"):  # torch >= 2.8: mixture-of-experts layers
+    _HANDLERS[aten._grouped_mm.default] = _grouped_mm
 
 
 def _fast_meta(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -465,11 +526,12 @@ def _flop_registry() -> dict[Any, Any]:
         formulas.setdefault(cpu_flash, flash)
     # Fused recurrent kernels (oneDNN on the CPU, cuDNN on the GPU) have no formula either: a
     # real forward of an LSTM counted 0 where meta, which runs it step by step, counts every
-    # matmul. nn.Bilinear's op has none on any engine.
+    # matmul. nn.Bilinear's op and MoE layers' grouped matmul have none on any engine.
     for name, formula in (
         ("mkldnn_rnn_layer", _mkldnn_rnn_layer_flops),
         ("_cudnn_rnn", _cudnn_rnn_flops),
         ("_trilinear", _trilinear_flops),
+        ("_grouped_mm", _grouped_mm_flops),  # MoE experts: no torch formula
         ("linear", _linear_flops),  # reaches dispatch whole only for nested inputs
     ):
         op = getattr(aten, name, None)

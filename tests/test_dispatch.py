@@ -315,6 +315,71 @@ def test_matmul_flops_equal_torchs_formula(func: Any, args: tuple[Any, ...]) -> 
     assert _matmul_flops(func, args) == flop_registry[func._overloadpacket](*args, out_val=out)
 
 
+# --------------------------------------------------------------------------- grouped matmul (MoE)
+
+_OFFS = torch.tensor([2, 5, 8], dtype=torch.int32)
+GROUPED = [  # (tokens, K) x (experts, K, N); (G, M, K) x (G, K, N); K split; N split
+    pytest.param((8, 16), (3, 16, 24), _OFFS, id="2d-3d"),
+    pytest.param((3, 8, 16), (3, 16, 24), None, id="3d-3d"),
+    pytest.param((8, 32), (32, 24), torch.tensor([8, 16, 32], dtype=torch.int32), id="2d-2d"),
+    pytest.param((3, 8, 16), (16, 48), torch.tensor([16, 32, 48], dtype=torch.int32), id="3d-2d"),
+]
+needs_grouped_mm = pytest.mark.skipif(
+    not hasattr(aten, "_grouped_mm"), reason="torch < 2.8 has no grouped matmul"
+)
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize(("a", "b", "offs"), GROUPED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_builds_what_the_cpu_kernel_builds(a: Any, b: Any, offs: Any, dtype: torch.dtype) -> None:
+    # torch's meta kernel takes bfloat16 only; the CPU kernel (the reference here) takes float32
+    real = aten._grouped_mm(torch.randn(a, dtype=dtype), torch.randn(b, dtype=dtype), offs)
+    on_meta = None if offs is None else offs.to("meta")
+    fast = _fast_meta(aten._grouped_mm.default, (meta(*a, dtype=dtype), meta(*b, dtype=dtype), on_meta), {})
+    assert fast is not None and layout(fast) == layout(real)
+    if dtype == torch.bfloat16:
+        assert layout(fast) == layout(aten._grouped_mm(meta(*a, dtype=dtype), meta(*b, dtype=dtype), on_meta))
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize(
+    ("a", "b", "offs", "kwargs"),
+    [
+        ((8, 16), (3, 17, 24), _OFFS, {}),  # contraction mismatch
+        ((8, 16), (4, 16, 24), _OFFS, {}),  # 3 groups, 4 experts
+        ((8, 16), (3, 16, 24), None, {}),  # a 2-D operand needs offsets
+        ((3, 8, 16), (3, 16, 24), _OFFS, {}),  # 3-D x 3-D takes none
+        ((8, 16), (3, 16, 24), _OFFS.long(), {}),  # int64 offsets
+        ((8, 16), (3, 16, 24), _OFFS, {"bias": meta(24)}),
+    ],
+)
+def test_invalid_grouped_mm_defers_to_torch(a: Any, b: Any, offs: Any, kwargs: dict[str, Any]) -> None:
+    args = (meta(*a), meta(*b), None if offs is None else offs.to("meta"))
+    assert _fast_meta(aten._grouped_mm.default, args, kwargs) is None
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize(("a", "b", "offs"), GROUPED)
+def test_grouped_mm_flops_are_the_sum_of_its_matmuls(a: Any, b: Any, offs: Any) -> None:
+    from pytest_modelhooks._dispatch import _flop_registry
+
+    left, right = torch.randn(a), torch.randn(b)
+    out = aten._grouped_mm(left, right, offs)
+    ends = offs.tolist() if offs is not None else list(range(1, a[0] + 1))
+    starts = [0, *ends[:-1]]
+    if len(a) == 2 and len(b) == 3:  # each expert multiplies its own tokens
+        expected = sum(2 * (end - start) * a[1] * b[2] for start, end in zip(starts, ends, strict=True))
+    elif len(a) == 2:  # each group its own slice of K
+        expected = sum(2 * a[0] * (end - start) * b[1] for start, end in zip(starts, ends, strict=True))
+    elif len(b) == 2:  # each group its own slice of N
+        expected = sum(2 * a[1] * a[2] * (end - start) for start, end in zip(starts, ends, strict=True))
+    else:
+        expected = 2 * a[0] * a[1] * a[2] * b[2]
+    formula = _flop_registry()[aten._grouped_mm]
+    assert formula(left, right, offs, out_val=out) == expected
+
+
 # --------------------------------------------------------------------------- module shortcuts
 
 SHORTCUT_MODULES: list[tuple[torch.nn.Module, torch.Tensor]] = [
