@@ -4,12 +4,15 @@
 
 Each model runs in its own subprocess (so peak RSS is per model), and inside it every contender
 is timed in interleaved rounds, so machine noise hits them alike; the figures printed are
-ratios of medians from the same process. torchinfo and transformers are used when installed.
+ratios of medians from the same process. torchinfo and transformers are used when installed
+(with transformers, a Mixtral-8x7B built on meta joins the models; a peer that fails on a
+model is reported as failing, not timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -25,6 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MODELS = ["resnet50", "vit_b16", "gpt2", "mlp10k", "llama7b_meta"]
+if importlib.util.find_spec("transformers") is not None:
+    MODELS.append("mixtral8x7b_meta")  # a mixture of experts: transformers' own implementation
 
 
 def build(name: str) -> tuple[torch.nn.Module, Any, str]:
@@ -47,6 +52,17 @@ def build(name: str) -> tuple[torch.nn.Module, Any, str]:
         with torch.device("meta"):
             model = Decoder(vocab=32000, dim=4096, layers=32, hidden=11008, heads=32)
         return model, torch.randint(0, 32000, (1, 16)), "LLaMA-7B-style decoder built on meta, 16 tokens"
+    if name == "mixtral8x7b_meta":
+        import transformers
+
+        config = transformers.MixtralConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2,
+        )  # fmt: skip
+        with torch.device("meta"):
+            model = transformers.MixtralForCausalLM(config)
+        batch = torch.randint(0, 32000, (1, 16), device="meta")
+        return model, batch, "Mixtral-8x7B (transformers) built on meta, 16 tokens"
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -87,8 +103,15 @@ def measure(name: str, repeats: int) -> dict[str, Any]:
         pass
 
     summary = model_summary(model, input_data=batch)  # warm-up, and the facts to report
-    for func in contenders.values():
-        func()
+    failures: dict[str, str] = {}
+    for key, func in list(contenders.items()):
+        try:
+            func()
+        except Exception as error:  # a peer that cannot run the model: reported, not timed
+            if key != "torchinfo":
+                raise
+            failures[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            del contenders[key]
     times: dict[str, list[float]] = {key: [] for key in contenders}
     for _ in range(repeats):
         for key, func in contenders.items():
@@ -106,6 +129,8 @@ def measure(name: str, repeats: int) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_start) / 1024,
     }
+    if failures:
+        result["failed"] = failures
     if "torchinfo" in contenders:
         import torchinfo
 
@@ -152,6 +177,8 @@ def report(results: list[dict[str, Any]]) -> str:
         fwd = med.get("forward")
         vs_fwd = f"{med['model_summary'] / fwd:.2f}x" if fwd else "-"
         vs_ti = f"{med['torchinfo'] / med['model_summary']:.1f}x faster" if "torchinfo" in med else "-"
+        if "torchinfo" in result.get("failed", {}):
+            vs_ti = "fails"
         real = f"{med['model_sizes_real'] * 1000:.0f} ms" if "model_sizes_real" in med else "-"
         lines.append(
             f"{result['title']:<52} {result['engine']:<6} {med['model_summary'] * 1000:>6.0f} ms {vs_fwd:>7} "
@@ -162,6 +189,8 @@ def report(results: list[dict[str, Any]]) -> str:
         counted = f"params: ours {result['total_params']:,}, parameters() {result['true_params']:,}"
         if "torchinfo_params" in result:
             counted += f", torchinfo {result['torchinfo_params']:,}"
+        for peer, error in result.get("failed", {}).items():
+            counted += f"; {peer} failed ({error})"
         lines.append(f"{result['title']}: {counted}")
     return "\n".join(lines)
 
