@@ -34,7 +34,11 @@ __all__ = [
 @dataclass(frozen=True)
 class Finding:
     """One broken rule: which layer (or parameter), which statistic, what was seen, the bound,
-    and the batch (or step) where it happened (the worst one)."""
+    and the batch (or step) where it happened (the worst one).
+
+    >>> print(Finding("encoder.1", "ReLU", "near_zero", 0.93, "<= 0.8", 2, "vanishing"))
+    encoder.1 (ReLU): near_zero 0.93, bound <= 0.8 at batch 2 (vanishing)
+    """
 
     layer: str
     layer_type: str
@@ -54,7 +58,14 @@ class Finding:
 
 
 class HealthError(AssertionError):
-    """A health check failed; ``.findings`` holds the data behind the message."""
+    """A health check failed; ``.findings`` holds the data behind the message.
+
+    >>> try:
+    ...     raise_for([Finding("0", "Linear", "std", 40.0, "<= 10", 0)], "activation")
+    ... except HealthError as error:
+    ...     print(error.findings[0].statistic, error.findings[0].observed)
+    std 40.0
+    """
 
     def __init__(self, message: str, findings: Sequence[Finding]) -> None:
         super().__init__(message)
@@ -116,6 +127,16 @@ def activation_findings(
       classes of other libraries), whose output scale is set by its own weights: a transformer's
       small residual branch into its LayerNorm is not an explosion.
     * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
+
+    >>> from torch import nn
+    >>> from pytest_modelhooks import ActivationStats
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> _ = nn.init.constant_(net[0].bias, -100.0)  # every unit below zero: dead
+    >>> with ActivationStats(net) as stats:
+    ...     _ = net(torch.randn(16, 4))
+    >>> for finding in activation_findings(stats, max_dead=0.5, std=(0.1, 10.0)):
+    ...     print(finding)
+    0 (Linear): dead 1, bound <= 0.5 (8 of 8 channels never active)
     """
     _check_range("std", std)
     _check_fraction("max_dead", max_dead)
@@ -266,7 +287,16 @@ def gradient_findings(
 ) -> list[Finding]:
     """Every broken gradient rule: parameters whose gradient norm went above ``max_norm``
     (exploding) or below ``min_norm`` (vanishing), non-finite gradients, and (with
-    ``require_grad``) trainable parameters that never got a gradient."""
+    ``require_grad``) trainable parameters that never got a gradient.
+
+    >>> from torch import nn
+    >>> from pytest_modelhooks import GradientStats
+    >>> net = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
+    >>> with GradientStats(net) as grads:
+    ...     net["used"](torch.randn(3, 4)).sum().backward()
+    >>> [(finding.layer, finding.note) for finding in gradient_findings(grads)]
+    [('unused.weight', 'unused: its .grad stayed None'), ('unused.bias', 'unused: its .grad stayed None')]
+    """
     if max_norm is not None and min_norm is not None and min_norm > max_norm:
         raise ValueError(f"min_norm={min_norm!r} is above max_norm={max_norm!r}")
     found: list[Finding] = []
@@ -319,7 +349,12 @@ def gradient_findings(
 
 
 def format_findings(findings: Sequence[Finding], *, unit: str = "batch") -> str:
-    """A plain-text table of findings, one row each, columns aligned."""
+    """A plain-text table of findings, one row each, columns aligned.
+
+    >>> print(format_findings([Finding("0", "Linear", "std", 40.0, "<= 10", 3, "exploding")]))
+    layer  type    statistic  observed  bound  batch  note
+    0      Linear  std        40        <= 10  3      exploding
+    """
     header = ["layer", "type", "statistic", "observed", "bound", unit, "note"]
     rows = [
         [
@@ -342,7 +377,16 @@ def format_findings(findings: Sequence[Finding], *, unit: str = "batch") -> str:
 
 
 def raise_for(findings: Sequence[Finding], kind: str) -> None:
-    """Raise :class:`HealthError` with a table of ``findings``, if there are any."""
+    """Raise :class:`HealthError` with a table of ``findings``, if there are any.
+
+    >>> raise_for([], "activation")  # nothing found: nothing raised
+    >>> raise_for([Finding("0", "Linear", "std", 40.0, "<= 10", 3)], "activation")
+    Traceback (most recent call last):
+    ...
+    pytest_modelhooks.checks.HealthError: activation health check failed: 1 finding(s) in 1 layer(s)
+    layer  type    statistic  observed  bound  batch  note
+    0      Linear  std        40        <= 10  3
+    """
     __tracebackhide__ = True
     if not findings:
         return

@@ -61,7 +61,14 @@ def plot_stats(
     last), and the two lines that moved most in each panel are named at their end. With one
     batch recorded (a typical test) each panel is the statistic along the layers instead: one
     point per layer, in execution order. Bounds given (``std=(low, high)``, ``max_near_zero``)
-    are drawn as dashed red lines on their panels."""
+    are drawn as dashed red lines on their panels.
+
+    >>> with ActivationStats(model) as stats:  # doctest: +SKIP
+    ...     for batch in batches:
+    ...         model(batch)
+    >>> plot_stats(stats, path="stats.png", std=(0.2, 5.0))  # doctest: +SKIP
+    Figure(1500x400)
+    """
     unknown = [name for name in statistics if name not in _TITLES]
     if unknown or not statistics:
         raise ValueError(
@@ -184,7 +191,13 @@ def _depth_colorbar(figure: Any, axes: Any, layers: list[Any]) -> None:
 
 def color_dim(stats: ActivationStats, layer: int | str, path: str | Path | None = None) -> Figure:
     """The "colorful dimension" picture of a layer: its activation histogram (log scale) for
-    each batch, batches along x, values along y. Needs ``ActivationStats(with_hist=True)``."""
+    each batch, batches along x, values along y. Needs ``ActivationStats(with_hist=True)``.
+
+    >>> with ActivationStats(model, with_hist=True) as stats:  # doctest: +SKIP
+    ...     for batch in batches:
+    ...         model(batch)
+    >>> color_dim(stats, "encoder.conv1", path="conv1.png")  # doctest: +SKIP
+    """
     record = stats[layer]
     if record.hist is None:
         raise ValueError(

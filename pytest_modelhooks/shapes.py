@@ -225,7 +225,11 @@ def make_input(
     shape: Sequence[int], device: torch.device, dtype: torch.dtype, *, token_range: int | None = None
 ) -> torch.Tensor:
     """A tensor of ``shape`` with reproducible values (uniform in [-1, 1), or integer ids below
-    ``token_range``), drawn from a private generator so the global RNG is untouched."""
+    ``token_range``), drawn from a private generator so the global RNG is untouched.
+
+    >>> make_input((1, 4), torch.device("cpu"), torch.int64, token_range=10).shape
+    torch.Size([1, 4])
+    """
     shape = tuple(shape)
     if device.type == "meta":
         return torch.empty(shape, device=device, dtype=torch.long if token_range else dtype)
@@ -289,6 +293,10 @@ def trace_dummy(
     Embedding...), it is retried once with a batch made for that layer, and kept only if the
     whole forward succeeds. If not, the first error is raised, saying which layer the batch was
     made for. A failure after that layer ran is the model's own, raised as it is.
+
+    >>> trace = trace_dummy(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    >>> [(call.name, tuple(call.output_shapes)) for call in trace.calls]
+    [('', (1, 8)), ('0', (1, 8)), ('1', (1, 8))]
     """
     __tracebackhide__ = True
     return _fitting_dummy(model, size, engine=engine, count_flops=count_flops)[0]
@@ -382,6 +390,14 @@ class LayerError(RuntimeError):
     ``.original`` is the exception the layer raised. It is not chained for display: its
     traceback runs through torch's kernels and hooks and would bury the one line that matters.
     ``.finished`` names the layers that returned before the failure.
+
+    >>> try:
+    ...     model_sizes(nn.Sequential(nn.Linear(4, 8), nn.Linear(9, 2)))
+    ... except LayerError as error:
+    ...     print(str(error).split(": RuntimeError")[0])
+    ...     print(error.layer, error.finished, type(error.original).__name__)
+    layer '1' (Linear, in_features=9) got input (1, 8)
+    1 ('0',) RuntimeError
     """
 
     def __init__(
@@ -745,6 +761,10 @@ def trace_model(
     (a missing meta kernel, data-dependent control flow). A failure inside a layer raises
     :class:`LayerError` naming it. The model ends with no hooks and its train/eval flags as they
     were, also when the forward raises.
+
+    >>> trace = trace_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), (torch.zeros(3, 4),))
+    >>> trace.engine, [call.name for call in trace.calls], trace.calls[-1].output_shapes
+    ('meta', ['', '0', '1'], torch.Size([3, 8]))
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not ours
     model = _check_model(model)
@@ -1135,6 +1155,10 @@ class LayerSizes(Sequence[Any]):
     ``sizes[i]`` and ``sizes["encoder.stage2"]`` give the output of the layer's last call: a
     ``torch.Size`` (batch dimension included), or the same structure of sizes for tuple/dict
     outputs, or ``None`` for a layer that never ran. ``sizes.calls(name)`` lists every call.
+
+    >>> sizes = model_sizes(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), input=torch.zeros(2, 4))
+    >>> sizes.names, sizes[-1], sizes["0"], sizes.calls("1")
+    (('0', '1'), torch.Size([2, 8]), torch.Size([2, 8]), [torch.Size([2, 8])])
     """
 
     def __init__(

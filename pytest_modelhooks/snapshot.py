@@ -26,7 +26,18 @@ _CELLS = re.compile(r"\s{2,}")
 
 def snapshot_text(data: Any) -> str:
     """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats, GradientStats
-    or str."""
+    or str.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pytest_modelhooks import model_sizes
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> print(snapshot_text(model_sizes(net, input=torch.zeros(1, 4))))
+    Layer sizes
+    0 (Linear)  (1, 8)
+    1 (ReLU)    (1, 8)
+    <BLANKLINE>
+    """
     from pytest_modelhooks.shapes import LayerSizes
     from pytest_modelhooks.stats import ActivationStats, GradientStats
     from pytest_modelhooks.summary import ModelSummary
@@ -168,7 +179,17 @@ def _column_name(column: str) -> str:
 
 def describe_changes(old: str, new: str) -> list[str]:
     """What changed between two snapshot texts, one line per changed, added or removed layer,
-    then the totals."""
+    then the totals.
+
+    >>> from torch import nn
+    >>> from pytest_modelhooks import model_summary
+    >>> old = snapshot_text(model_summary(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), (1, 4)))
+    >>> new = snapshot_text(model_summary(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), (1, 4)))
+    >>> for line in describe_changes(old, new)[1:3]:
+    ...     print(line)
+    ~ 1 (Linear): output (1, 2) -> (1, 3); params +9; mult-adds +8
+    total params: 58 -> 67 (+9)
+    """
     old_order, old_rows, old_footer = _rows(old)
     new_order, new_rows, new_footer = _rows(new)
     lines: list[str] = []

@@ -408,6 +408,14 @@ class LayerStats:
     the model itself returned (logits, a decoder's last layer): its dead units are recorded
     but not judged by ``max_dead``, since an output is read as it is, not through a ReLU,
     unless it is rectified (never below zero: a backbone ending in a ReLU).
+
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> with ActivationStats(net) as stats:
+    ...     for _ in range(3):
+    ...         _ = net(torch.randn(16, 4))
+    >>> layer = stats["0"]
+    >>> layer.name, layer.type, layer.mean.shape, layer.ran.tolist()
+    ('0', 'Linear', torch.Size([3]), [True, True, True])
     """
 
     name: str
@@ -916,7 +924,15 @@ class ActivationStats(HookCallback):
 @dataclass(frozen=True)
 class ParamGradStats:
     """Gradient statistics of one parameter over the recorded backward passes (float64
-    tensors, one value per step; NaN where the parameter got no gradient)."""
+    tensors, one value per step; NaN where the parameter got no gradient).
+
+    >>> net = nn.Linear(4, 8)
+    >>> with GradientStats(net) as grads:
+    ...     net(torch.randn(3, 4)).sum().backward()
+    >>> weight = grads["weight"]
+    >>> weight.shape, weight.norm.shape, weight.got_grad
+    ((8, 4), torch.Size([1]), True)
+    """
 
     name: str
     module: str

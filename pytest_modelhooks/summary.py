@@ -39,6 +39,10 @@ class LayerInfo:
     ``params``/``trainable_params`` count the module's parameters recursively, each tensor
     once; ``own_params`` counts only those registered on the module itself. ``mult_adds`` is
     this call's multiply-add count (its children's included), from torch's flop formulas.
+
+    >>> row = model_summary(nn.Sequential(nn.Linear(4, 8)), (1, 4))["0"]
+    >>> row.type, row.output_shapes, row.params, row.mult_adds
+    ('Linear', torch.Size([1, 8]), 40, 32)
     """
 
     name: str
@@ -99,6 +103,10 @@ class ModelSummary:
     ``str(summary)`` is a table that never truncates a cell and is identical across runs and
     devices; ``summary.to_dict()`` is JSON-ready. ``total_params`` always equals
     ``sum(p.numel() for p in model.parameters())``.
+
+    >>> summary = model_summary(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), (1, 4))
+    >>> summary.total_params, summary.mult_adds, [layer.name for layer in summary.layers]
+    (40, 32, ['', '0', '1'])
     """
 
     model_name: str
@@ -514,7 +522,12 @@ def _memory_text(memory: Sequence[tuple[str, int, int]]) -> str:
 
 
 def render_text(summary: ModelSummary) -> str:
-    """The summary as a plain-text table: no truncation, no addresses, no device names."""
+    """The summary as a plain-text table: no truncation, no addresses, no device names.
+
+    >>> text = render_text(model_summary(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), (1, 4)))
+    >>> print(text.splitlines()[3])
+    Layer (type)  Input shape  Output shape  Param #  Mult-adds
+    """
     layers = summary.visible_layers
     show_trainable = any(layer.trainable_params != layer.params for layer in layers)
     show_mult_adds = summary.mult_adds is not None
