@@ -581,9 +581,11 @@ class ActivationStats(HookCallback):
         self._batch_handles = []
 
     def _begin_batch(self, module: nn.Module, args: Any) -> None:
-        if _graph_task_id() != -1:
+        if not _is_compiling() and _graph_task_id() != -1:
             # a forward inside backward: activation checkpointing recomputes the model
-            # (``checkpoint(model, x)``); that batch was recorded on its way forward
+            # (``checkpoint(model, x)``); that batch was recorded on its way forward. (Not
+            # asked while dynamo traces: the query would break its graph; compiled
+            # checkpointing recomputes inside the compiled graph, without hooks.)
             self._recording = False
             return
         wanted = not self.train_only or self.model.training
