@@ -276,11 +276,18 @@ class FixtureGradientStats(GradientStats):
         self._fixture = fixture
 
     def check(
-        self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
+        self,
+        *,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        require_grad: bool = True,
+        require_update: bool | None = None,
     ) -> None:
         __tracebackhide__ = True
         try:
-            super().check(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad)
+            super().check(
+                max_norm=max_norm, min_norm=min_norm, require_grad=require_grad, require_update=require_update
+            )
         except HealthError as error:
             self._fixture.report(str(error))
             raise

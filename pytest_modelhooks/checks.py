@@ -284,10 +284,14 @@ def gradient_findings(
     max_norm: float | None = None,
     min_norm: float | None = None,
     require_grad: bool = True,
+    require_update: bool | None = None,
 ) -> list[Finding]:
     """Every broken gradient rule: parameters whose gradient norm went above ``max_norm``
-    (exploding) or below ``min_norm`` (vanishing), non-finite gradients, and (with
-    ``require_grad``) trainable parameters that never got a gradient.
+    (exploding) or below ``min_norm`` (vanishing), non-finite gradients, (with
+    ``require_grad``) trainable parameters that never got a gradient, and parameters that got
+    one but never changed (``require_update``): with ``None``, judged only when an optimizer
+    changed some parameter inside the block (one left out of its param groups); ``True``
+    requires every parameter with a gradient to change; ``False`` does not look.
 
     >>> from torch import nn
     >>> from pytest_modelhooks import GradientStats
@@ -343,8 +347,33 @@ def gradient_findings(
         if min_norm is not None and bool((norm < min_norm).any()):
             value, step = _worst(norm, steps, largest=False)
             found.append(Finding(param.name, kind, "grad norm", value, f">= {min_norm:g}", step, "vanishing"))
+    if require_update is not False:
+        found += _update_findings(grads, strict=require_update is True)
     # the gradient where non-finite values began heads the table (a stable sort keeps the rest)
     found.sort(key=lambda finding: finding.layer not in first)
+    return found
+
+
+def _update_findings(grads: GradientStats, *, strict: bool) -> list[Finding]:
+    """Parameters that got a gradient but never changed (see :meth:`GradientStats.updated`)."""
+    updated = grads.updated()
+    if not any(updated.values()):
+        if not strict or not any(flag is False for flag in updated.values()):
+            return []  # no optimizer step inside the block (or values on meta): nothing to judge
+        note = "no parameter changed: no optimizer step ran inside the `with` block"
+        return [Finding("", type(grads.model).__name__, "update", math.nan, "a change", None, note)]
+    found = []
+    for param in grads:
+        if not param.got_grad or updated[param.name] is not False:
+            continue
+        zero = bool((torch.nan_to_num(param.norm, nan=0.0) == 0).all())
+        note = (
+            "its gradient was zero at every step"
+            if zero
+            else "got a gradient but never changed: is it in the optimizer's param groups?"
+        )
+        kind = "parameter " + "x".join(str(dim) for dim in param.shape)
+        found.append(Finding(param.name, kind, "update", math.nan, "a change", None, note))
     return found
 
 

@@ -955,6 +955,47 @@ class ParamGradStats:
 _GRAD_STATISTICS = ("norm", "mean", "std", "max_abs", "nonfinite")
 
 
+def _fingerprint(param: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """A parameter's version counter and ``(sum, sum of squares)`` of its values in float64, on
+    its device (no sync), or None for meta values. Either changes when an optimizer updates
+    it: in-place ops bump the counter (fused optimizer kernels do not), and any real update
+    moves the float64 sums (an element's change of 1e-7 of its size moves them by ~1e-10 of
+    theirs, a million times float64's resolution)."""
+    data = param.detach()
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and isinstance(data, dtensor):
+        data = data.to_local()  # this rank's shard: it changes when the parameter does
+    if data.is_meta or data.numel() == 0:  # no values (an FSDP2 rank may hold none): unknown
+        return param._version, None
+    if data.is_complex():
+        data = torch.view_as_real(data)
+    sums = torch.stack([data.sum(dtype=torch.float64), torch.linalg.vector_norm(data, dtype=torch.float64)])
+    return param._version, sums
+
+
+def _changed(
+    before: list[tuple[int, torch.Tensor | None]], after: list[tuple[int, torch.Tensor | None]]
+) -> list[bool | None]:
+    """Per parameter: whether its fingerprint changed (None where its values are on meta).
+    One host read per device."""
+    changed: list[bool | None] = [
+        True if old[0] != new[0] else None if old[1] is None or new[1] is None else False
+        for old, new in zip(before, after, strict=True)
+    ]
+    by_device: dict[torch.device, list[int]] = {}
+    for position, (old, new) in enumerate(zip(before, after, strict=True)):
+        if changed[position] is False and old[1] is not None and new[1] is not None:
+            by_device.setdefault(old[1].device, []).append(position)
+    for positions in by_device.values():
+        old_sums = torch.stack([before[position][1] for position in positions])  # type: ignore[misc]
+        new_sums = torch.stack([after[position][1] for position in positions])  # type: ignore[misc]
+        # NaN != NaN: a parameter gone non-finite counts as changed, which it did
+        moved = (old_sums != new_sums).any(dim=1).cpu().tolist()
+        for position, flag in zip(positions, moved, strict=True):
+            changed[position] = bool(flag)
+    return changed
+
+
 def _grad_on_host(grad: torch.Tensor) -> list[float]:
     flat = _host_flat(grad)
     mean, std, nonfinite, squares = _host_moments(flat)
@@ -1055,6 +1096,9 @@ class GradientStats:
         self._steps: list[tuple[tuple[int, ...], Any, bool]] = []
         self._orders: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct order
         self._cache: torch.Tensor | None = None
+        # the parameters' fingerprints when recording began and when it ended (see updated())
+        self._before: list[tuple[int, torch.Tensor | None]] | None = None
+        self._after: list[tuple[int, torch.Tensor | None]] | None = None
 
     def __enter__(self) -> GradientStats:
         self.start()
@@ -1072,6 +1116,10 @@ class GradientStats:
         """Register the hooks (idempotent)."""
         if self._handles:
             return
+        if self._before is None:
+            with torch.no_grad():
+                self._before = [_fingerprint(param) for _, param in self.params]
+        self._after = None
         try:
             for _, param in self.params:
                 hook = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
@@ -1084,6 +1132,9 @@ class GradientStats:
     def stop(self) -> None:
         """Close the current step and remove every hook (idempotent)."""
         self.end_step()
+        if self._handles and self._before is not None:
+            with torch.no_grad():
+                self._after = [_fingerprint(param) for _, param in self.params]
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -1216,6 +1267,41 @@ class GradientStats:
         """Parameters that require grad but got no gradient in any recorded step."""
         return [stats.name for stats in self if not stats.got_grad]
 
+    def updated(self) -> dict[str, bool | None]:
+        """Per parameter: whether anything (an optimizer step) changed it between the start of
+        recording and its end (or now, while recording); None where its values are on meta.
+        Read from version counters and float64 sums taken at those two moments only: no copy
+        of the weights, no cost per step. :meth:`not_updated` lists the suspects.
+
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        >>> optimizer = torch.optim.SGD(net[0].parameters(), lr=0.1)  # net[1] forgotten
+        >>> with GradientStats(net) as grads:
+        ...     net(torch.randn(5, 3)).sum().backward()
+        ...     optimizer.step()
+        >>> grads.updated()
+        {'0.weight': True, '0.bias': True, '1.weight': False, '1.bias': False}
+        >>> grads.not_updated()
+        ['1.weight', '1.bias']
+        """
+        if self._before is None:
+            return dict.fromkeys((name for name, _ in self.params), None)
+        after = self._after
+        if after is None:  # still recording: compare with now
+            with torch.no_grad():
+                after = [_fingerprint(param) for _, param in self.params]
+        changed = _changed(self._before, after)
+        return {name: flag for (name, _), flag in zip(self.params, changed, strict=True)}
+
+    def not_updated(self) -> list[str]:
+        """Parameters that got a gradient but never changed, while others did: an optimizer
+        ran, but not on them (left out of its param groups, or a gradient of zeros). Empty
+        when nothing changed at all (no optimizer step inside the block: nothing to judge).
+        Frozen parameters are not tracked."""
+        updated = self.updated()
+        if not any(updated.values()):
+            return []
+        return [stats.name for stats in self if stats.got_grad and updated[stats.name] is False]
+
     def module_norms(self) -> dict[str, torch.Tensor]:
         """Per module (qualified name): the gradient norm over its own parameters, per step."""
         norms: dict[str, torch.Tensor] = {}
@@ -1225,7 +1311,12 @@ class GradientStats:
         return {module: total.sqrt() for module, total in norms.items()}
 
     def findings(
-        self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
+        self,
+        *,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        require_grad: bool = True,
+        require_update: bool | None = None,
     ) -> list[Finding]:
         """The gradient findings as data (see :func:`pytest_modelhooks.checks.gradient_findings`).
         With no backward recorded, one finding says so (rather than every parameter unused)."""
@@ -1241,17 +1332,33 @@ class GradientStats:
             if self._saw_meta:
                 note = "no backward pass was recorded: the gradients were on the meta device (no values)"
             return [Finding("", type(self.model).__name__, "steps", 0.0, ">= 1", None, note)]
-        return gradient_findings(self, max_norm=max_norm, min_norm=min_norm, require_grad=require_grad)
+        return gradient_findings(
+            self,
+            max_norm=max_norm,
+            min_norm=min_norm,
+            require_grad=require_grad,
+            require_update=require_update,
+        )
 
     def check(
-        self, *, max_norm: float | None = None, min_norm: float | None = None, require_grad: bool = True
+        self,
+        *,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+        require_grad: bool = True,
+        require_update: bool | None = None,
     ) -> None:
-        """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients
-        (or that no backward pass was recorded)."""
+        """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients,
+        and parameters an optimizer left unchanged (``require_update``, see
+        :func:`pytest_modelhooks.checks.gradient_findings`), or that no backward pass was
+        recorded."""
         __tracebackhide__ = True
         from pytest_modelhooks.checks import raise_for
 
-        raise_for(self.findings(max_norm=max_norm, min_norm=min_norm, require_grad=require_grad), "gradient")
+        found = self.findings(
+            max_norm=max_norm, min_norm=min_norm, require_grad=require_grad, require_update=require_update
+        )
+        raise_for(found, "gradient")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per parameter, every statistic per step (NaN as None)."""

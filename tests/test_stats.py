@@ -1083,3 +1083,92 @@ def test_activation_checkpointing_recomputes_are_not_batches(reentrant: bool, wh
         assert checkpointed.to_dict()["batches"] == plain.to_dict()["batches"] == list(range(0, 4, every))
         assert checkpointed.series_names == plain.series_names
         assert torch.equal(checkpointed.stats, plain.stats)
+
+
+def _train(net: nn.Module, optimizer: Any, steps: int = 2, **kwargs: Any) -> GradientStats:
+    with GradientStats(net, **kwargs) as grads:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            net(torch.randn(5, 4)).sum().backward()
+            optimizer.step()
+    return grads
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda params: torch.optim.SGD(params, lr=0.1), id="sgd"),
+        pytest.param(lambda params: torch.optim.Adam(params, foreach=True), id="adam-foreach"),
+        # fused kernels change values without bumping version counters
+        pytest.param(lambda params: torch.optim.AdamW(params, fused=True), id="adamw-fused"),
+        pytest.param(lambda params: torch.optim.SGD(params, lr=1e-6, fused=True), id="sgd-fused-tiny-lr"),
+    ],
+)
+def test_parameters_left_out_of_the_optimizer_are_named(make: Any) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    grads = _train(net, make(list(net[0].parameters())))  # the head forgotten
+    assert grads.updated() == {"0.weight": True, "0.bias": True, "2.weight": False, "2.bias": False}
+    assert grads.not_updated() == ["2.weight", "2.bias"]
+    with pytest.raises(HealthError) as raised:
+        grads.check()
+    assert [(f.layer, f.statistic) for f in raised.value.findings] == [
+        ("2.weight", "update"),
+        ("2.bias", "update"),
+    ]
+    assert "got a gradient but never changed: is it in the optimizer's param groups?" in str(raised.value)
+    everything = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _train(everything, make(everything.parameters())).check()  # all updated: healthy
+    grads.check(require_update=False)  # not looked at
+
+
+def test_no_optimizer_step_is_not_judged_unless_required() -> None:
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with GradientStats(net) as grads:
+        net(torch.randn(5, 4)).sum().backward()
+    assert set(grads.updated().values()) == {False} and grads.not_updated() == []
+    grads.check()  # a backward-only test: nothing to judge
+    with pytest.raises(
+        HealthError, match=r"no parameter changed: no optimizer step ran inside the `with` block"
+    ):
+        grads.check(require_update=True)
+
+
+def test_a_parameter_group_at_lr_0_counts_as_updated_and_a_zero_gradient_is_said() -> None:
+    # lr=0 is a choice (the optimizer still writes the parameter); a fused step on a zero
+    # gradient leaves the values and the version as they were, and the finding says why
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    frozen_by_lr = torch.optim.SGD(
+        [{"params": net[0].parameters(), "lr": 0.0}, {"params": net[1].parameters()}], lr=0.1
+    )
+    _train(net, frozen_by_lr).check()
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.gated = nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x) + 0.0 * self.gated(x)  # a gradient, all zeros
+
+    gated = Gated()
+    grads = _train(gated, torch.optim.SGD(gated.parameters(), lr=0.1, fused=True))
+    assert grads.not_updated() == ["gated.weight", "gated.bias"]
+    assert [f.note for f in grads.findings()] == ["its gradient was zero at every step"] * 2
+
+
+def test_updated_while_recording_compares_with_now_and_meta_values_are_unknown() -> None:
+    net = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with GradientStats(net) as grads:
+        net(torch.randn(3, 4)).sum().backward()
+        assert grads.updated() == {"weight": False, "bias": False}
+        optimizer.step()
+        assert grads.updated() == {"weight": True, "bias": True}
+    with torch.device("meta"):
+        on_meta = nn.Linear(4, 2)
+    with GradientStats(on_meta) as meta_grads:
+        on_meta(torch.randn(3, 4, device="meta")).sum().backward()
+    assert meta_grads.updated() == {"weight": None, "bias": None}
+    assert meta_grads.not_updated() == []
