@@ -1001,11 +1001,14 @@ def _sharded_gradient_stats(rank: int, store: str, out: str) -> None:
         fully_shard(model[0])
         fully_shard(model)
         batch = torch.randn(4, 8)  # the same on both ranks: FSDP2's averaged gradient is the plain one
-        results = {}
+        results: dict[str, Any] = {}
         for name, net in (("sharded", model), ("plain", reference)):
+            optimizer = torch.optim.AdamW(net[0].parameters())  # the head left out
             with GradientStats(net) as grads:
                 net(batch).sum().backward()
+                optimizer.step()
             results[name] = grads.to_dict()
+            results[f"{name} not updated"] = grads.not_updated()
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -1031,6 +1034,8 @@ def test_gradients_sharded_by_fsdp2_are_measured_whole(tmp_path) -> None:
             pytest.fail("the two FSDP2 ranks did not finish in 120 s")
     for rank in (0, 1):
         results = torch.load(f"{out}.{rank}")
+        # each rank compares its own shard before and after the step
+        assert results["sharded not updated"] == results["plain not updated"] == ["2.weight", "2.bias"]
         assert (
             results["sharded"].keys()
             == results["plain"].keys()
