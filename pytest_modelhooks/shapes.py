@@ -1271,9 +1271,9 @@ def model_sizes(
     order for a Sequential; the model itself when it has none); it also takes ``"leaves"``,
     ``"all"``, qualified names or globs, module types or module objects. ``input`` (a tensor,
     a tuple of positional inputs or a dict of keyword inputs) replaces the dummy batch for
-    models whose input cannot be guessed (a tensor or tuple of tensors given as ``size`` is taken
-    as ``input``); nested (ragged) tensors run on the real engine, and
-    their sizes hold ``None`` in a ragged dimension (shown as ``2..5``, shortest to longest).
+    models whose input cannot be guessed (data given as ``size``, ``model_sizes(model, x)``,
+    is taken as ``input``); nested (ragged) tensors run on the real engine, and their sizes
+    hold ``None`` in a ragged dimension (shown as ``2..5``, shortest to longest).
     No weights are computed on or copied when the meta/fake engines can run the model
     (``sizes.engine`` tells which ran).
 

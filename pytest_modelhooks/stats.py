@@ -956,11 +956,11 @@ _GRAD_STATISTICS = ("norm", "mean", "std", "max_abs", "nonfinite")
 
 
 def _fingerprint(param: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-    """A parameter's version counter and ``(sum, sum of squares)`` of its values in float64, on
-    its device (no sync), or None for meta values. Either changes when an optimizer updates
-    it: in-place ops bump the counter (fused optimizer kernels do not), and any real update
-    moves the float64 sums (an element's change of 1e-7 of its size moves them by ~1e-10 of
-    theirs, a million times float64's resolution)."""
+    """A parameter's version counter and ``(sum, L2 norm)`` of its values accumulated in float64,
+    on its device (no sync, no copy), or None where there are no values. Either changes when
+    an optimizer updates it: in-place ops bump the counter (fused optimizer kernels do not),
+    and any real update moves the float64 sums (an element's change of 1e-7 of its size moves
+    them by ~1e-10 of theirs, a million times float64's resolution)."""
     data = param.detach()
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is not None and isinstance(data, dtensor):
