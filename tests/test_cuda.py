@@ -171,3 +171,23 @@ def test_the_command_line_runs_a_health_check_on_cuda(
     on_cuda = capsys.readouterr().out
     assert main(argv) == 0
     assert '"0.weight"' in on_cuda and on_cuda.count("mean") == capsys.readouterr().out.count("mean")
+
+
+def test_a_fused_cuda_optimizer_that_left_out_a_layer_is_named() -> None:
+    # fused AdamW (the common GPU choice) changes values without bumping version counters;
+    # the fingerprints are taken on the device at the block's ends only
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).cuda()
+    optimizer = torch.optim.AdamW(model[0].parameters(), fused=True)
+    batch = torch.randn(8, 16, device="cuda")
+    with GradientStats(model) as grads:
+        for _ in range(2):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")  # our hooks: no sync (the optimizer may)
+            try:
+                model(batch).sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            optimizer.step()
+            optimizer.zero_grad()
+    assert grads.not_updated() == ["2.weight", "2.bias"]
