@@ -9,6 +9,7 @@ one only when the model's control flow depends on values. Every result says whic
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import re
 import sys
@@ -252,6 +253,9 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
     torch.Size([1, 8, 8, 8])
     """
     __tracebackhide__ = True
+    if _takes_no_input(model, size):
+        with preserve_training_flags(model, eval_mode=True), _no_grad_quietly():
+            return model()
     spec = input_spec(model)
     with preserve_training_flags(model, eval_mode=True), _no_grad_quietly():
         try:
@@ -299,7 +303,25 @@ def trace_dummy(
     [('', (1, 8)), ('0', (1, 8)), ('1', (1, 8))]
     """
     __tracebackhide__ = True
+    if _takes_no_input(model, size):
+        return trace_model(model, (), engine=engine, count_flops=count_flops)
     return _fitting_dummy(model, size, engine=engine, count_flops=count_flops)[0]
+
+
+def _takes_no_input(model: nn.Module, size: Sequence[int] | None) -> bool:
+    """Whether ``model.forward`` takes no argument at all (a generator drawing its own noise,
+    a decoder of learned queries): its dummy input is no input. A ``size`` for it is an error."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a builtin or an odd callable: assume it takes an input
+        return False
+    if parameters:
+        return False
+    if size is not None:
+        raise ValueError(
+            f"size={tuple(size)!r} was given, but {type(model).__name__}.forward() takes no input"
+        )
+    return True
 
 
 def _fitting_dummy(

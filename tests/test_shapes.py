@@ -667,6 +667,29 @@ def test_packed_sequences_keep_their_batch_sizes_on_the_cpu_for_meta() -> None:
     assert moved.data.is_meta and moved.sorted_indices.is_meta and moved.batch_sizes.device.type == "cpu"
 
 
+def test_a_model_whose_forward_takes_no_input_is_run_without_one() -> None:
+    # a generator drawing its own noise, a decoder of learned queries: the dummy input was a
+    # batch its forward() could not take
+    class Queries(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queries = nn.Parameter(torch.randn(1, 5, 8))
+            self.decode = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+
+        def forward(self) -> torch.Tensor:
+            return self.decode(self.queries)
+
+    model = Queries()
+    with untouched(model):
+        assert model_summary(model).output_shapes == (1, 5, 4)
+        assert list(model_sizes(model)) == [(1, 5, 4)]
+        assert dummy_eval(model).shape == (1, 5, 4) and num_features_model(model) == 5
+        with pytest.raises(
+            ValueError, match=r"size=\(8, 8\) was given, but Queries\.forward\(\) takes no input"
+        ):
+            model_sizes(model, (8, 8))
+
+
 def test_a_model_without_children_is_its_own_layer() -> None:
     sizes = model_sizes(nn.Linear(3, 4), input=torch.zeros(2, 3))
     assert sizes.names == ("",) and sizes[0] == (2, 4)
