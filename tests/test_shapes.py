@@ -700,8 +700,8 @@ def process_group(tmp_path) -> Iterator[None]:
     """A one-process gloo group, as DistributedDataParallel and FSDP2 need."""
     import torch.distributed as dist
 
-    if not dist.is_available():
-        pytest.skip("this torch has no torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch has no torch.distributed with gloo")
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
     try:
         yield
