@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._tree import tensor_leaves
@@ -955,12 +956,17 @@ class ParamGradStats:
 _GRAD_STATISTICS = ("norm", "mean", "std", "max_abs", "nonfinite")
 
 
+_UNINITIALIZED = -1  # the version given to a lazy parameter's fingerprint before it exists
+
+
 def _fingerprint(param: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     """A parameter's version counter and ``(sum, L2 norm)`` of its values accumulated in float64,
     on its device (no sync, no copy), or None where there are no values. Either changes when
     an optimizer updates it: in-place ops bump the counter (fused optimizer kernels do not),
     and any real update moves the float64 sums (an element's change of 1e-7 of its size moves
     them by ~1e-10 of theirs, a million times float64's resolution)."""
+    if isinstance(param, UninitializedParameter):
+        return _UNINITIALIZED, None  # a lazy module's, before its first forward: no values yet
     data = param.detach()
     dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is not None and isinstance(data, dtensor):
@@ -1087,7 +1093,7 @@ class GradientStats:
         self._pending_scale: torch.Tensor | float | None = None
         self.params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
         self._index = {id(param): position for position, (_, param) in enumerate(self.params)}
-        self._sizes = [param.numel() for _, param in self.params]
+        self._sizes_known: list[int] | None = None  # element counts, once none is lazy
         self._saw_meta = False
         self._handles: list[Any] = []
         self._pending: dict[int, Any] = {}
@@ -1121,13 +1127,49 @@ class GradientStats:
                 self._before = [_fingerprint(param) for _, param in self.params]
         self._after = None
         try:
-            for _, param in self.params:
-                hook = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
-                self._handles.append(hook)
+            lazy: dict[int, nn.Module] = {}
+            for name, param in self.params:
+                if isinstance(param, UninitializedParameter):
+                    # a lazy module's parameter takes no hook before its first forward
+                    owner = self.model.get_submodule(name.rpartition(".")[0])
+                    lazy[id(owner)] = owner
+                    continue
+                self._hook(param)
+            for owner in lazy.values():
+                self._handles.append(owner.register_forward_hook(self._materialized))
             self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.end_step()))
         except BaseException:
             self.stop()
             raise
+
+    def _hook(self, param: torch.Tensor) -> None:
+        handle = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
+        self._handles.append(handle)
+
+    def _materialized(self, module: nn.Module, args: Any, output: Any) -> None:
+        """After a lazy module's first forward, its parameters exist: hook them, and take their
+        fingerprints now (their values start here)."""
+        for param in module._parameters.values():
+            if param is None or isinstance(param, UninitializedParameter):
+                continue
+            position = self._index.get(id(param))
+            if position is None:
+                continue  # frozen: not tracked
+            if self._before is not None and self._before[position][0] == _UNINITIALIZED:
+                with torch.no_grad():
+                    self._before[position] = _fingerprint(param)
+                self._hook(param)
+
+    def _sizes(self) -> list[int]:
+        """The parameters' element counts (a lazy one counts 0 until it is materialized)."""
+        if self._sizes_known is not None:
+            return self._sizes_known
+        sizes = [
+            0 if isinstance(param, UninitializedParameter) else param.numel() for _, param in self.params
+        ]
+        if not any(isinstance(param, UninitializedParameter) for _, param in self.params):
+            self._sizes_known = sizes
+        return sizes
 
     def stop(self) -> None:
         """Close the current step and remove every hook (idempotent)."""
@@ -1182,7 +1224,7 @@ class GradientStats:
         """Close the current step, if any gradient arrived since the last one."""
         if self._pending:
             order = tuple(self._pending)
-            rows, raw = _pack_grad_rows(self._pending, self._sizes)
+            rows, raw = _pack_grad_rows(self._pending, self._sizes())
             self._steps.append((self._orders.setdefault(order, order), rows, raw))
             self._scales.append(self._pending_scale)
             self._pending = {}
@@ -1202,7 +1244,7 @@ class GradientStats:
             )
             for column, (order, rows, raw) in enumerate(self._steps):
                 if raw:
-                    rows = _finish_grads(rows, [self._sizes[at] for at in order])
+                    rows = _finish_grads(rows, [self._sizes()[at] for at in order])
                 values[:, list(order), column] = rows.T
             if self.scaler is not None:
                 # the loss scale multiplies every gradient: divide it out of the sizes (not the

@@ -1177,3 +1177,25 @@ def test_updated_while_recording_compares_with_now_and_meta_values_are_unknown()
         on_meta(torch.randn(3, 4, device="meta")).sum().backward()
     assert meta_grads.updated() == {"weight": None, "bias": None}
     assert meta_grads.not_updated() == []
+
+
+def test_lazy_layers_are_tracked_from_their_first_forward() -> None:
+    # an uninitialized lazy parameter takes no hook: GradientStats(model) raised torch's
+    # "Attempted to use an uninitialized parameter" before the model ever ran
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(2))
+    with GradientStats(model) as never_run:
+        pass
+    assert never_run.updated() == dict.fromkeys(["0.weight", "0.bias", "2.weight", "2.bias"], None)
+    optimizer = None
+    with GradientStats(model) as grads:
+        for _ in range(2):
+            model(torch.randn(4, 5)).sum().backward()
+            if optimizer is None:  # built once the shapes exist; the first layer left out
+                optimizer = torch.optim.SGD(model[2].parameters(), lr=0.1)
+            optimizer.step()
+    assert grads.num_steps == 2 and grads.unused() == []
+    assert not grads["0.weight"].norm.isnan().any()  # the first step was recorded too
+    assert grads["0.weight"].shape == (8, 5)
+    assert grads.not_updated() == ["0.weight", "0.bias"]
+    assert count_hooks(model) == 0
