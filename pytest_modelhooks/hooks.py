@@ -404,8 +404,36 @@ def hook_outputs(
 # --------------------------------------------------------------------------- module selection
 
 
+def _parametrization_parts(named: list[tuple[str, nn.Module]]) -> set[int]:
+    """The ids of the modules that compute a parametrized tensor (``torch.nn.utils.parametrize``:
+    ``weight_norm``, ``spectral_norm``, ``orthogonal``...): the ``parametrizations`` dict of a
+    layer and everything under it. They run when the weight is read and return the weight,
+    not an activation, so no keyword selects them (a name or type still does)."""
+    parts: set[int] = set()
+    for _, module in named:
+        holder = _parametrizations(module)
+        if holder is not None:
+            parts.update(id(part) for part in holder.modules())
+    return parts
+
+
+def _parametrizations(module: nn.Module) -> nn.Module | None:
+    """The ``parametrizations`` dict of a parametrized layer (a dict lookup: ``getattr`` of a
+    missing attribute costs an exception per module), or None; a TorchScript module has none."""
+    children = module._modules
+    return children.get("parametrizations") if type(children) is dict else None
+
+
+def _children_of(module: nn.Module) -> Iterable[nn.Module]:
+    children = module._modules
+    if type(children) is dict:  # the plain case, without children()'s generator machinery
+        return [child for child in children.values() if child is not None]
+    return list(module.children())
+
+
 def _owns_parameters(module: nn.Module) -> bool:
-    return next(module.parameters(recurse=False), None) is not None
+    # the dict itself: parameters(recurse=False) costs ~2 us a module in generator machinery
+    return any(param is not None for param in module._parameters.values())
 
 
 def _describe_spec(spec: object) -> str:
@@ -424,10 +452,12 @@ def select_modules(
     Accepted: ``"children"`` (direct children, registration order; those of the wrapped model
     under ``DataParallel``/``DistributedDataParallel``), ``"leaves"`` (modules with
     no children), ``"all"`` (every module, the model included), ``"params"`` (modules that own
-    parameters directly), a qualified name or glob (``"encoder.*.conv?"``), a module type, a
-    module object, or an iterable of these. ``None`` means ``default``. A module reused under
-    several names appears once, under its first name. Matches keep the order of the spec's
-    items, then the model's order; an empty selection raises ``ValueError``.
+    parameters directly, or through ``torch.nn.utils.parametrize``; the keywords leave out the
+    parametrization modules themselves, whose output is a weight), a qualified name or glob
+    (``"encoder.*.conv?"``), a module type, a module object, or an iterable of these. ``None``
+    means ``default``. A module reused under several names appears once, under its first
+    name. Matches keep the order of the spec's items, then the model's order; an empty
+    selection raises ``ValueError``.
 
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     >>> [name for name, _ in select_modules(net, "leaves")]
@@ -489,12 +519,23 @@ def _match(
     if isinstance(item, str):
         if item == "children":
             return _children(model)
-        if item == "leaves":
-            return [(name, module) for name, module in named if next(module.children(), None) is None]
-        if item == "all":
-            return named
-        if item == "params":
-            return [(name, module) for name, module in named if _owns_parameters(module)]
+        if item in ("leaves", "all", "params"):
+            machinery = _parametrization_parts(named)
+            layers = [(name, module) for name, module in named if id(module) not in machinery]
+            if item == "leaves":  # a parametrized Linear is a leaf: its one child is machinery
+                return [
+                    (name, module)
+                    for name, module in layers
+                    if all(id(child) in machinery for child in _children_of(module))
+                ]
+            if item == "params":
+                # a parametrized layer's weight lives under its parametrizations: still its own
+                return [
+                    (name, module)
+                    for name, module in layers
+                    if _owns_parameters(module) or _parametrizations(module) is not None
+                ]
+            return layers
         if any(char in item for char in "*?["):
             return [(name, module) for name, module in named if name and fnmatch.fnmatchcase(name, item)]
         return [(name, module) for name, module in named if name == item]

@@ -279,6 +279,27 @@ def test_select_modules_keywords() -> None:
     assert select_modules(model, model.fc) == [("fc", model.fc)]
 
 
+def test_keywords_leave_out_parametrization_modules() -> None:
+    # weight_norm / spectral_norm compute the weight in submodules that run when it is read:
+    # selected by "params" (they own the original tensors), their weight became an
+    # "activation" series, dead units and growth included
+    from torch.nn.utils import parametrizations
+
+    from pytest_modelhooks import ActivationStats
+
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 4))
+    parametrizations.weight_norm(model[0])
+    parametrizations.spectral_norm(model[2])
+    assert [name for name, _ in select_modules(model, "params")] == ["0", "2"]  # "0" owns no bias
+    assert [name for name, _ in select_modules(model, "leaves")] == ["0", "1", "2"]
+    assert [name for name, _ in select_modules(model, "all")] == ["", "0", "1", "2"]
+    named = select_modules(model, "0.parametrizations.weight")  # asked for by name: given
+    assert [type(module).__name__ for _, module in named] == ["ParametrizationList"]
+    with ActivationStats(model) as stats:
+        model(torch.randn(32, 8))
+    assert stats.series_names == ["0", "2"]
+
+
 def test_select_modules_lists_a_reused_module_once() -> None:
     model = nn.Sequential()
     shared = nn.Linear(2, 2)
