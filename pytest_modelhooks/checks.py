@@ -370,7 +370,8 @@ def _update_findings(grads: GradientStats, *, strict: bool) -> list[Finding]:
         note = (
             "its gradient was zero at every step"
             if zero
-            else "got a gradient but never changed: is it in the optimizer's param groups?"
+            else "got a gradient but never changed: is it in the optimizer's param groups? "
+            "(frozen on purpose: requires_grad_(False))"
         )
         kind = "parameter " + "x".join(str(dim) for dim in param.shape)
         found.append(Finding(param.name, kind, "update", math.nan, "a change", None, note))
