@@ -7,6 +7,7 @@ torch only (never pytest), so it is usable from a notebook or a training script.
 from __future__ import annotations
 
 import fnmatch
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +49,18 @@ _KEYWORDS = ("children", "leaves", "all", "params")
 
 _FUNCTORCH = getattr(torch._C, "_functorch", None)
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
+
+
+def loaded_class(module: str, name: str) -> Any:
+    """``module.name`` if that module is already imported, else None: no class of a module
+    nobody imported can have instances (``DTensor``, ``FSDPModule``), and importing
+    ``torch.distributed`` parts to ask would cost every user their import time.
+
+    >>> loaded_class("torch", "Tensor") is torch.Tensor, loaded_class("no.such.module", "X")
+    (True, None)
+    """
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) else None
 
 
 def unvmapped(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:

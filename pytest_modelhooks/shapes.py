@@ -12,19 +12,24 @@ import gc
 import inspect
 import logging
 import re
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn, overload
+from typing import Any, Literal, NoReturn, cast, overload
 
 import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from pytest_modelhooks._tree import format_shape, jsonable_shape, map_tensors, shapes_of, tensor_leaves
-from pytest_modelhooks.hooks import ModuleSpec, _caller_level, preserve_training_flags, select_modules
+from pytest_modelhooks.hooks import (
+    ModuleSpec,
+    _caller_level,
+    loaded_class,
+    preserve_training_flags,
+    select_modules,
+)
 
 __all__ = [
     "Call",
@@ -867,8 +872,8 @@ def _sharded(model: nn.Module, named: Sequence[tuple[str, nn.Module]] | None = N
     parallelism), or None. FSDP2 is found by its module class, since a forward that failed
     leaves its parameters unsharded, as plain tensors. ``named``: ``model.named_modules()``,
     when the caller has walked it already (a second walk of 20,000 modules costs ~25 ms)."""
-    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    fsdp = loaded_class("torch.distributed.fsdp", "FSDPModule")
+    dtensor = loaded_class("torch.distributed.tensor", "DTensor")
     if fsdp is None and dtensor is None:
         return None  # never imported: nothing is sharded
     if named is None:
@@ -1311,7 +1316,7 @@ def model_sizes(
             raise ValueError("got input data both as size and as input=; pass it once")
         size, input = None, size
     with gc_paused():
-        return _model_sizes(model, size, input, modules, engine)  # type: ignore[arg-type]
+        return _model_sizes(model, cast("Sequence[int] | None", size), input, modules, engine)
 
 
 def _model_sizes(

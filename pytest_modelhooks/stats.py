@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 import threading
 import warnings
 import weakref
@@ -37,7 +36,7 @@ from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._tree import tensor_leaves
-from pytest_modelhooks.hooks import HookCallback, ModuleSpec, _is_compiling, unvmapped
+from pytest_modelhooks.hooks import HookCallback, ModuleSpec, _is_compiling, loaded_class, unvmapped
 from pytest_modelhooks.shapes import _CONV_RANK
 
 if TYPE_CHECKING:
@@ -968,7 +967,7 @@ def _fingerprint(param: torch.Tensor) -> tuple[int, torch.Tensor | None]:
     if isinstance(param, UninitializedParameter):
         return _UNINITIALIZED, None  # a lazy module's, before its first forward: no values yet
     data = param.detach()
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    dtensor = loaded_class("torch.distributed.tensor", "DTensor")
     if dtensor is not None and isinstance(data, dtensor):
         data = data.to_local()  # this rank's shard: it changes when the parameter does
     if data.is_meta or data.numel() == 0:  # no values (an FSDP2 rank may hold none): unknown
@@ -982,8 +981,8 @@ def _fingerprint(param: torch.Tensor) -> tuple[int, torch.Tensor | None]:
 def _changed(
     before: list[tuple[int, torch.Tensor | None]], after: list[tuple[int, torch.Tensor | None]]
 ) -> list[bool | None]:
-    """Per parameter: whether its fingerprint changed (None where its values are on meta).
-    One host read per device."""
+    """Per parameter: whether its fingerprint changed (None where there were no values to
+    compare: meta, a lazy parameter never run, an empty shard). One host read per device."""
     changed: list[bool | None] = [
         True if old[0] != new[0] else None if old[1] is None or new[1] is None else False
         for old, new in zip(before, after, strict=True)
@@ -1190,7 +1189,7 @@ class GradientStats:
             self._saw_meta = True
             return
         grad = grad.detach()
-        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        dtensor = loaded_class("torch.distributed.tensor", "DTensor")
         if dtensor is not None and isinstance(grad, dtensor):
             # a shard (FSDP2, tensor parallelism): the whole gradient, gathered, gives the
             # statistics of the parameter (a shard's norm is not the norm, and its element
