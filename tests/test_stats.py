@@ -1199,3 +1199,8 @@ def test_lazy_layers_are_tracked_from_their_first_forward() -> None:
     assert grads["0.weight"].shape == (8, 5)
     assert grads.not_updated() == ["0.weight", "0.bias"]
     assert count_hooks(model) == 0
+    # a forward that fails before the lazy layers exist leaves no hook behind either
+    fresh = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"), GradientStats(fresh):
+        fresh(torch.randn(4, 5)).sum().backward()
+    assert count_hooks(fresh) == 0
