@@ -1025,6 +1025,27 @@ def _grad_on_device(grad: torch.Tensor) -> torch.Tensor:
     return torch.stack([part.to(torch.float64) for part in (norm, mean, variance, max_abs, finite)])
 
 
+def _sparse_grad_raw(grad: torch.Tensor) -> torch.Tensor:
+    """Raw ``(norm, mean, variance, max |g|, finite count)`` of a sparse gradient (an
+    ``nn.Embedding(sparse=True)``'s), as :func:`_grad_on_device` gives for its dense equal: the
+    elements it does not store are zeros and count in the mean and the variance. Computed from
+    the stored values alone, on their device: such tables are the ones too big to densify."""
+    if grad.layout == torch.sparse_coo:
+        grad = grad.coalesce()  # a row looked up twice is stored twice until its parts add up
+    values = grad.values()
+    count = grad.numel()
+    if values.is_complex():  # over the real and imaginary parts, as for a dense gradient
+        values, count = torch.view_as_real(values.resolve_conj()), 2 * count
+    values = values.double()
+    total = values.sum()
+    squares = values.square().sum()
+    mean = total / count
+    variance = (squares - total * mean).clamp(min=0) / max(count - 1, 1)
+    max_abs = torch.linalg.vector_norm(values, float("inf")) if values.numel() else values.new_zeros(())
+    finite = count - (~torch.isfinite(values)).sum()
+    return torch.stack([squares.sqrt(), mean, variance, max_abs, finite.double()])
+
+
 def _finish_grads(raw: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """``(params, 5)`` raw rows (see :func:`_grad_on_device`) to :data:`_GRAD_STATISTICS`, on
     the host; ``sizes`` are the parameters' element counts."""
@@ -1160,11 +1181,13 @@ class GradientStats:
                 self._hook(param)
 
     def _sizes(self) -> list[int]:
-        """The parameters' element counts (a lazy one counts 0 until it is materialized)."""
+        """The parameters' element counts as the raw rows count them: real numbers, so two per
+        complex element (a lazy parameter counts 0 until it is materialized)."""
         if self._sizes_known is not None:
             return self._sizes_known
         sizes = [
-            0 if isinstance(param, UninitializedParameter) else param.numel() for _, param in self.params
+            0 if isinstance(param, UninitializedParameter) else param.numel() * (1 + param.is_complex())
+            for _, param in self.params
         ]
         if not any(isinstance(param, UninitializedParameter) for _, param in self.params):
             self._sizes_known = sizes
@@ -1195,12 +1218,16 @@ class GradientStats:
             # statistics of the parameter (a shard's norm is not the norm, and its element
             # count is not the parameter's). Every rank records the same steps, in order.
             grad = grad.full_tensor()
-        if grad.is_complex():  # over the real and imaginary parts (the norm is the complex one)
-            grad = torch.view_as_real(grad.resolve_conj())
-        raw: Any = _compiled_call("GradientStats", _fused_grad_raw, grad.reshape(-1)) if self.fused else None
-        if raw is None:
-            self.fused = False  # (after compile failed: separate passes from now on)
-            raw = _grad_on_host(grad) if grad.device.type == "cpu" else _grad_on_device(grad)
+        raw: Any
+        if grad.layout != torch.strided:  # sparse (nn.Embedding(sparse=True)): its stored values
+            raw = _sparse_grad_raw(grad)
+        else:
+            if grad.is_complex():  # over the real and imaginary parts (the norm is the complex one)
+                grad = torch.view_as_real(grad.resolve_conj())
+            raw = _compiled_call("GradientStats", _fused_grad_raw, grad.reshape(-1)) if self.fused else None
+            if raw is None:
+                self.fused = False  # (after compile failed: separate passes from now on)
+                raw = _grad_on_host(grad) if grad.device.type == "cpu" else _grad_on_device(grad)
         index = self._index[id(param)]
         if index in self._pending:  # a second backward with no forward in between: a new step
             self.end_step()

@@ -256,6 +256,118 @@ def test_complex_parameters_get_gradient_statistics() -> None:
     assert float(grads["weight"].max_abs[0]) == float(torch.view_as_real(grad).abs().max())
 
 
+def test_complex_gradient_counts_are_right_on_the_device_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the device (and fused) rows count finite real numbers, two per complex element: the
+    # parameter's size must be counted the same way (a CUDA step reported -12 non-finite)
+    import pytest_modelhooks.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_grad_on_host", lambda grad: stats_module._grad_on_device(grad))
+    layer = nn.Linear(4, 3, dtype=torch.complex64)
+    with GradientStats(layer) as grads:
+        layer(torch.randn(2, 4, dtype=torch.complex64)).abs().sum().backward()
+        out = layer(torch.randn(2, 4, dtype=torch.complex64))
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[0, 1] = complex(math.nan, 0.0)  # one real number of output 1's gradient
+            return grad
+
+        out.register_hook(poison)
+        out.abs().sum().backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None
+        expected = int((~torch.isfinite(torch.view_as_real(param.grad))).sum())
+        assert expected > 0 and grads[name].nonfinite.tolist() == [0.0, expected], name
+
+
+class _SparseTables(nn.Module):
+    """A recommender-style model: its tables are too big for dense gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users = nn.Embedding(50, 4, sparse=True)
+        self.items = nn.EmbeddingBag(30, 4, mode="sum", sparse=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.users(users), self.items(items, offsets)], dim=1))
+
+
+def test_sparse_gradients_are_measured_as_their_dense_equals() -> None:
+    # nn.Embedding(sparse=True) writes sparse COO gradients ("reshape is not implemented for
+    # sparse tensors" before); the rows it does not touch are zeros of the gradient
+    torch.manual_seed(0)
+    model = _SparseTables()
+    users = torch.tensor([3, 7, 3, 3])  # a row looked up three times: its parts add up
+    items, offsets = torch.tensor([1, 2, 2, 9, 4, 1]), torch.tensor([0, 2, 3, 5])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected: list[dict[str, list[float]]] = []
+    with GradientStats(model) as grads:
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(users, items, offsets).square().sum().backward()
+            assert model.users.weight.grad is not None and model.users.weight.grad.is_sparse
+            dense = {name: p.grad.to_dense().double() for name, p in model.named_parameters()}
+            expected.append(
+                {
+                    name: [
+                        float(g.norm()),
+                        float(g.mean()),
+                        float(g.std()) if g.numel() > 1 else 0.0,
+                        float(g.abs().max()),
+                    ]
+                    for name, g in dense.items()
+                }
+            )
+            optimizer.step()
+    for step, values in enumerate(expected):
+        for name, (norm, mean, std, max_abs) in values.items():
+            stats = grads[name]
+            assert float(stats.norm[step]) == pytest.approx(norm, rel=1e-5), name
+            assert float(stats.mean[step]) == pytest.approx(mean, rel=1e-5, abs=1e-9), name
+            assert float(stats.std[step]) == pytest.approx(std, rel=1e-5), name
+            assert float(stats.max_abs[step]) == pytest.approx(max_abs, rel=1e-6), name
+            assert float(stats.nonfinite[step]) == 0.0
+    grads.check(require_update=True)  # every table got a gradient and was updated
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.parametrize(
+    "case", ["coo with repeats", "csr", "complex", "non-finite", "nothing stored", "one element"]
+)
+def test_sparse_gradient_rows_equal_the_dense_ones(case: str) -> None:
+    from pytest_modelhooks.stats import _finish_grads, _sparse_grad_raw
+
+    torch.manual_seed(0)
+    dense = torch.zeros(6, 5)
+    dense[1], dense[4, 2] = torch.randn(5), 3.0
+    if case == "coo with repeats":
+        indices, values = torch.tensor([[1, 4, 1], [0, 2, 0]]), torch.tensor([0.5, 3.0, -2.0])
+        sparse = torch.sparse_coo_tensor(indices, values, (6, 5), check_invariants=True)
+        dense = sparse.to_dense()
+    elif case == "csr":
+        sparse = dense.to_sparse_csr()
+    elif case == "complex":
+        dense = torch.complex(dense, dense.flip(0))
+        sparse = dense.to_sparse()
+    elif case == "non-finite":
+        dense[4, 2] = math.inf
+        sparse = dense.to_sparse()
+    elif case == "nothing stored":
+        dense = torch.zeros(6, 5)
+        sparse = dense.to_sparse()
+    else:
+        dense = torch.tensor([2.0])
+        sparse = dense.to_sparse()
+    real = torch.view_as_real(dense) if dense.is_complex() else dense
+    row = _finish_grads(_sparse_grad_raw(sparse).reshape(1, -1), [real.numel()])[0]
+    host = torch.tensor(_grad_on_host(real), dtype=torch.float64)
+    if case == "non-finite":  # the count and the norm; the host leaves mean and std NaN
+        assert float(row[4]) == float(host[4]) == 1.0 and math.isinf(float(row[0]))
+        return
+    torch.testing.assert_close(row, host, rtol=1e-6, atol=1e-9)
+
+
 def _conv_net_with_dead_channels() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(0), nn.Linear(6 * 36, 4))
