@@ -6,6 +6,11 @@ from collections.abc import Callable
 
 import pytest
 
+# pytester restores sys.modules after each test that uses it: a torch first imported inside
+# such a test (to ask torch.cuda.is_available()) would be dropped, and the next test importing
+# it again crashes in torch's C extension. Imported here, before any test, it stays.
+import torch  # noqa: F401
+
 from tests.plugin._helpers import MODELS
 
 
