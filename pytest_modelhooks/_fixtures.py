@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +117,7 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
     """``model_sizes`` / ``model_summary`` running on the configured device: the model (and
     the tensors of its ``input=`` / ``input_data=`` argument) move there first."""
     core, input_argument = _CORE[kind]
+    options = set(inspect.signature(core).parameters) - {input_argument}
 
     def on_device(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
@@ -123,8 +125,10 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
         device = resolve_device(settings.device)
         model = _prepare(model, device)
         watch(config, settings, model)
-        if input_argument in kwargs:
-            kwargs[input_argument] = _inputs_to(kwargs[input_argument], device)
+        # the input argument and the forward's own keyword inputs (anything not an option)
+        kwargs = {
+            name: value if name in options else _inputs_to(value, device) for name, value in kwargs.items()
+        }
         if args and shapes.is_input_data(args[0]):  # model_sizes(model, x): data in the size slot
             args = (_inputs_to(args[0], device), *args[1:])
         return core(model, *args, **kwargs)

@@ -292,9 +292,15 @@ def _no_grad_quietly() -> Iterator[None]:
 
 
 def trace_dummy(
-    model: nn.Module, size: Sequence[int] | None = None, *, engine: str = "auto", count_flops: bool = False
+    model: nn.Module,
+    size: Sequence[int] | None = None,
+    *,
+    engine: str = "auto",
+    count_flops: bool = False,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> Trace:
-    """:func:`trace_model` on :func:`dummy_batch`.
+    """:func:`trace_model` on :func:`dummy_batch` (and ``kwargs``, the forward's keyword inputs;
+    when they name the forward's first parameter, they are the whole input).
 
     The batch is made for the first layer with parameters in *registration* order, which is not
     always the first to run (a head declared before the backbone). When the forward then fails
@@ -308,9 +314,15 @@ def trace_dummy(
     [('', (1, 8)), ('0', (1, 8)), ('1', (1, 8))]
     """
     __tracebackhide__ = True
-    if _takes_no_input(model, size):
-        return trace_model(model, (), engine=engine, count_flops=count_flops)
-    return _fitting_dummy(model, size, engine=engine, count_flops=count_flops)[0]
+    kwargs = dict(kwargs or {})
+    if _takes_no_input(model, size) or (kwargs and _fills_first_input(model, kwargs)):
+        if kwargs and size is not None:
+            raise ValueError(
+                f"size={tuple(size)!r} was given, but the keyword inputs fill "
+                f"{type(model).__name__}.forward's first input; pass one or the other"
+            )
+        return trace_model(model, (), kwargs, engine=engine, count_flops=count_flops)
+    return _fitting_dummy(model, size, engine=engine, count_flops=count_flops, kwargs=kwargs)[0]
 
 
 def _takes_no_input(model: nn.Module, size: Sequence[int] | None) -> bool:
@@ -330,14 +342,19 @@ def _takes_no_input(model: nn.Module, size: Sequence[int] | None) -> bool:
 
 
 def _fitting_dummy(
-    model: nn.Module, size: Sequence[int] | None, *, engine: str = "auto", count_flops: bool = False
+    model: nn.Module,
+    size: Sequence[int] | None,
+    *,
+    engine: str = "auto",
+    count_flops: bool = False,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[Trace, InputSpec]:
     """:func:`trace_dummy`, and the layer whose batch ran."""
     __tracebackhide__ = True
     spec = input_spec(model)
     try:
         batch = _batch_for(model, spec, size)
-        return trace_model(model, (batch,), engine=engine, count_flops=count_flops), spec
+        return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops), spec
     except LayerError as error:
         if spec.layer in error.finished:
             raise  # the batch fit the layer it was made for: the failure is the model's own
@@ -346,7 +363,7 @@ def _fitting_dummy(
     if retry is not None and retry.layer != spec.layer:
         try:
             batch = _batch_for(model, retry, size)
-            return trace_model(model, (batch,), engine=engine, count_flops=count_flops), retry
+            return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops), retry
         except (LayerError, ValueError):
             pass  # the first error says more: it is about the model as the user wrote it
     label = f"'{spec.layer}' ({spec.layer_type})" if spec.layer else spec.layer_type
@@ -1182,6 +1199,66 @@ def _normalise_input(input: Any, argument: str = "input") -> tuple[tuple[Any, ..
     )
 
 
+def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter] | None:
+    """``model.forward``'s parameters, or None where they cannot be told (a builtin, an odd
+    callable) or where it takes any keyword (``**kwargs``)."""
+    try:
+        parameters = dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return None
+    return parameters
+
+
+def with_forward_kwargs(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    forward_kwargs: Mapping[str, Any],
+    caller: str,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The input with ``forward_kwargs`` (the keyword arguments given to ``caller`` that are not
+    its own options, passed on to the forward as torchinfo does) added to its keyword inputs.
+    A name the forward does not take is refused before anything runs: a misspelt option
+    (``dept=2``) would otherwise fail deep inside the model's forward."""
+    if not forward_kwargs:
+        return args, kwargs
+    twice = sorted(set(kwargs) & set(forward_kwargs))
+    if twice:
+        raise ValueError(f"{caller}(): {', '.join(map(repr, twice))} given in the input and as a keyword")
+    parameters = _forward_parameters(model)
+    if parameters is not None:
+        taken = {
+            name
+            for name, parameter in parameters.items()
+            if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        }
+        unknown = [name for name in forward_kwargs if name not in taken]
+        if unknown:
+            # the parameters' names alone: annotations and defaults make it unreadable
+            empty = inspect.Parameter.empty
+            bare = inspect.Signature(
+                [parameter.replace(annotation=empty, default=empty) for parameter in parameters.values()]
+            )
+            raise TypeError(
+                f"{caller}() got an unexpected keyword argument {unknown[0]!r}: it is neither one of "
+                f"{caller}()'s options nor a parameter of {type(model).__name__}.forward{bare}"
+            )
+    return args, {**kwargs, **forward_kwargs}
+
+
+def _fills_first_input(model: nn.Module, forward_kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``forward_kwargs`` name the forward's first parameter, the one a dummy batch
+    would fill: then they are the whole input, and no dummy batch is made."""
+    try:
+        first = next(iter(inspect.signature(model.forward).parameters.values()), None)
+    except (TypeError, ValueError):
+        return False
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return first is not None and first.kind is keyword and first.name in forward_kwargs
+
+
 class LayerSizes(Sequence[Any]):
     """The output size of each selected layer, by position (as fastai's list) and by name.
 
@@ -1291,6 +1368,7 @@ def model_sizes(
     input: Any = None,
     modules: ModuleSpec = None,
     engine: str = "auto",
+    **forward_kwargs: Any,
 ) -> LayerSizes:
     """The output size of each layer of ``model`` for a batch of one of spatial ``size``.
 
@@ -1300,7 +1378,8 @@ def model_sizes(
     a tuple of positional inputs or a dict of keyword inputs) replaces the dummy batch for
     models whose input cannot be guessed (data given as ``size``, ``model_sizes(model, x)``,
     is taken as ``input``); nested (ragged) tensors run on the real engine, and their sizes
-    hold ``None`` in a ragged dimension (shown as ``2..5``, shortest to longest).
+    hold ``None`` in a ragged dimension (shown as ``2..5``, shortest to longest). Any other
+    keyword argument goes to the forward beside the input (``src_key_padding_mask=mask``).
     No weights are computed on or copied when the meta/fake engines can run the model
     (``sizes.engine`` tells which ran).
 
@@ -1316,22 +1395,29 @@ def model_sizes(
             raise ValueError("got input data both as size and as input=; pass it once")
         size, input = None, size
     with gc_paused():
-        return _model_sizes(model, cast("Sequence[int] | None", size), input, modules, engine)
+        return _model_sizes(model, cast("Sequence[int] | None", size), input, modules, engine, forward_kwargs)
 
 
 def _model_sizes(
-    model: nn.Module, size: Sequence[int] | None, input: Any, modules: ModuleSpec, engine: str
+    model: nn.Module,
+    size: Sequence[int] | None,
+    input: Any,
+    modules: ModuleSpec,
+    engine: str,
+    forward_kwargs: dict[str, Any],
 ) -> LayerSizes:
     __tracebackhide__ = True
     # a model without children (a bare nn.LSTM) is its own only layer
     default = "children" if next(model.children(), None) is not None else "all"
     selected = select_modules(model, modules, default=default)
     if input is None:
-        trace = trace_dummy(model, size, engine=engine)
+        _, kwargs = with_forward_kwargs(model, (), {}, forward_kwargs, "model_sizes")
+        trace = trace_dummy(model, size, engine=engine, kwargs=kwargs)
     else:
         if size is not None:
             raise ValueError("pass either size= or input=, not both")
         args, kwargs = _normalise_input(input)
+        args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "model_sizes")
         trace = trace_model(model, args, kwargs, engine=engine)
     by_module: dict[int, list[Any]] = {}
     for call in trace.calls:

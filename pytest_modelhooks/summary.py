@@ -27,6 +27,7 @@ from pytest_modelhooks.shapes import (
     make_input,
     trace_dummy,
     trace_model,
+    with_forward_kwargs,
 )
 
 __all__ = ["LayerInfo", "ModelSummary", "model_summary", "render_text"]
@@ -333,6 +334,7 @@ def model_summary(
     depth: int | None = None,
     count_mult_adds: bool = True,
     engine: str = "auto",
+    **forward_kwargs: Any,
 ) -> ModelSummary:
     """Summarise ``model``: one row per module call in execution order, exact parameter totals,
     parameter and buffer memory by dtype, multiply-adds.
@@ -340,7 +342,9 @@ def model_summary(
     ``input_size`` is the full input shape, batch included (``(1, 3, 224, 224)``), or a list of
     shapes for several inputs; ``input_data`` is a tensor, a tuple of positional inputs or a
     dict of keyword inputs (``model_summary(model, x)`` takes a tensor given as ``input_size``
-    as data); with neither, a dummy batch of one is built from the first layer. ``depth`` folds
+    as data); with neither, a dummy batch of one is built from the first layer. Any other
+    keyword argument goes to the forward beside the input, as in torchinfo
+    (``model_summary(encoder, x, src_key_padding_mask=mask)``). ``depth`` folds
     rows deeper than it (totals are unaffected). The forward runs on meta/fake stand-ins for the
     weights whenever it can (no compute, no copy); ``summary.engine`` says which engine ran.
     The model is left with no hooks and the same train/eval flags.
@@ -363,7 +367,8 @@ def model_summary(
         raise ValueError("pass either input_size= or input_data=, not both")
     with gc_paused():
         if input_data is None and input_size is None:
-            trace = trace_dummy(model, engine=engine, count_flops=count_mult_adds)
+            _, kwargs = with_forward_kwargs(model, (), {}, forward_kwargs, "model_summary")
+            trace = trace_dummy(model, engine=engine, count_flops=count_mult_adds, kwargs=kwargs)
             return _build(model, trace, depth, count_mult_adds)
         if input_data is not None:
             args, kwargs = _normalise_input(input_data, "input_data")
@@ -371,6 +376,7 @@ def model_summary(
         else:
             args, kwargs = _input_from_size(model, input_size), {}
             argument = "input_size"
+        args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "model_summary")
         trace = trace_model(
             model, args, kwargs, engine=engine, count_flops=count_mult_adds, argument=argument
         )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from pytest_modelhooks import LayerError, model_summary
+from pytest_modelhooks import LayerError, model_sizes, model_summary
 from tests import zoo
 from tests.helpers import untouched
 
@@ -475,6 +475,88 @@ def test_the_attention_fast_path_flag_is_restored_when_the_forward_fails() -> No
         assert not torch.backends.mha.get_fastpath_enabled()
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+class _Masked(nn.Module):
+    """A forward with a keyword input beside the data: its mask shapes the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, *, scale: float = 1.0
+    ) -> torch.Tensor:
+        out = self.proj(x) * scale
+        return out if mask is None else out[mask]
+
+
+def test_other_keyword_arguments_go_to_the_forward_as_in_torchinfo() -> None:
+    model, batch = _Masked(), torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    with untouched(model):
+        by_keyword = model_summary(model, batch, mask=mask, scale=2.0)
+    expected = model_summary(model, input_data={"x": batch, "mask": mask, "scale": 2.0})
+    rows = [(row.name, row.output_shapes, row.mult_adds) for row in by_keyword.layers]
+    assert rows == [(row.name, row.output_shapes, row.mult_adds) for row in expected.layers]
+    assert "Input: ((2, 3, 4), {mask: (2, 3), scale: -})" in str(by_keyword)
+    assert by_keyword.output_shapes == (3, 6)  # the mask reached the forward
+    # beside a shape, a tuple of inputs, a dummy batch, and as the whole input
+    assert model_summary(model, (2, 3, 4), mask=mask).output_shapes == (3, 6)
+    assert model_summary(model, input_data=(batch,), mask=mask).output_shapes == (3, 6)
+    assert model_summary(model, mask=torch.tensor([True])).output_shapes == (1, 6)
+    assert model_summary(model, x=batch, mask=mask).output_shapes == (3, 6)
+    assert model_sizes(model, batch, mask=mask)[0] == (2, 3, 6)
+    assert model_sizes(model, input=batch, mask=mask, modules="all")[""] == (3, 6)
+    assert model_sizes(model, x=batch, modules="all")[""] == (2, 3, 6)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda model: model_summary(model, (1, 3, 4), dept=2),
+            TypeError,
+            r"model_summary\(\) got an unexpected keyword argument 'dept': it is neither one of "
+            r"model_summary\(\)'s options nor a parameter of _Masked\.forward\(x, mask, \*, scale\)$",
+        ),
+        (
+            lambda model: model_sizes(model, (3, 4), modules_="all"),
+            TypeError,
+            r"model_sizes\(\) got an unexpected keyword argument 'modules_'",
+        ),
+        (
+            lambda model: model_summary(model, input_data={"x": torch.zeros(1, 4), "mask": None}, mask=None),
+            ValueError,
+            r"model_summary\(\): 'mask' given in the input and as a keyword",
+        ),
+        (
+            lambda model: model_sizes(model, (3, 4), x=torch.zeros(1, 4)),
+            ValueError,
+            r"size=\(3, 4\) was given, but the keyword inputs fill _Masked\.forward's first input",
+        ),
+    ],
+    ids=["misspelt option", "misspelt sizes option", "given twice", "size and first input"],
+)
+def test_keyword_arguments_the_forward_does_not_take_are_refused_first(
+    call: Any, error: type[Exception], match: str
+) -> None:
+    model = _Masked()
+    with untouched(model), pytest.raises(error, match=match):
+        call(model)
+
+
+def test_a_forward_taking_any_keyword_gets_them_all() -> None:
+    class Open(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+            return self.proj(x) + sum(extra.values(), torch.zeros(()))
+
+    summary = model_summary(Open(), (2, 4), bias=torch.ones(5, 1, 4))
+    assert summary.output_shapes == (5, 2, 4)
 
 
 def test_a_model_failing_on_keyword_inputs_shows_them() -> None:

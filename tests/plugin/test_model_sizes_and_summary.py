@@ -81,3 +81,33 @@ def test_data_given_in_the_size_slot_moves_to_the_fixture_device(pytestconfig, m
     assert [id(value) for value in moved] == [id(batch), id(pair)]
     _fixtures.bound("model_sizes", pytestconfig)(net, (8, 8))  # a size is not data: not moved
     assert len(moved) == 2
+
+
+def test_keyword_inputs_of_the_forward_move_to_the_fixture_device_and_options_do_not(
+    pytestconfig, monkeypatch
+) -> None:
+    import torch
+    from torch import nn
+
+    from pytest_modelhooks import _fixtures
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 6)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)[mask]
+
+    moved: list[object] = []
+    mover = _fixtures._inputs_to
+    monkeypatch.setattr(
+        _fixtures, "_inputs_to", lambda value, device: moved.append(value) or mover(value, device)
+    )
+    batch, mask = torch.randn(2, 4), torch.tensor([True, False])
+    summary = _fixtures.bound("model_summary", pytestconfig)(
+        Masked(), input_data=batch, mask=mask, depth=1, engine="auto"
+    )
+    sizes = _fixtures.bound("model_sizes", pytestconfig)(Masked(), batch, mask=mask, modules="all")
+    assert summary.output_shapes == (1, 6) and sizes[""] == (1, 6)
+    assert sorted(map(id, moved)) == sorted(map(id, [batch, mask, batch, mask]))  # no option moved
