@@ -11,6 +11,7 @@ never got a gradient.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,13 +86,28 @@ def _number(value: float) -> str:
 def _check_range(name: str, bounds: tuple[float, float] | None) -> None:
     if bounds is None:
         return
-    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and bounds[0] <= bounds[1]):
+    if not (
+        isinstance(bounds, (tuple, list))
+        and len(bounds) == 2
+        and all(_is_number(bound) for bound in bounds)
+        and bounds[0] <= bounds[1]
+    ):
         raise ValueError(f"{name} must be a (low, high) pair with low <= high, got {name}={bounds!r}")
 
 
+def _is_number(value: object) -> bool:
+    # numpy scalars are Real too; a bool is a user's slip (max_norm=True), and NaN bounds nothing
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
 def _check_fraction(name: str, value: float | None) -> None:
-    if value is not None and not 0 <= value <= 1:
+    if value is not None and not (_is_number(value) and 0 <= value <= 1):
         raise ValueError(f"{name} must be a fraction in [0, 1], got {name}={value!r}")
+
+
+def _check_norm(name: str, value: float | None) -> None:
+    if value is not None and not (_is_number(value) and value >= 0):
+        raise ValueError(f"{name} must be a non-negative number (a gradient norm), got {name}={value!r}")
 
 
 def _worst(values: torch.Tensor, batches: torch.Tensor, *, largest: bool) -> tuple[float, int]:
@@ -151,7 +167,7 @@ def activation_findings(
             raise ValueError(f"{bound}= needs {needs!r} recorded: add it to ActivationStats(statistics=...)")
     if max_dead is not None and not stats.track_dead:
         raise ValueError("max_dead= needs dead units recorded: ActivationStats(track_dead=True)")
-    if max_std_growth is not None and not max_std_growth > 0:
+    if max_std_growth is not None and not (_is_number(max_std_growth) and max_std_growth > 0):
         raise ValueError(f"max_std_growth must be > 0, got max_std_growth={max_std_growth!r}")
     layers = list(stats)
     found: list[Finding] = []
@@ -301,6 +317,8 @@ def gradient_findings(
     >>> [(finding.layer, finding.note) for finding in gradient_findings(grads)]
     [('unused.weight', 'unused: its .grad stayed None'), ('unused.bias', 'unused: its .grad stayed None')]
     """
+    _check_norm("max_norm", max_norm)
+    _check_norm("min_norm", min_norm)
     if max_norm is not None and min_norm is not None and min_norm > max_norm:
         raise ValueError(f"min_norm={min_norm!r} is above max_norm={max_norm!r}")
     found: list[Finding] = []

@@ -104,14 +104,21 @@ def _copy(tensor: torch.Tensor, cpu: bool) -> torch.Tensor:
     return moved.clone() if moved is tensor else moved  # .cpu() of a GPU tensor is a copy already
 
 
-def _caller_level() -> int:
-    """``stacklevel`` for a warning that points at the first frame outside this package."""
+def _caller_level(*, past_torch: bool = False) -> int:
+    """``stacklevel`` for a warning that points at the first frame outside this package (and,
+    with ``past_torch``, outside torch: a hook's warning then points at the user's forward
+    call, not at torch's module machinery)."""
     import os
     import sys
 
     here = os.path.dirname(__file__)
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+
+    def inside(filename: str) -> bool:
+        return os.path.dirname(filename) == here or (past_torch and filename.startswith(torch_dir))
+
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+    while frame is not None and inside(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
     return level
 
@@ -352,11 +359,20 @@ class _OutputGradHook(Hook):
     place (``ReLU(inplace=True)``, ``out += identity``) and when no input requires grad."""
 
     def __init__(self, module: nn.Module, detach: bool, cpu: bool) -> None:
+        self._warned_no_grad = False
         super().__init__(module, _store_output, is_forward=True, detach=detach, cpu=cpu)
 
     def hook_fn(self, module: nn.Module, input: Any, output: Any) -> None:
         leaves = [tensor for _, tensor in tensor_leaves(output) if tensor.requires_grad]
         if not leaves:
+            if not self._warned_no_grad:  # a silent None costs an afternoon: say why, once per hook
+                self._warned_no_grad = True
+                warnings.warn(
+                    f"hook_output(grad=True) on {type(module).__name__}: its output does not "
+                    f"require grad (a forward under torch.no_grad() or inference_mode(), or "
+                    f"nothing up to it requires grad), so no gradient is stored for that call",
+                    stacklevel=_caller_level(past_torch=True),
+                )
             return
         grads: list[torch.Tensor | None] = [None] * len(leaves)
         single = isinstance(output, torch.Tensor)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -27,11 +28,41 @@ def stats() -> ActivationStats:
         ({"max_dead": 1.5}, r"max_dead must be a fraction in \[0, 1\], got max_dead=1.5"),
         ({"max_near_zero": -0.1}, r"max_near_zero must be a fraction in \[0, 1\], got max_near_zero=-0.1"),
         ({"max_std_growth": 0}, r"max_std_growth must be > 0, got max_std_growth=0"),
+        # not numbers: named, not a TypeError from a comparison deep inside
+        ({"std": (0.1, "5")}, r"std must be a \(low, high\) pair with low <= high, got std=\(0.1, '5'\)"),
+        ({"std": (math.nan, 5.0)}, r"std must be a \(low, high\) pair"),
+        ({"max_dead": "0.3"}, r"max_dead must be a fraction in \[0, 1\], got max_dead='0.3'"),
+        ({"max_near_zero": True}, r"max_near_zero must be a fraction in \[0, 1\], got max_near_zero=True"),
+        ({"max_std_growth": "2"}, r"max_std_growth must be > 0, got max_std_growth='2'"),
     ],
 )
 def test_bad_bounds_name_the_argument(stats: ActivationStats, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         stats.check(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"max_norm": -1.0},
+            r"max_norm must be a non-negative number \(a gradient norm\), got max_norm=-1.0",
+        ),
+        (
+            {"min_norm": "1e-6"},
+            r"min_norm must be a non-negative number \(a gradient norm\), got min_norm='1e-6'",
+        ),
+        ({"max_norm": math.nan}, r"max_norm must be a non-negative number"),
+        ({"max_norm": 1.0, "min_norm": 2.0}, r"min_norm=2.0 is above max_norm=1.0"),
+    ],
+)
+def test_bad_gradient_bounds_name_the_argument(kwargs: dict[str, Any], match: str) -> None:
+    model = zoo.mlp()
+    with GradientStats(model) as grads:
+        model(torch.randn(4, 20)).sum().backward()
+    with pytest.raises(ValueError, match=match):
+        grads.check(**kwargs)
+    grads.check(max_norm=math.inf, min_norm=0, require_grad=False)  # the widest bounds are bounds
 
 
 def test_a_healthy_record_raises_nothing(stats: ActivationStats) -> None:

@@ -110,6 +110,24 @@ def test_hook_output_grad_stores_the_output_gradient() -> None:
     assert count_hooks(net) == 0
 
 
+def test_an_output_gradient_that_cannot_come_is_said_once_at_the_callers_line() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    with hook_output(net[0], grad=True) as hook:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            net(torch.ones(2, 3))
+            net(torch.ones(2, 3))  # once per hook, not per call
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            net(torch.ones(2, 3)).sum().backward()  # a forward with grad: no warning, a gradient
+    (warning,) = [w for w in caught if "hook_output(grad=True)" in str(w.message)]
+    assert "on Linear: its output does not require grad (a forward under torch.no_grad()" in str(
+        warning.message
+    )
+    assert warning.filename == __file__  # the user's forward call, not torch's module code
+    assert hook.stored is not None and hook.stored.shape == (2, 4)
+
+
 def test_output_gradients_survive_in_place_ops_downstream() -> None:
     # A full backward hook on conv1 would raise here (its output is modified in place by bn1's
     # in-place ReLU and by `out += identity`); tensor hooks do not.
