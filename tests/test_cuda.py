@@ -191,3 +191,27 @@ def test_a_fused_cuda_optimizer_that_left_out_a_layer_is_named() -> None:
             optimizer.step()
             optimizer.zero_grad()
     assert grads.not_updated() == ["2.weight", "2.bias"]
+
+
+def test_sparse_and_complex_gradients_read_the_same_on_cuda_as_on_the_cpu() -> None:
+    # the device path counts finite real numbers (two per complex element) and reduces a
+    # sparse gradient from its stored values: both must agree with the host path
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {"table": torch.nn.Embedding(50, 4, sparse=True), "mix": torch.nn.Linear(4, 3, dtype=torch.complex64)}
+    )
+    ids = torch.tensor([3, 7, 3, 3])
+
+    def step(device: str) -> GradientStats:
+        model.to(device).zero_grad(set_to_none=True)
+        with GradientStats(model) as grads:
+            rows = model["table"](ids.to(device)).to(torch.complex64)
+            model["mix"](rows).abs().sum().backward()
+        return grads
+
+    on_cpu, on_cuda = step("cpu").to_dict(), step("cuda").to_dict()
+    assert on_cuda.keys() == on_cpu.keys()
+    for name, statistics in on_cpu.items():
+        for statistic, values in statistics.items():
+            assert on_cuda[name][statistic] == pytest.approx(values, rel=1e-5, abs=1e-7), (name, statistic)
+    assert all(statistics["nonfinite"] == [0.0] for statistics in on_cuda.values())
