@@ -306,8 +306,10 @@ def gradient_findings(
     (exploding) or below ``min_norm`` (vanishing), non-finite gradients, (with
     ``require_grad``) trainable parameters that never got a gradient, and parameters that got
     one but never changed (``require_update``): with ``None``, judged only when an optimizer
-    changed some parameter inside the block (one left out of its param groups); ``True``
-    requires every parameter with a gradient to change; ``False`` does not look.
+    stepped on the model or changed some parameter inside the block, each finding saying why
+    (left out of the param groups of the optimizer that stepped, a ``.grad`` gone before its
+    ``step()``, zero gradients from the second step on; a group at lr 0 is a choice);
+    ``True`` requires every parameter with a gradient to change; ``False`` does not look.
 
     >>> from torch import nn
     >>> from pytest_modelhooks import GradientStats
@@ -373,24 +375,45 @@ def gradient_findings(
 
 
 def _update_findings(grads: GradientStats, *, strict: bool) -> list[Finding]:
-    """Parameters that got a gradient but never changed (see :meth:`GradientStats.updated`)."""
+    """Parameters that got a gradient but never changed (see :meth:`GradientStats.updated`),
+    each with the reason the optimizers seen stepping give (or, with none seen, a guess)."""
     updated = grads.updated()
-    if not any(updated.values()):
+    optimizers = grads.stepped_optimizers()
+    if not optimizers and not any(updated.values()):
         if not strict or not any(flag is False for flag in updated.values()):
             return []  # no optimizer step inside the block (or values on meta): nothing to judge
         note = "no parameter changed: no optimizer step ran inside the `with` block"
         return [Finding("", type(grads.model).__name__, "update", math.nan, "a change", None, note)]
+    holder = {name: optimizer.name for optimizer in optimizers for name in optimizer.params}
+    zero_lr = {name for optimizer in optimizers for name in optimizer.zero_lr}
+    names = list(dict.fromkeys(optimizer.name for optimizer in optimizers))
+    stepped = " and ".join(names) + (
+        ", the optimizer that stepped" if len(names) == 1 else ", the optimizers that stepped"
+    )
+    lost = grads.lost_before_step()
+    frozen = "(frozen on purpose: requires_grad_(False))"
     found = []
     for param in grads:
-        if not param.got_grad or updated[param.name] is not False:
-            continue
+        if not param.got_grad or updated[param.name] is not False or param.name in zero_lr:
+            continue  # (a learning rate of 0 is a choice)
         zero = bool((torch.nan_to_num(param.norm, nan=0.0) == 0).all())
-        note = (
-            "its gradient was zero at every step"
-            if zero
-            else "got a gradient but never changed: is it in the optimizer's param groups? "
-            "(frozen on purpose: requires_grad_(False))"
-        )
+        if param.name in lost:
+            note = (
+                f"its .grad was None when {lost[param.name]}.step() ran, so the step skipped it: "
+                f"zero_grad() between backward() and step()?"
+            )
+        elif optimizers and param.name not in holder:
+            note = f"got a gradient but is in none of the param groups of {stepped} {frozen}"
+        elif zero:
+            if not strict and grads.num_steps < 2:
+                # one step: a zero-initialised partner gives none at first (LoRA's A while its B
+                # is 0, a branch behind adaLN-Zero's gate); from the second step on it would
+                continue
+            note = "its gradient was zero at every step"
+        elif optimizers:
+            note = f"in a param group of {holder[param.name]} with a gradient, yet its step left it unchanged"
+        else:
+            note = f"got a gradient but never changed: is it in the optimizer's param groups? {frozen}"
         kind = "parameter " + "x".join(str(dim) for dim in param.shape)
         found.append(Finding(param.name, kind, "update", math.nan, "a change", None, note))
     return found

@@ -18,6 +18,7 @@ Speed rules (see the README's Performance section for figures):
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import threading
@@ -44,7 +45,14 @@ if TYPE_CHECKING:
 
     from pytest_modelhooks.checks import Finding
 
-__all__ = ["STATISTICS", "ActivationStats", "GradientStats", "LayerStats", "ParamGradStats"]
+__all__ = [
+    "STATISTICS",
+    "ActivationStats",
+    "GradientStats",
+    "LayerStats",
+    "ParamGradStats",
+    "SteppedOptimizer",
+]
 
 #: The per-batch statistics of an activation series, in the order of the rows of ``_values``.
 STATISTICS = ("mean", "std", "near_zero", "nonfinite", "min", "max")
@@ -955,6 +963,37 @@ class ParamGradStats:
 _GRAD_STATISTICS = ("norm", "mean", "std", "max_abs", "nonfinite")
 
 
+@dataclass(frozen=True)
+class SteppedOptimizer:
+    """An optimizer whose ``step()`` ran on some of the model's parameters while
+    :class:`GradientStats` recorded: its class name, how many steps, the model's trainable
+    parameters in its param groups (qualified names), and those of them in a group whose
+    learning rate is 0.
+
+    >>> net = nn.Linear(3, 1)
+    >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    >>> with GradientStats(net) as grads:
+    ...     net(torch.randn(4, 3)).sum().backward()
+    ...     optimizer.step()
+    >>> grads.stepped_optimizers()
+    [SteppedOptimizer(name='SGD', steps=1, params=('weight', 'bias'), zero_lr=())]
+    """
+
+    name: str
+    steps: int
+    params: tuple[str, ...]
+    zero_lr: tuple[str, ...]
+
+
+class _Seen:
+    """What the step pre-hook saw of one optimizer (positions into GradientStats.params)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+        self.positions: dict[int, Any] = {}  # position -> its group's learning rate at the last step
+
+
 _UNINITIALIZED = -1  # the version given to a lazy parameter's fingerprint before it exists
 
 
@@ -999,6 +1038,14 @@ def _changed(
         for position, flag in zip(positions, moved, strict=True):
             changed[position] = bool(flag)
     return changed
+
+
+def _is_zero_lr(lr: Any) -> bool:
+    """Whether a param group's learning rate (a number or a tensor, read now) is 0."""
+    try:
+        return float(lr) == 0.0
+    except (TypeError, ValueError, RuntimeError):
+        return False  # no lr (an optimizer without one) or not a number
 
 
 def _grad_on_host(grad: torch.Tensor) -> list[float]:
@@ -1125,6 +1172,10 @@ class GradientStats:
         # the parameters' fingerprints when recording began and when it ended (see updated())
         self._before: list[tuple[int, torch.Tensor | None]] | None = None
         self._after: list[tuple[int, torch.Tensor | None]] | None = None
+        # the optimizers that stepped on these parameters, and the parameters whose gradient
+        # was gone (None) when one stepped, though backward had just given them one
+        self._optimizers: dict[int, _Seen] = {}
+        self._lost: dict[int, str] = {}
 
     def __enter__(self) -> GradientStats:
         self.start()
@@ -1158,9 +1209,59 @@ class GradientStats:
             for owner in lazy.values():
                 self._handles.append(owner.register_forward_hook(self._materialized))
             self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.end_step()))
+            # every optimizer's step (a global hook, torch >= 2.0): which parameters it holds
+            optimizer_module = importlib.import_module("torch.optim.optimizer")  # (not an attribute)
+            register = getattr(optimizer_module, "register_optimizer_step_pre_hook", None)
+            if register is not None:
+                self._handles.append(register(self._optimizer_step))
         except BaseException:
             self.stop()
             raise
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Before any optimizer's ``step()``: note which of the model's parameters it holds (and
+        their learning rates), and which of those had a gradient from the backward just
+        recorded but none now (``zero_grad()`` between ``backward()`` and ``step()``). Host
+        work only: no device read."""
+        held: dict[int, Any] = {}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                position = self._index.get(id(param))
+                if position is not None:
+                    held[position] = group.get("lr")
+        if not held:
+            return  # another model's optimizer
+        seen = self._optimizers.get(id(optimizer))
+        if seen is None:
+            seen = self._optimizers[id(optimizer)] = _Seen(type(optimizer).__name__)
+        seen.steps += 1
+        seen.positions.update(held)
+        for position in held:
+            if position in self._pending and self.params[position][1].grad is None:
+                self._lost.setdefault(position, seen.name)
+
+    def stepped_optimizers(self) -> list[SteppedOptimizer]:
+        """The optimizers whose ``step()`` ran on the model's parameters while recording
+        (seen through torch's global optimizer hooks), in the order they first stepped."""
+        found = []
+        for seen in self._optimizers.values():
+            positions = sorted(seen.positions)
+            zero_lr = [position for position in positions if _is_zero_lr(seen.positions[position])]
+            found.append(
+                SteppedOptimizer(
+                    seen.name,
+                    seen.steps,
+                    tuple(self.params[position][0] for position in positions),
+                    tuple(self.params[position][0] for position in zero_lr),
+                )
+            )
+        return found
+
+    def lost_before_step(self) -> dict[str, str]:
+        """Parameters that got a gradient in backward whose ``.grad`` was None when an
+        optimizer's ``step()`` then ran (so it skipped them), with that optimizer's name: the
+        ``backward(); zero_grad(); step()`` order, or a ``.grad`` set to None by hand."""
+        return {self.params[position][0]: name for position, name in sorted(self._lost.items())}
 
     def _hook(self, param: torch.Tensor) -> None:
         handle = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
@@ -1361,12 +1462,12 @@ class GradientStats:
         return {name: flag for (name, _), flag in zip(self.params, changed, strict=True)}
 
     def not_updated(self) -> list[str]:
-        """Parameters that got a gradient but never changed, while others did: an optimizer
-        ran, but not on them (left out of its param groups, or a gradient of zeros). Empty
-        when nothing changed at all (no optimizer step inside the block: nothing to judge).
-        Frozen parameters are not tracked."""
+        """Parameters that got a gradient but never changed, while an optimizer stepped or
+        others changed: left out of its param groups, a gradient of zeros, a ``.grad`` gone
+        before ``step()`` (the checks tell these apart). Empty when no optimizer stepped and
+        nothing changed (nothing to judge). Frozen parameters are not tracked."""
         updated = self.updated()
-        if not any(updated.values()):
+        if not any(updated.values()) and not self._optimizers:
             return []
         return [stats.name for stats in self if stats.got_grad and updated[stats.name] is False]
 

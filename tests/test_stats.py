@@ -1233,7 +1233,14 @@ def test_parameters_left_out_of_the_optimizer_are_named(make: Any) -> None:
         ("2.weight", "update"),
         ("2.bias", "update"),
     ]
-    assert "got a gradient but never changed: is it in the optimizer's param groups?" in str(raised.value)
+    name = type(make([nn.Parameter(torch.zeros(1))])).__name__
+    assert [f.note for f in raised.value.findings] == [
+        f"got a gradient but is in none of the param groups of {name}, the optimizer that stepped "
+        f"(frozen on purpose: requires_grad_(False))"
+    ] * 2
+    assert [(o.name, o.steps, o.params) for o in grads.stepped_optimizers()] == [
+        (name, 2, ("0.weight", "0.bias"))
+    ]
     everything = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     _train(everything, make(everything.parameters())).check()  # all updated: healthy
     grads.check(require_update=False)  # not looked at
@@ -1273,6 +1280,114 @@ def test_a_parameter_group_at_lr_0_counts_as_updated_and_a_zero_gradient_is_said
     grads = _train(gated, torch.optim.SGD(gated.parameters(), lr=0.1, fused=True))
     assert grads.not_updated() == ["gated.weight", "gated.bias"]
     assert [f.note for f in grads.findings()] == ["its gradient was zero at every step"] * 2
+
+
+def test_zero_grad_between_backward_and_step_is_named() -> None:
+    # the beginner's order: the step finds every .grad None and changes nothing, so no parameter
+    # moved at all; the optimizer's own step hook shows it stepped, and on what
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(net.parameters())
+    with GradientStats(net) as grads:
+        for _ in range(2):
+            net(torch.randn(5, 4)).sum().backward()
+            optimizer.zero_grad()
+            optimizer.step()
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert grads.lost_before_step() == dict.fromkeys(names, "AdamW")
+    assert grads.not_updated() == names
+    with pytest.raises(HealthError) as raised:
+        grads.check()
+    assert [f.layer for f in raised.value.findings] == names
+    assert raised.value.findings[0].note == (
+        "its .grad was None when AdamW.step() ran, so the step skipped it: "
+        "zero_grad() between backward() and step()?"
+    )
+    _train(net, optimizer).check()  # zero_grad(); backward(); step(): healthy
+
+
+def test_a_zero_initialised_partner_is_not_a_forgotten_parameter() -> None:
+    # LoRA: B starts at zero, so A's first gradient is exactly zero and one fused Adam step
+    # leaves it as it was (values and version); it is in the optimizer, and from the second
+    # step on it learns
+    class LoRA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = nn.Linear(4, 4).requires_grad_(False)
+            self.a = nn.Parameter(torch.randn(2, 4))
+            self.b = nn.Parameter(torch.zeros(4, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + x @ self.a.T @ self.b.T
+
+    torch.manual_seed(0)
+    model = LoRA()
+    one = _train(model, torch.optim.Adam(model.parameters(), fused=True), steps=1)
+    assert one.not_updated() == ["a"]  # the raw fact
+    one.check()  # not a finding: its optimizer holds it, and had nothing to apply yet
+    with pytest.raises(HealthError, match=r"its gradient was zero at every step"):
+        one.check(require_update=True)
+    _train(model, torch.optim.Adam(model.parameters(), fused=True), steps=2).check(require_update=True)
+
+
+def test_the_optimizers_that_stepped_tell_why_a_parameter_stayed() -> None:
+    class Still(torch.optim.Optimizer):
+        """Steps on nothing: a custom optimizer with a bug."""
+
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure: Any = None) -> None:
+            return None
+
+    torch.manual_seed(0)
+    gan = nn.ModuleDict({"generator": nn.Linear(4, 4), "critic": nn.Linear(4, 1)})
+    other = nn.Linear(4, 4)  # another model's optimizer steps too: not listed
+    gen_opt = torch.optim.SGD(gan["generator"].parameters(), lr=0.1, fused=True)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    with GradientStats(gan) as grads:
+        gen_opt.zero_grad()
+        gan["critic"](gan["generator"](torch.randn(3, 4))).sum().backward()  # a generator step
+        gen_opt.step()
+        other(torch.randn(2, 4)).sum().backward()
+        other_opt.step()
+    assert [o.name for o in grads.stepped_optimizers()] == ["SGD"]
+    notes = {f.layer: f.note for f in grads.findings()}
+    assert notes == dict.fromkeys(
+        ["critic.weight", "critic.bias"],
+        "got a gradient but is in none of the param groups of SGD, the optimizer that stepped "
+        "(frozen on purpose: requires_grad_(False))",
+    )
+    grads.check(require_update=False)  # a generator-only step: the critic is left out on purpose
+
+    net = nn.Linear(4, 2)
+    still = Still(net.parameters())
+    mixed = torch.optim.SGD(
+        [{"params": [net.weight], "lr": 0.0}, {"params": [net.bias], "lr": 0.1}], fused=True
+    )
+    with GradientStats(net) as grads:
+        net(torch.randn(3, 4)).sum().backward()
+        still.step()
+    assert [f.note for f in grads.findings()] == [
+        "in a param group of Still with a gradient, yet its step left it unchanged"
+    ] * 2
+    with GradientStats(net) as grads:
+        net(torch.randn(3, 4)).sum().backward()
+        mixed.step()  # fused: lr 0 changes neither values nor versions, and is a choice
+    (stepped,) = grads.stepped_optimizers()
+    assert stepped.zero_lr == ("weight",) and grads.not_updated() == ["weight"]
+    grads.check()
+
+
+def test_the_optimizer_hook_is_gone_after_the_block_also_when_it_raises() -> None:
+    from torch.optim import optimizer as optimizer_module
+
+    before = len(optimizer_module._global_optimizer_pre_hooks)
+    net = nn.Linear(4, 2)
+    with pytest.raises(RuntimeError, match="boom"), GradientStats(net):
+        assert len(optimizer_module._global_optimizer_pre_hooks) == before + 1
+        raise RuntimeError("boom")
+    assert len(optimizer_module._global_optimizer_pre_hooks) == before
 
 
 def test_updated_while_recording_compares_with_now_and_meta_values_are_unknown() -> None:

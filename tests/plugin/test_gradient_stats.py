@@ -72,6 +72,6 @@ def test_gradient_stats_names_parameters_the_optimizer_left_out(run, pytester) -
     result.stdout.fnmatch_lines(
         [
             "*gradient health check failed: 2 finding(s)*",
-            "*2.weight*update*is it in the optimizer's param groups?*",
+            "*2.weight*update*in none of the param groups of AdamW, the optimizer that stepped*",
         ]
     )
