@@ -273,7 +273,8 @@ class FixtureActivationStats(ActivationStats):
 
 
 class FixtureGradientStats(GradientStats):
-    """GradientStats that reports failing checks in the test's report."""
+    """GradientStats whose ``check()`` defaults to the configured norm bounds and reports
+    failures in the test's report."""
 
     def __init__(self, model: nn.Module, *, fixture: FixtureState, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -282,16 +283,19 @@ class FixtureGradientStats(GradientStats):
     def check(
         self,
         *,
-        max_norm: float | None = None,
-        min_norm: float | None = None,
+        max_norm: Any = _UNSET,
+        min_norm: Any = _UNSET,
         require_grad: bool = True,
         require_update: bool | None = None,
     ) -> None:
+        """Like :meth:`GradientStats.check`; norm bounds not given come from the ``modelhooks``
+        marker (``max_grad_norm=``, ``min_grad_norm=``) or the ini file."""
         __tracebackhide__ = True
+        bounds = self._fixture.settings.grad_bounds()
+        given = {"max_norm": max_norm, "min_norm": min_norm}
+        bounds.update({key: value for key, value in given.items() if value is not _UNSET})
         try:
-            super().check(
-                max_norm=max_norm, min_norm=min_norm, require_grad=require_grad, require_update=require_update
-            )
+            super().check(require_grad=require_grad, require_update=require_update, **bounds)
         except HealthError as error:
             self._fixture.report(str(error))
             raise

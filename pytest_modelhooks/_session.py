@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 DEVICES = ("cpu", "cuda", "auto")
-_MARKER_KEYS = ("std", "max_dead", "max_near_zero", "max_std_growth", "device")
+_MARKER_KEYS = (
+    "std",
+    "max_dead",
+    "max_near_zero",
+    "max_std_growth",
+    "max_grad_norm",
+    "min_grad_norm",
+    "device",
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class Settings:
     max_dead: float | None = None
     max_near_zero: float | None = None
     max_std_growth: float | None = None
+    max_grad_norm: float | None = None
+    min_grad_norm: float | None = None
     plots_dir: str | None = None
     check_leaks: bool = False
     snapshot_rtol: float = 0.0
@@ -39,6 +49,10 @@ class Settings:
             "max_near_zero": self.max_near_zero,
             "max_std_growth": self.max_std_growth,
         }
+
+    def grad_bounds(self) -> dict[str, Any]:
+        """The gradient-check bounds, as keyword arguments of ``GradientStats.check``."""
+        return {"max_norm": self.max_grad_norm, "min_norm": self.min_grad_norm}
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -88,6 +102,13 @@ def _positive(text: Any, where: str, *, allow_zero: bool = False) -> float | Non
     return value
 
 
+def _ordered_norms(settings: Settings, where: str) -> Settings:
+    low, high = settings.min_grad_norm, settings.max_grad_norm
+    if low is not None and high is not None and low > high:
+        raise pytest.UsageError(f"{where}: min_grad_norm={low!r} is above max_grad_norm={high!r}")
+    return settings
+
+
 def _tolerance(config: pytest.Config, key: str) -> float:
     return _positive(config.getini(key), key, allow_zero=True) or 0.0
 
@@ -108,12 +129,16 @@ def configure(config: pytest.Config) -> None:
         max_dead=_fraction(config.getini("modelhooks_max_dead"), "modelhooks_max_dead"),
         max_near_zero=_fraction(config.getini("modelhooks_max_near_zero"), "modelhooks_max_near_zero"),
         max_std_growth=_positive(config.getini("modelhooks_max_std_growth"), "modelhooks_max_std_growth"),
+        max_grad_norm=_positive(config.getini("modelhooks_max_grad_norm"), "modelhooks_max_grad_norm"),
+        min_grad_norm=_positive(
+            config.getini("modelhooks_min_grad_norm"), "modelhooks_min_grad_norm", allow_zero=True
+        ),
         plots_dir=option.modelhooks_plots or config.getini("modelhooks_plots_dir") or None,
         check_leaks=bool(option.modelhooks_check_leaks),
         snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
         snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
     )
-    config.stash[SETTINGS] = settings
+    config.stash[SETTINGS] = _ordered_norms(settings, "modelhooks_min_grad_norm")
     config.stash[CURRENT_ITEM] = None
 
 
@@ -138,11 +163,13 @@ def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
                 changes[key] = _std(value, f"{where}(std=...)") if value is not None else None
             elif key in ("max_dead", "max_near_zero"):
                 changes[key] = _fraction(value, f"{where}({key}=...)")
-            elif key == "max_std_growth":
+            elif key in ("max_std_growth", "max_grad_norm"):
                 changes[key] = _positive(value, f"{where}({key}=...)")
+            elif key == "min_grad_norm":
+                changes[key] = _positive(value, f"{where}({key}=...)", allow_zero=True)
             else:
                 changes[key] = _device(value, f"{where}(device=...)")
-        settings = replace(settings, **changes)
+        settings = _ordered_norms(replace(settings, **changes), where)
     return settings
 
 

@@ -48,6 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "modelhooks_max_near_zero", "default max fraction of near-zero activations (0-1)", default=""
     )
     parser.addini("modelhooks_max_std_growth", "default max std ratio between consecutive layers", default="")
+    parser.addini("modelhooks_max_grad_norm", "default max gradient norm of gradient checks", default="")
+    parser.addini("modelhooks_min_grad_norm", "default min gradient norm of gradient checks", default="")
     parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")
     parser.addini("modelhooks_snapshot_rtol", "relative tolerance for numbers in snapshots", default="0")
     parser.addini("modelhooks_snapshot_atol", "absolute tolerance for numbers in snapshots", default="0")
@@ -56,7 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "modelhooks(std=(low, high), max_dead=..., max_near_zero=..., max_std_growth=..., device=...): "
+        "modelhooks(std=(low, high), max_dead=..., max_near_zero=..., max_std_growth=..., "
+        "max_grad_norm=..., min_grad_norm=..., device=...): "
         "health-check bounds and device for this test's modelhooks fixtures",
     )
     _session.configure(config)

@@ -75,3 +75,42 @@ def test_gradient_stats_names_parameters_the_optimizer_left_out(run, pytester) -
             "*2.weight*update*in none of the param groups of AdamW, the optimizer that stepped*",
         ]
     )
+
+
+def test_gradient_norm_bounds_come_from_the_marker_and_the_ini_file(run, pytester) -> None:
+    pytester.makeini(
+        "[pytest]\naddopts = -p no:randomly -p no:cacheprovider\nmodelhooks_max_grad_norm = 1e-6\n"
+    )
+    write(
+        pytester,
+        "test_bounds",
+        """
+        import pytest, torch
+        from torch import nn
+
+        def step(gradient_stats):
+            torch.manual_seed(0)
+            model = nn.Linear(3, 1)
+            with gradient_stats(model) as grads:
+                model(torch.randn(4, 3)).sum().backward()
+            return grads
+
+        def test_ini_bound_applies(gradient_stats):
+            with pytest.raises(AssertionError, match=r"(?s)weight.*grad norm.*<= 1e-06.*exploding"):
+                step(gradient_stats).check()
+
+        def test_an_explicit_none_lifts_it(gradient_stats):
+            step(gradient_stats).check(max_norm=None)
+
+        @pytest.mark.modelhooks(max_grad_norm=1e6)
+        def test_marker_wins(gradient_stats):
+            step(gradient_stats).check()
+
+        @pytest.mark.modelhooks(max_grad_norm=None, min_grad_norm=1e3)
+        def test_vanishing_from_the_marker(gradient_stats):
+            step(gradient_stats).check()
+        """,
+    )
+    result = run()
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["*test_vanishing_from_the_marker*", "*grad norm*>= 1000*vanishing*"])

@@ -50,6 +50,11 @@ def test_precedence_marker_over_cli_over_ini(run, pytester) -> None:
         ("modelhooks_std_range = 5,1", "modelhooks_std_range: need 0 <= low <= high, got '5,1'"),
         ("modelhooks_device = tpu", "modelhooks_device: expected one of cpu, cuda, auto, got 'tpu'"),
         ("modelhooks_snapshot_rtol = -1", "modelhooks_snapshot_rtol: expected a positive number, got '-1'"),
+        ("modelhooks_max_grad_norm = big", "modelhooks_max_grad_norm: expected a positive number, got 'big'"),
+        (
+            "modelhooks_max_grad_norm = 1\nmodelhooks_min_grad_norm = 5",
+            "modelhooks_min_grad_norm: min_grad_norm=5.0 is above max_grad_norm=1.0",
+        ),
     ],
 )
 def test_bad_ini_values_are_usage_errors(pytester: pytest.Pytester, ini: str, message: str) -> None:
@@ -74,10 +79,15 @@ def test_bad_marker_arguments_error_the_test(run, pytester) -> None:
         @pytest.mark.modelhooks(stdev=(1, 2))
         def test_unknown_key(activation_stats):
             pass
+
+        @pytest.mark.modelhooks(max_grad_norm=1, min_grad_norm=2)
+        def test_crossed_norms(gradient_stats):
+            pass
         """,
     )
     result = run("--strict-markers")
-    result.assert_outcomes(errors=2)
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(["*@pytest.mark.modelhooks: min_grad_norm=2.0 is above max_grad_norm=1.0*"])
     result.stdout.fnmatch_lines(
         ["*@pytest.mark.modelhooks(max_dead=...): expected a number in [[]0, 1[]], got 3*"]
     )
