@@ -1186,16 +1186,58 @@ def is_input_data(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and any(isinstance(item, torch.Tensor) for item in value)
 
 
-def _normalise_input(input: Any, argument: str = "input") -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _normalise_input(
+    input: Any, argument: str = "input", model: nn.Module | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(input, torch.Tensor):
         return (input,), {}
     if isinstance(input, Mapping):
+        if model is not None and _is_one_batch_dict(model, input, argument):
+            return (input,), {}
         return (), dict(input)
     if isinstance(input, (tuple, list)):
         return tuple(input), {}
     raise TypeError(
         f"{argument} must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
         f"got {type(input).__name__}"
+    )
+
+
+def _is_one_batch_dict(model: nn.Module, input: Mapping[str, Any], argument: str) -> bool:
+    """Whether a dict given as the input is one positional input (``forward(self, batch)``
+    reading ``batch["image"]``) rather than keyword inputs: none of its keys is a parameter
+    of a forward that takes no ``**kwargs``. Some keys parameters and some not: an error
+    naming them, before anything runs."""
+    parameters = _forward_parameters(model)
+    if parameters is None:
+        return False  # it takes any keyword (or cannot be read): keyword inputs, as given
+    names = {
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    unknown = [key for key in input if key not in names]
+    if not unknown:
+        return False
+    first = next(iter(parameters.values()), None)
+    takes_one = first is not None and first.kind in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
+    if len(unknown) == len(input) and takes_one:
+        return True
+    raise TypeError(
+        f"{argument}: a dict is the forward's keyword inputs, and {', '.join(map(repr, unknown))} "
+        f"is not a parameter of {type(model).__name__}.forward{_bare_signature(parameters)}; to pass "
+        f"the dict itself as the first input, wrap it in a tuple: {argument}=(batch,)"
+    )
+
+
+def _bare_signature(parameters: Mapping[str, inspect.Parameter]) -> inspect.Signature:
+    """A signature with the parameters' names alone: annotations and defaults make it unreadable."""
+    empty = inspect.Parameter.empty
+    return inspect.Signature(
+        [parameter.replace(annotation=empty, default=empty) for parameter in parameters.values()]
     )
 
 
@@ -1236,14 +1278,10 @@ def with_forward_kwargs(
         }
         unknown = [name for name in forward_kwargs if name not in taken]
         if unknown:
-            # the parameters' names alone: annotations and defaults make it unreadable
-            empty = inspect.Parameter.empty
-            bare = inspect.Signature(
-                [parameter.replace(annotation=empty, default=empty) for parameter in parameters.values()]
-            )
             raise TypeError(
                 f"{caller}() got an unexpected keyword argument {unknown[0]!r}: it is neither one of "
-                f"{caller}()'s options nor a parameter of {type(model).__name__}.forward{bare}"
+                f"{caller}()'s options nor a parameter of {type(model).__name__}.forward"
+                f"{_bare_signature(parameters)}"
             )
     return args, {**kwargs, **forward_kwargs}
 
@@ -1416,7 +1454,7 @@ def _model_sizes(
     else:
         if size is not None:
             raise ValueError("pass either size= or input=, not both")
-        args, kwargs = _normalise_input(input)
+        args, kwargs = _normalise_input(input, "input", model)
         args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "model_sizes")
         trace = trace_model(model, args, kwargs, engine=engine)
     by_module: dict[int, list[Any]] = {}

@@ -371,7 +371,7 @@ def model_summary(
             trace = trace_dummy(model, engine=engine, count_flops=count_mult_adds, kwargs=kwargs)
             return _build(model, trace, depth, count_mult_adds)
         if input_data is not None:
-            args, kwargs = _normalise_input(input_data, "input_data")
+            args, kwargs = _normalise_input(input_data, "input_data", model)
             argument = "input_data"
         else:
             args, kwargs = _input_from_size(model, input_size), {}

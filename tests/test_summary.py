@@ -559,6 +559,59 @@ def test_a_forward_taking_any_keyword_gets_them_all() -> None:
     assert summary.output_shapes == (5, 2, 4)
 
 
+class _ReadsABatchDict(nn.Module):
+    """``forward(self, batch)`` reading named fields, as training pipelines write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.enc(batch["image"]) + batch["offset"])
+
+
+def test_a_dict_whose_keys_are_no_parameters_is_the_one_input() -> None:
+    # a dict is keyword inputs when its keys name the forward's parameters; for forward(batch)
+    # it failed with "unexpected keyword argument 'image'"
+    model, batch = _ReadsABatchDict(), {"image": torch.randn(3, 4), "offset": torch.zeros(3, 8)}
+    expected = model_summary(model, input_data=(batch,))
+    assert str(model_summary(model, batch)) == str(model_summary(model, input_data=batch)) == str(expected)
+    assert expected.output_shapes == (3, 2)
+    assert model_sizes(model, batch) == model_sizes(model, input=(batch,))
+    # keys that do name its parameters stay keyword inputs, also for a forward taking **kwargs
+    assert model_summary(model, input_data={"batch": batch}).output_shapes == (3, 2)
+
+    class Open(nn.Module):
+        def forward(self, **fields: torch.Tensor) -> torch.Tensor:
+            return fields["image"] * 2
+
+    assert model_summary(Open(), input_data={"image": torch.ones(2, 3)}).output_shapes == (2, 3)
+
+
+def test_a_dict_naming_some_parameters_but_not_others_is_refused_first() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            return self.proj(x)
+
+    model = TwoInputs()
+    with (
+        untouched(model),
+        pytest.raises(
+            TypeError,
+            match=r"input_data: a dict is the forward's keyword inputs, and 'msk' is not a parameter of "
+            r"TwoInputs\.forward\(x, mask\); to pass the dict itself as the first input, wrap it in a "
+            r"tuple: input_data=\(batch,\)",
+        ),
+    ):
+        model_summary(model, input_data={"x": torch.ones(2, 4), "msk": torch.ones(2)})
+    with pytest.raises(TypeError, match=r"^input: a dict is the forward's keyword inputs, and 'msk'"):
+        model_sizes(model, input={"x": torch.ones(2, 4), "msk": torch.ones(2)})
+
+
 def test_a_model_failing_on_keyword_inputs_shows_them() -> None:
     class NeedsMask(nn.Module):
         def forward(self, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
