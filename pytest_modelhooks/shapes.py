@@ -1413,7 +1413,8 @@ def model_sizes(
     Works on any ``nn.Module``. ``modules`` defaults to the model's direct children (fastai's
     order for a Sequential; the model itself when it has none); it also takes ``"leaves"``,
     ``"all"``, qualified names or globs, module types or module objects. ``input`` (a tensor,
-    a tuple of positional inputs or a dict of keyword inputs) replaces the dummy batch for
+    a tuple of positional inputs or a dict of keyword inputs, or the one input when no key
+    names a parameter of the forward) replaces the dummy batch for
     models whose input cannot be guessed (data given as ``size``, ``model_sizes(model, x)``,
     is taken as ``input``); nested (ragged) tensors run on the real engine, and their sizes
     hold ``None`` in a ragged dimension (shown as ``2..5``, shortest to longest). Any other

@@ -341,8 +341,9 @@ def model_summary(
 
     ``input_size`` is the full input shape, batch included (``(1, 3, 224, 224)``), or a list of
     shapes for several inputs; ``input_data`` is a tensor, a tuple of positional inputs or a
-    dict of keyword inputs (``model_summary(model, x)`` takes a tensor given as ``input_size``
-    as data); with neither, a dummy batch of one is built from the first layer. Any other
+    dict of keyword inputs (the one input when no key names a parameter of the forward;
+    ``model_summary(model, x)`` takes a tensor given as ``input_size`` as data); with
+    neither, a dummy batch of one is built from the first layer. Any other
     keyword argument goes to the forward beside the input, as in torchinfo
     (``model_summary(encoder, x, src_key_padding_mask=mask)``). ``depth`` folds
     rows deeper than it (totals are unaffected). The forward runs on meta/fake stand-ins for the
