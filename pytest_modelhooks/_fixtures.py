@@ -274,7 +274,7 @@ class FixtureActivationStats(ActivationStats):
 
 class FixtureGradientStats(GradientStats):
     """GradientStats whose ``check()`` defaults to the configured norm bounds and reports
-    failures in the test's report."""
+    failures in the test's report (table, and plot path when plots are on)."""
 
     def __init__(self, model: nn.Module, *, fixture: FixtureState, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
@@ -297,5 +297,13 @@ class FixtureGradientStats(GradientStats):
         try:
             super().check(require_grad=require_grad, require_update=require_update, **bounds)
         except HealthError as error:
-            self._fixture.report(str(error))
-            raise
+            text = str(error)
+            path = self._fixture.plot_path("gradients")
+            if path is not None and self.num_steps:
+                try:
+                    self.plot(path=path, max_norm=bounds.get("max_norm"), min_norm=bounds.get("min_norm"))
+                    text += f"\nplot: {path}"
+                except ImportError as missing:
+                    text += f"\nno plot: {missing}"
+            self._fixture.report(text)
+            raise HealthError(text, error.findings) from None

@@ -1,4 +1,4 @@
-"""Pictures of activation statistics (the optional ``plot`` extra: matplotlib).
+"""Pictures of activation and gradient statistics (the optional ``plot`` extra: matplotlib).
 
 Rendering is headless (the Agg canvas is used directly, whatever backend pyplot would pick), and
 every function returns the matplotlib ``Figure`` and, given ``path``, writes a PNG.
@@ -16,9 +16,9 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from pytest_modelhooks.stats import ActivationStats
+    from pytest_modelhooks.stats import ActivationStats, GradientStats
 
-__all__ = ["color_dim", "plot_stats"]
+__all__ = ["color_dim", "plot_grads", "plot_stats"]
 
 _TITLES = {
     "mean": "mean",
@@ -228,3 +228,100 @@ def color_dim(stats: ActivationStats, layer: int | str, path: str | Path | None 
         axis.axhline(0.0, color="white", linewidth=0.5)
     _save(figure, path)
     return figure
+
+
+def plot_grads(
+    grads: GradientStats,
+    path: str | Path | None = None,
+    *,
+    max_norm: float | None = None,
+    min_norm: float | None = None,
+) -> Figure:
+    """The gradient flow: each parameter's gradient norm (log scale, model order, every step a
+    dot, the median a line) beside its largest magnitude, so a vanishing or exploding stretch
+    of the network shows as a slope; with several steps, a second panel has each module's norm
+    over the steps. Parameters that never got a gradient, whose gradient was all zeros or
+    non-finite are marked in red along the bottom (``x``, ``o``) or the top (``^``) and counted
+    in the title; ``max_norm`` / ``min_norm`` are drawn as dashed red lines.
+
+    >>> with GradientStats(model) as grads:  # doctest: +SKIP
+    ...     loss_fn(model(x), y).backward()
+    >>> plot_grads(grads, path="grads.png", max_norm=10.0)  # doctest: +SKIP
+    Figure(600x450)
+    """
+    params = list(grads)
+    many_steps = grads.num_steps > 1
+    width = min(max(6.0, 0.25 * len(params)), 12.0)
+    figure = _figure(width + (6.0 if many_steps else 0.0), 4.5)
+    axes = figure.subplots(1, 2 if many_steps else 1, squeeze=False)[0]
+    axis = axes[0]
+    positions = list(range(len(params)))
+    unused, zero, nonfinite = [], [], []
+    medians, largest = [], []
+    dots_x: list[int] = []
+    dots_y: list[float] = []
+    for position, param in zip(positions, params, strict=True):
+        norms = param.norm[~torch.isnan(param.norm)]
+        finite = norms[torch.isfinite(norms)]
+        if not param.got_grad:
+            unused.append(position)
+        elif bool((param.nonfinite > 0).any()):
+            nonfinite.append(position)
+        elif bool((finite == 0).all()):
+            zero.append(position)
+        positive = finite[finite > 0]
+        # zeros and infinities have no place on a log axis: the markers below say where they are
+        dots_x += [position] * len(positive)
+        dots_y += positive.tolist()
+        medians.append(float(positive.median()) if len(positive) else math.nan)
+        magnitudes = param.max_abs[torch.isfinite(param.max_abs) & (param.max_abs > 0)]
+        largest.append(float(magnitudes.max()) if len(magnitudes) else math.nan)
+    axis.plot(dots_x, dots_y, ".", color="tab:blue", alpha=0.3)  # every step's norm
+    label = "norm (median over steps)" if many_steps else "norm"
+    axis.plot(positions, medians, marker="o", markersize=3, color="tab:blue", label=label)
+    axis.plot(
+        positions, largest, marker="^", markersize=3, linewidth=0.8, color="tab:orange", label="max |g|"
+    )
+    axis.set_yscale("log")
+    edge = axis.get_xaxis_transform()  # x in data, y in axes: 0.02 is the bottom, 0.98 the top
+    for marks, symbol, y in ((unused, "x", 0.02), (zero, "o", 0.02), (nonfinite, "^", 0.98)):
+        if marks:
+            axis.plot(marks, [y] * len(marks), symbol, color="tab:red", transform=edge, clip_on=False)
+    _draw_bounds(axis, [bound for bound in (min_norm, max_norm) if bound is not None])
+    counts = [
+        f"{len(marks)} {what}"
+        for marks, what in ((unused, "unused"), (zero, "all zero"), (nonfinite, "non-finite"))
+        if marks
+    ]
+    axis.set_title("gradient norm per parameter" + (f" ({', '.join(counts)})" if counts else ""))
+    axis.set_xlabel("parameter, in model order")
+    step = max(1, len(params) // 40)
+    axis.set_xticks(
+        positions[::step], [param.name for param in params[::step]], rotation=90, fontsize="x-small"
+    )
+    axis.legend(fontsize="small")
+    if many_steps:
+        _plot_module_norms(axes[1], grads)
+    _save(figure, path)
+    return figure
+
+
+def _plot_module_norms(axis: Any, grads: GradientStats) -> None:
+    # modules whose parameters never got a gradient have no line (the first panel marks them)
+    norms = {name: values for name, values in grads.module_norms().items() if bool((values > 0).any())}
+    names = list(norms)
+    many = len(names) > _LEGEND_LIMIT
+    if many:
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"]
+    for index, (name, values) in enumerate(norms.items()):
+        shown = torch.where(values > 0, values, torch.full_like(values, math.nan))  # log axis
+        color = cmap(index / (len(names) - 1)) if many else None
+        axis.plot(range(len(values)), shown.tolist(), linewidth=1, color=color, label=name or "(model)")
+    axis.set_yscale("log")
+    axis.set_title("gradient norm per module")
+    axis.set_xlabel("step")
+    _whole_batches(axis)
+    if names and not many:
+        axis.legend(fontsize="small")

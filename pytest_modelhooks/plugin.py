@@ -31,7 +31,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--modelhooks-plots",
         metavar="DIR",
         default=None,
-        help="write activation plots of failing health checks to DIR. ini: modelhooks_plots_dir.",
+        help="write plots of failing activation and gradient checks to DIR. ini: modelhooks_plots_dir.",
     )
     group.addoption(
         "--modelhooks-check-leaks",

@@ -1529,6 +1529,19 @@ class GradientStats:
         )
         raise_for(found, "gradient")
 
+    def plot(
+        self,
+        path: str | Path | None = None,
+        *,
+        max_norm: float | None = None,
+        min_norm: float | None = None,
+    ) -> Figure:
+        """The gradient flow, per parameter and per module (needs matplotlib), with the bounds
+        given drawn as dashed lines; see :func:`pytest_modelhooks.plotting.plot_grads`."""
+        from pytest_modelhooks.plotting import plot_grads
+
+        return plot_grads(self, path, max_norm=max_norm, min_norm=min_norm)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per parameter, every statistic per step (NaN as None)."""
         result: dict[str, Any] = {}

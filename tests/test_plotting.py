@@ -10,7 +10,7 @@ from tests import zoo
 
 pytest.importorskip("matplotlib")
 
-from pytest_modelhooks import ActivationStats
+from pytest_modelhooks import ActivationStats, GradientStats
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -105,3 +105,64 @@ def test_one_batch_is_plotted_along_the_layers_with_the_bounds(tmp_path: Path) -
     assert [line.get_ydata()[0] for line in bounds] == [0.5, 2.0]
     assert [line.get_ydata()[0] for line in near_zero.lines[1:]] == [0.3] and len(mean.lines) == 1
     assert png_size(tmp_path / "one.png")[1] == 450
+
+
+class _Troubled(torch.nn.Module):
+    """Every gradient case the picture marks: healthy, unused, all zero, non-finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.gated = torch.nn.Linear(4, 4)  # multiplied by 0: a gradient of zeros
+        self.root = torch.nn.Linear(4, 4)  # through sqrt at 0: an infinite gradient
+        self.spare = torch.nn.Linear(4, 4)  # never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zeroed = self.root(x) * 0.0
+        return self.body(x) + 0.0 * self.gated(x) + torch.sqrt(zeroed.abs())
+
+
+def test_the_gradient_flow_marks_every_kind_of_trouble(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Troubled()
+    with GradientStats(model) as grads:
+        model(torch.randn(3, 4)).sum().backward()
+    figure = grads.plot(path=tmp_path / "grads.png", max_norm=10.0, min_norm=1e-3)
+    assert png_size(tmp_path / "grads.png") == (600, 450)  # one step: one panel
+    (axis,) = figure.axes
+    assert axis.get_title() == "gradient norm per parameter (2 unused, 2 all zero, 2 non-finite)"
+    assert axis.get_yscale() == "log"
+    assert [label.get_text() for label in axis.get_xticklabels()] == [
+        name for name, _ in model.named_parameters()
+    ]
+    _dots, medians, _largest, *marks_and_bounds = axis.lines
+    expected = [float(grads[name].norm[0]) for name in ("body.weight", "body.bias")]
+    assert list(medians.get_ydata()[:2]) == pytest.approx(expected)
+    marks = {
+        line.get_marker(): list(line.get_xdata()) for line in marks_and_bounds if line.get_marker() != "None"
+    }
+    assert marks == {"x": [6, 7], "o": [2, 3], "^": [4, 5]}  # spare, gated, root (by position)
+    bounds = sorted(line.get_ydata()[0] for line in marks_and_bounds if line.get_linestyle() == "--")
+    assert bounds == [1e-3, 10.0]
+
+
+def test_several_steps_add_each_modules_norm_over_the_steps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"net": zoo.mlp(), "spare": torch.nn.Linear(2, 2)})  # spare: no line
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientStats(model) as grads:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model["net"](torch.randn(8, 20)).pow(2).sum().backward()
+            optimizer.step()
+    figure = grads.plot(path=tmp_path / "steps.png")
+    assert png_size(tmp_path / "steps.png") == (1200, 450)
+    parameters, modules = figure.axes
+    assert modules.get_title() == "gradient norm per module" and modules.get_yscale() == "log"
+    norms = grads.module_norms()
+    lines = {line.get_label(): list(line.get_ydata()) for line in modules.lines}
+    assert lines.keys() == {name for name in norms if name != "spare"}
+    for name, values in lines.items():
+        assert values == pytest.approx(norms[name].tolist())
+    assert all(tick == int(tick) for tick in modules.get_xticks())  # whole steps
+    assert parameters.get_legend().get_texts()[0].get_text() == "norm (median over steps)"

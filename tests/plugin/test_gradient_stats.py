@@ -114,3 +114,34 @@ def test_gradient_norm_bounds_come_from_the_marker_and_the_ini_file(run, pyteste
     result = run()
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*test_vanishing_from_the_marker*", "*grad norm*>= 1000*vanishing*"])
+
+
+def test_a_failing_gradient_check_writes_its_picture_when_plots_are_on(run, pytester, tmp_path) -> None:
+    write(
+        pytester,
+        "test_flow",
+        """
+        import torch
+        from torch import nn
+
+        def step(gradient_stats):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+            with gradient_stats(model) as grads:
+                model(torch.randn(4, 3)).sum().backward()
+            return grads
+
+        def test_exploding(gradient_stats):
+            step(gradient_stats).check(max_norm=1e-3)
+
+        def test_healthy(gradient_stats):
+            step(gradient_stats).check(max_norm=1e3)
+        """,
+    )
+    plots = tmp_path / "plots"
+    result = run(f"--modelhooks-plots={plots}")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*Captured modelhooks call*", "*exploding*", "plot: *test_exploding-gradients.png"]
+    )
+    assert [path.name.endswith("test_exploding-gradients.png") for path in plots.iterdir()] == [True]
