@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.util
 import inspect
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "run"]
@@ -198,6 +200,7 @@ _BOUND_OPTIONS = {
     "max_near_zero": "--max-near-zero",
     "max_dead": "--max-dead",
     "max_norm": "--max-grad-norm",
+    "min_norm": "--min-grad-norm",
     "std=": "--std ",
 }
 
@@ -254,12 +257,15 @@ def _health(model: Any, args: argparse.Namespace) -> int:
             max_near_zero=args.max_near_zero,
             max_std_growth=args.max_std_growth,
         )
-        grad_findings = grads.findings(max_norm=args.max_grad_norm) if args.train else []
+        grad_findings = (
+            grads.findings(max_norm=args.max_grad_norm, min_norm=args.min_grad_norm) if args.train else []
+        )
     except ValueError as error:  # a bound out of range: the command line's fault
         message = str(error)
         for name, option in _BOUND_OPTIONS.items():
             message = message.replace(name, option)
         raise UsageError(message) from None
+    plots = _health_plots(stats, grads, args, std) if args.plot else []
     if args.format == "json":
         report: dict[str, Any] = {
             "activations": stats.to_dict(),
@@ -267,6 +273,8 @@ def _health(model: Any, args: argparse.Namespace) -> int:
         }
         if args.train:
             report["gradients"] = grads.to_dict()
+        if plots:
+            report["plots"] = plots
         print(json.dumps(report, indent=2, default=str))
     else:
         print(snapshot_text(stats), end="")
@@ -282,7 +290,22 @@ def _health(model: Any, args: argparse.Namespace) -> int:
             print(format_findings(grad_findings, unit="step"))
         if not findings and not grad_findings:
             print("No findings with these bounds.")
+        for path in plots:
+            print(f"plot: {path}")
     return 1 if findings or grad_findings else 0
+
+
+def _health_plots(stats: Any, grads: Any, args: argparse.Namespace, std: Any) -> list[str]:
+    """The pictures ``--plot DIR`` asks for, written; their paths."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'pytest-modelhooks[plot]'")
+    directory = Path(args.plot)
+    written = [directory / "activations.png"]
+    stats.plot(path=written[0], std=std, max_near_zero=args.max_near_zero)
+    if args.train:
+        written.append(directory / "gradients.png")
+        grads.plot(path=written[1], max_norm=args.max_grad_norm, min_norm=args.min_grad_norm)
+    return [str(path) for path in written]
 
 
 _FACTORY_HELP = "PACKAGE.MODULE:FACTORY, or 'PACKAGE.MODULE:FACTORY(depth=50, ...)' with literal arguments"
@@ -320,6 +343,12 @@ def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParse
     health.add_argument("--max-near-zero", type=float, help="max fraction of values near zero")
     health.add_argument("--max-std-growth", type=float, help="max std ratio between consecutive layers")
     health.add_argument("--max-grad-norm", type=float, help="max gradient norm per parameter (--train)")
+    health.add_argument("--min-grad-norm", type=float, help="min gradient norm per parameter (--train)")
+    health.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="write DIR/activations.png (and with --train DIR/gradients.png); needs matplotlib",
+    )
     health.add_argument("--seed", type=int, default=0, help="seed of the random batches")
     health.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
     health.add_argument("--format", choices=("text", "json"), default="text")

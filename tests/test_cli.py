@@ -172,6 +172,10 @@ def test_health_names_each_bad_layer_and_exits_1(capsys: pytest.CaptureFixture[s
         (["--std", "low,high"], "--std 'low,high': expected low,high such as 0.2,5"),
         (["--batches", "0"], "--batches 0: must be >= 1"),
         (["--max-std-growth", "0"], "--max-std-growth must be > 0, got --max-std-growth=0.0"),
+        (
+            ["--train", "--min-grad-norm", "-1"],
+            "--min-grad-norm must be a non-negative number (a gradient norm), got --min-grad-norm=-1.0",
+        ),
     ],
 )
 def test_health_bad_bounds_exit_2(extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -179,6 +183,39 @@ def test_health_bad_bounds_exit_2(extra: list[str], message: str, capsys: pytest
         main(["health", "cli_models:small", "--input-size", "2,3,8,8", *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_health_writes_its_pictures_and_judges_the_gradient_bounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    argv = ["health", "cli_models:small", "--input-size", "8,3,16,16", "--train", "--plot", str(plots)]
+    assert main([*argv, "--min-grad-norm", "1e9"]) == 1  # every gradient is below it
+    out = capsys.readouterr().out
+    assert "Gradient findings (" in out and "vanishing" in out
+    assert out.rstrip().splitlines()[-2:] == [
+        f"plot: {plots / 'activations.png'}",
+        f"plot: {plots / 'gradients.png'}",
+    ]
+    assert sorted(path.name for path in plots.iterdir()) == ["activations.png", "gradients.png"]
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in plots.iterdir())
+    assert (
+        main(
+            [
+                "health",
+                "cli_models:small",
+                "--input-size",
+                "8,3,16,16",
+                "--plot",
+                str(tmp_path / "f"),
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["plots"] == [str(tmp_path / "f" / "activations.png")]
 
 
 def test_health_of_a_model_that_fails_names_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
