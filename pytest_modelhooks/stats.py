@@ -1123,6 +1123,21 @@ def _pack_grad_rows(pending: dict[int, Any], sizes: Sequence[int]) -> tuple[torc
     return torch.stack(rows), False
 
 
+def _weakly(owner: object, method: str) -> Callable[..., None]:
+    """``owner.<method>`` as a hook that does not keep ``owner`` alive. A tensor hook is held
+    by torch's C++ side, where the garbage collector cannot see the cycle parameter -> hook ->
+    recorder -> model -> parameter: a recorder started and never stopped kept its model (and
+    its gradients) for the life of the process, and a global optimizer hook would too."""
+    ref = weakref.ref(owner)
+
+    def hook(*args: Any) -> None:
+        alive = ref()
+        if alive is not None:
+            getattr(alive, method)(*args)
+
+    return hook
+
+
 class GradientStats:
     """Record gradient statistics of ``model``'s parameters after each backward.
 
@@ -1213,7 +1228,9 @@ class GradientStats:
             optimizer_module = importlib.import_module("torch.optim.optimizer")  # (not an attribute)
             register = getattr(optimizer_module, "register_optimizer_step_pre_hook", None)
             if register is not None:
-                self._handles.append(register(self._optimizer_step))
+                handle = register(_weakly(self, "_optimizer_step"))
+                weakref.finalize(self, handle.remove)  # a process-wide hook: gone with us
+                self._handles.append(handle)
         except BaseException:
             self.stop()
             raise
@@ -1264,7 +1281,7 @@ class GradientStats:
         return {self.params[position][0]: name for position, name in sorted(self._lost.items())}
 
     def _hook(self, param: torch.Tensor) -> None:
-        handle = param.register_post_accumulate_grad_hook(self._record)  # type: ignore[no-untyped-call]
+        handle = param.register_post_accumulate_grad_hook(_weakly(self, "_record"))  # type: ignore[no-untyped-call]
         self._handles.append(handle)
 
     def _materialized(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -1390,6 +1390,24 @@ def test_the_optimizer_hook_is_gone_after_the_block_also_when_it_raises() -> Non
     assert len(optimizer_module._global_optimizer_pre_hooks) == before
 
 
+def test_a_recorder_never_stopped_does_not_keep_its_model_alive() -> None:
+    # torch holds tensor hooks on its C++ side, out of the garbage collector's sight: a hook
+    # holding the recorder (which holds the model) kept both for the life of the process
+    from torch.optim import optimizer as optimizer_module
+
+    global_hooks = len(optimizer_module._global_optimizer_pre_hooks)
+    model = nn.Linear(3, 2)
+    grads = GradientStats(model)
+    grads.start()  # and never stop()
+    model(torch.randn(2, 3)).sum().backward()
+    assert grads.num_steps == 1
+    alive = weakref.ref(model)
+    del grads, model
+    gc.collect()
+    assert alive() is None
+    assert len(optimizer_module._global_optimizer_pre_hooks) == global_hooks
+
+
 def test_updated_while_recording_compares_with_now_and_meta_values_are_unknown() -> None:
     net = nn.Linear(4, 2)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
