@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "GradientStats": "stats",
     "LayerStats": "stats",
     "ParamGradStats": "stats",
+    "SteppedOptimizer": "stats",
     "Finding": "checks",
     "HealthError": "checks",
 }
@@ -61,6 +62,7 @@ __all__ = [
     "HealthError",
     "LayerStats",
     "ParamGradStats",
+    "SteppedOptimizer",
     "Hook",
     "HookCallback",
     "Hooks",
@@ -110,7 +112,13 @@ if TYPE_CHECKING:
         num_features_model,
         trace_model,
     )
-    from pytest_modelhooks.stats import ActivationStats, GradientStats, LayerStats, ParamGradStats
+    from pytest_modelhooks.stats import (
+        ActivationStats,
+        GradientStats,
+        LayerStats,
+        ParamGradStats,
+        SteppedOptimizer,
+    )
     from pytest_modelhooks.summary import LayerInfo, ModelSummary, model_summary
 
 
