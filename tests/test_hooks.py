@@ -491,3 +491,17 @@ def test_nested_outputs_are_stored_detached_copied_and_on_the_cpu() -> None:
         torch.testing.assert_close(stored.values(), out.values().detach())
     assert copied.stored.values().data_ptr() != out.values().data_ptr()
     assert count_hooks(layer) == 0
+
+
+def test_every_public_name_resolves_from_the_package_and_its_module() -> None:
+    import importlib
+
+    import pytest_modelhooks
+
+    lazy = pytest_modelhooks._EXPORTS
+    assert set(pytest_modelhooks.__all__) == set(lazy) | {"__version__", "StoredOutputChanged"}
+    for name, module in lazy.items():
+        value = getattr(pytest_modelhooks, name)
+        assert value is getattr(importlib.import_module(f"pytest_modelhooks.{module}"), name), name
+        assert name in importlib.import_module(f"pytest_modelhooks.{module}").__all__, name
+    assert set(lazy) <= set(dir(pytest_modelhooks))
