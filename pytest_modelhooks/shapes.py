@@ -1211,18 +1211,14 @@ def _is_one_batch_dict(model: nn.Module, input: Mapping[str, Any], argument: str
     parameters = _forward_parameters(model)
     if parameters is None:
         return False  # it takes any keyword (or cannot be read): keyword inputs, as given
-    names = {
-        name
-        for name, parameter in parameters.items()
-        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-    unknown = [key for key in input if key not in names]
+    unknown = [key for key in input if key not in _keyword_names(parameters)]
     if not unknown:
         return False
     first = next(iter(parameters.values()), None)
     takes_one = first is not None and first.kind in (
         inspect.Parameter.POSITIONAL_ONLY,
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
     )
     if len(unknown) == len(input) and takes_one:
         return True
@@ -1231,6 +1227,12 @@ def _is_one_batch_dict(model: nn.Module, input: Mapping[str, Any], argument: str
         f"is not a parameter of {type(model).__name__}.forward{_bare_signature(parameters)}; to pass "
         f"the dict itself as the first input, wrap it in a tuple: {argument}=(batch,)"
     )
+
+
+def _keyword_names(parameters: Mapping[str, inspect.Parameter]) -> set[str]:
+    """The parameters a call can name."""
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, parameter in parameters.items() if parameter.kind in keyword}
 
 
 def _bare_signature(parameters: Mapping[str, inspect.Parameter]) -> inspect.Signature:
@@ -1271,12 +1273,7 @@ def with_forward_kwargs(
         raise ValueError(f"{caller}(): {', '.join(map(repr, twice))} given in the input and as a keyword")
     parameters = _forward_parameters(model)
     if parameters is not None:
-        taken = {
-            name
-            for name, parameter in parameters.items()
-            if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        }
-        unknown = [name for name in forward_kwargs if name not in taken]
+        unknown = [name for name in forward_kwargs if name not in _keyword_names(parameters)]
         if unknown:
             raise TypeError(
                 f"{caller}() got an unexpected keyword argument {unknown[0]!r}: it is neither one of "

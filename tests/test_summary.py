@@ -587,6 +587,12 @@ def test_a_dict_whose_keys_are_no_parameters_is_the_one_input() -> None:
 
     assert model_summary(Open(), input_data={"image": torch.ones(2, 3)}).output_shapes == (2, 3)
 
+    class Starred(nn.Module):
+        def forward(self, *inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return inputs[0]["image"] + 1
+
+    assert model_summary(Starred(), input_data={"image": torch.ones(2, 3)}).output_shapes == (2, 3)
+
 
 def test_a_dict_naming_some_parameters_but_not_others_is_refused_first() -> None:
     class TwoInputs(nn.Module):
