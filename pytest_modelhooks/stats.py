@@ -1143,7 +1143,8 @@ class GradientStats:
 
     Use it as a context manager around training steps. Each parameter's statistics are taken
     from its accumulated ``.grad`` right after backward writes it (a post-accumulate-grad
-    hook), so ``zero_grad()`` anywhere in the loop does not matter. A *step* ends at the next
+    hook), so ``zero_grad()`` anywhere in the loop does not matter, and gradient clipping,
+    which runs after backward, does not hide an explosion from them. A *step* ends at the next
     forward of ``model``, when a parameter's gradient arrives again (a second backward),
     at :meth:`end_step`, or when the block ends. Parameters that require
     grad but never got one are reported by :meth:`unused`; frozen parameters are not tracked.
@@ -1495,6 +1496,22 @@ class GradientStats:
             squared = torch.nan_to_num(stats.norm, nan=0.0) ** 2
             norms[stats.module] = norms.get(stats.module, torch.zeros_like(squared)) + squared
         return {module: total.sqrt() for module, total in norms.items()}
+
+    def total_norm(self) -> torch.Tensor:
+        """Per step: the norm over every recorded parameter's gradient, the figure training
+        logs show and ``clip_grad_norm_`` returns (and clips). The statistics are those of the
+        gradients backward wrote, before any clipping: an explosion shows even where clipping
+        keeps it from the optimizer.
+
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+        >>> with GradientStats(net) as grads:
+        ...     net(torch.randn(5, 3)).sum().backward()
+        ...     clipped = nn.utils.clip_grad_norm_(net.parameters(), max_norm=1.0)
+        >>> bool(torch.isclose(grads.total_norm()[0], clipped.double()))
+        True
+        """
+        squared = torch.nan_to_num(self._gather()[0], nan=0.0) ** 2  # (parameters, steps)
+        return squared.sum(dim=0).sqrt()
 
     def findings(
         self,

@@ -673,6 +673,19 @@ def test_gradient_statistics_match_the_gradients() -> None:
     assert set(grads.module_norms()) == {"0", "3", "5"}
 
 
+def test_the_total_norm_is_what_clip_grad_norm_sees_before_it_clips() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"net": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), "spare": nn.Linear(2, 2)})
+    returned = []
+    with GradientStats(model) as grads:
+        for scale in (1.0, 100.0):
+            model.zero_grad()
+            (model["net"](torch.randn(5, 4)) * scale).sum().backward()
+            returned.append(float(nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)))
+    assert grads.total_norm().tolist() == pytest.approx(returned, rel=1e-6)  # unused "spare": 0
+    assert float(grads.total_norm()[1]) > 1.0  # recorded before clipping, which hid it
+
+
 def test_unused_parameters_are_named_and_frozen_ones_are_not() -> None:
     model = zoo.Reused()
     model.extra = nn.Linear(2, 2)  # never called
