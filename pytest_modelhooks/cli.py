@@ -126,31 +126,6 @@ def _load(path: str, meta: bool) -> Any:
     return model
 
 
-def _markdown(summary: Any) -> str:
-    from pytest_modelhooks._tree import format_shape
-
-    lines = [
-        f"### {summary.model_name}",
-        "",
-        "| layer | type | input | output | params | mult-adds |",
-        "|---|---|---|---|---:|---:|",
-    ]
-    for layer in summary.visible_layers:
-        output = format_shape(layer.output_shapes) if layer.ran else "never ran"
-        mult_adds = "" if layer.mult_adds is None else f"{layer.mult_adds:,}"
-        lines.append(
-            f"| `{layer.label}` | {layer.type} | {format_shape(layer.input_shapes)} | {output} | "
-            f"{layer.params:,} | {mult_adds} |"
-        )
-    lines += [
-        "",
-        f"Total params: {summary.total_params:,} (trainable {summary.trainable_params:,})",
-    ]
-    if summary.mult_adds is not None:
-        lines.append(f"Mult-adds: {summary.mult_adds:,}")
-    return "\n".join(lines)
-
-
 def _bounds(text: str | None, argument: str) -> tuple[float, float] | None:
     if text is None:
         return None
@@ -389,7 +364,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_mod
             if args.format == "json":
                 print(json.dumps(result.to_dict(), indent=2))
             elif args.format == "markdown":
-                print(_markdown(result))
+                print(result.to_markdown())
             else:
                 print(snapshot_text(result), end="")
         else:

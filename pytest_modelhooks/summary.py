@@ -175,6 +175,42 @@ class ModelSummary:
             "layers": [layer.to_dict() for layer in self.visible_layers],
         }
 
+    def to_markdown(self) -> str:
+        """The rows and totals as a GitHub-flavoured Markdown table: for a pull request
+        comment, or a CI job's summary (``$GITHUB_STEP_SUMMARY``). A module that never ran
+        says so in its output cell.
+
+        >>> summary = model_summary(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), (1, 4))
+        >>> print(summary.to_markdown())
+        ### Sequential
+        <BLANKLINE>
+        | layer | type | input | output | params | mult-adds |
+        |---|---|---|---|---:|---:|
+        | `Sequential` | Sequential | (1, 4) | (1, 8) | 40 | 32 |
+        | `0` | Linear | (1, 4) | (1, 8) | 40 | 32 |
+        | `1` | ReLU | (1, 8) | (1, 8) | 0 | 0 |
+        <BLANKLINE>
+        Total params: 40 (trainable 40)
+        Mult-adds: 32
+        """
+        lines = [
+            f"### {self.model_name}",
+            "",
+            "| layer | type | input | output | params | mult-adds |",
+            "|---|---|---|---|---:|---:|",
+        ]
+        for layer in self.visible_layers:
+            output = format_shape(layer.output_shapes) if layer.ran else "never ran"
+            mult_adds = "" if layer.mult_adds is None else f"{layer.mult_adds:,}"
+            lines.append(
+                f"| `{layer.label}` | {layer.type} | {format_shape(layer.input_shapes)} | {output} | "
+                f"{layer.params:,} | {mult_adds} |"
+            )
+        lines += ["", f"Total params: {self.total_params:,} (trainable {self.trainable_params:,})"]
+        if self.mult_adds is not None:
+            lines.append(f"Mult-adds: {self.mult_adds:,}")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         return render_text(self)
 
