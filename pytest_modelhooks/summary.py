@@ -202,10 +202,10 @@ class ModelSummary:
         for layer in self.visible_layers:
             output = format_shape(layer.output_shapes) if layer.ran else "never ran"
             mult_adds = "" if layer.mult_adds is None else f"{layer.mult_adds:,}"
-            lines.append(
-                f"| `{layer.label}` | {layer.type} | {format_shape(layer.input_shapes)} | {output} | "
-                f"{layer.params:,} | {mult_adds} |"
-            )
+            cells = [f"`{layer.label}`", layer.type, format_shape(layer.input_shapes), output]
+            # a ModuleDict key may hold a "|", which would split the cell
+            cells = [cell.replace("|", "\\|") for cell in cells]
+            lines.append(f"| {' | '.join(cells)} | {layer.params:,} | {mult_adds} |")
         lines += ["", f"Total params: {self.total_params:,} (trainable {self.trainable_params:,})"]
         if self.mult_adds is not None:
             lines.append(f"Mult-adds: {self.mult_adds:,}")

@@ -618,6 +618,24 @@ def test_a_dict_naming_some_parameters_but_not_others_is_refused_first() -> None
         model_sizes(model, input={"x": torch.ones(2, 4), "msk": torch.ones(2)})
 
 
+def test_the_markdown_table_keeps_one_cell_per_column() -> None:
+    model = nn.ModuleDict({"a|b": nn.Linear(2, 3), "idle": nn.Linear(3, 3)})
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.parts["a|b"](x)
+
+    table = model_summary(Wrapper(), (1, 2)).to_markdown().splitlines()
+    rows = [line for line in table if line.startswith("| `")]
+    assert [len(row.replace("\\|", "").split("|")) for row in rows] == [8] * len(rows)  # 6 cells
+    assert "| `parts.a\\|b` | Linear | (1, 2) | (1, 3) | 9 | 6 |" in rows
+    assert "| `parts.idle` | Linear | - | never ran | 12 |  |" in rows
+
+
 def test_a_model_failing_on_keyword_inputs_shows_them() -> None:
     class NeedsMask(nn.Module):
         def forward(self, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
