@@ -6,7 +6,7 @@ import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -204,6 +204,21 @@ class FixtureState:
     def report(self, text: str) -> None:
         self.request.node.add_report_section("call", "modelhooks", text)
 
+    def fail_check(self, error: HealthError, kind: str, draw: Callable[[Path], object] | None) -> NoReturn:
+        """A failed health check: its table in the test's report, with the picture's path when
+        plots are on (``draw`` writes it), raised again with that path."""
+        __tracebackhide__ = True
+        text = str(error)
+        path = self.plot_path(kind)
+        if path is not None and draw is not None:
+            try:
+                draw(path)
+                text += f"\nplot: {path}"
+            except ImportError as missing:
+                text += f"\nno plot: {missing}"
+        self.report(text)
+        raise HealthError(text, error.findings) from None
+
     def plot_path(self, suffix: str) -> Path | None:
         if not self.settings.plots_dir:
             return None
@@ -260,16 +275,13 @@ class FixtureActivationStats(ActivationStats):
         try:
             super().check(allow_nonfinite=allow_nonfinite, **bounds)
         except HealthError as error:
-            text = str(error)
-            path = self._fixture.plot_path("activations")
-            if path is not None:
-                try:
-                    self.plot(path=path, std=bounds.get("std"), max_near_zero=bounds.get("max_near_zero"))
-                    text += f"\nplot: {path}"
-                except ImportError as missing:
-                    text += f"\nno plot: {missing}"
-            self._fixture.report(text)
-            raise HealthError(text, error.findings) from None
+            self._fixture.fail_check(
+                error,
+                "activations",
+                lambda path: self.plot(
+                    path=path, std=bounds.get("std"), max_near_zero=bounds.get("max_near_zero")
+                ),
+            )
 
 
 class FixtureGradientStats(GradientStats):
@@ -297,13 +309,8 @@ class FixtureGradientStats(GradientStats):
         try:
             super().check(require_grad=require_grad, require_update=require_update, **bounds)
         except HealthError as error:
-            text = str(error)
-            path = self._fixture.plot_path("gradients")
-            if path is not None and self.num_steps:
-                try:
-                    self.plot(path=path, max_norm=bounds.get("max_norm"), min_norm=bounds.get("min_norm"))
-                    text += f"\nplot: {path}"
-                except ImportError as missing:
-                    text += f"\nno plot: {missing}"
-            self._fixture.report(text)
-            raise HealthError(text, error.findings) from None
+
+            def draw(path: Path) -> object:
+                return self.plot(path=path, max_norm=bounds.get("max_norm"), min_norm=bounds.get("min_norm"))
+
+            self._fixture.fail_check(error, "gradients", draw if self.num_steps else None)
