@@ -1157,6 +1157,12 @@ class GradientStats:
     scaler skips (:meth:`skipped_steps`): the checks leave it out, and fail only when no step
     was finite.
 
+    While recording, every optimizer's ``step()`` is watched (torch's global step pre-hook,
+    host work only): :meth:`stepped_optimizers` says which stepped on the model and what they
+    hold, :meth:`lost_before_step` which gradients were gone by then, and with the parameters'
+    fingerprints at the block's two ends, :meth:`not_updated` and the checks say which
+    parameters an optimizer should have changed but did not, and why.
+
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     >>> with GradientStats(net) as grads:
     ...     net(torch.randn(5, 3)).sum().backward()
