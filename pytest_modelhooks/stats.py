@@ -37,7 +37,14 @@ from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._tree import tensor_leaves
-from pytest_modelhooks.hooks import HookCallback, ModuleSpec, _is_compiling, loaded_class, unvmapped
+from pytest_modelhooks.hooks import (
+    HookCallback,
+    ModuleSpec,
+    _is_compiling,
+    loaded_class,
+    select_modules,
+    unvmapped,
+)
 from pytest_modelhooks.shapes import _CONV_RANK
 
 if TYPE_CHECKING:
@@ -1155,7 +1162,9 @@ class GradientStats:
     gradients multiplied by the loss scale, and the statistics are divided by the scale of
     their step (read on the device, no sync). A step whose gradients overflowed is one the
     scaler skips (:meth:`skipped_steps`): the checks leave it out, and fail only when no step
-    was finite.
+    was finite. ``modules=`` (names, globs, types or modules, as elsewhere) records only the
+    parameters of those modules (a fine-tuned head, the last blocks of a large model): fewer
+    hooks, and checks about those alone.
 
     While recording, every optimizer's ``step()`` is watched (torch's global step pre-hook,
     host work only): :meth:`stepped_optimizers` says which stepped on the model and what they
@@ -1170,7 +1179,9 @@ class GradientStats:
     (1, [])
     """
 
-    def __init__(self, model: nn.Module, *, fused: bool = False, scaler: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, modules: ModuleSpec = None, fused: bool = False, scaler: Any = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if scaler is not None and not (hasattr(scaler, "scale") and hasattr(scaler, "get_scale")):
@@ -1181,6 +1192,18 @@ class GradientStats:
         self._scales: list[torch.Tensor | float | None] = []  # per step: the loss scale
         self._pending_scale: torch.Tensor | float | None = None
         self.params = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        if modules is not None:
+            # the trainable parameters of the selected modules (their submodules' included),
+            # under the model's own names and in its order
+            chosen = {
+                id(param) for _, module in select_modules(model, modules) for param in module.parameters()
+            }
+            self.params = [(name, param) for name, param in self.params if id(param) in chosen]
+            if not self.params:
+                raise ValueError(
+                    f"modules={modules!r} selects no trainable parameter of {type(model).__name__} "
+                    f"(its parameters are frozen, or it has none)"
+                )
         self._index = {id(param): position for position, (_, param) in enumerate(self.params)}
         self._sizes_known: list[int] | None = None  # element counts, once none is lazy
         self._saw_meta = False

@@ -686,6 +686,43 @@ def test_the_total_norm_is_what_clip_grad_norm_sees_before_it_clips() -> None:
     assert float(grads.total_norm()[1]) > 1.0  # recorded before clipping, which hid it
 
 
+def test_modules_selects_the_parameters_recorded() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "backbone": nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8)),
+            "head": nn.Linear(8, 2),
+            "aux": nn.Linear(8, 1),  # selected, never used
+        }
+    )
+
+    def step(grads_modules: Any) -> GradientStats:
+        with GradientStats(model, modules=grads_modules) as grads:
+            model["head"](model["backbone"](torch.randn(3, 4))).sum().backward()
+        return grads
+
+    only_head = step("head")
+    assert [stats.name for stats in only_head] == ["head.weight", "head.bias"]
+    assert list(only_head.to_dict()) == ["head.weight", "head.bias"] and only_head.unused() == []
+    # a glob and a list, under the model's names and in its order (the backbone's submodules too)
+    assert [stats.name for stats in step(["aux", "backbone"])] == [
+        "backbone.0.weight",
+        "backbone.0.bias",
+        "backbone.2.weight",
+        "backbone.2.bias",
+        "aux.weight",
+        "aux.bias",
+    ]
+    assert step("a*").unused() == ["aux.weight", "aux.bias"]
+    assert len(step(nn.Linear)) == len(list(model.parameters()))
+    model["head"].requires_grad_(False)
+    with pytest.raises(ValueError, match=r"modules='head' selects no trainable parameter of ModuleDict"):
+        GradientStats(model, modules="head")
+    with pytest.raises(ValueError, match=r"modules='neck' matches no module of ModuleDict; its modules are"):
+        GradientStats(model, modules="neck")
+    assert count_hooks(model) == 0
+
+
 def test_unused_parameters_are_named_and_frozen_ones_are_not() -> None:
     model = zoo.Reused()
     model.extra = nn.Linear(2, 2)  # never called

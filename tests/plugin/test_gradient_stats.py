@@ -37,11 +37,12 @@ def test_gradient_stats_takes_the_library_options(run, pytester) -> None:
         from torch import nn
 
         def test_options(gradient_stats):
-            model = nn.Linear(3, 1)
-            with gradient_stats(model, fused=False) as grads:
+            model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+            with gradient_stats(model, fused=False, modules="1") as grads:
                 model(torch.randn(2, 3)).sum().backward()
             grads.check()
             assert grads.num_steps == 1
+            assert [stats.name for stats in grads] == ["1.weight", "1.bias"]
         """,
     )
     run().assert_outcomes(passed=1)
