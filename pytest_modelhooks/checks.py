@@ -75,7 +75,7 @@ class HealthError(AssertionError):
 
 def _number(value: float) -> str:
     if math.isnan(value):
-        return "nan"
+        return "-"  # no number applies (a parameter that did not change, a count not recorded)
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     if value == int(value) and abs(value) < 1e9:

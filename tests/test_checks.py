@@ -88,6 +88,13 @@ def test_the_message_is_a_table_of_every_finding() -> None:
     assert str(findings[0]) == "encoder.conv1 (Conv2d): std 12.5, bound <= 5 at batch 3 (exploding)"
 
 
+def test_a_finding_with_no_number_shows_a_dash_not_nan() -> None:
+    unchanged = Finding("head.weight", "parameter 2x8", "update", math.nan, "a change", None, "left out")
+    row = format_findings([unchanged]).splitlines()[1].split()
+    assert row[:6] == ["head.weight", "parameter", "2x8", "update", "-", "a"]
+    assert str(unchanged) == "head.weight (parameter 2x8): update -, bound a change (left out)"
+
+
 def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
     # a test that forgot to run the model inside the block must not pass vacuously, whether it
     # calls check() or asserts on findings()
