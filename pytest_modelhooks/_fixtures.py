@@ -117,7 +117,8 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
     """``model_sizes`` / ``model_summary`` running on the configured device: the model (and
     the tensors of its ``input=`` / ``input_data=`` argument) move there first."""
     core, input_argument = _CORE[kind]
-    options = set(inspect.signature(core).parameters) - {input_argument}
+    size_argument = list(inspect.signature(core).parameters)[1]  # size / input_size
+    options = set(inspect.signature(core).parameters) - {input_argument, size_argument}
 
     def on_device(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
@@ -125,11 +126,12 @@ def bound(kind: str, config: pytest.Config) -> Callable[..., Any]:
         device = resolve_device(settings.device)
         model = _prepare(model, device)
         watch(config, settings, model)
-        # the input argument and the forward's own keyword inputs (anything not an option)
+        # the input argument, data given in the size slot (model_sizes(model, x)), and the
+        # forward's own keyword inputs: anything not an option (a shape holds no tensor)
         kwargs = {
             name: value if name in options else _inputs_to(value, device) for name, value in kwargs.items()
         }
-        if args and shapes.is_input_data(args[0]):  # model_sizes(model, x): data in the size slot
+        if args and shapes.is_input_data(args[0]):
             args = (_inputs_to(args[0], device), *args[1:])
         return core(model, *args, **kwargs)
 

@@ -111,3 +111,6 @@ def test_keyword_inputs_of_the_forward_move_to_the_fixture_device_and_options_do
     sizes = _fixtures.bound("model_sizes", pytestconfig)(Masked(), batch, mask=mask, modules="all")
     assert summary.output_shapes == (1, 6) and sizes[""] == (1, 6)
     assert sorted(map(id, moved)) == sorted(map(id, [batch, mask, batch, mask]))  # no option moved
+    moved.clear()  # data given by the size slot's keyword moves too
+    _fixtures.bound("model_summary", pytestconfig)(Masked(), input_size=batch, mask=mask)
+    assert sorted(map(id, moved)) == sorted(map(id, [batch, mask]))
