@@ -546,6 +546,23 @@ def test_keyword_arguments_the_forward_does_not_take_are_refused_first(
         call(model)
 
 
+def test_a_forward_failing_on_a_keyword_input_names_it_and_leaves_the_model() -> None:
+    # the mask reaches the forward and breaks it after proj ran: the error shows the keyword
+    # inputs' shapes, and the model is as it was (no hooks, flags, values)
+    model = _Masked().train()
+    with (
+        untouched(model),
+        pytest.raises(
+            LayerError,
+            match=r"model _Masked got input \(\(2, 3, 4\), \{mask: \(5, 5\)\}\).*after layer 'proj'",
+        ),
+    ):
+        model_summary(model, torch.randn(2, 3, 4), mask=torch.ones(5, 5, dtype=torch.bool))
+    batch_model = _ReadsABatchDict()
+    with untouched(batch_model), pytest.raises(LayerError, match=r"KeyError: 'offset'"):
+        model_sizes(batch_model, {"image": torch.randn(3, 4)})  # one input, a field missing
+
+
 def test_a_forward_taking_any_keyword_gets_them_all() -> None:
     class Open(nn.Module):
         def __init__(self) -> None:
@@ -634,6 +651,10 @@ def test_the_markdown_table_keeps_one_cell_per_column() -> None:
     assert [len(row.replace("\\|", "").split("|")) for row in rows] == [8] * len(rows)  # 6 cells
     assert "| `parts.a\\|b` | Linear | (1, 2) | (1, 3) | 9 | 6 |" in rows
     assert "| `parts.idle` | Linear | - | never ran | 12 |  |" in rows
+    folded = model_summary(Wrapper(), (1, 2), depth=0).to_markdown()  # depth folds rows here too
+    assert [line for line in folded.splitlines() if line.startswith("| `")] == [
+        "| `Wrapper` | Wrapper | (1, 2) | (1, 3) | 21 | 6 |"
+    ]
 
 
 def test_a_model_failing_on_keyword_inputs_shows_them() -> None:
