@@ -575,6 +575,7 @@ class ActivationStats(HookCallback):
         self._batch_handles: list[RemovableHandle] = []
         self._id_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._saw_meta = False
+        self._any_call = False  # whether a hooked module ran in any recorded forward
         self._cache: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ recording
@@ -615,6 +616,7 @@ class ActivationStats(HookCallback):
         if not self._recording:
             return
         self._recording = False
+        self._any_call = self._any_call or bool(self._calls_this_batch)
         batch = self._forwards - 1
         if self._tracked:
             # by identity, through weak references: a live tensor's id is its own
@@ -909,6 +911,15 @@ class ActivationStats(HookCallback):
             )
         if self.train_only:
             return "no batch was recorded: train_only=True and the model ran only in eval mode"
+        if not self._any_call:
+            hooked = ", ".join(name or "(model)" for name in self.module_names[:8])
+            more = f" and {len(self.module_names) - 8} more" if len(self.module_names) > 8 else ""
+            return (
+                f"no batch was recorded: {type(self.model).__name__}'s forward ran, but none of the "
+                f"hooked modules ({hooked}{more}) did; a graph from torch.export or torch.fx may "
+                f"run their operations inline without calling them (select modules that run, or "
+                f"record the eager model)"
+            )
         return "no batch was recorded: no hooked module returned a floating-point tensor"
 
     def plot(
@@ -1253,7 +1264,11 @@ class GradientStats:
                 self._hook(param)
             for owner in lazy.values():
                 self._handles.append(owner.register_forward_hook(self._materialized))
-            self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.end_step()))
+            if not isinstance(self.model, torch.jit.ScriptModule):
+                # a forward starts a step. (TorchScript takes no Python module hooks; its
+                # parameters take tensor hooks, and a step ends when a gradient arrives again.)
+                starts = self.model.register_forward_pre_hook(lambda module, args: self.end_step())
+                self._handles.append(starts)
             # every optimizer's step (a global hook, torch >= 2.0): which parameters it holds
             optimizer_module = importlib.import_module("torch.optim.optimizer")  # (not an attribute)
             register = getattr(optimizer_module, "register_optimizer_step_pre_hook", None)

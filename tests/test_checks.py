@@ -122,6 +122,13 @@ def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
         HealthError, match=r"\(model\)\s+Sequential\s+steps.*\(2 parameter\(s\) require grad\)"
     ):
         grads.check()
+    # an exported graph runs its submodules' operations inline: the forward ran, they did not
+    exported = torch.export.export(model, (torch.randn(2, 4),)).module()
+    with ActivationStats(exported) as stats:
+        exported(torch.randn(2, 4))
+    none_ran = r"forward ran, but none of the hooked modules \(0\) did.*torch.export"
+    with pytest.raises(HealthError, match=none_ran):
+        stats.check()
     compiled = torch.compile(model)  # (not called: nothing compiles)
     with pytest.warns(UserWarning, match="torch.compile'd model"), ActivationStats(compiled) as stats:
         pass

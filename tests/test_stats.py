@@ -809,6 +809,23 @@ def test_gradient_steps_end_at_the_next_forward() -> None:
     assert count_hooks(model) == 0
 
 
+def test_gradients_of_a_torchscript_model_are_recorded_per_step() -> None:
+    # a scripted model takes no Python module hooks (torch raises on a forward pre-hook);
+    # its parameters take tensor hooks, and a step ends when a gradient arrives again
+    torch.manual_seed(0)
+    eager = zoo.mlp()
+    scripted = torch.jit.script(eager)
+    optimizer = torch.optim.SGD(scripted.parameters(), lr=0.1)
+    with GradientStats(scripted) as grads:
+        for _ in range(3):
+            optimizer.zero_grad()
+            scripted(torch.randn(2, 20)).sum().backward()
+            optimizer.step()
+    assert grads.num_steps == 3 and len(grads) == len(list(eager.parameters()))
+    torch.testing.assert_close(grads["0.weight"].norm[2], eager[0].weight.grad.double().norm())
+    assert grads.findings(max_norm=1e3) == [] and count_hooks(scripted) == 0
+
+
 def test_device_gradient_reduction_agrees_with_the_host_one() -> None:
     from pytest_modelhooks.stats import _finish_grads, _grad_on_device
 
