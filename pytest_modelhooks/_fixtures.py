@@ -25,6 +25,7 @@ from pytest_modelhooks.hooks import (
     _hookable,
     hook_output,
 )
+from pytest_modelhooks.snapshot import context_text
 from pytest_modelhooks.stats import ActivationStats, GradientStats
 
 _UNSET: Any = object()
@@ -206,9 +207,17 @@ class FixtureState:
     def report(self, text: str) -> None:
         self.request.node.add_report_section("call", "modelhooks", text)
 
-    def fail_check(self, error: HealthError, kind: str, draw: Callable[[Path], object] | None) -> NoReturn:
-        """A failed health check: its table in the test's report, with the picture's path when
-        plots are on (``draw`` writes it), raised again with that path."""
+    def fail_check(
+        self,
+        error: HealthError,
+        kind: str,
+        draw: Callable[[Path], object] | None,
+        recorded: ActivationStats | GradientStats,
+    ) -> NoReturn:
+        """A failed health check, raised again with the picture's path when plots are on
+        (``draw`` writes it). The test's report gets what the error's table leaves out: the
+        statistics of every layer (or parameter) recorded, the offending ones marked, so that a
+        std creeping up towards the layer that broke its bound shows."""
         __tracebackhide__ = True
         text = str(error)
         path = self.plot_path(kind)
@@ -218,7 +227,12 @@ class FixtureState:
                 text += f"\nplot: {path}"
             except ImportError as missing:
                 text += f"\nno plot: {missing}"
-        self.report(text)
+        if len(recorded):
+            headline, plot = str(error).partition("\n")[0], text[len(str(error)) :]
+            marked = {finding.layer for finding in error.findings}
+            self.report(f"{headline}\n{context_text(recorded, marked)}{plot.lstrip()}")
+        else:  # nothing recorded: the error says why, and there is no context
+            self.report(text)
         raise HealthError(text, error.findings) from None
 
     def plot_path(self, suffix: str) -> Path | None:
@@ -283,6 +297,7 @@ class FixtureActivationStats(ActivationStats):
                 lambda path: self.plot(
                     path=path, std=bounds.get("std"), max_near_zero=bounds.get("max_near_zero")
                 ),
+                self,
             )
 
 
@@ -315,4 +330,4 @@ class FixtureGradientStats(GradientStats):
             def draw(path: Path) -> object:
                 return self.plot(path=path, max_norm=bounds.get("max_norm"), min_norm=bounds.get("min_norm"))
 
-            self._fixture.fail_check(error, "gradients", draw if self.num_steps else None)
+            self._fixture.fail_check(error, "gradients", draw if self.num_steps else None, self)

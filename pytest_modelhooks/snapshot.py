@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
-__all__ = ["ModelSnapshotExtension", "describe_changes", "snapshot_text"]
+__all__ = ["ModelSnapshotExtension", "context_text", "describe_changes", "snapshot_text"]
 
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?|nan|inf)")
 _CELLS = re.compile(r"\s{2,}")
@@ -101,6 +101,107 @@ def _grads_text(grads: Any) -> str:
             ]
         )
     return f"Gradient statistics (mean over {grads.num_steps} steps)\n" + _table(rows)
+
+
+def context_text(data: Any, marked: Any = (), *, limit: int = 40, around: int = 2) -> str:
+    """The statistics of every layer an ``ActivationStats`` recorded (or every parameter a
+    ``GradientStats`` tracked), rows in ``marked`` (names) flagged with ``>``: the context a
+    failed check's table leaves out, such as how a std grew towards the layer that broke its
+    bound. Beyond ``limit`` rows only the flagged ones and ``around`` rows either side are kept.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from pytest_modelhooks import ActivationStats
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> with ActivationStats(net) as stats:
+    ...     _ = net(torch.ones(2, 4))
+    >>> text = context_text(stats, marked={"0"})
+    >>> print(text.splitlines()[0])
+    Statistics of every recorded layer over 1 batch (> marks a finding)
+    >>> [line.split()[:3] for line in text.splitlines()[1:]]
+    [['layer', 'type', 'mean'], ['>', '0', 'Linear']]
+    """
+    from pytest_modelhooks.stats import ActivationStats, GradientStats
+
+    rows: list[list[str]]
+    names: list[str] = []
+    if isinstance(data, ActivationStats):
+        title = f"Statistics of every recorded layer over {_count(data.num_batches, 'batch')}"
+        several = data.num_batches > 1
+        legend = "means; min and max the extremes, nonfinite the total"
+        rows = [["layer", "type", "mean", "std", "near_zero", "dead", "min", "max", "nonfinite"]]
+        for layer in data:
+            names.append(layer.name or "(model)")
+            rows.append(
+                [
+                    names[-1],
+                    layer.type,
+                    _short(_nanmean(layer.mean)),
+                    _short(_nanmean(layer.std)),
+                    _short(_nanmean(layer.near_zero)),
+                    "-" if layer.dead is None else _short(layer.dead),
+                    _short(_nanreduce(layer.min, min)),
+                    _short(_nanreduce(layer.max, max)),
+                    _short(_nanreduce(layer.nonfinite, sum)),
+                ]
+            )
+    elif isinstance(data, GradientStats):
+        title = f"Gradients of every tracked parameter over {_count(data.num_steps, 'step')}"
+        several = data.num_steps > 1
+        legend = "norm the mean; max_abs the largest, nonfinite the total"
+        rows = [["parameter", "shape", "norm", "max_abs", "nonfinite"]]
+        for param in data:
+            names.append(param.name)
+            shape = "x".join(str(size) for size in param.shape) or "scalar"
+            if not param.got_grad:
+                rows.append([param.name, shape, "-", "-", "no gradient"])
+                continue
+            rows.append(
+                [
+                    param.name,
+                    shape,
+                    _short(_nanmean(param.norm)),
+                    _short(_nanreduce(param.max_abs, max)),
+                    _short(_nanreduce(param.nonfinite, sum)),
+                ]
+            )
+    else:
+        raise TypeError(f"context_text takes ActivationStats or GradientStats, got {type(data).__name__}")
+    marked = set(marked)
+    flags = [name in marked for name in names]
+    rows = [["", *rows[0]]] + [[">" if flag else "", *row] for flag, row in zip(flags, rows[1:], strict=True)]
+    kept: list[int] | range = range(len(names))
+    if len(names) > limit and any(flags):
+        near = {i for i, flag in enumerate(flags) if flag for i in range(i - around, i + around + 1)}
+        kept = [i for i in range(len(names)) if i in near or i in (0, len(names) - 1)]
+    notes = ([legend] if several else []) + (["> marks a finding"] if marked else [])
+    if notes:
+        title += f" ({'; '.join(notes)})"
+    lines = _table(rows).splitlines()
+    out = [title, lines[0]]
+    previous = -1
+    for i in kept:
+        if i > previous + 1:
+            out.append(f"  ... {_count(i - previous - 1, 'row')}")
+        out.append(lines[i + 1])
+        previous = i
+    if previous < len(names) - 1:
+        out.append(f"  ... {_count(len(names) - 1 - previous, 'row')}")
+    return "\n".join(out) + "\n"
+
+
+def _count(number: int, noun: str) -> str:
+    plural = noun + ("es" if noun.endswith("ch") else "s")
+    return f"{number} {noun if number == 1 else plural}"
+
+
+def _short(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4g}"
+
+
+def _nanreduce(values: Any, reduce: Any) -> float:
+    finite = [value for value in values.tolist() if not math.isnan(value)]
+    return float(reduce(finite)) if finite else math.nan
 
 
 def _nanmean(values: Any) -> float:

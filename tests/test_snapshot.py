@@ -84,3 +84,75 @@ def test_gradient_snapshots_show_which_parameters_learn_and_how_much() -> None:
     # a parameter that stops learning shows up as a changed row
     frozen = snapshot_text(grads).replace(lines[2][2], "0", 1)
     assert describe_changes(text, frozen)[0].startswith(f"~ 0.weight: norm {lines[2][2]} -> 0")
+
+
+def test_context_text_lists_every_layer_and_marks_the_findings() -> None:
+    from pytest_modelhooks import ActivationStats
+    from pytest_modelhooks.snapshot import context_text
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(12)])
+    with torch.no_grad():
+        model[7].weight.mul_(1e3)  # layer 7 explodes
+    with ActivationStats(model) as stats:
+        for _ in range(2):
+            model(torch.randn(4, 6))
+    marked = {finding.layer for finding in stats.findings(std=(0.0, 50.0))}
+    assert "7" in marked
+    text = context_text(stats, marked)
+    lines = text.splitlines()
+    assert lines[0] == (
+        "Statistics of every recorded layer over 2 batches (means; min and max the extremes, "
+        "nonfinite the total; > marks a finding)"
+    )
+    header = ["layer", "type", "mean", "std", "near_zero", "dead", "min", "max", "nonfinite"]
+    assert lines[1].split() == header
+    rows = {line[3:].split()[0]: line for line in lines[2:]}
+    assert list(rows) == [str(i) for i in range(12)]
+    assert {name for name, line in rows.items() if line.startswith(">")} == marked
+    layer = stats["3"]
+    assert rows["3"].split() == [
+        "3",
+        "Linear",
+        f"{float(layer.mean.mean()):.4g}",
+        f"{float(layer.std.mean()):.4g}",
+        f"{float(layer.near_zero.mean()):.4g}",
+        f"{layer.dead:.4g}",
+        f"{float(layer.min.min()):.4g}",
+        f"{float(layer.max.max()):.4g}",
+        "0",
+    ]
+    # a long table keeps the marked rows, their neighbours and both ends
+    short = context_text(stats, {"7"}, limit=5, around=1).splitlines()
+    assert [line.split()[:3] if "..." in line else line[:6].split() for line in short[2:]] == [
+        ["0"],
+        ["...", "5", "rows"],
+        ["6"],
+        [">", "7"],
+        ["8"],
+        ["...", "2", "rows"],
+        ["11"],
+    ]
+    # with nothing marked, nothing is left out
+    assert len(context_text(stats, limit=5).splitlines()) == 2 + 12
+
+
+def test_context_text_of_gradients_names_the_parameters_without_one() -> None:
+    from pytest_modelhooks.snapshot import context_text
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    model.add_module("spare", nn.Linear(2, 2))
+    with GradientStats(model) as grads:
+        model[:3](torch.randn(5, 3)).sum().backward()
+    lines = context_text(grads, {"spare.weight"}).splitlines()
+    assert lines[0] == "Gradients of every tracked parameter over 1 step (> marks a finding)"
+    assert lines[-2].split() == [">", "spare.weight", "2x2", "-", "-", "no", "gradient"]
+    assert lines[2].split() == [
+        "0.weight",
+        "4x3",
+        f"{float(grads['0.weight'].norm[0]):.4g}",
+        f"{float(grads['0.weight'].max_abs[0]):.4g}",
+        "0",
+    ]
+    assert context_text(grads).splitlines()[0] == "Gradients of every tracked parameter over 1 step"

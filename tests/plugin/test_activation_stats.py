@@ -34,12 +34,17 @@ def test_activation_stats_uses_marker_bounds_and_reports_the_table(run, pytester
         [
             "*HealthError: activation health check failed: 2 finding(s) in 2 layer(s)*",
             "*Captured modelhooks call*",
-            "layer*type*statistic*observed*bound*batch*note*",
-            "0 *Linear*std*>= 5*0*vanishing*",
-            "2 *Linear*std*>= 5*0*vanishing*",
+            # the section holds what the error leaves out: every layer, those that failed marked
+            "activation health check failed: 2 finding(s) in 2 layer(s)",
+            "Statistics of every recorded layer over 1 batch (> marks a finding)",
+            "*layer*type*mean*std*near_zero*dead*min*max*nonfinite",
+            ">  0 *Linear*",
+            ">  2 *Linear*",
             "plot: *test_too_narrow-activations.png",
         ]
     )
+    # and not the findings table again
+    assert result.stdout.str().count("0      Linear  std") == 1
     assert len(list(plots.glob("*test_too_narrow-activations.png"))) == 1
 
 

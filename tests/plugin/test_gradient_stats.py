@@ -133,7 +133,7 @@ def test_a_failing_gradient_check_writes_its_picture_when_plots_are_on(run, pyte
             return grads
 
         def test_exploding(gradient_stats):
-            step(gradient_stats).check(max_norm=1e-3)
+            step(gradient_stats).check(max_norm=3.0)  # 2.bias: 4
 
         def test_healthy(gradient_stats):
             step(gradient_stats).check(max_norm=1e3)
@@ -143,6 +143,17 @@ def test_a_failing_gradient_check_writes_its_picture_when_plots_are_on(run, pyte
     result = run(f"--modelhooks-plots={plots}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
-        ["*Captured modelhooks call*", "*exploding*", "plot: *test_exploding-gradients.png"]
+        [
+            "*exploding*",
+            "*Captured modelhooks call*",
+            "gradient health check failed: * finding(s)*",
+            "Gradients of every tracked parameter over 1 step (> marks a finding)",
+            "*parameter*shape*norm*max_abs*nonfinite",
+            "   0.weight *4x3*",
+            "   0.bias *",
+            "   2.weight *1x4*",
+            ">  2.bias *1 *4 *",
+            "plot: *test_exploding-gradients.png",
+        ]
     )
     assert [path.name.endswith("test_exploding-gradients.png") for path in plots.iterdir()] == [True]
