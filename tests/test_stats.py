@@ -895,6 +895,50 @@ def test_the_device_path_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lean.findings()[0].layer == "1"
 
 
+def test_the_device_path_adds_no_host_read_to_a_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``torch.cuda.set_sync_debug_mode`` checks on a GPU (test_cuda.py), checked on the
+    CPU for CI: with the device path forced, recording activations and gradients adds no op
+    that reads a value back to the host (``.item()``, ``bool()``, data-dependent shapes) to a
+    training step; the step's own reads (the optimizer's) are counted without them too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import pytest_modelhooks.stats as stats_module
+
+    syncing = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique"}
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func.__name__.split(".")[0] in syncing:
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def steps(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+        torch.manual_seed(1)
+        batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(2)]
+        with HostReads() as reads:
+            for x, y in batches:
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+        return reads.seen
+
+    monkeypatch.setattr(stats_module, "_on_host", lambda x: False)
+    monkeypatch.setattr(stats_module, "_grad_on_host", stats_module._grad_on_device)
+    torch.manual_seed(0)
+    model = zoo.ResNetish()  # BatchNorm, in-place ReLU, residual adds: dead units tracked
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    baseline = steps(model, optimizer)
+    with ActivationStats(model, with_hist=True) as stats, GradientStats(model) as grads:
+        recorded = steps(model, optimizer)
+    assert recorded == baseline
+    assert stats.num_batches == 2 and grads.num_steps == 2
+    assert not stats.findings(std=(1e-3, 1e3)) and not grads.findings(max_norm=1e3)
+
+
 def test_a_module_called_twice_gets_a_series_per_call() -> None:
     model = zoo.Reused()
     seen: list[torch.Tensor] = []
