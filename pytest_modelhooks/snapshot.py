@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
@@ -364,6 +365,28 @@ class ModelSnapshotExtension(SingleFileSnapshotExtension):
             return False
         return isinstance(snapshot_data, str) and _numbers_close(
             snapshot_data, serialized_data, self.rtol, self.atol
+        )
+
+    @classmethod
+    def matches_test_location(cls, *, test_location: Any, snapshot_location: str) -> bool:
+        """Also claim the file of a parametrized test whose id held characters a file name
+        cannot (``conv/3x3``, ``a:b``): syrupy stores it without them (``conv3x3``), then
+        fails to relate the file to its test and warns on every ``--snapshot-update``."""
+        if super().matches_test_location(test_location=test_location, snapshot_location=snapshot_location):
+            return True
+        location = Path(snapshot_location)
+        try:  # syrupy's own helpers, where this version has them
+            if not test_location.is_item_parametrized or location.parent.name != test_location.basename:
+                return False
+            if not test_location.matches_snapshot_site(snapshot_location):
+                return False
+            sanitized = cls._sanitize_filename(test_location.snapshot_name_parametrized)
+        except AttributeError:
+            return False
+        stem = location.name.removesuffix(f".{cls.file_extension}")
+        # the test's own file, or one of its numbered ones (test[a].1.txt), never test[ab]
+        return sanitized != test_location.snapshot_name_parametrized and (
+            stem == sanitized or stem.startswith(f"{sanitized}.")
         )
 
     def diff_lines(self, serialized_data: Any, snapshot_data: Any) -> Iterator[str]:

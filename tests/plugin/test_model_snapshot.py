@@ -84,3 +84,39 @@ def test_snapshot_tolerance_for_statistics(run, pytester) -> None:
         run().assert_outcomes(failed=1)
     finally:
         del os.environ["SEED"]
+
+
+PARAMETRIZED = """
+import pytest
+from torch import nn
+
+@pytest.mark.parametrize("kernel", {kernels}, ids={ids})
+def test_conv(kernel, model_sizes, model_snapshot):
+    net = nn.Conv2d(3, 4, kernel, padding=kernel // 2)
+    assert model_sizes(net, (8, 8)) == model_snapshot
+    assert model_sizes(net, (4, 4)) == model_snapshot
+"""
+
+
+def test_parametrized_ids_a_file_name_cannot_hold_keep_their_snapshots(pytester) -> None:
+    # syrupy drops '/' and ':' from the file name, then could not relate the file to its test
+    # and warned on every update; the snapshots are this test's, and only stale ones go
+    pytester.makeini("[pytest]\naddopts = -p no:randomly -p no:cacheprovider\n")
+    pytester.makepyfile(test_ids=PARAMETRIZED.format(kernels=[1, 3], ids=["conv/1x1", "conv:3x3"]))
+    created = pytester.runpytest_subprocess("--snapshot-update")
+    created.assert_outcomes(passed=2)
+    assert "Can not relate" not in created.stdout.str()
+    folder = pytester.path / "__snapshots__" / "test_ids"
+    names = [
+        "test_conv[conv1x1].1.txt",
+        "test_conv[conv1x1].txt",
+        "test_conv[conv3x3].1.txt",
+        "test_conv[conv3x3].txt",
+    ]
+    assert sorted(path.name for path in folder.iterdir()) == names
+    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+    pytester.makepyfile(test_ids=PARAMETRIZED.format(kernels=[3], ids=["conv:3x3"]))
+    updated = pytester.runpytest_subprocess("--snapshot-update")
+    updated.assert_outcomes(passed=1)
+    assert "Can not relate" not in updated.stdout.str()
+    assert sorted(path.name for path in folder.iterdir()) == names[2:]
