@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import random
 import sys
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -22,6 +23,19 @@ _MARKER_KEYS = (
     "max_grad_norm",
     "min_grad_norm",
     "device",
+    "seed",
+)
+# a test that asks for one of these (or carries the marker) starts with torch's RNG seeded
+FIXTURES = frozenset(
+    {
+        "model_sizes",
+        "model_summary",
+        "hooked_model",
+        "activation_stats",
+        "gradient_stats",
+        "model_snapshot",
+        "modelhooks_device",
+    }
 )
 
 
@@ -40,6 +54,8 @@ class Settings:
     check_leaks: bool = False
     snapshot_rtol: float = 0.0
     snapshot_atol: float = 0.0
+    seed: int | None = 0  # torch.manual_seed before each test using the plugin; None: left alone
+    seed_source: str = "modelhooks_seed"  # where a random seed came from, for the header
 
     def check_bounds(self) -> dict[str, Any]:
         """The activation-check bounds, as keyword arguments."""
@@ -113,6 +129,23 @@ def _tolerance(config: pytest.Config, key: str) -> float:
     return _positive(config.getini(key), key, allow_zero=True) or 0.0
 
 
+def _seed(text: Any, where: str) -> int | None:
+    """An int seed, or None for "off"/"none"; "random" is resolved by :func:`configure`."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("off", "none")):
+        return None
+    if isinstance(text, bool):
+        raise pytest.UsageError(f"{where}: expected an integer seed, 'random' or 'off', got {text!r}")
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(
+            f"{where}: expected an integer seed, 'random' or 'off', got {text!r}"
+        ) from None
+    if not 0 <= value < 2**64:
+        raise pytest.UsageError(f"{where}: a torch seed is in [0, 2**64), got {text!r}")
+    return value
+
+
 def _device(text: Any, where: str) -> str:
     if text not in DEVICES:
         raise pytest.UsageError(f"{where}: expected one of {', '.join(DEVICES)}, got {text!r}")
@@ -138,6 +171,18 @@ def configure(config: pytest.Config) -> None:
         snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
         snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
     )
+    seed_text = option.modelhooks_seed or config.getini("modelhooks_seed") or "0"
+    where = "--modelhooks-seed" if option.modelhooks_seed else "modelhooks_seed"
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "modelhooks_seed" in workerinput:
+        # a pytest-xdist worker: the controller's seed, so "random" is one seed for the run
+        settings = replace(settings, seed=workerinput["modelhooks_seed"])
+    elif str(seed_text).strip().lower() == "random":
+        settings = replace(settings, seed=random.randrange(2**32), seed_source="random")
+    else:
+        settings = replace(settings, seed=_seed(seed_text, where))
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistSeed(settings.seed), "modelhooks-xdist-seed")
     config.stash[SETTINGS] = _ordered_norms(settings, "modelhooks_min_grad_norm")
     config.stash[CURRENT_ITEM] = None
 
@@ -167,6 +212,8 @@ def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
                 changes[key] = _positive(value, f"{where}({key}=...)")
             elif key == "min_grad_norm":
                 changes[key] = _positive(value, f"{where}({key}=...)", allow_zero=True)
+            elif key == "seed":
+                changes[key] = _seed(value, f"{where}(seed=...)")
             else:
                 changes[key] = _device(value, f"{where}(device=...)")
         settings = _ordered_norms(replace(settings, **changes), where)
@@ -206,11 +253,42 @@ def report_header(config: pytest.Config) -> str:
             device += " (auto)"
         else:
             device = "auto (cuda when available)"
-    return f"modelhooks: torch {torch_version}, device {device}"
+    settings = config.stash[SETTINGS]
+    if settings.seed is None:
+        seed = "torch RNG not seeded"
+    elif settings.seed_source == "random":
+        seed = f"seed {settings.seed} (random: rerun with --modelhooks-seed={settings.seed})"
+    else:
+        seed = f"seed {settings.seed}"
+    return f"modelhooks: torch {torch_version}, device {device}, {seed}"
+
+
+class _XdistSeed:
+    """Hands the controller's seed to each pytest-xdist worker (registered only with xdist,
+    whose hook this is)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["modelhooks_seed"] = self.seed
 
 
 def enter_test(item: pytest.Item) -> None:
+    """Before the test's fixtures: note the test, and seed torch's RNG when the test uses the
+    plugin (so a model built in a fixture of the user's is covered too). Tests that do not use
+    it never import torch from here."""
     item.config.stash[CURRENT_ITEM] = item
+    if (
+        FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("modelhooks") is None
+    ):
+        return
+    seed = settings_in_test(item.config, item).seed  # a bad marker errors the test here
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
 
 
 def check_leaks(item: pytest.Item) -> None:

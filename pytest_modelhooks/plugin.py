@@ -34,6 +34,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write plots of failing activation and gradient checks to DIR. ini: modelhooks_plots_dir.",
     )
     group.addoption(
+        "--modelhooks-seed",
+        metavar="SEED",
+        default=None,
+        help="torch.manual_seed(SEED) before each test that uses a modelhooks fixture or marker: "
+        "an integer, 'random' (a new seed each run, shown in the header) or 'off'. "
+        "ini: modelhooks_seed; default 0.",
+    )
+    group.addoption(
         "--modelhooks-check-leaks",
         action="store_true",
         default=False,
@@ -50,6 +58,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("modelhooks_max_std_growth", "default max std ratio between consecutive layers", default="")
     parser.addini("modelhooks_max_grad_norm", "default max gradient norm of gradient checks", default="")
     parser.addini("modelhooks_min_grad_norm", "default min gradient norm of gradient checks", default="")
+    parser.addini(
+        "modelhooks_seed", "torch seed before each test using the plugin: int, random or off", default="0"
+    )
     parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")
     parser.addini("modelhooks_snapshot_rtol", "relative tolerance for numbers in snapshots", default="0")
     parser.addini("modelhooks_snapshot_atol", "absolute tolerance for numbers in snapshots", default="0")
@@ -59,8 +70,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "modelhooks(std=(low, high), max_dead=..., max_near_zero=..., max_std_growth=..., "
-        "max_grad_norm=..., min_grad_norm=..., device=...): "
-        "health-check bounds and device for this test's modelhooks fixtures",
+        "max_grad_norm=..., min_grad_norm=..., device=..., seed=...): "
+        "health-check bounds, device and torch seed for this test's modelhooks fixtures",
     )
     _session.configure(config)
 

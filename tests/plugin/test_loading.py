@@ -17,11 +17,19 @@ def test_importing_the_plugin_does_not_import_torch() -> None:
 def test_help_shows_the_option_group_and_the_header_names_torch_and_device(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(
-        ["*modelhooks*", "*--modelhooks-device*", "*--modelhooks-plots=DIR*", "*--modelhooks-check-leaks*"]
+        [
+            "*modelhooks*",
+            "*--modelhooks-device*",
+            "*--modelhooks-plots=DIR*",
+            "*--modelhooks-seed=SEED*",
+            "*--modelhooks-check-leaks*",
+        ]
     )
     pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
     header = pytester.runpytest_subprocess()
-    header.stdout.fnmatch_lines(["modelhooks: torch *, device cpu"])
+    header.stdout.fnmatch_lines(["modelhooks: torch *, device cpu, seed 0"])
+    unseeded = pytester.runpytest_subprocess("--modelhooks-seed=off")
+    unseeded.stdout.fnmatch_lines(["modelhooks: torch *, device cpu, torch RNG not seeded"])
 
 
 def test_a_run_that_uses_no_fixture_does_not_import_torch(pytester: pytest.Pytester) -> None:

@@ -98,9 +98,10 @@ def test_conv(kernel, model_sizes, model_snapshot):
 """
 
 
-def test_parametrized_ids_a_file_name_cannot_hold_keep_their_snapshots(pytester) -> None:
+def test_parametrized_ids_a_file_name_cannot_hold_keep_their_snapshots(pytester, monkeypatch) -> None:
     # syrupy drops '/' and ':' from the file name, then could not relate the file to its test
     # and warned on every update; the snapshots are this test's, and only stale ones go
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # (syrupy keeps all under xdist)
     pytester.makeini("[pytest]\naddopts = -p no:randomly -p no:cacheprovider\n")
     pytester.makepyfile(test_ids=PARAMETRIZED.format(kernels=[1, 3], ids=["conv/1x1", "conv:3x3"]))
     created = pytester.runpytest_subprocess("--snapshot-update")
