@@ -51,6 +51,10 @@ _EXPORTS: dict[str, str] = {
     "SteppedOptimizer": "stats",
     "Finding": "checks",
     "HealthError": "checks",
+    "batch_leaks": "leaks",
+    "causal_leaks": "leaks",
+    "check_batch_independence": "leaks",
+    "check_causal": "leaks",
 }
 
 __all__ = [
@@ -70,6 +74,10 @@ __all__ = [
     "LayerInfo",
     "LayerSizes",
     "ModelSummary",
+    "batch_leaks",
+    "causal_leaks",
+    "check_batch_independence",
+    "check_causal",
     "count_hooks",
     "dummy_batch",
     "dummy_eval",
@@ -101,6 +109,7 @@ if TYPE_CHECKING:
         select_modules,
         training_flags,
     )
+    from pytest_modelhooks.leaks import batch_leaks, causal_leaks, check_batch_independence, check_causal
     from pytest_modelhooks.shapes import (
         LayerError,
         LayerSizes,

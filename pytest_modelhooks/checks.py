@@ -447,8 +447,9 @@ def format_findings(findings: Sequence[Finding], *, unit: str = "batch") -> str:
     return "\n".join(lines)
 
 
-def raise_for(findings: Sequence[Finding], kind: str) -> None:
-    """Raise :class:`HealthError` with a table of ``findings``, if there are any.
+def raise_for(findings: Sequence[Finding], kind: str, *, unit: str | None = None) -> None:
+    """Raise :class:`HealthError` with a table of ``findings``, if there are any. ``unit``
+    heads the column of where each happened (default: "step" for gradients, else "batch").
 
     >>> raise_for([], "activation")  # nothing found: nothing raised
     >>> raise_for([Finding("0", "Linear", "std", 40.0, "<= 10", 3)], "activation")
@@ -461,7 +462,8 @@ def raise_for(findings: Sequence[Finding], kind: str) -> None:
     __tracebackhide__ = True
     if not findings:
         return
-    unit = "step" if kind == "gradient" else "batch"
+    if unit is None:
+        unit = "step" if kind == "gradient" else "batch"
     layers = len({finding.layer for finding in findings})
     message = (
         f"{kind} health check failed: {len(findings)} finding(s) in {layers} layer(s)\n"

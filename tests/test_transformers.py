@@ -104,3 +104,23 @@ def test_a_mixture_of_experts_model_built_on_meta_is_summarised() -> None:
     assert summary.engine == "meta" and summary.total_params == sum(p.numel() for p in model.parameters())
     experts = next(layer for layer in summary.layers if layer.name == "model.layers.1.mlp.experts")
     assert experts.output_shapes == (16, 4096) and experts.mult_adds == 3 * 16 * 2 * 4096 * 14336
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "vit", "mixtral", "qwen2-moe"])
+def test_real_architectures_are_batch_independent_and_decoders_causal(name: str) -> None:
+    from pytest_modelhooks import batch_leaks, causal_leaks
+
+    model, example = _small(name)
+    batch = example.expand(3, *example.shape[1:]).clone()
+    batch = batch.random_(0, 500) if not batch.is_floating_point() else torch.randn_like(batch)
+    first = "last_hidden_state" if name in ("bert", "vit") else "logits"
+    with untouched(model):
+        assert batch_leaks(model, batch, output=first) == []
+        if name == "vit":
+            return
+        found = causal_leaks(model, batch, output=first, positions=[0, 5])
+    if name == "bert":  # bidirectional: every layer's attention looks ahead, inside its own code
+        assert [f.layer for f in found] == [f"encoder.layer.{i}.attention.self" for i in range(2)]
+        assert "through BertSelfAttention.forward's own code" in found[0].note
+    else:
+        assert found == []

@@ -1,0 +1,277 @@
+"""Batch independence and causality: leaks found with gradients, named at the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelhooks import (
+    HealthError,
+    batch_leaks,
+    causal_leaks,
+    check_batch_independence,
+    check_causal,
+    count_hooks,
+    training_flags,
+)
+from tests import zoo
+
+
+class Block(nn.Module):
+    """A pre-norm decoder block; ``shift`` is the causal mask's diagonal (1 is right)."""
+
+    def __init__(
+        self, dim: int = 16, *, batch_first: bool = True, causal: bool = True, shift: int = 1
+    ) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=batch_first)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.causal, self.shift = causal, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        mask = torch.ones(length, length, dtype=torch.bool).triu(self.shift) if self.causal else None
+        h = self.norm(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab: int = 40, dim: int = 16, **block: object) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList([Block(dim, **block) for _ in range(2)])  # type: ignore[arg-type]
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def tokens(batch: int = 3, length: int = 7) -> torch.Tensor:
+    return torch.randint(0, 40, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_well_built_decoder_is_batch_independent_and_causal() -> None:
+    torch.manual_seed(0)
+    model = Decoder()
+    assert batch_leaks(model, tokens()) == []
+    assert causal_leaks(model, tokens()) == []
+    check_batch_independence(model, tokens())
+    check_causal(model, tokens())
+
+
+def test_attention_without_a_mask_is_named_in_every_block_not_only_the_last() -> None:
+    torch.manual_seed(0)
+    model = Decoder(causal=False)
+    findings = causal_leaks(model, tokens())
+    assert [f.layer for f in findings] == ["blocks.0.attn", "blocks.1.attn"]
+    first = findings[0]
+    assert (first.layer_type, first.statistic, first.bound, first.batch) == (
+        "MultiheadAttention",
+        "future leak",
+        "0",
+        0,
+    )
+    assert first.note.startswith(
+        "its output at position 0 depends on its input at later position(s) 1, 2, 3, 4, 5, 6"
+    )
+    assert "no causal mask, or one shifted by one?" in first.note
+    assert first.observed > 0.01
+    with pytest.raises(
+        HealthError, match=r"causal health check failed: 2 finding\(s\) in 2 layer\(s\)"
+    ) as error:
+        check_causal(model, tokens())
+    assert str(error.value).splitlines()[1].split() == [
+        "layer",
+        "type",
+        "statistic",
+        "observed",
+        "bound",
+        "position",
+        "note",
+    ]
+
+
+def test_a_mask_shifted_by_one_leaks_the_next_position_only() -> None:
+    torch.manual_seed(0)
+    findings = causal_leaks(Decoder(shift=2), tokens(), positions=[2])
+    assert [f.layer for f in findings] == ["blocks.0.attn", "blocks.1.attn"]
+    assert "at later position(s) 3:" in findings[0].note and findings[0].batch == 2
+
+
+def test_attention_handed_batch_first_input_without_batch_first_mixes_the_batch() -> None:
+    torch.manual_seed(0)
+    model = Decoder(batch_first=False, causal=False)
+    findings = batch_leaks(model, tokens())
+    assert [f.layer for f in findings] == ["blocks.0.attn", "blocks.1.attn"]
+    assert findings[0].note.startswith("its output for sample 0 depends on its input for sample(s) 1, 2:")
+    assert "without batch_first=True" in findings[0].note
+    with pytest.raises(HealthError, match="batch independence health check failed") as error:
+        check_batch_independence(model, tokens())
+    assert "sample" in str(error.value).splitlines()[1].split()
+
+
+class Centred(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h - h.mean(0))  # the bug: centred over the batch
+
+
+def test_mixing_in_a_forward_s_own_code_is_placed_between_two_layers() -> None:
+    (finding,) = batch_leaks(Centred(), torch.randn(3, 4))
+    assert (finding.layer, finding.layer_type) == ("", "Centred")
+    assert finding.note == (
+        "its output for sample 0 depends on other samples through Centred.forward's own code, "
+        "between 'a' and 'b'"
+    )
+    wrapped = nn.Sequential(nn.Linear(4, 4), Centred())  # inside a block: the block is named
+    (finding,) = batch_leaks(wrapped, torch.randn(3, 4))
+    assert finding.layer == "1" and "between '1.a' and '1.b'" in finding.note
+
+
+class Folded(nn.Module):
+    """``view`` where ``transpose`` was meant: (batch, seq) memory read as (seq, batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.rnn, self.b = nn.Linear(8, 8), nn.GRU(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        out, _ = self.rnn(h.view(h.shape[1], h.shape[0], -1))
+        return self.b(out.view(x.shape[0], x.shape[1], -1))
+
+
+def test_a_view_that_folds_the_batch_is_found_where_samples_meet() -> None:
+    # (3, 5) read as (5, 3): the first sample's outputs come from its own memory alone, the
+    # last sample's do not. Layers after the view carry "the batch" on an axis that only has
+    # its size; what decides a leak is whether the model's input for other samples reaches.
+    torch.manual_seed(0)
+    (finding,) = batch_leaks(Folded(), torch.randn(3, 5, 8))
+    assert (finding.layer, finding.batch) == ("", 2)
+    assert "through Folded.forward's own code, between 'rnn' and 'b'" in finding.note
+
+
+def test_an_rnn_running_along_the_batch_leaks_one_way_only() -> None:
+    # without batch_first, (batch, seq, dim) is read as (seq, batch, dim): sample k sees the
+    # samples before it, so the first sample alone looks fine and the last one does not
+    torch.manual_seed(0)
+    model = nn.GRU(4, 4)
+    x = torch.randn(3, 5, 4)
+    assert batch_leaks(model, x, samples=[0]) == []
+    (finding,) = batch_leaks(model, x)
+    assert finding.batch == 2 and "without batch_first=True" in finding.note
+
+
+def test_a_bidirectional_rnn_is_not_causal() -> None:
+    (finding,) = causal_leaks(zoo.LSTMTagger(), torch.randint(0, 50, (3, 6)))
+    assert finding.layer == "lstm" and "bidirectional" in finding.note
+    assert causal_leaks(nn.LSTM(4, 4, batch_first=True), torch.randn(3, 6, 4)) == []
+
+
+def test_a_module_given_a_tensor_and_what_was_made_from_it_is_not_blamed() -> None:
+    # a residual block handed x and attention(x): the gradient with respect to the x passed in
+    # also runs through the attention; the module's own one does not
+    class AddNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return self.norm(h + x)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.out = AddNorm()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.attn(x, x, x, need_weights=False)[0], x)
+
+    torch.manual_seed(0)
+    assert [f.layer for f in causal_leaks(Layer(), torch.randn(3, 5, 8))] == ["attn"]
+
+
+def test_batchnorm_mixes_in_train_mode_only_and_the_model_is_left_as_it_was() -> None:
+    torch.manual_seed(0)
+    model = zoo.ResNetish()
+    model.stem.eval()  # mixed modes
+    model.fc.requires_grad_(False)
+    flags, state = training_flags(model), {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 32, 32)
+    assert batch_leaks(model, x) == []  # eval mode: running statistics
+    findings = batch_leaks(model, x, train=True)
+    assert findings and {f.layer_type for f in findings} == {"BatchNorm2d"}
+    assert "BatchNorm in train mode normalises over the batch" in findings[0].note
+    assert training_flags(model) == flags and count_hooks(model) == 0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # running stats too
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.fc.parameters()] == [False, False]
+
+
+def test_a_frozen_embedding_still_carries_the_check() -> None:
+    torch.manual_seed(0)
+    model = Decoder(causal=False).requires_grad_(False)
+    assert [f.layer for f in causal_leaks(model, tokens())] == ["blocks.0.attn", "blocks.1.attn"]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_the_output_is_chosen_by_key_attribute_or_callable() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fine, self.leaky = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"ids": x.argmax(-1), "fine": self.fine(x), "leaky": self.leaky(x).cumsum(0)}
+
+    x = torch.randn(3, 4)
+    assert batch_leaks(Two(), x) == []  # the first floating-point output: "fine"
+    assert [f.layer for f in batch_leaks(Two(), x, output="leaky")] == [""]
+    assert [f.layer for f in batch_leaks(Two(), x, output=lambda out: out["leaky"])] == [""]
+    with pytest.raises(ValueError, match=r"output='ids' must select a floating-point tensor.*torch.int64"):
+        batch_leaks(Two(), x, output="ids")
+
+
+def test_bad_arguments_are_named() -> None:
+    model = nn.Linear(4, 2)
+    with pytest.raises(
+        ValueError, match=r"needs at least 2 samples in the batch: the output has shape \(1, 2\)"
+    ):
+        batch_leaks(model, torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"samples=\[3\]: need indices of the 3 samples"):
+        batch_leaks(model, torch.randn(3, 4), samples=[3])
+    with pytest.raises(ValueError, match=r"positions=\[\]: need indices of the 5 positions"):
+        causal_leaks(model, torch.randn(3, 5, 4), positions=[])
+    with pytest.raises(ValueError, match=r"shape \(3, 2\), no dimension 2; .* seq_dim="):
+        causal_leaks(model, torch.randn(3, 4), seq_dim=2)
+    with pytest.raises(ValueError, match=r"rtol must be a number in \[0, 1\), got rtol=2"):
+        batch_leaks(model, torch.randn(3, 4), rtol=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mask'"):
+        batch_leaks(model, torch.randn(3, 4), mask=None)
+
+
+def test_a_forward_that_raises_leaves_the_model_as_it_was() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(5, 2))
+    model[0].requires_grad_(False)
+    flags = training_flags(model)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        batch_leaks(model, torch.randn(3, 4))
+    assert count_hooks(model) == 0 and training_flags(model) == flags
+    assert [p.requires_grad for p in model[0].parameters()] == [False, False]
+
+
+def test_an_output_whose_rows_sum_to_one_does_not_hide_a_leak() -> None:
+    # a plain sum of softmax rows is constant: its gradient is zero everywhere
+    model = nn.Sequential(Centred(), nn.Softmax(dim=-1))
+    assert [f.layer for f in batch_leaks(model, torch.randn(3, 4))] == ["0"]
