@@ -5,6 +5,7 @@
     python -m pytest_modelhooks sizes PACKAGE.MODULE:FACTORY --size 64,64 [--modules leaves]
     python -m pytest_modelhooks health PACKAGE.MODULE:FACTORY --input-size 16,3,64,64 \\
         [--batches 3] [--train] [--std 0.2,5] [--max-dead 0.3] [--max-grad-norm 100]
+    python -m pytest_modelhooks leaks PACKAGE.MODULE:FACTORY --input-size 3,16 [--causal]
 
 ``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
 ``nn.Module``; the current directory is importable. ``'mypkg.models:build(depth=50)'`` calls it
@@ -16,6 +17,9 @@ is the same text a snapshot stores, so the command can write snapshot files ahea
 through the model and prints its activation statistics, with ``--train`` also a backward of a
 stand-in loss (the mean square of the output) and the gradient statistics, then the findings
 for the bounds given; it exits with 1 when there are findings, so it can gate a CI step.
+``leaks`` runs :func:`~pytest_modelhooks.leaks.batch_leaks` (and with ``--causal``
+:func:`~pytest_modelhooks.leaks.causal_leaks`) on one random batch and exits with 1 when a
+layer mixes samples or looks ahead.
 """
 
 from __future__ import annotations
@@ -270,6 +274,56 @@ def _health(model: Any, args: argparse.Namespace) -> int:
     return 1 if findings or grad_findings else 0
 
 
+def _leaks(model: Any, args: argparse.Namespace) -> int:
+    from pytest_modelhooks.checks import format_findings
+    from pytest_modelhooks.leaks import batch_leaks, causal_leaks
+
+    shape = _shape(args.input_size, "--input-size")
+    if shape[0] < 2:
+        raise UsageError(
+            f"--input-size {args.input_size}: a leak needs other samples to come from: a batch of "
+            f"2 or more (3 or 5, a size no other dimension has)"
+        )
+    inputs = _random_batch(model, shape, args.seed, args.device)
+    options: dict[str, Any] = {"output": args.output, "train": args.train}
+    samples = list(_shape_or_zero(args.samples, "--samples")) if args.samples else None
+    positions = list(_shape_or_zero(args.positions, "--positions")) if args.positions else None
+    try:
+        found = batch_leaks(model, inputs, samples=samples, **options)
+        future = causal_leaks(model, inputs, positions=positions, **options) if args.causal else []
+    except (AttributeError, KeyError) as error:  # --output names nothing the model returns
+        message = f"--output {args.output!r}: not a key or attribute of the model's output ({error})"
+        raise UsageError(message) from None
+    if args.format == "json":
+        report = {
+            "batch": [vars(f) for f in found],
+            "causal": [vars(f) for f in future] if args.causal else None,
+        }
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        if found:
+            print(f"Samples of the batch leak into each other ({len(found)}):")
+            print(format_findings(found, unit="sample"))
+        if future:
+            print(f"Outputs depend on later positions ({len(future)}):")
+            print(format_findings(future, unit="position"))
+        if not found and not future:
+            checked = "batch independent and causal" if args.causal else "batch independent"
+            print(f"No leaks: {type(model).__name__} is {checked} on a {args.input_size} input.")
+    return 1 if found or future else 0
+
+
+def _shape_or_zero(text: str, argument: str) -> tuple[int, ...]:
+    """Comma-separated non-negative integers (indices)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(value < 0 for value in values):
+        raise UsageError(f"{argument} {text!r}: expected comma-separated indices, such as 0,2")
+    return values
+
+
 def _health_plots(stats: Any, grads: Any, args: argparse.Namespace, std: Any) -> list[str]:
     """The pictures ``--plot DIR`` asks for, written; their paths."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -327,6 +381,19 @@ def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParse
     health.add_argument("--seed", type=int, default=0, help="seed of the random batches")
     health.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
     health.add_argument("--format", choices=("text", "json"), default="text")
+    leaks = commands.add_parser(
+        "leaks", help="check that samples do not leak into each other (and, with --causal, no look-ahead)"
+    )
+    leaks.add_argument("factory", help=_FACTORY_HELP)
+    leaks.add_argument("--input-size", required=True, help="full input shape, batch of 2 or more: 3,16")
+    leaks.add_argument("--causal", action="store_true", help="also check that no position sees later ones")
+    leaks.add_argument("--samples", help="the output samples to trace (default: the first and the last)")
+    leaks.add_argument("--positions", help="the output positions to trace with --causal (default: up to 16)")
+    leaks.add_argument("--output", help="the output to check: a key or attribute such as logits")
+    leaks.add_argument("--train", action="store_true", help="keep the modules' train/eval modes")
+    leaks.add_argument("--seed", type=int, default=0, help="seed of the random batch")
+    leaks.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
+    leaks.add_argument("--format", choices=("text", "json"), default="text")
     return parser
 
 
@@ -354,6 +421,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_mod
             model = model.to(args.device)
         if args.command == "health":
             return _health(model, args)
+        if args.command == "leaks":
+            return _leaks(model, args)
         if args.command == "summary":
             from pytest_modelhooks.summary import model_summary
 

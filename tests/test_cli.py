@@ -36,6 +36,20 @@ def built(width, kinds=("relu",)):
 def returns_int():
     return 3
 
+class Lookahead(nn.Module):
+    # a language model whose attention has no causal mask (or a correct one)
+    def __init__(self, masked=False):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 20)
+        self.masked = masked
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        n = tokens.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool).triu(1) if self.masked else None
+        return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0])
+
 def exploding():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
@@ -269,5 +283,42 @@ def test_bad_factory_arguments_exit_2_before_building(
 def test_bad_devices_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["summary", "cli_models:small", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_leaks_names_the_layer_that_looks_ahead_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["leaks", "cli_models:Lookahead", "--input-size", "3,6"]) == 0  # batch only
+    assert capsys.readouterr().out.strip() == "No leaks: Lookahead is batch independent on a 3,6 input."
+    assert main(["leaks", "cli_models:Lookahead", "--input-size", "3,6", "--causal"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Outputs depend on later positions (1):"
+    assert out[2].split()[:3] == ["attn", "MultiheadAttention", "future"]
+    argv = ["leaks", "cli_models:Lookahead(masked=True)", "--input-size", "3,6", "--causal"]
+    argv += ["--format", "json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == {"batch": [], "causal": []}
+    assert main([*argv[:-2], "--positions", "2", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["causal"] == []
+    argv = ["leaks", "cli_models:Lookahead", "--input-size", "3,6", "--causal", "--positions", "4"]
+    argv += ["--format", "json"]
+    assert main(argv) == 1
+    (finding,) = json.loads(capsys.readouterr().out)["causal"]
+    assert (finding["layer"], finding["batch"]) == ("attn", 4) and "later position(s) 5:" in finding["note"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--input-size", "1,6"], "--input-size 1,6: a leak needs other samples to come from"),
+        (["--input-size", "3,6", "--samples", "a"], "--samples 'a': expected comma-separated indices"),
+        (["--input-size", "3,6", "--output", "logits"], "--output 'logits': not a key or attribute"),
+    ],
+)
+def test_leaks_bad_arguments_exit_2(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["leaks", "cli_models:Lookahead", *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
