@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+from pytest_modelhooks import check_batch_independence
 from pytest_modelhooks.strategies import input_sizes
 
 
@@ -76,6 +77,11 @@ def test_activations_and_gradients_stay_healthy(model, activation_stats, gradien
     stats.check()  # bounds from the marker above
     grads.check()  # every parameter got a finite gradient under max_grad_norm, and was updated
     # (with --modelhooks-plots DIR, a failing check also writes the layers' or gradients' picture)
+
+
+def test_each_prediction_depends_on_its_own_image_only(model, modelhooks_device):
+    # in eval mode BatchNorm uses its running statistics: a sample must not see the others
+    check_batch_independence(model.to(modelhooks_device), torch.randn(3, 3, 32, 32, device=modelhooks_device))
 
 
 def test_intermediate_outputs_can_be_inspected(model, hooked_model, modelhooks_device):

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+from pytest_modelhooks import check_batch_independence, check_causal
 from pytest_modelhooks.strategies import token_batches
 
 VOCAB, CONTEXT = 500, 64
@@ -79,3 +80,11 @@ def test_training_step_is_healthy(lm, activation_stats, gradient_stats, modelhoo
     stats.check()
     grads.check(max_norm=100.0)
     assert grads.unused() == []
+
+
+def test_no_position_sees_later_ones_and_no_sample_another(lm, modelhooks_device):
+    # a mask left out (or built with triu(0) or triu(2)) fails here, naming each attention
+    ids = torch.randint(0, VOCAB, (3, 12), device=modelhooks_device)
+    lm.to(modelhooks_device)
+    check_causal(lm, ids)
+    check_batch_independence(lm, ids)
