@@ -275,3 +275,11 @@ def test_an_output_whose_rows_sum_to_one_does_not_hide_a_leak() -> None:
     # a plain sum of softmax rows is constant: its gradient is zero everywhere
     model = nn.Sequential(Centred(), nn.Softmax(dim=-1))
     assert [f.layer for f in batch_leaks(model, torch.randn(3, 4))] == ["0"]
+
+
+def test_a_compiled_model_is_checked_through_its_original_modules() -> None:
+    torch.manual_seed(0)
+    model = Decoder(causal=False)
+    compiled = torch.compile(model)  # (never called: nothing compiles)
+    assert [f.layer for f in causal_leaks(compiled, tokens())] == ["blocks.0.attn", "blocks.1.attn"]
+    assert count_hooks(model) == 0
