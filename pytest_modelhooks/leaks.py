@@ -6,10 +6,15 @@ A model should compute sample ``k``'s output from sample ``k`` alone (in eval mo
 causal language model position ``t``'s output from positions ``<= t`` alone. Bugs that break
 this are silent: a ``view`` that folds the batch into the sequence, attention handed
 ``(batch, seq, dim)`` without ``batch_first=True`` (it attends across the batch), a causal mask
-left out or shifted by one. The loss still goes down, often faster. The check takes the
-gradient of one sample's (or position's) output with respect to every layer's input and output
-in one backward, and a layer whose *input* for the other samples reaches that output while its
-*output* for them does not is where the mixing happens.
+left out or shifted by one. The loss still goes down, often faster.
+
+The check takes the gradient of one sample's (or position's) output, under a fixed random
+weighting, with respect to every module's inputs and outputs in one backward: the modules whose
+inputs for other samples reach it are the suspects. Each suspect is then checked alone, its
+output's entry against its own inputs (a backward through that module only), so every module
+that mixes is named, not only the last one; the innermost is reported, and mixing in a
+forward's own code is placed between two of its modules. Only the model's input tells samples
+apart: when its other samples do not reach the output, nothing leaks.
 """
 
 from __future__ import annotations
