@@ -462,7 +462,12 @@ def _children_of(module: nn.Module) -> Iterable[nn.Module]:
 
 def _owns_parameters(module: nn.Module) -> bool:
     # the dict itself: parameters(recurse=False) costs ~2 us a module in generator machinery
-    return any(param is not None for param in module._parameters.values())
+    if any(param is not None for param in module._parameters.values()):
+        return True
+    # a quantized layer (torch.ao: quantize_dynamic, convert) keeps its weight packed, outside
+    # _parameters, and reads it through a weight() method
+    cls = type(module)
+    return cls.__module__.startswith("torch.ao.nn.quantized") and callable(getattr(cls, "weight", None))
 
 
 def _describe_spec(spec: object) -> str:
@@ -481,8 +486,9 @@ def select_modules(
     Accepted: ``"children"`` (direct children, registration order; those of the wrapped model
     under ``DataParallel``/``DistributedDataParallel``), ``"leaves"`` (modules with
     no children), ``"all"`` (every module, the model included), ``"params"`` (modules that own
-    parameters directly, or through ``torch.nn.utils.parametrize``; the keywords leave out the
-    parametrization modules themselves, whose output is a weight), a qualified name or glob
+    parameters directly, or through ``torch.nn.utils.parametrize``, and quantized layers,
+    whose weights are packed; the keywords leave out the parametrization modules
+    themselves, whose output is a weight), a qualified name or glob
     (``"encoder.*.conv?"``), a module type, a module object, or an iterable of these. ``None``
     means ``default``. A module reused under several names appears once, under its first
     name. Matches keep the order of the spec's items, then the model's order; an empty

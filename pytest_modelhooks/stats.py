@@ -674,6 +674,8 @@ class ActivationStats(HookCallback):
         call = self._calls_this_batch[id(module)] = self._calls_this_batch.get(id(module), 0) + 1
         leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
         for path, tensor in leaves:
+            if tensor.is_quantized:  # a quantized model's activations: their values, dequantized
+                tensor = tensor.dequantize()
             complex_valued = tensor.is_complex()
             if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
                 continue

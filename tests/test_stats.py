@@ -1560,3 +1560,45 @@ def test_lazy_layers_are_tracked_from_their_first_forward() -> None:
     with pytest.raises(RuntimeError, match="cannot be multiplied"), GradientStats(fresh):
         fresh(torch.randn(4, 5)).sum().backward()
     assert count_hooks(fresh) == 0
+
+
+def test_a_quantized_model_is_recorded_through_its_dequantized_activations() -> None:
+    # torch.ao quantization: layers keep packed weights (no nn.Parameter), and a statically
+    # quantized model passes quint8 tensors between layers
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's eager quantization is deprecated for torchao
+        torch.manual_seed(0)
+        dynamic = torch.ao.quantization.quantize_dynamic(zoo.mlp(), {nn.Linear}, dtype=torch.qint8)
+
+        class Static(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.quant = torch.ao.quantization.QuantStub()
+                self.dequant = torch.ao.quantization.DeQuantStub()
+                self.conv, self.relu = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.dequant(self.relu(self.conv(self.quant(x))))
+
+        model = Static().eval()
+        model.qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+        prepared = torch.ao.quantization.prepare(model)
+        prepared(torch.randn(8, 3, 8, 8))
+        static = torch.ao.quantization.convert(prepared)
+    with ActivationStats(dynamic) as stats:  # the default: the layers with (packed) weights
+        dynamic(torch.randn(16, 20))
+    assert stats.series_names == [
+        name for name, module in zoo.mlp().named_children() if isinstance(module, nn.Linear)
+    ]
+    seen: list[torch.Tensor] = []
+    handle = static.conv.register_forward_hook(lambda m, a, out: seen.append(out.dequantize()))
+    with ActivationStats(static) as stats:
+        static(torch.randn(4, 3, 8, 8))
+    handle.remove()
+    assert stats.series_names == ["conv"]
+    expected = seen[0].double()
+    assert float(stats["conv"].std[0]) == pytest.approx(float(expected.std()), rel=1e-6)
+    assert float(stats["conv"].min[0]) == pytest.approx(float(expected.min()))
+    assert stats.findings() == [] and count_hooks(static) == 0
