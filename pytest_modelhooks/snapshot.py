@@ -150,12 +150,15 @@ def context_text(data: Any, marked: Any = (), *, limit: int = 40, around: int = 
         title = f"Gradients of every tracked parameter over {_count(data.num_steps, 'step')}"
         several = data.num_steps > 1
         legend = "norm the mean; max_abs the largest, nonfinite the total"
-        rows = [["parameter", "shape", "norm", "max_abs", "nonfinite"]]
+        # whether each parameter changed while recording: the optimizer bugs' evidence
+        updated = data.updated()
+        rows = [["parameter", "shape", "norm", "max_abs", "nonfinite", "updated"]]
         for param in data:
             names.append(param.name)
             shape = "x".join(str(size) for size in param.shape) or "scalar"
+            changed = {True: "yes", False: "no", None: "-"}[updated.get(param.name)]
             if not param.got_grad:
-                rows.append([param.name, shape, "-", "-", "no gradient"])
+                rows.append([param.name, shape, "-", "-", "no gradient", changed])
                 continue
             rows.append(
                 [
@@ -164,6 +167,7 @@ def context_text(data: Any, marked: Any = (), *, limit: int = 40, around: int = 
                     _short(_nanmean(param.norm)),
                     _short(_nanreduce(param.max_abs, max)),
                     _short(_nanreduce(param.nonfinite, sum)),
+                    changed,
                 ]
             )
     else:

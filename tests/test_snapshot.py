@@ -147,12 +147,22 @@ def test_context_text_of_gradients_names_the_parameters_without_one() -> None:
         model[:3](torch.randn(5, 3)).sum().backward()
     lines = context_text(grads, {"spare.weight"}).splitlines()
     assert lines[0] == "Gradients of every tracked parameter over 1 step (> marks a finding)"
-    assert lines[-2].split() == [">", "spare.weight", "2x2", "-", "-", "no", "gradient"]
+    assert lines[-2].split() == [">", "spare.weight", "2x2", "-", "-", "no", "gradient", "no"]
     assert lines[2].split() == [
         "0.weight",
         "4x3",
         f"{float(grads['0.weight'].norm[0]):.4g}",
         f"{float(grads['0.weight'].max_abs[0]):.4g}",
         "0",
+        "no",  # no optimizer stepped
     ]
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with GradientStats(model) as grads:
+        model[:3](torch.randn(5, 3)).sum().backward()
+        optimizer.step()
+    updated = {line.split()[0]: line.split()[-1] for line in context_text(grads).splitlines()[2:]}
+    assert updated == {"0.weight": "yes", "0.bias": "yes", "2.weight": "no", "2.bias": "no"} | {
+        "spare.weight": "no",
+        "spare.bias": "no",
+    }
     assert context_text(grads).splitlines()[0] == "Gradients of every tracked parameter over 1 step"

@@ -148,7 +148,7 @@ def test_a_failing_gradient_check_writes_its_picture_when_plots_are_on(run, pyte
             "*Captured modelhooks call*",
             "gradient health check failed: * finding(s)*",
             "Gradients of every tracked parameter over 1 step (> marks a finding)",
-            "*parameter*shape*norm*max_abs*nonfinite",
+            "*parameter*shape*norm*max_abs*nonfinite*updated",
             "   0.weight *4x3*",
             "   0.bias *",
             "   2.weight *1x4*",
