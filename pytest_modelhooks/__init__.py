@@ -55,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "causal_leaks": "leaks",
     "check_batch_independence": "leaks",
     "check_causal": "leaks",
+    "check_deterministic": "leaks",
+    "nondeterministic_layers": "leaks",
 }
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "causal_leaks",
     "check_batch_independence",
     "check_causal",
+    "check_deterministic",
     "count_hooks",
     "dummy_batch",
     "dummy_eval",
@@ -88,6 +91,7 @@ __all__ = [
     "input_spec",
     "model_sizes",
     "model_summary",
+    "nondeterministic_layers",
     "num_features_model",
     "preserve_training_flags",
     "select_modules",
@@ -109,7 +113,14 @@ if TYPE_CHECKING:
         select_modules,
         training_flags,
     )
-    from pytest_modelhooks.leaks import batch_leaks, causal_leaks, check_batch_independence, check_causal
+    from pytest_modelhooks.leaks import (
+        batch_leaks,
+        causal_leaks,
+        check_batch_independence,
+        check_causal,
+        check_deterministic,
+        nondeterministic_layers,
+    )
     from pytest_modelhooks.shapes import (
         LayerError,
         LayerSizes,

@@ -20,6 +20,7 @@ apart: when its other samples do not reach the output, nothing leaks.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,14 @@ from pytest_modelhooks.checks import Finding, raise_for
 from pytest_modelhooks.hooks import ModuleSpec, _hookable, preserve_training_flags
 from pytest_modelhooks.shapes import _check_model, _normalise_input, with_forward_kwargs
 
-__all__ = ["batch_leaks", "causal_leaks", "check_batch_independence", "check_causal"]
+__all__ = [
+    "batch_leaks",
+    "causal_leaks",
+    "check_batch_independence",
+    "check_causal",
+    "check_deterministic",
+    "nondeterministic_layers",
+]
 
 OutputSpec = str | Callable[[Any], torch.Tensor] | None
 
@@ -608,3 +616,163 @@ def check_causal(model: nn.Module, input: Any, **options: Any) -> None:
     """
     __tracebackhide__ = True
     raise_for(causal_leaks(model, input, **options), "causal", unit="position")
+
+
+# --------------------------------------------------------------------------- chance
+
+
+Prints = list[tuple[float, ...]]
+
+
+@dataclass
+class _Printed:
+    """One module call of a run: fingerprints of its inputs and outputs."""
+
+    name: str
+    label: str
+    type: str
+    inputs: Prints
+    outputs: Prints
+
+
+def _fingerprint(obj: Any) -> Prints:
+    """Per floating-point tensor: float64 sum, sum of squares and max |x| (a different draw of
+    dropout or noise changes them; taken as the tensor is made, before later in-place ops)."""
+    prints: Prints = []
+    for _, tensor in tensor_leaves(obj):
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.is_meta or tensor.is_nested:
+            continue
+        values = (torch.view_as_real(tensor) if tensor.is_complex() else tensor).detach().double()
+        if values.numel() == 0:
+            continue
+        prints.append(tuple(torch.stack([values.sum(), values.square().sum(), values.abs().max()]).tolist()))
+    return prints
+
+
+def _same(first: Prints, second: Prints, rtol: float) -> bool:
+    if len(first) != len(second):
+        return False
+    return all(
+        abs(a - b) <= rtol * max(abs(a), abs(b)) or (math.isnan(a) and math.isnan(b))
+        for one, other in zip(first, second, strict=True)
+        for a, b in zip(one, other, strict=True)
+    )
+
+
+def _one_run(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    named: list[tuple[str, nn.Module]],
+    seed: int,
+) -> list[_Printed]:
+    calls: list[_Printed] = []
+    counts: dict[str, int] = {}
+    entering: dict[int, list[Prints]] = {}
+
+    def enter(module: nn.Module, call_args: Any, call_kwargs: Any) -> None:
+        entering.setdefault(id(module), []).append(_fingerprint((call_args, call_kwargs)))
+
+    def record(name: str, module: nn.Module, call_args: Any, call_kwargs: Any, output: Any) -> None:
+        counts[name] = counts.get(name, 0) + 1
+        label = name if counts[name] == 1 else f"{name} [call {counts[name]}]"
+        inputs = entering[id(module)].pop()
+        calls.append(_Printed(name, label, type(module).__name__, inputs, _fingerprint(output)))
+
+    handles = []
+    try:
+        for name, module in named:
+            handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(module.register_forward_hook(functools.partial(record, name), with_kwargs=True))
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)  # each run its own draw: chance shows as a difference
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def nondeterministic_layers(
+    model: nn.Module,
+    input: Any,
+    *,
+    modules: ModuleSpec = None,
+    rtol: float = 1e-6,
+    **forward_kwargs: Any,
+) -> list[Finding]:
+    """Layers whose output in eval mode changes from one forward of the same input to the
+    next, as :class:`Finding` rows (empty for a model that is deterministic in eval mode).
+
+    The forward runs twice in eval mode under ``no_grad``, torch's CPU generator seeded
+    differently each time (and restored after); every module's inputs and outputs are
+    fingerprinted as they are made (float64 sum, sum of squares, max), and the innermost
+    module whose inputs agree between the runs while its output does not is named: dropout
+    left on (``F.dropout(x, p)`` without ``training=self.training``), noise drawn in the forward
+    without a train-mode guard. Values within ``rtol`` agree (on a GPU, some kernels are not
+    bitwise reproducible). The model is left as it was: no hooks, the same flags.
+
+    >>> class Noisy(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         return self.b(nn.functional.dropout(self.a(x), 0.5))  # training=True always
+    >>> [(f.layer, f.layer_type) for f in nondeterministic_layers(Noisy(), torch.randn(3, 4))]
+    [('', 'Noisy')]
+    >>> nondeterministic_layers(nn.Sequential(nn.Linear(4, 4), nn.Dropout()), torch.randn(3, 4))
+    []
+    """
+    __tracebackhide__ = True
+    model = _check_model(model)
+    if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < 1):
+        raise ValueError(f"rtol must be a number in [0, 1), got rtol={rtol!r}")
+    args, kwargs = _normalise_input(input, "input", model)
+    args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "nondeterministic_layers")
+    named = _hookable(model, modules, default="all")
+    with preserve_training_flags(model, eval_mode=True):
+        first = _one_run(model, args, kwargs, named, seed=1)
+        second = _one_run(model, args, kwargs, named, seed=2)
+    if [call.label for call in first] != [call.label for call in second]:
+        parted = [one.label for one, other in zip(first, second, strict=False) if one.label != other.label]
+        longer = first if len(first) > len(second) else second
+        diverged = parted[0] if parted else longer[min(len(first), len(second))].label
+        note = f"the two forwards ran different modules, from {diverged!r} on: control flow drawn at random"
+        return [Finding("", type(model).__name__, "nondeterministic", math.nan, "the same", None, note)]
+    random = [
+        (one, other)
+        for one, other in zip(first, second, strict=True)
+        if _same(one.inputs, other.inputs, rtol) and not _same(one.outputs, other.outputs, rtol)
+    ]
+    findings = []
+    for one, other in random:
+        if any(_inside(inner.name, one.name) for inner, _ in random):
+            continue  # a block holding a random layer: that layer is named
+        # how far apart: the largest relative change of a fingerprint
+        change = max(
+            (
+                abs(a - b) / max(abs(a), abs(b), 1e-30)
+                for x, y in zip(one.outputs, other.outputs, strict=False)
+                for a, b in zip(x, y, strict=True)
+            ),
+            default=math.nan,
+        )
+        where = f"{one.type}.forward's own code" if any(_inside(c.name, one.name) for c in first) else "it"
+        note = (
+            f"in eval mode its output changes from one forward of the same input to the next, "
+            f"drawn at random in {where}: dropout left on (F.dropout without "
+            f"training=self.training) or noise without a train-mode guard?"
+        )
+        findings.append(Finding(one.label, one.type, "nondeterministic", change, "the same", None, note))
+    return findings
+
+
+def check_deterministic(model: nn.Module, input: Any, **options: Any) -> None:
+    """Raise :class:`~pytest_modelhooks.checks.HealthError` naming every layer whose eval-mode
+    output changes from one forward of the same input to the next
+    (:func:`nondeterministic_layers`, same arguments).
+
+    >>> check_deterministic(nn.Sequential(nn.Linear(4, 4), nn.Dropout()), torch.randn(3, 4))
+    """
+    __tracebackhide__ = True
+    raise_for(nondeterministic_layers(model, input, **options), "eval determinism")

@@ -283,3 +283,66 @@ def test_a_compiled_model_is_checked_through_its_original_modules() -> None:
     compiled = torch.compile(model)  # (never called: nothing compiles)
     assert [f.layer for f in causal_leaks(compiled, tokens())] == ["blocks.0.attn", "blocks.1.attn"]
     assert count_hooks(model) == 0
+
+
+class Noisy(nn.Module):
+    """Dropout through the functional call without ``training=self.training``: always on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(nn.functional.dropout(self.a(x), 0.5))
+
+
+class GaussianNoise(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn_like(x)  # no `if self.training`
+
+
+def test_dropout_left_on_in_eval_is_named_where_it_is_drawn() -> None:
+    from pytest_modelhooks import check_deterministic, nondeterministic_layers
+
+    model = nn.Sequential(nn.Linear(3, 4), Noisy(), nn.Dropout(0.5))  # nn.Dropout is fine
+    x = torch.randn(5, 3)
+    flags, rng = training_flags(model), torch.get_rng_state()
+    (finding,) = nondeterministic_layers(model, x)
+    assert (finding.layer, finding.layer_type, finding.statistic, finding.bound) == (
+        "1",
+        "Noisy",
+        "nondeterministic",
+        "the same",
+    )
+    assert "drawn at random in Noisy.forward's own code: dropout left on" in finding.note
+    assert finding.observed > 1e-3
+    assert training_flags(model) == flags and count_hooks(model) == 0
+    assert torch.equal(torch.get_rng_state(), rng)  # the draws came from a forked generator
+    with pytest.raises(HealthError, match="eval determinism health check failed: 1 finding"):
+        check_deterministic(model, torch.randn(5, 3))
+    leaf = nn.Sequential(nn.Linear(3, 4), GaussianNoise(), nn.ReLU())
+    (finding,) = nondeterministic_layers(leaf, torch.randn(5, 3))
+    assert finding.layer == "1" and "drawn at random in it:" in finding.note
+    check_deterministic(zoo.ResNetish(), torch.randn(2, 3, 16, 16))  # BatchNorm, Dropout: eval
+
+
+def test_control_flow_drawn_at_random_is_reported_where_the_runs_part() -> None:
+    from pytest_modelhooks import nondeterministic_layers
+
+    # the two runs draw from generators seeded 1 and 2: a threshold between their draws
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        draws.append(float(torch.rand(())))
+    threshold = sum(draws) / 2
+
+    class Coin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) if float(torch.rand(())) > threshold else self.b(x)
+
+    (finding,) = nondeterministic_layers(Coin(), torch.randn(2, 3))
+    assert finding.layer == "" and "ran different modules, from 'a' on" in finding.note
