@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from pytest_modelhooks import check_batch_independence
+from pytest_modelhooks import check_batch_independence, check_deterministic
 from pytest_modelhooks.strategies import input_sizes
 
 
@@ -79,9 +79,12 @@ def test_activations_and_gradients_stay_healthy(model, activation_stats, gradien
     # (with --modelhooks-plots DIR, a failing check also writes the layers' or gradients' picture)
 
 
-def test_each_prediction_depends_on_its_own_image_only(model, modelhooks_device):
-    # in eval mode BatchNorm uses its running statistics: a sample must not see the others
-    check_batch_independence(model.to(modelhooks_device), torch.randn(3, 3, 32, 32, device=modelhooks_device))
+def test_each_prediction_depends_on_its_own_image_only_and_not_on_chance(model, modelhooks_device):
+    # in eval mode BatchNorm uses its running statistics and Dropout is off: a sample must not
+    # see the others, and two forwards of one batch must agree
+    batch = torch.randn(3, 3, 32, 32, device=modelhooks_device)
+    check_batch_independence(model.to(modelhooks_device), batch)
+    check_deterministic(model, batch)
 
 
 def test_intermediate_outputs_can_be_inspected(model, hooked_model, modelhooks_device):
