@@ -106,7 +106,7 @@ def _grads_text(grads: Any) -> str:
 
 def context_text(data: Any, marked: Any = (), *, limit: int = 40, around: int = 2) -> str:
     """The statistics of every layer an ``ActivationStats`` recorded (or every parameter a
-    ``GradientStats`` tracked), rows in ``marked`` (names) flagged with ``>``: the context a
+    ``GradientStats`` tracked), rows in ``marked`` (names; "" is the model) flagged with ``>``: the context a
     failed check's table leaves out, such as how a std grew towards the layer that broke its
     bound. Beyond ``limit`` rows only the flagged ones and ``around`` rows either side are kept.
 
@@ -172,7 +172,7 @@ def context_text(data: Any, marked: Any = (), *, limit: int = 40, around: int = 
             )
     else:
         raise TypeError(f"context_text takes ActivationStats or GradientStats, got {type(data).__name__}")
-    marked = set(marked)
+    marked = {name or "(model)" for name in marked}  # (findings name the model "")
     flags = [name in marked for name in names]
     rows = [["", *rows[0]]] + [[">" if flag else "", *row] for flag, row in zip(flags, rows[1:], strict=True)]
     kept: list[int] | range = range(len(names))

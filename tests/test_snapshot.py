@@ -133,6 +133,10 @@ def test_context_text_lists_every_layer_and_marks_the_findings() -> None:
         ["...", "2", "rows"],
         ["11"],
     ]
+    # the model's own output: findings name it "", the table "(model)"
+    with ActivationStats(model, modules="all") as everything:
+        model(torch.randn(4, 6))
+    assert context_text(everything, {""}).splitlines()[-1].startswith(">  (model)")
     # with nothing marked, nothing is left out
     assert len(context_text(stats, limit=5).splitlines()) == 2 + 12
 
