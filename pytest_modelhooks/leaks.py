@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -397,73 +398,49 @@ def _leaks(
     model = _check_model(model)
     if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < 1):
         raise ValueError(f"rtol must be a number in [0, 1), got rtol={rtol!r}")
-    # in train mode BatchNorm updates its running statistics: they are put back once the
-    # backward passes, which read them, are done
+    with _buffers_restored(model, train):
+        result, calls = _run(model, input, forward_kwargs, modules, train, caller)
+        checked = _select(result, output)
+        axis_name = "dim" if kind is _BATCH else "seq_dim"
+        if checked.dim() <= dim:
+            raise ValueError(
+                f"{caller}(): the checked output has shape {tuple(checked.shape)}, no dimension {dim}; "
+                f"pick the output with output= or its axis with {axis_name}="
+            )
+        size = checked.shape[dim]
+        if size < 2:
+            what = "samples in the batch" if kind is _BATCH else "positions in the sequence"
+            raise ValueError(
+                f"{caller}() needs at least 2 {what}: the output has shape {tuple(checked.shape)} "
+                f"({axis_name}={dim} is {size} long)"
+            )
+        if not checked.requires_grad:
+            raise ValueError(
+                f"{caller}(): the output does not depend on anything that carries a gradient "
+                f"(no floating-point input and no floating-point parameter before it)"
+            )
+        findings: dict[str, Finding] = {}
+        for target in targets(size):
+            allowed, forbidden = forbidden_of(target, size)
+            if not forbidden:
+                continue
+            probe = _Probe(dim, size, rtol, allowed, forbidden)
+            for finding in _findings_for_target(calls, checked, model, probe, target, kind, train):
+                findings.setdefault(finding.layer, finding)
+        return list(findings.values())
+
+
+@contextmanager
+def _buffers_restored(model: nn.Module, train: bool) -> Iterator[None]:
+    """In train mode BatchNorm updates its running statistics: they are put back once the
+    backward passes, which read them, are done."""
     saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()] if train else []
     try:
-        return _analyse(
-            model,
-            input,
-            kind,
-            dim,
-            targets,
-            forbidden_of,
-            output,
-            modules,
-            rtol,
-            train,
-            forward_kwargs,
-            caller,
-        )
+        yield
     finally:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-
-
-def _analyse(
-    model: nn.Module,
-    input: Any,
-    kind: _Kind,
-    dim: int,
-    targets: Callable[[int], Sequence[int]],
-    forbidden_of: Callable[[int, int], tuple[list[int], list[int]]],
-    output: OutputSpec,
-    modules: ModuleSpec,
-    rtol: float,
-    train: bool,
-    forward_kwargs: dict[str, Any],
-    caller: str,
-) -> list[Finding]:
-    result, calls = _run(model, input, forward_kwargs, modules, train, caller)
-    checked = _select(result, output)
-    axis_name = "dim" if kind is _BATCH else "seq_dim"
-    if checked.dim() <= dim:
-        raise ValueError(
-            f"{caller}(): the checked output has shape {tuple(checked.shape)}, no dimension {dim}; "
-            f"pick the output with output= or its axis with {axis_name}="
-        )
-    size = checked.shape[dim]
-    if size < 2:
-        what = "samples in the batch" if kind is _BATCH else "positions in the sequence"
-        raise ValueError(
-            f"{caller}() needs at least 2 {what}: the output has shape {tuple(checked.shape)} "
-            f"({axis_name}={dim} is {size} long)"
-        )
-    if not checked.requires_grad:
-        raise ValueError(
-            f"{caller}(): the output does not depend on anything that carries a gradient "
-            f"(no floating-point input and no floating-point parameter before it)"
-        )
-    findings: dict[str, Finding] = {}
-    for target in targets(size):
-        allowed, forbidden = forbidden_of(target, size)
-        if not forbidden:
-            continue
-        probe = _Probe(dim, size, rtol, allowed, forbidden)
-        for finding in _findings_for_target(calls, checked, model, probe, target, kind, train):
-            findings.setdefault(finding.layer, finding)
-    return list(findings.values())
 
 
 def _check_indices(name: str, indices: Sequence[int] | None, size: int, what: str) -> list[int] | None:
@@ -494,9 +471,9 @@ def batch_leaks(
     ``input`` is a batch (a tensor, a tuple of positional inputs or a dict of keyword ones;
     other keywords go to the forward). The output's sample ``k`` (``samples``, default the
     first and the last: a leak can run one way only) is traced back through every module's
-    inputs and outputs; the culprit is the innermost module whose input for other samples
-    reaches it while its output for them does not, or the stretch of a forward's own code
-    between two modules. The model runs in eval mode (BatchNorm then uses its running
+    inputs and outputs; named are the innermost modules whose own output for sample ``k``
+    depends on their input for other samples (every one, not only the last), or the stretch
+    of a forward's own code between two modules. The model runs in eval mode (BatchNorm then uses its running
     statistics; ``train=True`` keeps the modes, and puts the running statistics back).
     Layers whose tensors carry the batch on another axis are followed (the only axis of the
     batch's size), so use a batch size that no other dimension has (3 or 5). ``output``
