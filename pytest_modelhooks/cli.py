@@ -388,7 +388,7 @@ def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParse
     leaks.add_argument("--input-size", required=True, help="full input shape, batch of 2 or more: 3,16")
     leaks.add_argument("--causal", action="store_true", help="also check that no position sees later ones")
     leaks.add_argument("--samples", help="the output samples to trace (default: the first and the last)")
-    leaks.add_argument("--positions", help="the output positions to trace with --causal (default: up to 16)")
+    leaks.add_argument("--positions", help="the output positions to trace with --causal (default: up to 8)")
     leaks.add_argument("--output", help="the output to check: a key or attribute such as logits")
     leaks.add_argument("--train", action="store_true", help="keep the modules' train/eval modes")
     leaks.add_argument("--seed", type=int, default=0, help="seed of the random batch")
