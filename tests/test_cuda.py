@@ -215,3 +215,21 @@ def test_sparse_and_complex_gradients_read_the_same_on_cuda_as_on_the_cpu() -> N
         for statistic, values in statistics.items():
             assert on_cuda[name][statistic] == pytest.approx(values, rel=1e-5, abs=1e-7), (name, statistic)
     assert all(statistics["nonfinite"] == [0.0] for statistics in on_cuda.values())
+
+
+def test_dependency_checks_run_on_cuda_as_on_the_cpu() -> None:
+    from pytest_modelhooks import batch_leaks, causal_leaks, nondeterministic_layers
+    from tests.test_leaks import Decoder, tokens
+
+    torch.manual_seed(0)
+    model = Decoder(causal=False)
+    cpu = [f.layer for f in causal_leaks(model, tokens())]
+    model.cuda()
+    with untouched(model):
+        assert (
+            [f.layer for f in causal_leaks(model, tokens().cuda())]
+            == cpu
+            == ["blocks.0.attn", "blocks.1.attn"]
+        )
+        assert batch_leaks(model, tokens().cuda()) == []
+        assert nondeterministic_layers(model, tokens().cuda()) == []
