@@ -79,17 +79,20 @@ def _grad_leaves(obj: Any) -> list[torch.Tensor]:
     ]
 
 
-def _run(
+@contextmanager
+def _running(
     model: nn.Module,
     input: Any,
     forward_kwargs: dict[str, Any],
     modules: ModuleSpec,
     train: bool,
     caller: str,
-) -> tuple[Any, list[_Call]]:
+) -> Iterator[tuple[Any, list[_Call]]]:
     """Run the forward once with every selected module's inputs and outputs kept (they are in
     the autograd graph anyway), floating-point inputs and frozen parameters made to carry
-    gradients. The model is left as it was: hooks, flags and ``requires_grad``.
+    gradients, and keep it so while the block analyses it: activation checkpointing runs
+    parts of the forward again during the backward, which must build the same graph. Then
+    the model is left as it was: hooks, flags and ``requires_grad``.
 
     Each module gets its floating-point inputs through a view made as it is entered: the
     gradient with respect to that view is the module's own (partial) one. Taken at the
@@ -115,13 +118,17 @@ def _run(
     calls: list[_Call] = []
     counts: dict[str, int] = {}
     entering: dict[int, list[list[torch.Tensor]]] = {}  # per module: its open calls' inputs
+    recording = [True]  # off once the forward returns: a recomputation is not recorded
 
     def enter(module: nn.Module, call_args: Any, call_kwargs: Any) -> tuple[Any, Any]:
         call_args, call_kwargs = map_tensors(call_args, entered), map_tensors(call_kwargs, entered)
-        entering.setdefault(id(module), []).append(_grad_leaves((call_args, call_kwargs)))
+        if recording[0]:
+            entering.setdefault(id(module), []).append(_grad_leaves((call_args, call_kwargs)))
         return call_args, call_kwargs
 
     def record(name: str, module: nn.Module, call_args: Any, call_kwargs: Any, output: Any) -> None:
+        if not recording[0]:
+            return
         counts[name] = counts.get(name, 0) + 1
         label = name if counts[name] == 1 else f"{name} [call {counts[name]}]"
         inputs = entering[id(module)].pop()
@@ -140,12 +147,13 @@ def _run(
                 hook = functools.partial(record, name)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
             output = model(*args, **kwargs)
+            recording[0] = False
+            yield output, calls
     finally:
         for handle in handles:
             handle.remove()
         for param in frozen:
             param.requires_grad_(False)
-    return output, calls
 
 
 def _select(output: Any, spec: OutputSpec, argument: str = "output") -> torch.Tensor:
@@ -398,8 +406,11 @@ def _leaks(
     model = _check_model(model)
     if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < 1):
         raise ValueError(f"rtol must be a number in [0, 1), got rtol={rtol!r}")
-    with _buffers_restored(model, train):
-        result, calls = _run(model, input, forward_kwargs, modules, train, caller)
+    with (
+        _buffers_restored(model, train),
+        _running(model, input, forward_kwargs, modules, train, caller) as (result, calls),
+        _reentrant_named(),
+    ):
         checked = _select(result, output)
         axis_name = "dim" if kind is _BATCH else "seq_dim"
         if checked.dim() <= dim:
@@ -428,6 +439,22 @@ def _leaks(
             for finding in _findings_for_target(calls, checked, model, probe, target, kind, train):
                 findings.setdefault(finding.layer, finding)
         return list(findings.values())
+
+
+@contextmanager
+def _reentrant_named() -> Iterator[None]:
+    """torch's error for ``checkpoint(..., use_reentrant=True)`` under ``autograd.grad``, with
+    what to do about it here."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "use_reentrant=True" not in str(error):
+            raise
+        raise RuntimeError(
+            "the model runs torch.utils.checkpoint with use_reentrant=True, which the gradients "
+            "these checks take cannot go through: check it with checkpointing off (e.g. "
+            "model.gradient_checkpointing_disable()) or with use_reentrant=False"
+        ) from error
 
 
 @contextmanager

@@ -346,3 +346,31 @@ def test_control_flow_drawn_at_random_is_reported_where_the_runs_part() -> None:
 
     (finding,) = nondeterministic_layers(Coin(), torch.randn(2, 3))
     assert finding.layer == "" and "ran different modules, from 'a' on" in finding.note
+
+
+class Checkpointed(nn.Module):
+    """Two blocks under activation checkpointing; the first without a causal mask."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.first, self.second = Block(causal=False), Block()
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(self.first, x, use_reentrant=self.reentrant)
+        return checkpoint(self.second, x, use_reentrant=self.reentrant)  # type: ignore[no-any-return]
+
+
+def test_activation_checkpointing_is_gone_through_or_refused_by_name() -> None:
+    # the backward runs the checkpointed blocks again: with the checks' hooks still on, it
+    # builds the same graph; the reentrant flavour cannot go through autograd.grad at all
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 16)
+    model = Checkpointed(reentrant=False)
+    assert [f.layer for f in causal_leaks(model, x)] == ["first.attn"]
+    assert [f.layer for f in causal_leaks(model, x, train=True)] == ["first.attn"]
+    assert count_hooks(model) == 0
+    with pytest.raises(RuntimeError, match=r"use_reentrant=True, which the gradients these checks take"):
+        causal_leaks(Checkpointed(reentrant=True), x)
