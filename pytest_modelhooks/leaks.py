@@ -79,6 +79,57 @@ def _grad_leaves(obj: Any) -> list[torch.Tensor]:
     ]
 
 
+class _CallLog:
+    """Hooks on the ``named`` modules that log each call, in the order calls end: its name, its
+    label (``" [call N]"`` from a module's second call on), the module, what ``on_enter`` made
+    of its inputs and what ``on_exit`` made of its output. ``on_enter`` may also hand the
+    module other inputs (it returns ``(args, kwargs, payload)``). While ``recording`` is off
+    the inputs are still replaced, and nothing is logged. A context manager: the hooks go when
+    the block ends, also on an exception."""
+
+    def __init__(
+        self,
+        named: list[tuple[str, nn.Module]],
+        on_enter: Callable[[Any, Any], tuple[Any, Any, Any]],
+        on_exit: Callable[[Any], Any],
+    ) -> None:
+        self.named, self.on_enter, self.on_exit = named, on_enter, on_exit
+        self.calls: list[tuple[str, str, nn.Module, Any, Any]] = []
+        self.recording = True
+        self._counts: dict[str, int] = {}
+        self._open: dict[int, list[Any]] = {}  # per module: its open calls' payloads
+        self._handles: list[Any] = []
+
+    def _enter(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        args, kwargs, payload = self.on_enter(args, kwargs)
+        if self.recording:
+            self._open.setdefault(id(module), []).append(payload)
+        return args, kwargs
+
+    def _exit(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if not self.recording:
+            return
+        self._counts[name] = self._counts.get(name, 0) + 1
+        label = name if self._counts[name] == 1 else f"{name} [call {self._counts[name]}]"
+        self.calls.append((name, label, module, self._open[id(module)].pop(), self.on_exit(output)))
+
+    def __enter__(self) -> _CallLog:
+        try:
+            for name, module in self.named:
+                self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+                exit_hook = functools.partial(self._exit, name)
+                self._handles.append(module.register_forward_hook(exit_hook, with_kwargs=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 @contextmanager
 def _running(
     model: nn.Module,
@@ -113,45 +164,27 @@ def _running(
             return tensor.view_as(tensor)
         return tensor
 
-    args, kwargs = map_tensors(args, with_grad), map_tensors(kwargs, with_grad)
-    named = _hookable(model, modules, default="all")
-    calls: list[_Call] = []
-    counts: dict[str, int] = {}
-    entering: dict[int, list[list[torch.Tensor]]] = {}  # per module: its open calls' inputs
-    recording = [True]  # off once the forward returns: a recomputation is not recorded
-
-    def enter(module: nn.Module, call_args: Any, call_kwargs: Any) -> tuple[Any, Any]:
+    def enter(call_args: Any, call_kwargs: Any) -> tuple[Any, Any, Any]:
         call_args, call_kwargs = map_tensors(call_args, entered), map_tensors(call_kwargs, entered)
-        if recording[0]:
-            entering.setdefault(id(module), []).append(_grad_leaves((call_args, call_kwargs)))
-        return call_args, call_kwargs
+        return call_args, call_kwargs, _grad_leaves((call_args, call_kwargs))
 
-    def record(name: str, module: nn.Module, call_args: Any, call_kwargs: Any, output: Any) -> None:
-        if not recording[0]:
-            return
-        counts[name] = counts.get(name, 0) + 1
-        label = name if counts[name] == 1 else f"{name} [call {counts[name]}]"
-        inputs = entering[id(module)].pop()
-        calls.append(_Call(name, label, type(module).__name__, module, inputs, _grad_leaves(output)))
-
+    args, kwargs = map_tensors(args, with_grad), map_tensors(kwargs, with_grad)
+    log = _CallLog(_hookable(model, modules, default="all"), enter, _grad_leaves)
     # frozen weights carry gradients for the check (a frozen embedding would hide everything
     # after it), restored after; autograd.grad writes no .grad, so nothing else changes
     frozen = [param for param in model.parameters() if not param.requires_grad and param.is_floating_point()]
-    handles = []
     try:
-        with preserve_training_flags(model, eval_mode=not train), torch.enable_grad():
+        with preserve_training_flags(model, eval_mode=not train), torch.enable_grad(), log:
             for param in frozen:
                 param.requires_grad_(True)
-            for name, module in named:
-                handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-                hook = functools.partial(record, name)
-                handles.append(module.register_forward_hook(hook, with_kwargs=True))
             output = model(*args, **kwargs)
-            recording[0] = False
+            log.recording = False  # a recomputation in the backward replaces inputs alike
+            calls = [
+                _Call(name, label, type(module).__name__, module, inputs, outputs)
+                for name, label, module, inputs, outputs in log.calls
+            ]
             yield output, calls
     finally:
-        for handle in handles:
-            handle.remove()
         for param in frozen:
             param.requires_grad_(False)
 
@@ -683,41 +716,28 @@ def _one_run(
     named: list[tuple[str, nn.Module]],
     seed: int,
 ) -> list[_Printed]:
-    made: list[tuple[str, str, str, list[torch.Tensor], list[torch.Tensor]]] = []
-    counts: dict[str, int] = {}
-    entering: dict[int, list[list[torch.Tensor]]] = {}
+    def enter(call_args: Any, call_kwargs: Any) -> tuple[Any, Any, Any]:
+        return call_args, call_kwargs, _fingerprint((call_args, call_kwargs))
 
-    def enter(module: nn.Module, call_args: Any, call_kwargs: Any) -> None:
-        entering.setdefault(id(module), []).append(_fingerprint((call_args, call_kwargs)))
-
-    def record(name: str, module: nn.Module, call_args: Any, call_kwargs: Any, output: Any) -> None:
-        counts[name] = counts.get(name, 0) + 1
-        label = name if counts[name] == 1 else f"{name} [call {counts[name]}]"
-        made.append((name, label, type(module).__name__, entering[id(module)].pop(), _fingerprint(output)))
-
-    handles = []
-    try:
-        for name, module in named:
-            handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-            handles.append(module.register_forward_hook(functools.partial(record, name), with_kwargs=True))
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)  # each run its own draw: chance shows as a difference
-            model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    # the generators of every device the model or its input is on, forked: restored after
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    devices |= {t.device for _, t in tensor_leaves((args, kwargs))}
+    cuda = sorted({device.index or 0 for device in devices if device.type == "cuda"})
+    with _CallLog(named, enter, _fingerprint) as log, torch.random.fork_rng(devices=cuda), torch.no_grad():
+        torch.manual_seed(seed)  # each run its own draw: chance shows as a difference
+        model(*args, **kwargs)
     # one read of every fingerprint, not one per module (a device sync each)
-    flat = [row for *_, inputs, outputs in made for row in (*inputs, *outputs)]
+    flat = [row for *_, inputs, outputs in log.calls for row in (*inputs, *outputs)]
     rows = iter(_read(flat))
     return [
         _Printed(
             name,
             label,
-            kind,
+            type(module).__name__,
             [next(rows) for _ in inputs],
             [next(rows) for _ in outputs],
         )
-        for name, label, kind, inputs, outputs in made
+        for name, label, module, inputs, outputs in log.calls
     ]
 
 

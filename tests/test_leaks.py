@@ -374,3 +374,31 @@ def test_activation_checkpointing_is_gone_through_or_refused_by_name() -> None:
     assert count_hooks(model) == 0
     with pytest.raises(RuntimeError, match=r"use_reentrant=True, which the gradients these checks take"):
         causal_leaks(Checkpointed(reentrant=True), x)
+
+
+def test_a_module_called_twice_is_named_per_call() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(x, x, x, need_weights=False)[0]
+            return self.head(x + self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model = Shared()
+    assert [f.layer for f in causal_leaks(model, torch.randn(3, 5, 8))] == ["attn", "attn [call 2]"]
+    assert count_hooks(model) == 0
+
+
+def test_the_determinism_check_leaves_a_model_that_raises_as_it_was() -> None:
+    from pytest_modelhooks import nondeterministic_layers
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(5, 2))
+    flags, rng = training_flags(model), torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        nondeterministic_layers(model, torch.ones(3, 4))
+    assert count_hooks(model) == 0 and training_flags(model) == flags
+    assert torch.equal(torch.get_rng_state(), rng)
