@@ -402,3 +402,7 @@ def test_the_determinism_check_leaves_a_model_that_raises_as_it_was() -> None:
         nondeterministic_layers(model, torch.ones(3, 4))
     assert count_hooks(model) == 0 and training_flags(model) == flags
     assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(ValueError, match=r"rtol must be a number in \[0, 1\), got rtol=True"):
+        nondeterministic_layers(model, torch.ones(3, 4), rtol=True)
+    with pytest.raises(ValueError, match=r"modules='decoder' matches no module of Sequential"):
+        nondeterministic_layers(model, torch.ones(3, 4), modules="decoder")
