@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU: the CUDA tests, the stats tests, the example suites through
-# the plugin on CUDA (snapshots made on the CPU must match), then the ActivationStats benchmark
-# on a training step (with a profile) and on a forward. Prints everything; writes JSON under $OUT.
+# The GPU checks in one run: the CUDA tests, the stats tests, the example suites through the
+# plugin on CUDA (snapshots made on the CPU must match), then the ActivationStats benchmark on a
+# training step (with a profile) and on a forward. Prints everything; writes JSON under $OUT.
 #
-# The device image has torch and pytest but may lack syrupy/hypothesis/xdist. Before the run,
-# on this machine:  pip download -d .device-wheels syrupy==7.0.2 hypothesis pytest-xdist
-# (add `.device-wheels/` to .git/info/exclude) and pass carry=[".device-wheels"] to the run.
+# Needs torch with CUDA and pytest; syrupy, hypothesis and pytest-xdist are installed from
+# wheels in .device-wheels/ when that folder exists (for a machine without a package index:
+# `pip download -d .device-wheels syrupy hypothesis pytest-xdist` on one that has one).
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp}
@@ -16,7 +16,7 @@ if [ -d .device-wheels ]; then
 fi
 plugin="-p pytest_modelhooks.plugin"
 python -c "import importlib.metadata as m; raise SystemExit(not any(e.name == 'modelhooks' for e in m.entry_points(group='pytest11')))" && plugin=""
-python -m pytest -q -p no:cacheprovider -p no:modelhooks -p pytester -o addopts="" tests/test_cuda.py tests/test_stats.py tests/test_summary.py -x 2>&1 | tail -15
+python -m pytest -q -p no:cacheprovider -p no:modelhooks -p pytester -o addopts="" tests/test_cuda.py tests/stats/test_stats.py tests/summary/test_summary.py -x 2>&1 | tail -15
 python -m pytest -q -p no:cacheprovider $plugin -o addopts="" examples --modelhooks-device=cuda -rs 2>&1 | tail -15
 python benchmarks/bench_stats.py --device cuda --step --batch 32 --repeats 10 --profile --json "$OUT/stats_step_cuda.json"
 python benchmarks/bench_stats.py --device cuda --batch 32 --repeats 10 --json "$OUT/stats_forward_cuda.json"

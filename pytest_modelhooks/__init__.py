@@ -13,15 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-
-class StoredOutputChanged(UserWarning):
-    """A hook's stored output was changed in place after it was stored (by an in-place op later
-    in the forward, such as ``nn.ReLU(inplace=True)``): its values are not what the module
-    returned, though its shape is. Defined here, without torch, so that a ``filterwarnings``
-    entry naming it costs no ``import torch``."""
-
-
+#: Every public name and the module that defines it; ``__all__`` is made from it.
 _EXPORTS: dict[str, str] = {
+    # no torch behind these two: a filterwarnings entry or an except clause naming one is cheap
+    "LayerError": "errors",
+    "StoredOutputChanged": "errors",
     "Hook": "hooks",
     "Hooks": "hooks",
     "HookCallback": "hooks",
@@ -32,15 +28,14 @@ _EXPORTS: dict[str, str] = {
     "select_modules": "hooks",
     "training_flags": "hooks",
     "preserve_training_flags": "hooks",
-    "dummy_batch": "shapes",
-    "dummy_eval": "shapes",
-    "in_channels": "shapes",
-    "input_spec": "shapes",
-    "model_sizes": "shapes",
-    "num_features_model": "shapes",
-    "trace_model": "shapes",
-    "LayerError": "shapes",
-    "LayerSizes": "shapes",
+    "dummy_batch": "inputs",
+    "dummy_eval": "tracing",
+    "in_channels": "inputs",
+    "input_spec": "inputs",
+    "model_sizes": "sizes",
+    "num_features_model": "sizes",
+    "trace_model": "tracing",
+    "LayerSizes": "sizes",
     "model_summary": "summary",
     "ModelSummary": "summary",
     "LayerInfo": "summary",
@@ -49,97 +44,116 @@ _EXPORTS: dict[str, str] = {
     "LayerStats": "stats",
     "ParamGradStats": "stats",
     "SteppedOptimizer": "stats",
-    "Finding": "checks",
-    "HealthError": "checks",
-    "batch_leaks": "leaks",
-    "causal_leaks": "leaks",
-    "check_batch_independence": "leaks",
-    "check_causal": "leaks",
-    "check_deterministic": "leaks",
-    "nondeterministic_layers": "leaks",
+    "Finding": "findings",
+    "HealthError": "findings",
+    "batch_leaks": "dependence",
+    "causal_leaks": "dependence",
+    "check_batch_independence": "dependence",
+    "check_causal": "dependence",
+    "check_deterministic": "dependence",
+    "nondeterministic_layers": "dependence",
 }
 
-__all__ = [
-    "__version__",
-    "StoredOutputChanged",
-    "ActivationStats",
-    "Finding",
-    "GradientStats",
-    "HealthError",
-    "LayerStats",
-    "ParamGradStats",
-    "SteppedOptimizer",
-    "Hook",
-    "HookCallback",
-    "Hooks",
-    "LayerError",
-    "LayerInfo",
-    "LayerSizes",
-    "ModelSummary",
-    "batch_leaks",
-    "causal_leaks",
-    "check_batch_independence",
-    "check_causal",
-    "check_deterministic",
-    "count_hooks",
-    "dummy_batch",
-    "dummy_eval",
-    "hook_output",
-    "hook_outputs",
-    "hooks_by_module",
-    "in_channels",
-    "input_spec",
-    "model_sizes",
-    "model_summary",
-    "nondeterministic_layers",
-    "num_features_model",
-    "preserve_training_flags",
-    "select_modules",
-    "trace_model",
-    "training_flags",
-]
+__all__ = ["__version__", *_EXPORTS]
 
+# for type checkers and IDEs; at run time __getattr__ imports each on first use
 if TYPE_CHECKING:
-    from pytest_modelhooks.checks import Finding, HealthError
+    from pytest_modelhooks.dependence import (
+        batch_leaks as batch_leaks,
+    )
+    from pytest_modelhooks.dependence import (
+        causal_leaks as causal_leaks,
+    )
+    from pytest_modelhooks.dependence import (
+        check_batch_independence as check_batch_independence,
+    )
+    from pytest_modelhooks.dependence import (
+        check_causal as check_causal,
+    )
+    from pytest_modelhooks.dependence import (
+        check_deterministic as check_deterministic,
+    )
+    from pytest_modelhooks.dependence import (
+        nondeterministic_layers as nondeterministic_layers,
+    )
+    from pytest_modelhooks.errors import LayerError as LayerError
+    from pytest_modelhooks.errors import StoredOutputChanged as StoredOutputChanged
+    from pytest_modelhooks.findings import Finding as Finding
+    from pytest_modelhooks.findings import HealthError as HealthError
     from pytest_modelhooks.hooks import (
-        Hook,
-        HookCallback,
-        Hooks,
-        count_hooks,
-        hook_output,
-        hook_outputs,
-        hooks_by_module,
-        preserve_training_flags,
-        select_modules,
-        training_flags,
+        Hook as Hook,
     )
-    from pytest_modelhooks.leaks import (
-        batch_leaks,
-        causal_leaks,
-        check_batch_independence,
-        check_causal,
-        check_deterministic,
-        nondeterministic_layers,
+    from pytest_modelhooks.hooks import (
+        HookCallback as HookCallback,
     )
-    from pytest_modelhooks.shapes import (
-        LayerError,
-        LayerSizes,
-        dummy_batch,
-        dummy_eval,
-        in_channels,
-        input_spec,
-        model_sizes,
-        num_features_model,
-        trace_model,
+    from pytest_modelhooks.hooks import (
+        Hooks as Hooks,
+    )
+    from pytest_modelhooks.hooks import (
+        count_hooks as count_hooks,
+    )
+    from pytest_modelhooks.hooks import (
+        hook_output as hook_output,
+    )
+    from pytest_modelhooks.hooks import (
+        hook_outputs as hook_outputs,
+    )
+    from pytest_modelhooks.hooks import (
+        hooks_by_module as hooks_by_module,
+    )
+    from pytest_modelhooks.hooks import (
+        preserve_training_flags as preserve_training_flags,
+    )
+    from pytest_modelhooks.hooks import (
+        select_modules as select_modules,
+    )
+    from pytest_modelhooks.hooks import (
+        training_flags as training_flags,
+    )
+    from pytest_modelhooks.inputs import (
+        dummy_batch as dummy_batch,
+    )
+    from pytest_modelhooks.inputs import (
+        in_channels as in_channels,
+    )
+    from pytest_modelhooks.inputs import (
+        input_spec as input_spec,
+    )
+    from pytest_modelhooks.sizes import (
+        LayerSizes as LayerSizes,
+    )
+    from pytest_modelhooks.sizes import (
+        model_sizes as model_sizes,
+    )
+    from pytest_modelhooks.sizes import (
+        num_features_model as num_features_model,
     )
     from pytest_modelhooks.stats import (
-        ActivationStats,
-        GradientStats,
-        LayerStats,
-        ParamGradStats,
-        SteppedOptimizer,
+        ActivationStats as ActivationStats,
     )
-    from pytest_modelhooks.summary import LayerInfo, ModelSummary, model_summary
+    from pytest_modelhooks.stats import (
+        GradientStats as GradientStats,
+    )
+    from pytest_modelhooks.stats import (
+        LayerStats as LayerStats,
+    )
+    from pytest_modelhooks.stats import (
+        ParamGradStats as ParamGradStats,
+    )
+    from pytest_modelhooks.stats import (
+        SteppedOptimizer as SteppedOptimizer,
+    )
+    from pytest_modelhooks.summary import (
+        LayerInfo as LayerInfo,
+    )
+    from pytest_modelhooks.summary import (
+        ModelSummary as ModelSummary,
+    )
+    from pytest_modelhooks.summary import (
+        model_summary as model_summary,
+    )
+    from pytest_modelhooks.tracing import dummy_eval as dummy_eval
+    from pytest_modelhooks.tracing import trace_model as trace_model
 
 
 def __getattr__(name: str) -> Any:

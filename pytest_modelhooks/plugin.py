@@ -2,7 +2,9 @@
 
 This module must stay cheap to import: pytest loads it for every run, including runs that never
 touch a model, so torch is imported inside the fixtures only. Hook bodies are short and hand
-the work to :mod:`pytest_modelhooks._session`.
+the work to :mod:`pytest_modelhooks._plugin.session`; options and ini keys are parsed by
+:mod:`pytest_modelhooks._plugin.settings`, the health bounds among them read from the one table
+in :mod:`pytest_modelhooks.health.bounds`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_modelhooks import _session
+from pytest_modelhooks._plugin import session, settings
+from pytest_modelhooks.health.bounds import BOUNDS
 
 if TYPE_CHECKING:
     from syrupy.assertion import SnapshotAssertion
@@ -22,7 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("modelhooks", "pytest-modelhooks: model architecture tests")
     group.addoption(
         "--modelhooks-device",
-        choices=_session.DEVICES,
+        choices=settings.DEVICES,
         default=None,
         help="device the fixtures run models on: cpu, cuda or auto (cuda when available). "
         "ini: modelhooks_device; default cpu.",
@@ -45,19 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--modelhooks-check-leaks",
         action="store_true",
         default=False,
-        help="fail a test's teardown when a model it handed to a fixture has hooks added during the test.",
+        help="the hook guard: fail a test's teardown when a model it handed to a fixture has hooks "
+        "added during the test.",
     )
     parser.addini("modelhooks_device", "cpu, cuda or auto", default="cpu")
-    parser.addini(
-        "modelhooks_std_range", "default std bounds of activation checks, as 'low,high'", default=""
-    )
-    parser.addini("modelhooks_max_dead", "default max fraction of dead units (0-1)", default="")
-    parser.addini(
-        "modelhooks_max_near_zero", "default max fraction of near-zero activations (0-1)", default=""
-    )
-    parser.addini("modelhooks_max_std_growth", "default max std ratio between consecutive layers", default="")
-    parser.addini("modelhooks_max_grad_norm", "default max gradient norm of gradient checks", default="")
-    parser.addini("modelhooks_min_grad_norm", "default min gradient norm of gradient checks", default="")
+    for bound in BOUNDS.values():
+        parser.addini(bound.ini, f"default {bound.help} (marker: {bound.setting}=)", default="")
     parser.addini(
         "modelhooks_seed", "torch seed before each test using the plugin: int, random or off", default="0"
     )
@@ -69,30 +65,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "modelhooks(std=(low, high), max_dead=..., max_near_zero=..., max_std_growth=..., "
-        "max_grad_norm=..., min_grad_norm=..., device=..., seed=...): "
+        f"modelhooks({settings.MARKER_SIGNATURE}): "
         "health-check bounds, device and torch seed for this test's modelhooks fixtures",
     )
-    _session.configure(config)
+    settings.configure(config)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return _session.report_header(config)
+    return session.report_header(config)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    _session.enter_test(item)
+    session.enter_test(item)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    # after the fixtures are torn down, so that the leak guard sees what they left
+    # after the fixtures are torn down, so that the hook guard sees what they left
     try:
         result = yield
     finally:
-        item.config.stash[_session.CURRENT_ITEM] = None
-    _session.check_leaks(item)
+        item.config.stash[settings.CURRENT_ITEM] = None
+    session.check_hooks(item)
     return result
 
 
@@ -100,13 +95,13 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
 def model_sizes(pytestconfig: pytest.Config) -> Any:
     """:func:`pytest_modelhooks.model_sizes` on the configured device. Session-scoped (it holds
     no state), so it is safe inside Hypothesis ``@given`` tests."""
-    return _session.bound_model_sizes(pytestconfig)
+    return session.bound_model_sizes(pytestconfig)
 
 
 @pytest.fixture(scope="session")
 def model_summary(pytestconfig: pytest.Config) -> Any:
     """:func:`pytest_modelhooks.model_summary` on the configured device (session-scoped)."""
-    return _session.bound_model_summary(pytestconfig)
+    return session.bound_model_summary(pytestconfig)
 
 
 @pytest.fixture
@@ -114,17 +109,17 @@ def modelhooks_device(request: pytest.FixtureRequest) -> Any:
     """The ``torch.device`` the fixtures run models on (marker ``device=``, then
     ``--modelhooks-device``, then the ini key): make inputs and targets there, and one test runs
     on the CPU and on a GPU alike. Skips the test when CUDA is asked for but absent."""
-    from pytest_modelhooks._fixtures import resolve_device
+    from pytest_modelhooks._plugin.fixtures import resolve_device
 
-    return resolve_device(_session.settings_in_test(request.config, request.node).device)
+    return resolve_device(settings.settings_in_test(request.config, request.node).device)
 
 
 @pytest.fixture
 def hooked_model(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``hooks = hooked_model(model, modules=..., hook_func=None, grad=False)``: a ``Hooks``
     (outputs stored by default); every hook is removed at teardown, also when the test fails."""
-    tracker = _session.HookTracker(request)
-    yield _session.FixtureCall("hooked_model", tracker.hooked_model, wraps=tracker.state.hooked_model)
+    tracker = session.HookTracker(request)
+    yield session.FixtureCall("hooked_model", tracker.hooked_model, wraps=tracker.state.hooked_model)
     tracker.close()
 
 
@@ -133,10 +128,10 @@ def activation_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``with activation_stats(model, ...) as stats:`` records; ``stats.check()`` uses the
     bounds from the marker, command line or ini; a failing check's table (and plot) goes into
     the test report."""
-    from pytest_modelhooks.stats import ActivationStats
+    from pytest_modelhooks.stats.activations import ActivationStats
 
-    tracker = _session.HookTracker(request)
-    yield _session.FixtureCall("activation_stats", tracker.activation_stats, wraps=ActivationStats)
+    tracker = session.HookTracker(request)
+    yield session.FixtureCall("activation_stats", tracker.activation_stats, wraps=ActivationStats)
     tracker.close()
 
 
@@ -144,10 +139,10 @@ def activation_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
 def gradient_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
     """``with gradient_stats(model) as grads:`` records gradient statistics after each
     backward; ``grads.check()`` names unused, vanishing and exploding gradients."""
-    from pytest_modelhooks.stats import GradientStats
+    from pytest_modelhooks.stats.gradients import GradientStats
 
-    tracker = _session.HookTracker(request)
-    yield _session.FixtureCall("gradient_stats", tracker.gradient_stats, wraps=GradientStats)
+    tracker = session.HookTracker(request)
+    yield session.FixtureCall("gradient_stats", tracker.gradient_stats, wraps=GradientStats)
     tracker.close()
 
 
@@ -157,7 +152,6 @@ def model_snapshot(snapshot: SnapshotAssertion, request: pytest.FixtureRequest) 
     ``assert model_summary(net, input_size=...) == model_snapshot``."""
     from pytest_modelhooks.snapshot import ModelSnapshotExtension
 
-    settings = _session.settings_in_test(request.config, request.node)
-    ModelSnapshotExtension.rtol = settings.snapshot_rtol
-    ModelSnapshotExtension.atol = settings.snapshot_atol
-    return snapshot.use_extension(ModelSnapshotExtension)
+    current = settings.settings_in_test(request.config, request.node)
+    extension = ModelSnapshotExtension.with_tolerances(current.snapshot_rtol, current.snapshot_atol)
+    return snapshot.use_extension(extension)

@@ -115,7 +115,7 @@ def test_the_plugin_fixtures_run_end_to_end_on_cuda(pytester: pytest.Pytester) -
     )
     from importlib import metadata
 
-    # a checkout that is not pip-installed (the lent GPU machine) has no entry point: name it
+    # a checkout that is not pip-installed has no entry point: name the plugin
     installed = any(entry.name == "modelhooks" for entry in metadata.entry_points(group="pytest11"))
     plugin = [] if installed else ["-p", "pytest_modelhooks.plugin"]
     pytester.runpytest_subprocess(*plugin, "--snapshot-update").assert_outcomes(passed=2)

@@ -66,7 +66,7 @@ def test_data_given_in_the_size_slot_moves_to_the_fixture_device(pytestconfig, m
     import torch
     from torch import nn
 
-    from pytest_modelhooks import _fixtures
+    from pytest_modelhooks._plugin import fixtures as _fixtures
 
     moved: list[object] = []
     mover = _fixtures._inputs_to
@@ -89,7 +89,7 @@ def test_keyword_inputs_of_the_forward_move_to_the_fixture_device_and_options_do
     import torch
     from torch import nn
 
-    from pytest_modelhooks import _fixtures
+    from pytest_modelhooks._plugin import fixtures as _fixtures
 
     class Masked(nn.Module):
         def __init__(self) -> None:

@@ -1,0 +1,226 @@
+"""The plugin's settings: ini keys, options and the ``modelhooks`` marker, parsed and validated
+once. No torch import.
+
+The health bounds come from :data:`pytest_modelhooks.health.bounds.BOUNDS`: their ini keys,
+marker keys and parsing are the library's own, so the marker, the ini file and ``check()`` take
+the same values and say the same thing about a bad one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, BOUNDS, GRADIENT_BOUNDS, Bound, check_order
+
+__all__ = [
+    "CURRENT_ITEM",
+    "DEVICES",
+    "FIXTURES",
+    "MARKER_KEYS",
+    "MARKER_SIGNATURE",
+    "SETTINGS",
+    "WATCHED",
+    "Settings",
+    "configure",
+    "current_settings",
+    "settings_for",
+    "settings_in_test",
+]
+
+DEVICES = ("cpu", "cuda", "auto")
+MARKER_KEYS = (*(bound.setting for bound in BOUNDS.values()), "device", "seed")
+#: The marker's arguments as ``--markers`` lists them.
+MARKER_SIGNATURE = ", ".join(
+    [
+        f"{bound.setting}=(low, high)" if bound.kind == "range" else f"{bound.setting}=..."
+        for bound in BOUNDS.values()
+    ]
+    + ["device=...", "seed=..."]
+)
+# a test that asks for one of these (or carries the marker) starts with torch's RNG seeded
+FIXTURES = frozenset(
+    {
+        "model_sizes",
+        "model_summary",
+        "hooked_model",
+        "activation_stats",
+        "gradient_stats",
+        "model_snapshot",
+        "modelhooks_device",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Effective modelhooks settings; precedence marker > command line > ini > defaults. The
+    bound fields are named by each bound's ``setting`` (see :data:`BOUNDS`)."""
+
+    device: str = "cpu"
+    std: tuple[float, float] | None = None
+    max_dead: float | None = None
+    max_near_zero: float | None = None
+    max_std_growth: float | None = None
+    max_grad_norm: float | None = None
+    min_grad_norm: float | None = None
+    plots_dir: str | None = None
+    hook_guard: bool = False  # --modelhooks-check-leaks
+    snapshot_rtol: float = 0.0
+    snapshot_atol: float = 0.0
+    seed: int | None = 0  # torch.manual_seed before each test using the plugin; None: left alone
+    seed_source: str = "modelhooks_seed"  # where a random seed came from, for the header
+
+    def check_bounds(self) -> dict[str, Any]:
+        """The activation-check bounds, as keyword arguments of ``ActivationStats.check``."""
+        return {bound.name: getattr(self, bound.setting) for bound in ACTIVATION_BOUNDS}
+
+    def grad_bounds(self) -> dict[str, Any]:
+        """The gradient-check bounds, as keyword arguments of ``GradientStats.check``."""
+        return {bound.name: getattr(self, bound.setting) for bound in GRADIENT_BOUNDS}
+
+
+SETTINGS = pytest.StashKey[Settings]()
+CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
+WATCHED = pytest.StashKey[dict[int, Any]]()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _bound(bound: Bound, text: Any, where: str) -> Any:
+    try:
+        return bound.parse(text, where)
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def _tolerance(config: pytest.Config, key: str) -> float:
+    text = config.getini(key)
+    try:
+        value = float(text) if text not in (None, "") else 0.0
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise pytest.UsageError(f"{key}: expected a positive number, got {text!r}")
+    return value
+
+
+def _seed(text: Any, where: str) -> int | None:
+    """An int seed, or None for "off"/"none"; "random" is resolved by :func:`configure`."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("off", "none")):
+        return None
+    expected = f"{where}: expected an integer seed, 'random' or 'off', got {text!r}"
+    if isinstance(text, bool):
+        raise pytest.UsageError(expected)
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(expected) from None
+    if not 0 <= value < 2**64:
+        raise pytest.UsageError(f"{where}: a torch seed is in [0, 2**64), got {text!r}")
+    return value
+
+
+def _device(text: Any, where: str) -> str:
+    if text not in DEVICES:
+        raise pytest.UsageError(f"{where}: expected one of {', '.join(DEVICES)}, got {text!r}")
+    return str(text)
+
+
+def _ordered(settings: Settings, where: str) -> Settings:
+    try:
+        check_order(settings.min_grad_norm, settings.max_grad_norm, "min_grad_norm", "max_grad_norm")
+    except ValueError as error:
+        raise pytest.UsageError(f"{where}: {error}") from None
+    return settings
+
+
+class XdistSeed:
+    """Hands the controller's seed to each pytest-xdist worker (registered only with xdist,
+    whose hook this is)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["modelhooks_seed"] = self.seed
+
+
+def configure(config: pytest.Config) -> None:
+    """Parse and validate the ini keys and command-line options once."""
+    option = config.option
+    device = option.modelhooks_device or config.getini("modelhooks_device") or "cpu"
+    bounds = {bound.setting: _bound(bound, config.getini(bound.ini), bound.ini) for bound in BOUNDS.values()}
+    settings = Settings(
+        device=_device(device, "--modelhooks-device" if option.modelhooks_device else "modelhooks_device"),
+        plots_dir=option.modelhooks_plots or config.getini("modelhooks_plots_dir") or None,
+        hook_guard=bool(option.modelhooks_check_leaks),
+        snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
+        snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
+        **bounds,
+    )
+    seed_text = option.modelhooks_seed or config.getini("modelhooks_seed") or "0"
+    where = "--modelhooks-seed" if option.modelhooks_seed else "modelhooks_seed"
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "modelhooks_seed" in workerinput:
+        # a pytest-xdist worker: the controller's seed, so "random" is one seed for the run
+        settings = replace(settings, seed=workerinput["modelhooks_seed"])
+    elif str(seed_text).strip().lower() == "random":
+        settings = replace(settings, seed=random.randrange(2**32), seed_source="random")
+    else:
+        settings = replace(settings, seed=_seed(seed_text, where))
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistSeed(settings.seed), "modelhooks-xdist-seed")
+    config.stash[SETTINGS] = _ordered(settings, "modelhooks_min_grad_norm")
+    config.stash[CURRENT_ITEM] = None
+
+
+_BY_SETTING = {bound.setting: bound for bound in BOUNDS.values()}
+
+
+def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
+    """The session settings with the test's ``@pytest.mark.modelhooks(...)`` applied."""
+    settings = config.stash[SETTINGS]
+    if item is None:
+        return settings
+    for marker in reversed(list(item.iter_markers("modelhooks"))):  # closest marker wins
+        if marker.args:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.modelhooks takes keyword arguments only")
+        unknown = sorted(set(marker.kwargs) - set(MARKER_KEYS))
+        if unknown:
+            raise pytest.UsageError(
+                f"{item.nodeid}: @pytest.mark.modelhooks got unknown argument(s) {', '.join(unknown)}; "
+                f"known: {', '.join(MARKER_KEYS)}"
+            )
+        where = f"{item.nodeid}: @pytest.mark.modelhooks"
+        changes: dict[str, Any] = {}
+        for key, value in marker.kwargs.items():
+            if key in _BY_SETTING:
+                changes[key] = _bound(_BY_SETTING[key], value, f"{where}({key}=...)")
+            elif key == "seed":
+                changes[key] = _seed(value, f"{where}(seed=...)")
+            else:
+                changes[key] = _device(value, f"{where}(device=...)")
+        settings = _ordered(replace(settings, **changes), where)
+    return settings
+
+
+def settings_in_test(config: pytest.Config, item: pytest.Item | None) -> Settings:
+    """:func:`settings_for` from inside a test: a bad marker fails the test with its message
+    alone (no traceback into the plugin)."""
+    try:
+        return settings_for(config, item)
+    except pytest.UsageError as error:
+        message = str(error)
+    # failed outside the except block: the report shows the message once, not also the usage
+    # error it replaced ("During handling of the above exception...")
+    pytest.fail(message, pytrace=False)
+
+
+def current_settings(config: pytest.Config) -> Settings:
+    """Settings for the test running now (session settings outside a test)."""
+    return settings_in_test(config, config.stash.get(CURRENT_ITEM, None))

@@ -1,0 +1,275 @@
+"""Every private torch (and syrupy) name the package relies on, in one place.
+
+torch gives no public way to do some of what the package must: see a module's hooks (to leave
+the model as it was found), skip its slow hook path, read what ``torch.func`` wraps around a
+tensor, trace on fake tensors. Each access below says what it is for, and :data:`REQUIRED`
+lists them all, so that a torch upgrade that removes one fails one test naming the torch
+version and the missing name (``tests/test_torch_internals.py``) instead of breaking features
+one by one.
+
+Not routed through here, as torch's own ``torch.func`` and state-dict code rely on them just
+the same: a module's ``_parameters``, ``_buffers`` and ``_modules`` dicts (read directly on
+hot paths: ``parameters(recurse=False)`` costs ~2 us a module), a tensor's ``_version``
+counter, and ATen op names that begin with an underscore (``aten._softmax``: op names, not
+Python attributes). They are in :data:`REQUIRED` too.
+
+>>> HOOK_DICTS[0]
+'_forward_hooks'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module_globals  # where torch keeps the global hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "FAKE_TENSOR_LOGGER",
+    "FUNCTORCH",
+    "HAS_COMPILED_CALL",
+    "HOOK_DICTS",
+    "REQUIRED",
+    "TorchDispatchMode",
+    "compiled_call",
+    "compiled_original",
+    "fake_tensor_mode",
+    "forget_global_hook",
+    "graph_task_id",
+    "has_hooks",
+    "hook_count",
+    "hook_entries",
+    "is_compiling",
+    "missing",
+    "no_python_dispatch",
+    "only_these_global_hooks",
+    "overload_packet",
+    "rnn_flat_weights",
+    "scaler_scale",
+    "set_rnn_flat_weights",
+    "syrupy_sanitized_name",
+]
+
+# --------------------------------------------------------------------------- hooks
+
+#: The per-module hook dicts: counted to leave a model as it was found (hooks_by_module, the
+#: hook guard) and checked to take torch's fast call path. torch has no public accessor.
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hook_count(module: nn.Module) -> int:
+    """How many hooks ``module`` itself holds (its submodules' not counted).
+
+    >>> hook_count(nn.Linear(2, 2))
+    0
+    """
+    return sum(len(getattr(module, attribute, None) or {}) for attribute in HOOK_DICTS)
+
+
+def hook_entries(module: nn.Module) -> Iterator[tuple[str, int]]:
+    """``(hook dict name, handle id)`` of every hook ``module`` itself holds."""
+    for attribute in HOOK_DICTS:
+        for hook_id in getattr(module, attribute, None) or {}:
+            yield attribute, hook_id
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` holds any hook, or is compiled (``Module.compile()``): either way a
+    call must go through ``nn.Module.__call__``, not straight to ``forward``."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or (HAS_COMPILED_CALL and module._compiled_call_impl is not None)
+    )
+
+
+def only_these_global_hooks(forward_pre: int, forward: int) -> bool:
+    """Whether the process-wide module hooks are exactly ``forward_pre`` pre-hooks and
+    ``forward`` forward hooks (a trace's own), no backward ones, and no JIT trace runs: then
+    torch's fast path would call ``forward`` alone, and the tracer may do the same."""
+    return (
+        len(_module_globals._global_forward_pre_hooks) == forward_pre
+        and len(_module_globals._global_forward_hooks) == forward
+        and not _module_globals._global_backward_hooks
+        and not _module_globals._global_backward_pre_hooks
+        and not torch._C._get_tracing_state()
+    )
+
+
+def forget_global_hook(handle: Any) -> None:
+    """Drop what a removed global forward hook leaves behind: torch's handle forgets the hook's
+    ``with_kwargs`` flag, which would make every later compiled module warn about global hooks
+    for the whole process."""
+    getattr(_module_globals, "_global_forward_hooks_with_kwargs", {}).pop(handle.id, None)
+
+
+# --------------------------------------------------------------------------- compile, functorch
+
+#: Whether modules carry ``Module.compile()``'s slot (torch >= 2.2): read only where they do.
+HAS_COMPILED_CALL = "_compiled_call_impl" in vars(nn.Module())
+
+
+def compiled_call(module: nn.Module) -> Any:
+    """The compiled forward ``Module.compile()`` installed on ``module``, or None."""
+    return module._compiled_call_impl if HAS_COMPILED_CALL else None
+
+
+def compiled_original(model: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, or None."""
+    original = getattr(model, "_orig_mod", None)
+    if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return original
+    return None
+
+
+#: ``torch._C._functorch``: tells a ``vmap``/``grad`` wrapper from a plain tensor and unwraps it,
+#: so that hooks inside ``torch.func`` transforms read the whole batch.
+FUNCTORCH: Any = getattr(torch._C, "_functorch", None)
+
+#: Whether dynamo is tracing (torch >= 2.3; public since): a host read would break the graph.
+is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
+
+#: The id of the backward pass running on this thread, -1 outside backward: gradient
+#: statistics end a step when a new backward starts.
+graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+# --------------------------------------------------------------------------- dispatch
+
+#: Skips Python dispatch for one allocation: outputs built by the trace's shortcuts must not
+#: pass through its own dispatch mode again. (``TorchDispatchMode`` itself is imported above
+#: from ``torch.utils._python_dispatch``, its only home.)
+no_python_dispatch: Any = torch._C._DisableTorchDispatch
+
+
+def overload_packet(func: Any) -> Any:
+    """The op packet of an ATen overload (``aten.mm`` of ``aten.mm.default``): flop formulas
+    and error messages are keyed by it."""
+    return func._overloadpacket
+
+
+#: The logger torch's fake tensors report kernel failures to, at ERROR level.
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
+
+
+def fake_tensor_mode(**options: Any) -> Any:
+    """A ``FakeTensorMode`` (imported on first use: it pulls in most of dynamo's support code)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(**options)
+
+
+# --------------------------------------------------------------------------- module internals
+
+
+def rnn_flat_weights(rnn: nn.RNNBase) -> list[Any]:
+    """An RNN's own list of weight references, refreshed during its forward: a trace that swaps
+    the weights must put this list back too."""
+    return list(rnn._flat_weights)
+
+
+def set_rnn_flat_weights(rnn: nn.RNNBase, weights: list[Any]) -> None:
+    rnn._flat_weights = weights
+
+
+def scaler_scale(scaler: Any) -> Any:
+    """The device tensor behind ``GradScaler.get_scale()`` (reading it needs no host sync), or
+    None where the scaler keeps none."""
+    return getattr(scaler, "_scale", None)
+
+
+# --------------------------------------------------------------------------- syrupy
+
+
+def syrupy_sanitized_name(extension: Any, name: str) -> str:
+    """The file name syrupy stores a snapshot named ``name`` under (characters a file name
+    cannot hold removed). Raises AttributeError where this syrupy has no such helper."""
+    sanitized: str = extension._sanitize_filename(name)
+    return sanitized
+
+
+# --------------------------------------------------------------------------- what is relied on
+
+
+def _has_path(root: Any, path: str) -> bool:
+    for part in path.split("."):
+        if not hasattr(root, part):
+            return False
+        root = getattr(root, part)
+    return True
+
+
+def _module_has(name: str) -> bool:
+    return name in vars(nn.Module()) or hasattr(nn.Module, name)
+
+
+def _aten_has(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+#: ``(what, check)``: each private name above, and the module and tensor internals read
+#: directly, with a check that this torch still has it.
+REQUIRED: tuple[tuple[str, Callable[[], bool]], ...] = (
+    *((f"nn.Module().{name}", lambda name=name: name in vars(nn.Module())) for name in HOOK_DICTS),
+    *(
+        (f"torch.nn.modules.module.{name}", lambda name=name: hasattr(_module_globals, name))
+        for name in (
+            "_global_forward_pre_hooks",
+            "_global_forward_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    ),
+    ("torch._C._get_tracing_state", lambda: _has_path(torch, "_C._get_tracing_state")),
+    ("torch._C._DisableTorchDispatch", lambda: _has_path(torch, "_C._DisableTorchDispatch")),
+    ("torch._C._functorch.get_unwrapped", lambda: _has_path(torch, "_C._functorch.get_unwrapped")),
+    ("torch._C._functorch.maybe_get_bdim", lambda: _has_path(torch, "_C._functorch.maybe_get_bdim")),
+    ("torch._C._current_graph_task_id", lambda: _has_path(torch, "_C._current_graph_task_id")),
+    (
+        "torch._subclasses.fake_tensor.FakeTensorMode",
+        lambda: _importable("torch._subclasses.fake_tensor", "FakeTensorMode"),
+    ),
+    ("nn.RNN()._flat_weights", lambda: hasattr(nn.RNN(1, 1), "_flat_weights")),
+    ("torch.amp.GradScaler()._scale", lambda: "_scale" in vars(_grad_scaler())),
+    ("aten.mm.default._overloadpacket", lambda: hasattr(torch.ops.aten.mm.default, "_overloadpacket")),
+    *(
+        (f"nn.Module().{name}", lambda name=name: _module_has(name))
+        for name in ("_parameters", "_buffers", "_modules")
+    ),
+    ("torch.Tensor._version", lambda: hasattr(torch.zeros(1), "_version")),
+    *((f"torch.ops.aten.{name}", lambda name=name: _aten_has(name)) for name in ("_softmax", "_log_softmax")),
+)
+
+
+def _grad_scaler() -> Any:
+    scaler_class = getattr(getattr(torch, "amp", None), "GradScaler", None)
+    if scaler_class is not None:  # torch >= 2.3: a CPU scaler too
+        return scaler_class("cpu")
+    return torch.cuda.amp.GradScaler(enabled=torch.cuda.is_available())
+
+
+def _importable(module: str, name: str) -> bool:
+    import importlib
+
+    return hasattr(importlib.import_module(module), name)
+
+
+def missing() -> list[str]:
+    """The names in :data:`REQUIRED` this torch lacks (empty when all are there).
+
+    >>> missing()
+    []
+    """
+    absent = []
+    for what, check in REQUIRED:
+        try:
+            present = check()
+        except Exception:  # a constructor that changed its signature counts as gone
+            present = False
+        if not present:
+            absent.append(what)
+    return absent

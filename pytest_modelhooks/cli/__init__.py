@@ -1,0 +1,94 @@
+"""Command line: summaries and layer sizes outside pytest.
+
+    python -m pytest_modelhooks summary PACKAGE.MODULE:FACTORY --input-size 1,3,224,224 \\
+        [--meta] [--depth N] [--format text|json|markdown]
+    python -m pytest_modelhooks sizes PACKAGE.MODULE:FACTORY --size 64,64 [--modules leaves]
+    python -m pytest_modelhooks health PACKAGE.MODULE:FACTORY --input-size 16,3,64,64 \\
+        [--batches 3] [--train] [--std 0.2,5] [--max-dead 0.3] [--max-grad-norm 100]
+    python -m pytest_modelhooks leaks PACKAGE.MODULE:FACTORY --input-size 3,16 [--causal]
+
+``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
+``nn.Module``; the current directory is importable. ``'mypkg.models:build(depth=50)'`` calls it
+with literal arguments (numbers, strings, lists, dicts...; nothing is evaluated). ``--device
+cuda`` moves the model there (and makes the batches there). ``--meta`` builds the model on the meta
+device: no memory for the weights, so even a 7B model prints in under a second. The text output
+is the same text a snapshot stores, so the command can write snapshot files ahead of a test run.
+``health`` runs random batches (standard normal values, or token ids for an embedding model)
+through the model and prints its activation statistics, with ``--train`` also a backward of a
+stand-in loss (the mean square of the output) and the gradient statistics, then the findings
+for the bounds given; it exits with 1 when there are findings, so it can gate a CI step.
+``leaks`` runs :func:`~pytest_modelhooks.dependence.reach.batch_leaks` (and with ``--causal``
+:func:`~pytest_modelhooks.dependence.reach.causal_leaks`) on one random batch and exits with 1 when a
+layer mixes samples or looks ahead.
+
+Each subcommand is a module of this package (:mod:`.summary`, :mod:`.sizes`, :mod:`.health`,
+:mod:`.leaks`) with the same four names: ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(model, args) -> exit status``; what they share is in :mod:`.common`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from pytest_modelhooks.cli import health, leaks, sizes, summary
+from pytest_modelhooks.cli.common import FACTORY_HELP, UsageError, load_factory, parse_device
+
+__all__ = ["main", "run", "script"]
+
+#: The subcommands, in the order ``--help`` lists them.
+SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks)
+#: Those that can build the model on the meta device (they never compute on its weights).
+_META = (summary, sizes)
+
+
+def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in SUBCOMMANDS:
+        sub = commands.add_parser(command.NAME, help=command.HELP)
+        sub.add_argument("factory", help=FACTORY_HELP)
+        command.add_arguments(sub)
+        if command in _META:
+            sub.add_argument("--meta", action="store_true", help="build the model on the meta device")
+        sub.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
+        sub.add_argument("--format", choices=command.FORMATS, default="text")
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def run(prog: str = "python -m pytest_modelhooks") -> None:
+    """The command line as a program: :func:`main`, exiting with its status."""
+    raise SystemExit(main(prog=prog))
+
+
+def script() -> None:
+    """The ``modelhooks`` console script (its usage lines say ``modelhooks``)."""
+    run("modelhooks")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_modelhooks") -> int:
+    """Run the command line; returns the exit status (2 for usage errors).
+
+    >>> main(["sizes", "torch.nn:Linear(4, 8)"])
+    Layer sizes
+     (Linear)  (1, 8)
+    0
+    """
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        meta = getattr(args, "meta", False)
+        args.device = parse_device(args.device, meta)
+        model = load_factory(args.factory, meta)
+        if args.device.type != "cpu":
+            model = model.to(args.device)
+        status: int = args.run(model, args)
+    except UsageError as error:
+        parser.error(str(error))  # exits with status 2
+    except (ValueError, TypeError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return status

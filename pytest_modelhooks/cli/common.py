@@ -1,0 +1,165 @@
+"""What every subcommand shares: loading the model factory, parsing shapes and devices, random
+batches, naming the layer of a failed forward.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import sys
+from typing import Any
+
+
+class UsageError(Exception):
+    """A bad command line; the message names the argument."""
+
+
+def parse_shape(text: str, argument: str) -> tuple[int, ...]:
+    # "1,3,224,224" or "1x3x224x224"; every part an integer (a stray "x" or "," is no dim)
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(dim <= 0 for dim in dims):
+        raise UsageError(
+            f"{argument} {text!r}: expected comma-separated positive integers, such as 1,3,224,224"
+        )
+    return dims
+
+
+def _call_arguments(path: str, text: str) -> tuple[list[Any], dict[str, Any]]:
+    """The literal arguments of ``FACTORY(...)`` (``depth=50, widths=[64, 128]``): numbers,
+    strings, booleans, None, tuples, lists and dicts of these; nothing is evaluated."""
+    try:
+        call = ast.parse(f"factory({text})", mode="eval").body
+        assert isinstance(call, ast.Call)
+        args = [ast.literal_eval(node) for node in call.args]
+        kwargs = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    except (SyntaxError, ValueError, AssertionError):
+        raise UsageError(
+            f"factory {path!r}: the arguments in (...) must be Python literals, such as "
+            f"mypkg.models:build(depth=50, widths=[64, 128])"
+        ) from None
+    if None in kwargs:  # **mapping
+        raise UsageError(f"factory {path!r}: write each keyword argument out (no **)")
+    return args, {str(name): value for name, value in kwargs.items()}
+
+
+def load_factory(path: str, meta: bool) -> Any:
+    module_name, _, attribute = path.partition(":")
+    call_args: list[Any] = []
+    call_kwargs: dict[str, Any] = {}
+    called = "(" in attribute
+    if called:
+        attribute, _, rest = attribute.partition("(")
+        if not rest.endswith(")"):
+            raise UsageError(f"factory {path!r}: expected FACTORY(arguments), closed by ')'")
+        call_args, call_kwargs = _call_arguments(path, rest[:-1])
+    if not module_name or not attribute:
+        raise UsageError(
+            f"factory {path!r}: expected PACKAGE.MODULE:FACTORY, such as mypkg.models:ResNet "
+            f"or 'mypkg.models:build(depth=50)'"
+        )
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: the current directory is importable
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"factory {path!r}: cannot import {module_name!r}: {error}") from None
+    target: Any = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"factory {path!r}: {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+
+    import torch
+    from torch import nn
+
+    if isinstance(target, nn.Module):
+        if called:  # calling it would run its forward
+            raise UsageError(f"factory {path!r}: {attribute!r} is a model instance, not a factory to call")
+        return target.to("meta") if meta else target
+    if not callable(target):
+        raise UsageError(f"factory {path!r}: {attribute!r} is neither an nn.Module nor callable")
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # no signature to check (some builtins): just call it
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*call_args, **call_kwargs)
+        except TypeError as error:  # arguments missing or unknown: say so before building
+            raise UsageError(f"factory {path!r}: {error}") from None
+    if meta:
+        with torch.device("meta"):
+            model = target(*call_args, **call_kwargs)
+    else:
+        model = target(*call_args, **call_kwargs)
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"factory {path!r}: calling {attribute!r} returned {type(model).__name__}, not an nn.Module"
+        )
+    return model
+
+
+def random_batch(model: Any, shape: tuple[int, ...], seed: int, device: Any) -> Any:
+    import torch
+
+    from pytest_modelhooks.inputs import input_spec
+
+    # made on the CPU from a seeded generator: the same batch on every device
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        spec = input_spec(model)
+    except ValueError:
+        spec = None
+    if spec is not None and spec.layout == "tokens":
+        return torch.randint(0, spec.channels, shape, generator=generator).to(device)
+    return torch.randn(shape, generator=generator).to(device)
+
+
+def parse_device(text: str, meta: bool) -> Any:
+    """The ``--device`` to run on, checked: a usage error if torch does not know it or this
+    machine does not have it."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r}: not a torch device, such as cpu, cuda or cuda:1") from None
+    if meta and device.type != "cpu":
+        raise UsageError(f"--device {text} and --meta: the model is either on meta or on {text}")
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise UsageError(f"--device {text!r}: {device.type} is not available on this machine")
+    return device
+
+
+def raise_naming_the_layer(model: Any, inputs: Any) -> None:
+    """After a failed forward: the same forward traced (on meta stand-ins where it can), so
+    that the error names the layer and the shape it got, as ``summary`` does."""
+    from pytest_modelhooks.errors import LayerError
+    from pytest_modelhooks.tracing.engines import trace_model
+
+    try:
+        trace_model(model, (inputs,))
+    except LayerError as error:
+        raise error from None
+    except Exception:  # the trace failed some other way: the original error says more
+        return
+
+
+def parse_indices(text: str, argument: str) -> tuple[int, ...]:
+    """Comma-separated non-negative integers (indices)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(value < 0 for value in values):
+        raise UsageError(f"{argument} {text!r}: expected comma-separated indices, such as 0,2")
+    return values
+
+
+FACTORY_HELP = "PACKAGE.MODULE:FACTORY, or 'PACKAGE.MODULE:FACTORY(depth=50, ...)' with literal arguments"

@@ -1,0 +1,62 @@
+"""``modelhooks leaks``: batch independence (and causality) on one random batch; exit 1 on a leak."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pytest_modelhooks.cli.common import UsageError, parse_indices, parse_shape, random_batch
+
+NAME = "leaks"
+HELP = "check that samples do not leak into each other (and, with --causal, no look-ahead)"
+FORMATS = ("text", "json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-size", required=True, help="full input shape, batch of 2 or more: 3,16")
+    parser.add_argument("--causal", action="store_true", help="also check that no position sees later ones")
+    parser.add_argument("--samples", help="the output samples to trace (default: the first and the last)")
+    parser.add_argument("--positions", help="the output positions to trace with --causal (default: up to 8)")
+    parser.add_argument("--output", help="the output to check: a key or attribute such as logits")
+    parser.add_argument("--train", action="store_true", help="keep the modules' train/eval modes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random batch")
+
+
+def run(model: Any, args: argparse.Namespace) -> int:
+    from pytest_modelhooks.dependence.reach import batch_leaks, causal_leaks
+    from pytest_modelhooks.findings import format_findings
+
+    shape = parse_shape(args.input_size, "--input-size")
+    if shape[0] < 2:
+        raise UsageError(
+            f"--input-size {args.input_size}: a leak needs other samples to come from: a batch of "
+            f"2 or more (3 or 5, a size no other dimension has)"
+        )
+    inputs = random_batch(model, shape, args.seed, args.device)
+    options: dict[str, Any] = {"output": args.output, "train": args.train}
+    samples = list(parse_indices(args.samples, "--samples")) if args.samples else None
+    positions = list(parse_indices(args.positions, "--positions")) if args.positions else None
+    try:
+        found = batch_leaks(model, inputs, samples=samples, **options)
+        future = causal_leaks(model, inputs, positions=positions, **options) if args.causal else []
+    except (AttributeError, KeyError) as error:  # --output names nothing the model returns
+        message = f"--output {args.output!r}: not a key or attribute of the model's output ({error})"
+        raise UsageError(message) from None
+    if args.format == "json":
+        report = {
+            "batch": [vars(f) for f in found],
+            "causal": [vars(f) for f in future] if args.causal else None,
+        }
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        if found:
+            print(f"Samples of the batch leak into each other ({len(found)}):")
+            print(format_findings(found, unit="sample"))
+        if future:
+            print(f"Outputs depend on later positions ({len(future)}):")
+            print(format_findings(future, unit="position"))
+        if not found and not future:
+            checked = "batch independent and causal" if args.causal else "batch independent"
+            print(f"No leaks: {type(model).__name__} is {checked} on a {args.input_size} input.")
+    return 1 if found or future else 0

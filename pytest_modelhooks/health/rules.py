@@ -1,0 +1,327 @@
+"""Health rules over recorded statistics: findings as data, every bad layer named.
+
+Activation rules: std out of range (vanishing or exploding), too many dead units, too many
+values near zero, std growing too fast from one layer to the next, and non-finite values, for
+which the *first* layer in execution order that produced one is named together with the layer
+before it. Gradient rules: norms out of range, non-finite gradients, trainable parameters that
+never got a gradient, parameters that never changed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from pytest_modelhooks.stats.activations import ActivationStats
+    from pytest_modelhooks.stats.gradients import GradientStats
+    from pytest_modelhooks.stats.records import LayerStats
+from pytest_modelhooks.findings import Finding
+from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, GRADIENT_BOUNDS, check_order
+
+
+def _worst(values: torch.Tensor, batches: torch.Tensor, *, largest: bool) -> tuple[float, int]:
+    finite = torch.where(
+        torch.isnan(values), torch.full_like(values, -math.inf if largest else math.inf), values
+    )
+    position = int(finite.argmax() if largest else finite.argmin())
+    return float(values[position]), int(batches[position])
+
+
+# BatchNorm2d, LayerNorm, GroupNorm, InstanceNorm1d, RMSNorm, LlamaRMSNorm, T5LayerNorm...
+_NORMALIZATION = re.compile(r"Norm(\d?d)?$")
+
+
+def activation_findings(
+    stats: ActivationStats,
+    *,
+    std: tuple[float, float] | None = None,
+    max_dead: float | None = None,
+    max_near_zero: float | None = None,
+    max_std_growth: float | None = None,
+    allow_nonfinite: bool = False,
+) -> list[Finding]:
+    """Every broken rule among the recorded activation statistics, in execution order.
+
+    * ``std=(low, high)``: each series' std must stay within, on every batch.
+    * ``max_dead``: the fraction of channels never above zero, per layer (not judged on the
+      tensors the model itself returns, unless rectified: logits may be negative for every
+      sample).
+    * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
+    * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch;
+      not judged into a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ``...Norm``
+      classes of other libraries), whose output scale is set by its own weights: a transformer's
+      small residual branch into its LayerNorm is not an explosion.
+    * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
+
+    >>> from torch import nn
+    >>> from pytest_modelhooks import ActivationStats
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> _ = nn.init.constant_(net[0].bias, -100.0)  # every unit below zero: dead
+    >>> with ActivationStats(net) as stats:
+    ...     _ = net(torch.randn(16, 4))
+    >>> for finding in activation_findings(stats, max_dead=0.5, std=(0.1, 10.0)):
+    ...     print(finding)
+    0 (Linear): dead 1, bound <= 0.5 (8 of 8 channels never active)
+    """
+    given = {
+        "std": std,
+        "max_dead": max_dead,
+        "max_near_zero": max_near_zero,
+        "max_std_growth": max_std_growth,
+    }
+    for bound in ACTIVATION_BOUNDS:
+        bound.validate(given[bound.name])
+    recorded: frozenset[str] = stats.statistics
+    for name, value, needs in (
+        ("std", std, "std"),
+        ("max_std_growth", max_std_growth, "std"),
+        ("max_near_zero", max_near_zero, "near_zero"),
+    ):
+        if value is not None and needs not in recorded:
+            raise ValueError(f"{name}= needs {needs!r} recorded: add it to ActivationStats(statistics=...)")
+    if max_dead is not None and not stats.track_dead:
+        raise ValueError("max_dead= needs dead units recorded: ActivationStats(track_dead=True)")
+    layers = list(stats)
+    found: list[Finding] = []
+    if not allow_nonfinite:
+        found += _first_nonfinite(layers, recorded)
+    previous = None
+    for layer in layers:
+        if std is not None:
+            found += _std_findings(layer, std)
+        if max_dead is not None:
+            found += _dead_findings(layer, max_dead)
+        if max_near_zero is not None and bool((layer.near_zero > max_near_zero).any()):
+            value, batch = _worst(layer.near_zero, layer.batches, largest=True)
+            found.append(Finding(layer.name, layer.type, "near_zero", value, f"<= {max_near_zero:g}", batch))
+        if max_std_growth is not None and previous is not None:
+            found += _growth_findings(layer, previous, max_std_growth)
+        previous = layer
+    return found
+
+
+def _std_findings(layer: LayerStats, std: tuple[float, float]) -> list[Finding]:
+    low, high = std
+    found = []
+    below = layer.std < low
+    above = layer.std > high
+    nan = torch.full_like(layer.std, math.nan)
+    if bool(below.any()):
+        value, batch = _worst(torch.where(below, layer.std, nan), layer.batches, largest=False)
+        found.append(Finding(layer.name, layer.type, "std", value, f">= {low:g}", batch, "vanishing"))
+    if bool(above.any()):
+        value, batch = _worst(torch.where(above, layer.std, nan), layer.batches, largest=True)
+        found.append(Finding(layer.name, layer.type, "std", value, f"<= {high:g}", batch, "exploding"))
+    return found
+
+
+def _dead_findings(layer: LayerStats, max_dead: float) -> list[Finding]:
+    # A model's output (logits) is read as it is: negative for every sample is not dead.
+    # A rectified output (min >= 0: a backbone's last ReLU) is judged: zero is dead there.
+    if (
+        layer.dead is None
+        or (layer.model_output and not bool((layer.min >= 0).all()))
+        or layer.dead <= max_dead
+    ):
+        return []
+    dead_units = round(layer.dead * (layer.channels or 0))
+    note = f"{dead_units} of {layer.channels} channels never active"
+    return [Finding(layer.name, layer.type, "dead", layer.dead, f"<= {max_dead:g}", None, note)]
+
+
+def _growth_findings(layer: LayerStats, previous: LayerStats, max_std_growth: float) -> list[Finding]:
+    if _NORMALIZATION.search(layer.type):
+        return []  # a norm's output scale is set by its own weights
+    # after a constant output (a zero-initialised residual BatchNorm) growth is undefined:
+    # NaN, not judged; the std bounds are what catch a vanishing layer
+    ratio = torch.where(previous.std > 0, layer.std / previous.std, math.nan)
+    if not bool((ratio > max_std_growth).any()):
+        return []
+    value, batch = _worst(ratio, layer.batches, largest=True)
+    note = f"vs {previous.name}"
+    return [Finding(layer.name, layer.type, "std growth", value, f"<= {max_std_growth:g}", batch, note)]
+
+
+def _first_nonfinite(layers: list, recorded: frozenset[str]) -> list[Finding]:  # type: ignore[type-arg]
+    if not layers:
+        return []
+    ran = torch.stack([layer.ran for layer in layers])  # (series, batches)
+    counts = torch.stack([layer.nonfinite for layer in layers])
+    if "nonfinite" in recorded:
+        bad = torch.nan_to_num(counts, nan=0.0) > 0
+    else:
+        # not counted: a NaN or an infinity still shows in every other statistic it feeds
+        shown = [name for name in ("mean", "std", "min", "max") if name in recorded]
+        if not shown:
+            return []
+        values = torch.stack([torch.stack([layer[name] for name in shown]) for layer in layers])
+        bad = ran & (~torch.isfinite(values)).any(dim=1)
+    if not bool(bad.any()):
+        return []
+    # the first batch with any non-finite value, then the first series in execution order
+    column = int(bad.any(dim=0).nonzero()[0])
+    row = int(bad[:, column].nonzero()[0])
+    layer = layers[row]
+    before = next((earlier for earlier in reversed(range(row)) if bool(ran[earlier, column])), None)
+    if before is None:
+        note = "first non-finite layer; the first hooked layer"
+    else:
+        note = f"first non-finite layer; previous layer {layers[before].name} was finite"
+    observed = math.nan
+    if "nonfinite" in recorded:
+        observed = float(counts[row, column])
+        total = int(sum(int(value) for value in torch.nan_to_num(counts[:, column]).tolist()))
+        note += f"; {total} non-finite values in that batch"
+    return [Finding(layer.name, layer.type, "nonfinite", observed, "0", int(layer.batches[column]), note)]
+
+
+def _first_nonfinite_grad(grads: GradientStats, kept: torch.Tensor) -> dict[str, str]:
+    """The note for the parameter whose gradient went non-finite first in backward order, in
+    the first (kept) step that had one; keyed by its name. The finite gradient before it
+    brackets the culprit: the NaN or infinity arose between their layers (often in a layer
+    without parameters, such as a sqrt or a division)."""
+    params = list(grads)
+    if not params or not grads.num_steps:
+        return {}
+    # (params, steps): one pass over every step, not a host read per parameter and step
+    bad = (torch.nan_to_num(torch.stack([param.nonfinite for param in params]), nan=0.0) > 0) & kept
+    steps = bad.any(dim=0).nonzero().flatten().tolist()
+    if not steps:
+        return {}
+    step = steps[0]
+    row_of = {param.name: row for row, param in enumerate(params)}
+    order = grads.backward_order(step)
+    position = next(at for at, name in enumerate(order) if bool(bad[row_of[name], step]))
+    where = f"first non-finite in backward at step {step}"
+    if position == 0:
+        return {order[0]: f"{where}; the first gradient of that backward"}
+    return {order[position]: f"{where}; {order[position - 1]} before it was finite"}
+
+
+def gradient_findings(
+    grads: GradientStats,
+    *,
+    max_norm: float | None = None,
+    min_norm: float | None = None,
+    require_grad: bool = True,
+    require_update: bool | None = None,
+) -> list[Finding]:
+    """Every broken gradient rule: parameters whose gradient norm went above ``max_norm``
+    (exploding) or below ``min_norm`` (vanishing), non-finite gradients, (with
+    ``require_grad``) trainable parameters that never got a gradient, and parameters that got
+    one but never changed (``require_update``): with ``None``, judged only when an optimizer
+    stepped on the model or changed some parameter inside the block, each finding saying why
+    (left out of the param groups of the optimizer that stepped, a ``.grad`` gone before its
+    ``step()``, zero gradients from the second step on; a group at lr 0 is a choice);
+    ``True`` requires every parameter with a gradient to change; ``False`` does not look.
+
+    >>> from torch import nn
+    >>> from pytest_modelhooks import GradientStats
+    >>> net = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
+    >>> with GradientStats(net) as grads:
+    ...     net["used"](torch.randn(3, 4)).sum().backward()
+    >>> [(finding.layer, finding.note) for finding in gradient_findings(grads)]
+    [('unused.weight', 'unused: its .grad stayed None'), ('unused.bias', 'unused: its .grad stayed None')]
+    """
+    given = {"max_norm": max_norm, "min_norm": min_norm}
+    for bound in GRADIENT_BOUNDS:
+        bound.validate(given[bound.name])
+    check_order(min_norm, max_norm)
+    found: list[Finding] = []
+    steps = torch.arange(grads.num_steps)
+    # under a GradScaler a step with non-finite gradients is skipped by design: leave it out,
+    # unless no step was finite (the model, not the scale, makes them)
+    skipped = grads.skipped_steps()
+    kept = torch.ones(grads.num_steps, dtype=torch.bool)
+    if skipped and len(skipped) < grads.num_steps:
+        kept[skipped] = False
+    elif skipped:
+        kept[:] = False  # one finding for the model, not one per parameter
+        found.append(
+            Finding(
+                "",
+                type(grads.model).__name__,
+                "nonfinite grad",
+                float(len(skipped)),
+                "a finite step",
+                None,
+                f"every step ({len(skipped)}) overflowed under the GradScaler: no finite gradient",
+            )
+        )
+    first = _first_nonfinite_grad(grads, kept)
+    for param in grads:
+        kind = "parameter " + "x".join(str(dim) for dim in param.shape)
+        if require_grad and not param.got_grad:
+            found.append(
+                Finding(
+                    param.name, kind, "grad", math.nan, "a gradient", None, "unused: its .grad stayed None"
+                )
+            )
+            continue
+        nonfinite = torch.where(kept, torch.nan_to_num(param.nonfinite, nan=0.0), 0.0)
+        if bool((nonfinite > 0).any()):
+            value, step = _worst(param.nonfinite, steps, largest=True)
+            note = first.get(param.name, "")
+            found.append(Finding(param.name, kind, "nonfinite grad", value, "0", step, note))
+            continue
+        norm = torch.where(kept, param.norm, math.nan)  # NaN compares False: not judged
+        if max_norm is not None and bool((norm > max_norm).any()):
+            value, step = _worst(norm, steps, largest=True)
+            found.append(Finding(param.name, kind, "grad norm", value, f"<= {max_norm:g}", step, "exploding"))
+        if min_norm is not None and bool((norm < min_norm).any()):
+            value, step = _worst(norm, steps, largest=False)
+            found.append(Finding(param.name, kind, "grad norm", value, f">= {min_norm:g}", step, "vanishing"))
+    if require_update is not False:
+        found += _update_findings(grads, strict=require_update is True)
+    # the gradient where non-finite values began heads the table (a stable sort keeps the rest)
+    found.sort(key=lambda finding: finding.layer not in first)
+    return found
+
+
+def _update_findings(grads: GradientStats, *, strict: bool) -> list[Finding]:
+    """Parameters that got a gradient but never changed (see :meth:`GradientStats.updated`),
+    each with the reason the optimizers seen stepping give (or, with none seen, a guess)."""
+    updated = grads.updated()
+    optimizers = grads.stepped_optimizers()
+    if not optimizers and not any(updated.values()):
+        if not strict or not any(flag is False for flag in updated.values()):
+            return []  # no optimizer step inside the block (or values on meta): nothing to judge
+        note = "no parameter changed: no optimizer step ran inside the `with` block"
+        return [Finding("", type(grads.model).__name__, "update", math.nan, "a change", None, note)]
+    holder = {name: optimizer.name for optimizer in optimizers for name in optimizer.params}
+    zero_lr = {name for optimizer in optimizers for name in optimizer.zero_lr}
+    names = list(dict.fromkeys(optimizer.name for optimizer in optimizers))
+    stepped = " and ".join(names) + (
+        ", the optimizer that stepped" if len(names) == 1 else ", the optimizers that stepped"
+    )
+    lost = grads.lost_before_step()
+    frozen = "(frozen on purpose: requires_grad_(False))"
+    found = []
+    for param in grads:
+        if not param.got_grad or updated[param.name] is not False or param.name in zero_lr:
+            continue  # (a learning rate of 0 is a choice)
+        zero = bool((torch.nan_to_num(param.norm, nan=0.0) == 0).all())
+        if param.name in lost:
+            note = (
+                f"its .grad was None when {lost[param.name]}.step() ran, so the step skipped it: "
+                f"zero_grad() between backward() and step()?"
+            )
+        elif optimizers and param.name not in holder:
+            note = f"got a gradient but is in none of the param groups of {stepped} {frozen}"
+        elif zero:
+            if not strict and grads.num_steps < 2:
+                # one step: a zero-initialised partner gives none at first (LoRA's A while its B
+                # is 0, a branch behind adaLN-Zero's gate); from the second step on it would
+                continue
+            note = "its gradient was zero at every step"
+        elif optimizers:
+            note = f"in a param group of {holder[param.name]} with a gradient, yet its step left it unchanged"
+        else:
+            note = f"got a gradient but never changed: is it in the optimizer's param groups? {frozen}"
+        kind = "parameter " + "x".join(str(dim) for dim in param.shape)
+        found.append(Finding(param.name, kind, "update", math.nan, "a change", None, note))
+    return found

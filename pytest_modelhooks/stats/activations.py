@@ -1,0 +1,516 @@
+""":class:`ActivationStats`: per-module, per-batch activation statistics, computed where the
+tensors live.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from pytest_modelhooks._torch import is_compiling
+from pytest_modelhooks._tree import tensor_leaves
+from pytest_modelhooks.hooks.callback import HookCallback
+from pytest_modelhooks.hooks.core import unvmapped
+from pytest_modelhooks.hooks.select import ModuleSpec
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pytest_modelhooks.findings import Finding
+from pytest_modelhooks._torch import graph_task_id
+from pytest_modelhooks.stats.records import STATISTICS, LayerStats
+from pytest_modelhooks.stats.reduce import (
+    channel_dim,
+    compiled_call,
+    device_blocks,
+    finish_device,
+    fused_raw,
+    nested_values,
+    on_host,
+    reduce_on_device,
+    reduce_on_host,
+)
+
+
+class ActivationStats(HookCallback):
+    """Record activation statistics of ``model``'s modules, batch by batch.
+
+    A *batch* is one forward of ``model``. Use it as a context manager around forward passes or
+    training steps, or call ``on_train_begin()`` / ``on_train_end()`` from any loop.
+
+    * ``modules``: default, the modules that own parameters (as fastai); also ``"all"``,
+      ``"leaves"``, names, globs, types (see :func:`select_modules`).
+    * ``every``: record one batch in ``every``; ``train_only``: record only forwards in
+      training mode.
+    * ``eps``: a value is near zero when ``|x| <= eps``.
+    * ``with_hist``: also keep a histogram per batch (``hist_bins`` over ``hist_range``).
+    * ``fused``: compute every statistic in one compiled pass per activation
+      (``torch.compile``; the first batch of each process pays a compile of several seconds,
+      and it needs a C++ compiler on the CPU or Triton on a GPU; where it cannot compile, a
+      warning, then separate passes). Worth it for long runs; see the README's Performance.
+    * ``statistics``: which of :data:`STATISTICS` to compute (default all); each is a pass over
+      every activation, so ``statistics=("mean", "std")`` with ``track_dead=False`` is the
+      cheapest record. NaN and infinities are still found without ``"nonfinite"``: they show
+      in the mean and std.
+
+    ``stats.stats`` is fastai's layout: a float tensor ``(2, num_modules, num_batches)`` of
+    (mean, std) of each hooked module's (first) output. ``stats["encoder.conv1"]`` gives a
+    :class:`LayerStats` with every statistic; tuple/dict outputs give one series per tensor
+    (``stats["lstm[0]"]``, ``stats["out.logits"]``).
+
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    >>> with ActivationStats(net) as stats:
+    ...     for _ in range(3):
+    ...         _ = net(torch.randn(4, 8))
+    >>> stats.stats.shape, stats.series_names
+    (torch.Size([2, 2, 3]), ['0', '2'])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: ModuleSpec = None,
+        *,
+        every: int = 1,
+        train_only: bool = False,
+        eps: float = 0.05,
+        with_hist: bool = False,
+        hist_bins: int = 80,
+        hist_range: tuple[float, float] = (-10.0, 10.0),
+        track_dead: bool = True,
+        statistics: Sequence[str] = STATISTICS,
+        fused: bool = False,
+    ) -> None:
+        unknown = sorted(set(statistics) - set(STATISTICS))
+        if unknown or not statistics or isinstance(statistics, str):
+            raise ValueError(
+                f"statistics must be a non-empty collection of {', '.join(STATISTICS)}, "
+                f"got statistics={statistics!r}"
+            )
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got every={every!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got eps={eps!r}")
+        if with_hist and (hist_bins < 1 or not hist_range[0] < hist_range[1]):
+            raise ValueError(
+                f"need hist_bins >= 1 and hist_range=(low, high) with low < high, "
+                f"got hist_bins={hist_bins!r}, hist_range={hist_range!r}"
+            )
+        super().__init__(model, modules, detach=False)
+        self.every = every
+        self.train_only = train_only
+        self.eps = eps
+        self.with_hist = with_hist
+        self.hist_bins = hist_bins
+        self.hist_range = hist_range
+        self.track_dead = track_dead
+        self.statistics = frozenset(statistics)
+        self.fused = fused
+        self._fused_flags = (
+            bool(self.statistics & {"mean", "std"}),
+            "near_zero" in self.statistics,
+            "nonfinite" in self.statistics,
+            bool(self.statistics & {"min", "max"}),
+        )
+        self._conv1d = any(isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) for module in model.modules())
+        self._names_by_id = {id(module): name for name, module in self.named_modules}
+        self._series: dict[tuple[int, str, int], int] = {}
+        self._calls_this_batch: dict[int, int] = {}
+        self._series_names: list[str] = []
+        self._series_modules: list[str] = []
+        self._series_types: list[str] = []
+        self._series_first: dict[int, int] = {}  # module id -> its first series (fastai layout)
+        self._forwards = 0
+        self._recording = False
+        self._pending: list[tuple[int, Any]] = []
+        self._pending_hist: list[tuple[int, torch.Tensor]] = []
+        # per recorded batch: (batch index, blocks); a block is (series ids, host rows) or
+        # (series ids, device tensor of raw rows, element counts), one per device
+        self._batches: list[tuple[int, list[tuple[Any, ...]]]] = []
+        self._hists: list[tuple[int, list[int], torch.Tensor]] = []
+        self._channel_max: dict[int, torch.Tensor] = {}
+        # this batch's tensors with dead units tracked, to tell which the model returned
+        self._tracked: list[tuple[int, weakref.ref[torch.Tensor]]] = []
+        self._model_outputs: set[int] = set()
+        self._batch_handles: list[RemovableHandle] = []
+        self._id_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._saw_meta = False
+        self._any_call = False  # whether a hooked module ran in any recorded forward
+        self._cache: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ recording
+
+    def on_train_begin(self, **kwargs: Any) -> None:
+        """Register the hooks; the batch markers go on after the module hooks, so that the
+        model's own output (when hooked) lands in the batch it belongs to."""
+        super().on_train_begin(**kwargs)
+        if not self._batch_handles:
+            self._batch_handles = [
+                self.model.register_forward_pre_hook(self._begin_batch),
+                self.model.register_forward_hook(self._end_batch),
+            ]
+
+    def remove(self) -> None:
+        super().remove()
+        for handle in self._batch_handles:
+            handle.remove()
+        self._batch_handles = []
+
+    def _begin_batch(self, module: nn.Module, args: Any) -> None:
+        if not is_compiling() and graph_task_id() != -1:
+            # a forward inside backward: activation checkpointing recomputes the model
+            # (``checkpoint(model, x)``); that batch was recorded on its way forward. (Not
+            # asked while dynamo traces: the query would break its graph; compiled
+            # checkpointing recomputes inside the compiled graph, without hooks.)
+            self._recording = False
+            return
+        wanted = not self.train_only or self.model.training
+        self._recording = wanted and self._forwards % self.every == 0
+        self._forwards += 1
+        self._pending = []
+        self._pending_hist = []
+        self._calls_this_batch = {}
+        self._tracked = []
+
+    def _end_batch(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._recording:
+            return
+        self._recording = False
+        self._any_call = self._any_call or bool(self._calls_this_batch)
+        batch = self._forwards - 1
+        if self._tracked:
+            # by identity, through weak references: a live tensor's id is its own
+            returned = {id(tensor) for _, tensor in tensor_leaves(output)}
+            for series, ref in self._tracked:
+                tensor = ref()
+                if tensor is not None and id(tensor) in returned:
+                    self._model_outputs.add(series)
+            self._tracked = []
+        if self._pending:
+            blocks = device_blocks(self._pending)
+            # the same series (and sizes) every batch: one tuple of each kept, not a list per batch
+            self._batches.append((batch, [tuple(self._interned(part) for part in block) for block in blocks]))
+        # histograms: one stack per device (a model may span devices)
+        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        for series, hist in self._pending_hist:
+            by_device.setdefault(hist.device, []).append((series, hist))
+        for entries in by_device.values():
+            self._hists.append(
+                (batch, [series for series, _ in entries], torch.stack([h for _, h in entries]))
+            )
+        self._pending = []
+        self._pending_hist = []
+        self._cache = None
+
+    def _interned(self, part: Any) -> Any:
+        """A list of ints as the one tuple kept for its values; anything else as it is."""
+        if not isinstance(part, list):
+            return part
+        key = tuple(part)
+        return self._id_tuples.setdefault(key, key)
+
+    def _series_id(self, module: nn.Module, path: str, call: int) -> int:
+        key = (id(module), path, call)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = len(self._series_names)
+            module_name = self._names_by_id.get(id(module), "?")
+            name = module_name + path if module_name or not path else path.lstrip(".")
+            if not module_name and path and any(name == other for other, _ in self.model.named_modules()):
+                name = "(model)" + path  # the model's output "head" is not its layer "head"
+            # a module called twice in one forward gets a series per call, as summaries get rows
+            self._series_names.append(name if call == 1 else f"{name} [call {call}]")
+            self._series_modules.append(module_name)
+            self._series_types.append(type(module).__name__)
+            self._series_first.setdefault(id(module), series)
+        return series
+
+    def hook(self, module: nn.Module, input: Any, output: Any) -> None:
+        """Reduce each floating-point (or complex) tensor ``module`` returned to its statistics."""
+        # No no_grad() here: the tensors are detached, so nothing records a graph, and the
+        # context manager would cost more per call than the rest of this method.
+        if not self._recording:
+            return
+        call = self._calls_this_batch[id(module)] = self._calls_this_batch.get(id(module), 0) + 1
+        leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
+        for path, tensor in leaves:
+            if tensor.is_quantized:  # a quantized model's activations: their values, dequantized
+                tensor = tensor.dequantize()
+            complex_valued = tensor.is_complex()
+            if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
+                continue
+            x, leading = unvmapped(tensor)  # under vmap: the whole batch, its dims in front
+            if x.is_meta:  # shapes without values (a model built on meta): nothing to measure
+                self._saw_meta = True
+                continue
+            x = x.detach()
+            if x.is_nested:
+                x = nested_values(x)
+            if complex_valued:
+                # a spectral layer's output: its real and imaginary parts are the values (a
+                # complex number is never "above zero", so no dead units)
+                x = torch.view_as_real(x.resolve_conj())
+            series = self._series_id(module, path, call)
+            tracks_dead = self.track_dead and not complex_valued
+            channel_max = self._channel_max_of(module, x, leading) if tracks_dead else None
+            fused = self._reduce_fused(x) if self.fused else None
+            if fused is not None:
+                self._pending.append((series, (fused, x.numel())))
+            elif on_host(x):
+                self._pending.append((series, reduce_on_host(x, self.eps, self.statistics, channel_max)))
+            else:
+                raw = reduce_on_device(x, self.eps, self.statistics, channel_max)
+                self._pending.append((series, (raw, x.numel())))
+            if channel_max is not None:
+                self._track_dead(series, channel_max)
+                self._tracked.append((series, weakref.ref(tensor)))
+            if self.with_hist:
+                low, high = self.hist_range
+                self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
+
+    def _reduce_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused ``(6,)`` raw row of ``x``, or None (after one warning) where torch.compile
+        cannot build the kernel here: the separate passes take over."""
+        row = compiled_call("ActivationStats", fused_raw, x.reshape(-1), self.eps, *self._fused_flags)
+        if row is None:
+            self.fused = False
+        return row
+
+    def _channel_max_of(self, module: nn.Module, x: torch.Tensor, leading: int = 0) -> torch.Tensor | None:
+        """Per channel, the max over everything else (``leading`` batch dims of vmap come
+        first, before the dims the module sees)."""
+        dim = channel_dim(module, x.dim() - leading, self._conv1d)
+        if dim is None:
+            return None
+        dim += leading
+        return x.amax(dim=[axis for axis in range(x.dim()) if axis != dim])
+
+    def _track_dead(self, series: int, current: torch.Tensor) -> None:
+        # the running max per channel: a channel is dead while its max stays <= 0
+        seen = self._channel_max.get(series)
+        if seen is None or seen.shape != current.shape:
+            self._channel_max[series] = current
+        else:
+            # not in place: a running max made under inference_mode cannot be updated outside it
+            self._channel_max[series] = torch.maximum(seen, current)
+
+    # ------------------------------------------------------------------ reading
+
+    def _gather(self) -> dict[str, Any]:
+        """Everything recorded, on the host: one transfer for all batches."""
+        if self._cache is not None:
+            return self._cache
+        num_series, num_batches = len(self._series_names), len(self._batches)
+        values = torch.full((len(STATISTICS), num_series, num_batches), math.nan, dtype=torch.float64)
+        batch_ids = torch.tensor([batch for batch, _ in self._batches], dtype=torch.long)
+        ran = torch.zeros((num_series, num_batches), dtype=torch.bool)
+        for column, (_, blocks) in enumerate(self._batches):
+            for block in blocks:
+                if len(block) == 3:  # device rows, finished on the host
+                    ids, raw, counts = block
+                    rows = finish_device(
+                        raw.to("cpu", torch.float64), torch.tensor(counts, dtype=torch.float64)
+                    )
+                else:
+                    ids, rows = block
+                values[:, ids, column] = rows.T
+                ran[ids, column] = True
+        dead: dict[int, tuple[float, int]] = {}
+        for series, channel_max in self._channel_max.items():
+            never_positive = channel_max.cpu() <= 0  # NaN compares False: not counted dead
+            dead[series] = (float(never_positive.double().mean()), never_positive.numel())
+        hists: dict[int, torch.Tensor] = {}
+        if self._hists:
+            column_of = {batch: column for column, batch in enumerate(batch_ids.tolist())}
+            for batch, ids, stacked in self._hists:
+                host = stacked.cpu()
+                for row, series in enumerate(ids):
+                    hist = hists.setdefault(series, torch.zeros(num_batches, self.hist_bins))
+                    hist[column_of[batch]] = host[row]
+        self._cache = {"values": values, "ran": ran, "batches": batch_ids, "dead": dead, "hists": hists}
+        return self._cache
+
+    @property
+    def series_names(self) -> list[str]:
+        """Every recorded series, in order of first appearance (execution order)."""
+        return list(self._series_names)
+
+    @property
+    def num_batches(self) -> int:
+        """How many batches were recorded."""
+        return len(self._batches)
+
+    @property
+    def stats(self) -> torch.Tensor:
+        """fastai's layout: ``(2, num_modules, num_batches)`` of (mean, std), one row per hooked
+        module in ``modules`` order (its first output tensor; NaN where it never ran)."""
+        gathered = self._gather()
+        rows = []
+        for module in self.modules:
+            series = self._series_first.get(id(module))
+            if series is None:
+                rows.append(torch.full((2, self.num_batches), math.nan, dtype=torch.float64))
+            else:
+                rows.append(gathered["values"][:2, series])
+        if not rows:
+            return torch.empty(2, 0, self.num_batches)
+        return torch.stack(rows, dim=1).float()
+
+    def __len__(self) -> int:
+        return len(self._series_names)
+
+    def __iter__(self) -> Iterator[LayerStats]:
+        return (self[index] for index in range(len(self)))
+
+    def __getitem__(self, key: int | str) -> LayerStats:
+        """The :class:`LayerStats` of a series, by position or name."""
+        if isinstance(key, str):
+            if key not in self._series_names:
+                shown = ", ".join(self._series_names[:12]) or "(none recorded yet)"
+                raise KeyError(f"no statistics for {key!r}; recorded series are: {shown}")
+            index = self._series_names.index(key)
+        else:
+            index = range(len(self._series_names))[key]
+        gathered = self._gather()
+        values = gathered["values"][:, index]
+        dead, channels = gathered["dead"].get(index, (None, None))
+        return LayerStats(
+            name=self._series_names[index],
+            module=self._series_modules[index],
+            type=self._series_types[index],
+            position=index,
+            batches=gathered["batches"],
+            ran=gathered["ran"][index],
+            mean=values[0],
+            std=values[1],
+            near_zero=values[2],
+            nonfinite=values[3],
+            min=values[4],
+            max=values[5],
+            dead=dead,
+            channels=channels,
+            hist=gathered["hists"].get(index),
+            model_output=index in self._model_outputs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"batches": [...], "series": {name: {...}}}``."""
+        return {
+            "batches": self._gather()["batches"].tolist(),
+            "series": {layer.name: layer.to_dict() for layer in self},
+        }
+
+    # ------------------------------------------------------------------ checks and pictures
+
+    def findings(
+        self,
+        *,
+        std: tuple[float, float] | None = None,
+        max_dead: float | None = None,
+        max_near_zero: float | None = None,
+        max_std_growth: float | None = None,
+        allow_nonfinite: bool = False,
+    ) -> list[Finding]:
+        """The health findings as data (see :func:`pytest_modelhooks.checks.activation_findings`).
+        With no batch recorded there is nothing to judge: one finding says why, so that neither
+        ``check()`` nor ``assert not stats.findings()`` passes vacuously."""
+        from pytest_modelhooks.findings import Finding
+        from pytest_modelhooks.health.rules import activation_findings
+
+        if not self.num_batches:
+            return [Finding("", type(self.model).__name__, "batches", 0.0, ">= 1", None, self._why_empty())]
+        return activation_findings(
+            self,
+            std=std,
+            max_dead=max_dead,
+            max_near_zero=max_near_zero,
+            max_std_growth=max_std_growth,
+            allow_nonfinite=allow_nonfinite,
+        )
+
+    def check(
+        self,
+        *,
+        std: tuple[float, float] | None = None,
+        max_dead: float | None = None,
+        max_near_zero: float | None = None,
+        max_std_growth: float | None = None,
+        allow_nonfinite: bool = False,
+    ) -> None:
+        """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`; also
+        when nothing was recorded)."""
+        __tracebackhide__ = True
+        from pytest_modelhooks.findings import raise_for
+
+        raise_for(
+            self.findings(
+                std=std,
+                max_dead=max_dead,
+                max_near_zero=max_near_zero,
+                max_std_growth=max_std_growth,
+                allow_nonfinite=allow_nonfinite,
+            ),
+            "activation",
+        )
+
+    def _why_empty(self) -> str:
+        if type(self.model).__name__ == "OptimizedModule":
+            return (
+                "no batch was recorded: the model is torch.compile'd, and hooks registered after "
+                "its first call never fire; create ActivationStats on the original module "
+                "(model._orig_mod) before compiling it"
+            )
+        if not self._forwards:
+            return (
+                f"no batch was recorded: {type(self.model).__name__}'s forward did not run while "
+                f"the hooks were on (run it inside the `with` block; a torch.compile'd copy "
+                f"compiled before the hooks were added runs without them)"
+            )
+        if self._saw_meta:
+            return (
+                "no batch was recorded: the model ran on the meta device, whose tensors have shapes "
+                "but no values (move it to a real device, e.g. model.to_empty(device='cpu') and "
+                "initialise it, to measure activations)"
+            )
+        if self.train_only:
+            return "no batch was recorded: train_only=True and the model ran only in eval mode"
+        if not self._any_call:
+            hooked = ", ".join(name or "(model)" for name in self.module_names[:8])
+            more = f" and {len(self.module_names) - 8} more" if len(self.module_names) > 8 else ""
+            return (
+                f"no batch was recorded: {type(self.model).__name__}'s forward ran, but none of the "
+                f"hooked modules ({hooked}{more}) did; a graph from torch.export or torch.fx may "
+                f"run their operations inline without calling them (select modules that run, or "
+                f"record the eager model)"
+            )
+        return "no batch was recorded: no hooked module returned a floating-point tensor"
+
+    def plot(
+        self,
+        statistics: Sequence[str] = ("mean", "std", "near_zero"),
+        path: str | Path | None = None,
+        *,
+        std: tuple[float, float] | None = None,
+        max_near_zero: float | None = None,
+    ) -> Figure:
+        """Plot ``statistics`` per layer over batches (needs matplotlib), with the bounds given
+        drawn as dashed lines; see :func:`pytest_modelhooks.plotting.plot_stats`."""
+        from pytest_modelhooks.report.plots import plot_stats
+
+        return plot_stats(self, statistics, path, std=std, max_near_zero=max_near_zero)
+
+    def color_dim(self, layer: int | str, path: str | Path | None = None) -> Figure:
+        """The histogram-over-batches image of ``layer`` (needs ``with_hist=True``)."""
+        from pytest_modelhooks.report.plots import color_dim
+
+        return color_dim(self, layer, path)
+
+    def __repr__(self) -> str:
+        return f"<ActivationStats: {len(self)} series, {self.num_batches} batches>"

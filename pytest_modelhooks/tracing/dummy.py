@@ -1,0 +1,136 @@
+"""Traces and evaluations on a dummy batch: the batch is made for the first layer with
+parameters, and for the layer that really reads the input when the forward shows it is another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from pytest_modelhooks.errors import LayerError
+from pytest_modelhooks.hooks.state import preserve_training_flags
+from pytest_modelhooks.inputs import (
+    GIVE_INPUT,
+    InputSpec,
+    batch_for,
+    fills_first_input,
+    input_spec,
+    sharded_reason,
+    spec_for,
+    takes_no_input,
+)
+from pytest_modelhooks.tracing.engines import no_grad_quietly, trace_model
+from pytest_modelhooks.tracing.records import Trace
+
+
+def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
+    """Run ``model`` in eval mode on :func:`dummy_batch` under ``no_grad`` and return its output;
+    every module's train/eval flag is restored afterwards.
+
+    When that batch fails, the forward is traced on meta stand-ins to name the layer (a
+    :class:`LayerError`), or to find the layer that really reads the input, as
+    :func:`model_sizes` does (a head declared before its backbone): the model then runs on a
+    batch for that layer.
+
+    >>> dummy_eval(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Dropout()), (10, 10)).shape
+    torch.Size([1, 8, 8, 8])
+    """
+    __tracebackhide__ = True
+    if takes_no_input(model, size):
+        with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
+            return model()
+    spec = input_spec(model)
+    with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
+        try:
+            return model(batch_for(model, spec, size))
+        except Exception as error:
+            failed = error
+    if sharded_reason(model) is not None:
+        raise failed  # no trace can run on a sharded model to name the layer
+    _, fitting = _fitting_dummy(model, size)  # raises a LayerError naming the layer
+    if fitting.layer == spec.layer:
+        raise failed  # the trace ran where the real forward did not: the model's own failure
+    with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
+        return model(batch_for(model, fitting, size))
+
+
+def trace_dummy(
+    model: nn.Module,
+    size: Sequence[int] | None = None,
+    *,
+    engine: str = "auto",
+    count_flops: bool = False,
+    kwargs: Mapping[str, Any] | None = None,
+) -> Trace:
+    """:func:`trace_model` on :func:`dummy_batch` (and ``kwargs``, the forward's keyword inputs;
+    when they name the forward's first parameter, they are the whole input).
+
+    The batch is made for the first layer with parameters in *registration* order, which is not
+    always the first to run (a head declared before the backbone). When the forward then fails
+    before that layer ran, at another layer that reads inputs (a convolution, Linear,
+    Embedding...), it is retried once with a batch made for that layer, and kept only if the
+    whole forward succeeds. If not, the first error is raised, saying which layer the batch was
+    made for. A failure after that layer ran is the model's own, raised as it is.
+
+    >>> trace = trace_dummy(nn.Sequential(nn.Linear(4, 8), nn.ReLU()))
+    >>> [(call.name, tuple(call.output_shapes)) for call in trace.calls]
+    [('', (1, 8)), ('0', (1, 8)), ('1', (1, 8))]
+    """
+    __tracebackhide__ = True
+    kwargs = dict(kwargs or {})
+    if takes_no_input(model, size) or (kwargs and fills_first_input(model, kwargs)):
+        if kwargs and size is not None:
+            raise ValueError(
+                f"size={tuple(size)!r} was given, but the keyword inputs fill "
+                f"{type(model).__name__}.forward's first input; pass one or the other"
+            )
+        return trace_model(model, (), kwargs, engine=engine, count_flops=count_flops)
+    return _fitting_dummy(model, size, engine=engine, count_flops=count_flops, kwargs=kwargs)[0]
+
+
+def _fitting_dummy(
+    model: nn.Module,
+    size: Sequence[int] | None,
+    *,
+    engine: str = "auto",
+    count_flops: bool = False,
+    kwargs: dict[str, Any] | None = None,
+) -> tuple[Trace, InputSpec]:
+    """:func:`trace_dummy`, and the layer whose batch ran."""
+    __tracebackhide__ = True
+    spec = input_spec(model)
+    try:
+        batch = batch_for(model, spec, size)
+        return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops), spec
+    except LayerError as error:
+        if spec.layer in error.finished:
+            raise  # the batch fit the layer it was made for: the failure is the model's own
+        first_error = error
+    retry = _spec_of_layer(model, first_error.layer)
+    if retry is not None and retry.layer != spec.layer:
+        try:
+            batch = batch_for(model, retry, size)
+            return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops), retry
+        except (LayerError, ValueError):
+            pass  # the first error says more: it is about the model as the user wrote it
+    label = f"'{spec.layer}' ({spec.layer_type})" if spec.layer else spec.layer_type
+    raise LayerError(
+        f"{first_error}; the input was made for layer {label}, the first layer with parameters "
+        f"(in registration order): if another layer reads the input, {GIVE_INPUT}",
+        first_error.layer,
+        first_error.layer_type,
+        first_error.input_shapes,
+        first_error.original,
+    ) from None
+
+
+def _spec_of_layer(model: nn.Module, name: str) -> InputSpec | None:
+    if not name:  # the model's own forward failed: no layer to make a batch for
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return spec_for(name, module)

@@ -1,0 +1,324 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_modelhooks.cli import main
+
+FACTORIES = """
+import torch
+from torch import nn
+
+def small():
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)]
+    return nn.Sequential(*layers)
+
+class Big(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(24)])
+    def forward(self, x):
+        return self.layers(x)
+
+INSTANCE = small()
+NOT_A_MODEL = 3
+
+def built(width, kinds=("relu",)):
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh}
+    return nn.Sequential(nn.Conv2d(3, width, 3), *[acts[kind]() for kind in kinds])
+
+def returns_int():
+    return 3
+
+class Lookahead(nn.Module):
+    # a language model whose attention has no causal mask (or a correct one)
+    def __init__(self, masked=False):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 20)
+        self.masked = masked
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        n = tokens.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool).triu(1) if self.masked else None
+        return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0])
+
+def exploding():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(5.0)  # each layer multiplies the std by ~3
+    return model
+"""
+
+
+@pytest.fixture(autouse=True)
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cli_models.py").write_text(FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("cli_models", None)
+
+
+def test_summary_text_is_the_snapshot_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "cli_models:small", "--input-size", "1,3,16,16"]) == 0
+    out = capsys.readouterr().out
+    assert "Total params: 242" in out and "(1, 8, 14, 14)" in out
+    from cli_models import small
+
+    from pytest_modelhooks import model_summary
+
+    assert out == str(model_summary(small(), (1, 3, 16, 16))) + "\n"
+
+
+def test_summary_json_and_markdown(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["summary", "cli_models:INSTANCE", "--input-size", "2x3x10x10", "--format", "json", "--depth", "1"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["total_params"] == 242 and data["output_shapes"] == [2, 2]
+    main(["summary", "cli_models:small", "--input-size", "1,3,8,8", "--format", "markdown"])
+    markdown = capsys.readouterr().out
+    assert "| `0` | Conv2d | (1, 3, 8, 8) | (1, 8, 6, 6) | 224 |" in markdown
+
+
+def test_meta_builds_a_big_model_without_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "cli_models:Big", "--input-size", "1,4096", "--meta", "--depth", "1"]) == 0
+    assert f"Total params: {24 * (4096 * 4096 + 4096):,}" in capsys.readouterr().out
+
+
+def test_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sizes", "cli_models:small", "--size", "16,16", "--modules", "leaves"]) == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "Layer sizes"  # the text a model_snapshot of these sizes stores
+    assert lines[1] == "0 (Conv2d) (1, 8, 14, 14)" and lines[-1] == "4 (Linear) (1, 2)"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["summary", "cli_models"], "expected PACKAGE.MODULE:FACTORY"),
+        (["summary", "nowhere:small"], "cannot import 'nowhere'"),
+        (["summary", "cli_models:missing"], "'cli_models' has no attribute 'missing'"),
+        (["summary", "cli_models:NOT_A_MODEL"], "'NOT_A_MODEL' is neither an nn.Module nor callable"),
+        (["summary", "cli_models:returns_int"], "returned int, not an nn.Module"),
+        (
+            ["summary", "cli_models:small", "--input-size", "1,a"],
+            "--input-size '1,a': expected comma-separated",
+        ),
+        (["sizes", "cli_models:small", "--size", "0,4"], "--size '0,4': expected comma-separated positive"),
+        # a stray separator is no dimension: (1, 3) would have reached the model
+        (["summary", "cli_models:small", "--input-size", "1,3,x"], "--input-size '1,3,x': expected"),
+        (["summary", "cli_models:small", "--input-size", "1,3,,8"], "--input-size '1,3,,8': expected"),
+        (["summary", "cli_models:small", "--depth", "-1"], "--depth -1: must be >= 0"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_them(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_error_exits_1_naming_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "cli_models:small", "--input-size", "1,4,16,16"]) == 1
+    assert "layer '0' (Conv2d, in_channels=3) got input (1, 4, 16, 16)" in capsys.readouterr().err
+
+
+def test_the_modelhooks_console_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("modelhooks")
+    if not script.exists():
+        pytest.skip("the package is not installed here (no console script)")
+    ok = subprocess.run(
+        [script, "sizes", "cli_models:small", "--size", "8,8"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and ok.stdout.splitlines()[-1].split()[-2:] == ["(1,", "2)"]
+    bad = subprocess.run([script, "sizes", "cli_models"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected PACKAGE.MODULE:FACTORY" in bad.stderr
+    assert bad.stderr.startswith("usage: modelhooks ")  # the name the user typed
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest_modelhooks", "sizes", "cli_models:small", "--size", "8,8"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.splitlines()[-1].split()[-2:] == ["(1,", "2)"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "pytest_modelhooks"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: python -m pytest_modelhooks ")
+
+
+def test_health_of_a_sound_model_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["health", "cli_models:small", "--input-size", "8,3,16,16", "--train", "--max-dead", "0.5"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Activation statistics (mean over 3 batches)\n")
+    assert "Gradient statistics (mean over 3 steps)" in out and "4.weight" in out
+    assert out.rstrip().endswith("No findings with these bounds.")
+
+
+def test_health_names_each_bad_layer_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["health", "cli_models:exploding", "--input-size", "16,32", "--std", "0.1,5", "--format", "json"]
+    assert main(argv) == 1
+    report = json.loads(capsys.readouterr().out)
+    exploding = [finding["layer"] for finding in report["findings"] if finding["note"] == "exploding"]
+    assert exploding == ["1", "2", "3"]  # the first layer (std ~3) is within bounds
+    assert report["activations"]["batches"] == [0, 1, 2] and "gradients" not in report
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-dead", "2"], "--max-dead must be a fraction in [0, 1], got --max-dead=2.0"),
+        (["--std", "low,high"], "--std: expected two numbers 'low,high', got 'low,high'"),
+        (["--batches", "0"], "--batches 0: must be >= 1"),
+        (["--max-std-growth", "0"], "--max-std-growth must be > 0, got --max-std-growth=0.0"),
+        (
+            ["--train", "--min-grad-norm", "-1"],
+            "--min-grad-norm must be a non-negative number (a gradient norm), got --min-grad-norm=-1.0",
+        ),
+    ],
+)
+def test_health_bad_bounds_exit_2(extra: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["health", "cli_models:small", "--input-size", "2,3,8,8", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_health_writes_its_pictures_and_judges_the_gradient_bounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    plots = tmp_path / "plots"
+    argv = ["health", "cli_models:small", "--input-size", "8,3,16,16", "--train", "--plot", str(plots)]
+    assert main([*argv, "--min-grad-norm", "1e9"]) == 1  # every gradient is below it
+    out = capsys.readouterr().out
+    assert "Gradient findings (" in out and "vanishing" in out
+    assert out.rstrip().splitlines()[-2:] == [
+        f"plot: {plots / 'activations.png'}",
+        f"plot: {plots / 'gradients.png'}",
+    ]
+    assert sorted(path.name for path in plots.iterdir()) == ["activations.png", "gradients.png"]
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in plots.iterdir())
+    assert (
+        main(
+            [
+                "health",
+                "cli_models:small",
+                "--input-size",
+                "8,3,16,16",
+                "--plot",
+                str(tmp_path / "f"),
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["plots"] == [str(tmp_path / "f" / "activations.png")]
+
+
+def test_health_of_a_model_that_fails_names_the_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["health", "cli_models:small", "--input-size", "2,4,16,16"]) == 1
+    assert "layer '0' (Conv2d, in_channels=3) got input (2, 4, 16, 16)" in capsys.readouterr().err
+
+
+def test_a_factory_called_with_literal_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    factory = "cli_models:built(width=4, kinds=['relu', 'tanh'])"
+    assert main(["sizes", factory, "--size", "8,8", "--modules", "leaves"]) == 0
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert lines[1:] == ["0 (Conv2d) (1, 4, 6, 6)", "1 (ReLU) (1, 4, 6, 6)", "2 (Tanh) (1, 4, 6, 6)"]
+    assert main(["summary", "cli_models:built(2)", "--input-size", "1,3,8,8", "--meta"]) == 0
+    assert "Total params: 56" in capsys.readouterr().out  # 3 * 2 * 9 + 2, on meta
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("cli_models:built(width=open('x'))", "must be Python literals"),
+        ("cli_models:built(width=4", "closed by ')'"),
+        ("cli_models:built(4, depth=4)", "unexpected keyword argument 'depth'"),
+        ("cli_models:built()", "missing a required argument: 'width'"),
+        ("cli_models:built(**{'width': 4})", "no **"),
+        ("cli_models:(width=4)", "expected PACKAGE.MODULE:FACTORY"),
+        ("cli_models:INSTANCE(4)", "'INSTANCE' is a model instance, not a factory to call"),
+    ],
+)
+def test_bad_factory_arguments_exit_2_before_building(
+    factory: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sizes", factory])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not Path("x").exists()  # nothing was evaluated
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "gpu0"], "--device 'gpu0': not a torch device"),
+        (["--device", "cuda", "--meta"], "--device cuda and --meta"),
+        pytest.param(
+            ["--device", "cuda"],
+            "cuda is not available on this machine",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_bad_devices_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["summary", "cli_models:small", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_leaks_names_the_layer_that_looks_ahead_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["leaks", "cli_models:Lookahead", "--input-size", "3,6"]) == 0  # batch only
+    assert capsys.readouterr().out.strip() == "No leaks: Lookahead is batch independent on a 3,6 input."
+    assert main(["leaks", "cli_models:Lookahead", "--input-size", "3,6", "--causal"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Outputs depend on later positions (1):"
+    assert out[2].split()[:3] == ["attn", "MultiheadAttention", "future"]
+    argv = ["leaks", "cli_models:Lookahead(masked=True)", "--input-size", "3,6", "--causal"]
+    argv += ["--format", "json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == {"batch": [], "causal": []}
+    assert main([*argv[:-2], "--positions", "2", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["causal"] == []
+    argv = ["leaks", "cli_models:Lookahead", "--input-size", "3,6", "--causal", "--positions", "4"]
+    argv += ["--format", "json"]
+    assert main(argv) == 1
+    (finding,) = json.loads(capsys.readouterr().out)["causal"]
+    assert (finding["layer"], finding["batch"]) == ("attn", 4) and "later position(s) 5:" in finding["note"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--input-size", "1,6"], "--input-size 1,6: a leak needs other samples to come from"),
+        (["--input-size", "3,6", "--samples", "a"], "--samples 'a': expected comma-separated indices"),
+        (["--input-size", "3,6", "--output", "logits"], "--output 'logits': not a key or attribute"),
+    ],
+)
+def test_leaks_bad_arguments_exit_2(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["leaks", "cli_models:Lookahead", *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelhooks import ActivationStats, Finding, GradientStats, HealthError
+from pytest_modelhooks.findings import format_findings, raise_for
+from tests import zoo
+
+
+@pytest.fixture(scope="module")
+def stats() -> ActivationStats:
+    model = zoo.mlp()
+    with ActivationStats(model) as recorded:
+        model(torch.randn(4, 20))
+    return recorded
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"std": (5.0, 1.0)}, r"std must be a \(low, high\) pair with low <= high, got std=\(5.0, 1.0\)"),
+        ({"std": 3.0}, r"std must be a \(low, high\) pair"),
+        ({"max_dead": 1.5}, r"max_dead must be a fraction in \[0, 1\], got max_dead=1.5"),
+        ({"max_near_zero": -0.1}, r"max_near_zero must be a fraction in \[0, 1\], got max_near_zero=-0.1"),
+        ({"max_std_growth": 0}, r"max_std_growth must be > 0, got max_std_growth=0"),
+        # not numbers: named, not a TypeError from a comparison deep inside
+        ({"std": (0.1, "5")}, r"std must be a \(low, high\) pair with low <= high, got std=\(0.1, '5'\)"),
+        ({"std": (math.nan, 5.0)}, r"std must be a \(low, high\) pair"),
+        ({"max_dead": "0.3"}, r"max_dead must be a fraction in \[0, 1\], got max_dead='0.3'"),
+        ({"max_near_zero": True}, r"max_near_zero must be a fraction in \[0, 1\], got max_near_zero=True"),
+        ({"max_std_growth": "2"}, r"max_std_growth must be > 0, got max_std_growth='2'"),
+    ],
+)
+def test_bad_bounds_name_the_argument(stats: ActivationStats, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        stats.check(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"max_norm": -1.0},
+            r"max_norm must be a non-negative number \(a gradient norm\), got max_norm=-1.0",
+        ),
+        (
+            {"min_norm": "1e-6"},
+            r"min_norm must be a non-negative number \(a gradient norm\), got min_norm='1e-6'",
+        ),
+        ({"max_norm": math.nan}, r"max_norm must be a non-negative number"),
+        ({"max_norm": 1.0, "min_norm": 2.0}, r"min_norm=2.0 is above max_norm=1.0"),
+    ],
+)
+def test_bad_gradient_bounds_name_the_argument(kwargs: dict[str, Any], match: str) -> None:
+    model = zoo.mlp()
+    with GradientStats(model) as grads:
+        model(torch.randn(4, 20)).sum().backward()
+    with pytest.raises(ValueError, match=match):
+        grads.check(**kwargs)
+    grads.check(max_norm=math.inf, min_norm=0, require_grad=False)  # the widest bounds are bounds
+
+
+def test_a_healthy_record_raises_nothing(stats: ActivationStats) -> None:
+    assert stats.findings() == []
+    stats.check()
+
+
+def test_the_message_is_a_table_of_every_finding() -> None:
+    findings = [
+        Finding("encoder.conv1", "Conv2d", "std", 12.5, "<= 5", 3, "exploding"),
+        Finding("head", "Linear", "dead", 0.75, "<= 0.3", None, "6 of 8 channels never active"),
+    ]
+    with pytest.raises(HealthError) as info:
+        raise_for(findings, "activation")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "activation health check failed: 2 finding(s) in 2 layer(s)"
+    assert lines[1].split() == ["layer", "type", "statistic", "observed", "bound", "batch", "note"]
+    assert lines[2].split() == ["encoder.conv1", "Conv2d", "std", "12.5", "<=", "5", "3", "exploding"]
+    assert lines[3].split()[:6] == ["head", "Linear", "dead", "0.75", "<=", "0.3"]
+    assert info.value.findings == findings
+    assert isinstance(info.value, AssertionError)
+    assert "step" in format_findings(findings, unit="step").splitlines()[0]
+    assert str(findings[0]) == "encoder.conv1 (Conv2d): std 12.5, bound <= 5 at batch 3 (exploding)"
+
+
+def test_a_finding_with_no_number_shows_a_dash_not_nan() -> None:
+    unchanged = Finding("head.weight", "parameter 2x8", "update", math.nan, "a change", None, "left out")
+    row = format_findings([unchanged]).splitlines()[1].split()
+    assert row[:6] == ["head.weight", "parameter", "2x8", "update", "-", "a"]
+    assert str(unchanged) == "head.weight (parameter 2x8): update -, bound a change (left out)"
+
+
+def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
+    # a test that forgot to run the model inside the block must not pass vacuously, whether it
+    # calls check() or asserts on findings()
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with ActivationStats(model) as stats:
+        pass
+    (finding,) = stats.findings()
+    assert (finding.layer, finding.layer_type, finding.statistic, finding.observed) == (
+        "",
+        "Sequential",
+        "batches",
+        0,
+    )
+    with pytest.raises(HealthError, match=r"no batch was recorded: Sequential's forward did not run"):
+        stats.check()
+    with ActivationStats(model, train_only=True) as stats:
+        model.eval()(torch.randn(2, 4))
+    with pytest.raises(HealthError, match="train_only=True and the model ran only in eval mode"):
+        stats.check()
+    with GradientStats(model) as grads:
+        model(torch.randn(2, 4))  # no backward
+    (finding,) = grads.findings()  # one finding, not every parameter "unused"
+    assert finding.statistic == "steps" and "no backward pass was recorded" in finding.note
+    with pytest.raises(
+        HealthError, match=r"\(model\)\s+Sequential\s+steps.*\(2 parameter\(s\) require grad\)"
+    ):
+        grads.check()
+    # an exported graph runs its submodules' operations inline: the forward ran, they did not
+    exported = torch.export.export(model, (torch.randn(2, 4),)).module()
+    with ActivationStats(exported) as stats:
+        exported(torch.randn(2, 4))
+    none_ran = r"forward ran, but none of the hooked modules \(0\) did.*torch.export"
+    with pytest.raises(HealthError, match=none_ran):
+        stats.check()
+    compiled = torch.compile(model)  # (not called: nothing compiles)
+    with pytest.warns(UserWarning, match="torch.compile'd model"), ActivationStats(compiled) as stats:
+        pass
+    with pytest.raises(HealthError, match=r"the model is torch.compile'd.*model._orig_mod"):
+        stats.check()
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with GradientStats(frozen) as grads:
+        pass
+    with pytest.raises(HealthError, match="no parameter requires grad"):
+        grads.check()
+
+
+class DictHead(nn.Module):
+    """Returns its logits inside a dict, as Hugging Face models do."""
+
+    def __init__(self, hidden: nn.Linear, head: nn.Linear) -> None:
+        super().__init__()
+        self.hidden, self.head = hidden, head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(torch.relu(self.hidden(x)))}
+
+
+def _negative_for_half(layer: nn.Linear) -> nn.Linear:
+    with torch.no_grad():
+        layer.bias[: layer.out_features // 2] = -100.0  # never above zero on any sample
+    return layer
+
+
+@pytest.mark.parametrize("wrap", ["sequential", "dict"])
+def test_dead_units_are_not_judged_on_what_the_model_returns(wrap: str) -> None:
+    # logits negative for every sample of a class are an answer, not dead units; the same
+    # values in a hidden layer (read through a ReLU) are dead
+    torch.manual_seed(0)
+    hidden = _negative_for_half(nn.Linear(6, 8))
+    head = _negative_for_half(nn.Linear(8, 10))
+    model: nn.Module
+    if wrap == "sequential":
+        model = nn.Sequential(hidden, nn.ReLU(), head)
+        names = {"hidden": "0", "head": "2", "model": ""}
+        judged = ["0", "1"]  # the hidden Linear and its ReLU
+    else:
+        model = DictHead(hidden, head)
+        names = {"hidden": "hidden", "head": "head", "model": "logits"}
+        judged = ["hidden"]
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(16, 6))
+    head_stats = stats[names["head"]]
+    assert head_stats.dead >= 0.5 and head_stats.model_output and stats[names["model"]].model_output
+    assert (
+        not stats[names["hidden"]].model_output and stats[names["hidden"]].to_dict()["model_output"] is False
+    )
+    dead = [finding.layer for finding in stats.findings(max_dead=0.3) if finding.statistic == "dead"]
+    assert dead == judged
+
+
+def test_std_growth_is_not_judged_after_a_constant_layer() -> None:
+    # a residual block whose last BatchNorm starts at zero (zero_init_residual), a common recipe
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+    nn.init.zeros_(model[1].weight)
+    with ActivationStats(model) as stats:
+        model(torch.randn(16, 8))
+    assert float(stats["1"].std[0]) == 0.0
+    assert stats.findings(max_std_growth=10.0) == []
+    assert [f.note for f in stats.findings(std=(0.01, 10.0))] == ["vanishing"]  # still caught
+
+
+class LlamaRMSNorm(nn.Module):
+    """Named as transformers names its own norm classes (not an nn subclass)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(16), LlamaRMSNorm(16), nn.BatchNorm1d(16)])
+def test_std_growth_into_a_normalization_layer_is_not_an_explosion(norm: nn.Module) -> None:
+    # a transformer's residual branch starts small (init std 0.02) and its norm rescales it to ~1
+    torch.manual_seed(0)
+    branch = nn.Linear(16, 16)
+    nn.init.normal_(branch.weight, std=0.002)
+    nn.init.zeros_(branch.bias)
+    model = nn.Sequential(branch, norm, nn.Linear(16, 16))
+    with ActivationStats(model) as stats:
+        model(torch.randn(32, 16))
+    assert float(stats["1"].std[0]) / float(stats["0"].std[0]) > 100
+    assert stats.findings(max_std_growth=10.0) == []
+    with torch.no_grad():
+        model[2].weight.mul_(1000)  # growth out of the norm is still judged
+    with ActivationStats(model) as stats:
+        model(torch.randn(32, 16))
+    assert [(f.layer, f.note) for f in stats.findings(max_std_growth=10.0)] == [("2", "vs 1")]
+
+
+def test_a_rectified_model_output_is_still_judged_for_dead_units() -> None:
+    # a feature extractor ending in a ReLU: its zero channels are dead, output or not
+    torch.manual_seed(0)
+    model = nn.Sequential(_negative_for_half(nn.Linear(6, 8)), nn.ReLU())
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(16, 6))
+    assert stats["1"].model_output and stats["0"].model_output is False
+    dead = [finding.layer for finding in stats.findings(max_dead=0.3) if finding.statistic == "dead"]
+    assert dead == ["0", "1", ""]  # the Linear, its ReLU and the model's (rectified) output

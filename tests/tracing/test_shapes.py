@@ -1,0 +1,938 @@
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from pytest_modelhooks import (
+    LayerError,
+    dummy_batch,
+    dummy_eval,
+    in_channels,
+    model_sizes,
+    model_summary,
+    num_features_model,
+)
+from pytest_modelhooks._tree import map_tensors, shapes_of
+from pytest_modelhooks.hooks import hooks_by_module, select_modules, training_flags
+from tests import zoo
+from tests.helpers import untouched
+
+
+def observed_sizes(model: nn.Module, batch: Any, modules: Any = None) -> dict[str, list[Any]]:
+    """Output sizes seen by plain torch hooks during a real forward: the independent reference."""
+    seen: dict[str, list[Any]] = {}
+    handles = []
+    for name, module in select_modules(model, modules, default="children"):
+        seen[name] = []
+        handles.append(
+            module.register_forward_hook(lambda m, a, out, name=name: seen[name].append(shapes_of(out)))
+        )
+    flags = training_flags(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(batch, tuple):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in model.named_modules():
+            module.training = flags[name]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("name", "channels"),
+    [
+        ("resnetish", 3),
+        ("mlp", 20),
+        ("conv1d", 4),
+        ("conv3d", 2),
+        ("depthwise", 6),
+        ("gru", 10),
+        ("lstm_tagger", 50),
+        ("transformer", 32),
+        ("unet", 3),
+        ("tied_lm", 100),
+        ("with_parameter", 7),
+    ],
+)
+def test_in_channels_reads_the_first_layer(name: str, channels: int) -> None:
+    model, _ = zoo.build(name)
+    assert in_channels(model) == channels
+
+
+def test_in_channels_names_an_unknown_first_layer() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Bilinear(3, 3, 2))
+    with pytest.raises(ValueError, match=r"first layer with parameters, layer '1' \(Bilinear\), is not a"):
+        in_channels(model)
+    with pytest.raises(
+        ValueError, match=r"has no layer with parameters; give the input explicitly \(model_sizes"
+    ):
+        in_channels(zoo.no_params())
+    with pytest.raises(ValueError, match=r"model_summary\(input_size=\.\.\. or input_data=\.\.\.\)"):
+        model_summary(nn.Sequential(nn.ReLU(), nn.Bilinear(3, 3, 2)))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "shape"),
+    [
+        ("resnetish", None, (1, 3, 64, 64)),
+        ("resnetish", (20, 24), (1, 3, 20, 24)),
+        ("conv1d", None, (1, 4, 64)),
+        ("conv3d", (4, 5, 6), (1, 2, 4, 5, 6)),
+        ("mlp", None, (1, 20)),
+        ("mlp", (7,), (1, 7, 20)),
+        ("gru", (5,), (1, 5, 10)),
+        ("transformer", None, (1, 8, 32)),
+        ("lstm_tagger", (12,), (1, 12)),
+    ],
+)
+def test_dummy_batch_shapes(name: str, size: Any, shape: tuple[int, ...]) -> None:
+    model, _ = zoo.build(name)
+    assert dummy_batch(model, size).shape == shape
+
+
+def test_dummy_batch_follows_dtype_and_leaves_the_global_rng_alone() -> None:
+    model = zoo.ResNetish().double()
+    state = torch.get_rng_state()
+    first = dummy_batch(model, (8, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.dtype == torch.float64 and not first.requires_grad
+    assert torch.equal(first, dummy_batch(model, (8, 8)))  # reproducible
+    tokens = dummy_batch(zoo.LSTMTagger(), (9,))
+    assert tokens.dtype == torch.long and int(tokens.min()) >= 0 and int(tokens.max()) < 50
+
+
+def test_dummy_batch_sequence_layout_follows_batch_first() -> None:
+    model = nn.Sequential(nn.LSTM(3, 4))  # batch_first=False: (L, B, F)
+    assert dummy_batch(model, (6,)).shape == (6, 1, 3)
+
+
+def test_dummy_eval_runs_in_eval_mode_and_restores_mixed_flags() -> None:
+    model, _ = zoo.build("mixed_modes")
+    modes: list[bool] = []
+    handle = model.stem.register_forward_hook(lambda module, args, out: modes.append(module.training))
+    flags = training_flags(model)
+    out = dummy_eval(model, (16, 16))
+    handle.remove()
+    assert modes == [False] and out.shape == (1, 10) and not out.requires_grad
+    assert training_flags(model) == flags
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("modules", ["children", "leaves", "all"])
+def test_model_sizes_match_a_plain_forward(name: str, modules: str) -> None:
+    model, batch = zoo.build(name)
+    reference = observed_sizes(model, batch, modules)
+    with untouched(model):
+        sizes = model_sizes(model, input=batch, modules=modules)
+    assert list(sizes.names) == list(reference)
+    for layer, calls in reference.items():
+        assert sizes.calls(layer) == calls, layer
+        assert sizes[layer] == (calls[-1] if calls else None)
+    assert sizes.engine == ("real" if name == "data_dependent" else "meta")
+
+
+def test_model_sizes_fastai_style_positional_access() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.Flatten()
+    )
+    sizes = model_sizes(net, (64, 64))
+    assert len(sizes) == 4
+    assert sizes[0] == (1, 16, 32, 32) and sizes[-1] == (1, 32 * 16 * 16)
+    assert sizes[1:3] == [(1, 16, 32, 32), (1, 32, 16, 16)]
+    assert sizes == [(1, 16, 32, 32), (1, 16, 32, 32), (1, 32, 16, 16), (1, 8192)]
+    assert [tuple(size) for size in sizes] == [tuple(size) for size in sizes.calls("0") + sizes[1:]]
+
+
+def test_model_sizes_by_qualified_name_on_a_non_sequential_model() -> None:
+    sizes = model_sizes(zoo.ResNetish(), (32, 32), modules=["layer2", "layer2.0.downsample", "fc"])
+    assert sizes["layer2"] == (1, 32, 16, 16)
+    assert sizes["layer2.0.downsample"] == (1, 32, 16, 16)
+    assert sizes["fc"] == (1, 10)
+    with pytest.raises(KeyError, match="'layer3' is not one of the measured layers: layer2"):
+        sizes["layer3"]
+
+
+def test_model_sizes_reports_modules_that_never_ran_and_every_call() -> None:
+    model = zoo.Reused()
+    model.extra = nn.Linear(2, 2)  # registered, never called
+    sizes = model_sizes(model, input=torch.zeros(3, 6))
+    assert sizes.never_ran == ["extra"] and sizes["extra"] is None and not sizes.ran("extra")
+    assert sizes.calls("shared") == [(3, 8), (3, 8)]
+    lines = [" ".join(line.split()) for line in str(sizes).splitlines()]
+    assert "extra (Linear) never ran" in lines
+    assert "shared (Linear) (3, 8) | (3, 8)" in lines
+
+
+def test_model_sizes_nested_outputs_keep_their_structure() -> None:
+    sizes = model_sizes(zoo.GRUNet(), (7,))
+    out, hidden = sizes["gru"]
+    assert out == (1, 7, 20) and hidden == (2, 1, 20)
+    dict_sizes = model_sizes(zoo.DictOut(), input=torch.zeros(2, 4), modules="all")
+    assert dict_sizes[""] == {"logits": (2, 2), "hidden": (2, 6)}
+    assert json.loads(json.dumps(dict_sizes.to_dict()))[""]["calls"] == [{"logits": [2, 2], "hidden": [2, 6]}]
+
+
+def test_model_sizes_takes_several_inputs_and_keyword_inputs() -> None:
+    model = zoo.TwoInputs()
+    image, extra = torch.zeros(2, 3, 8, 8), torch.zeros(2, 5)
+    positional = model_sizes(model, input=(image, extra))
+    keywords = model_sizes(model, input={"image": image, "extra": extra})
+    assert positional == keywords
+    assert positional["image"] == (2, 4, 6, 6) and positional["fuse"] == (2, 2)
+
+
+def test_model_sizes_does_not_compute_on_the_weights() -> None:
+    model = zoo.ResNetish()
+    devices: list[str] = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func is torch.nn.functional.conv2d:
+                devices.append(args[1].device.type)  # the weight
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        sizes = model_sizes(model, (32, 32))
+    assert sizes.engine == "meta"
+    assert devices and set(devices) == {"meta"}
+    devices.clear()
+    with Spy():
+        model_sizes(model, (32, 32), engine="real")
+    assert set(devices) == {"cpu"}  # the spy does see real compute
+
+
+def test_model_sizes_engines_agree_and_can_be_forced() -> None:
+    model = zoo.UNet()
+    results = {engine: model_sizes(model, (16, 16), engine=engine) for engine in ("meta", "fake", "real")}
+    assert results["meta"] == results["fake"] == results["real"]
+    assert {engine: result.engine for engine, result in results.items()} == {
+        "meta": "meta",
+        "fake": "fake",
+        "real": "real",
+    }
+
+
+def test_data_dependent_control_flow_falls_back_to_a_real_forward() -> None:
+    model = zoo.DataDependent()
+    with untouched(model):
+        sizes = model_sizes(model, input=torch.zeros(2, 4))
+    assert sizes.engine == "real" and sizes["pos"] == (2, 3) and sizes.never_ran == ["neg"]
+    with untouched(model), pytest.raises(LayerError, match=r"model DataDependent got input \(2, 4\).*meta"):
+        model_sizes(model, input=torch.zeros(2, 4), engine="meta")
+
+
+def test_a_model_built_on_meta_is_sized_without_memory() -> None:
+    with torch.device("meta"):
+        model = zoo.ResNetish(width=64)
+    sizes = model_sizes(model, (224, 224))
+    assert sizes.engine == "meta" and sizes["fc"] == (1, 10) and sizes["layer2"] == (1, 128, 112, 112)
+    with pytest.raises(
+        ValueError, match="engine='real' cannot run ResNetish: its weights are on the meta device"
+    ):
+        model_sizes(model, (224, 224), engine="real")
+
+
+class Broken(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class BrokenInForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.b(x)], dim=0)
+
+
+@pytest.mark.parametrize("engine", ["auto", "meta", "fake", "real"])
+def test_a_failing_layer_is_named_with_the_shapes_it_got(engine: str) -> None:
+    model = Broken().train()
+    with untouched(model), pytest.raises(LayerError) as info:
+        model_sizes(model, (34, 34), engine=engine)
+    message = str(info.value)
+    assert message.startswith(
+        "layer 'features.3' (Conv2d, in_channels=64) got input (1, 32, 16, 16): RuntimeError"
+    )
+    assert info.value.layer == "features.3" and info.value.layer_type == "Conv2d"
+    assert info.value.input_shapes == ((1, 32, 16, 16),)
+    assert isinstance(info.value.original, RuntimeError)
+    assert info.value.__suppress_context__  # the torch-internal traceback is not chained
+
+
+def test_a_failure_in_the_models_own_forward_names_the_last_layer_that_ran() -> None:
+    model = BrokenInForward()
+    with (
+        untouched(model),
+        pytest.raises(
+            LayerError, match=r"model BrokenInForward got input \(2, 4\): .*after layer 'b' returned \(2, 5\)"
+        ),
+    ):
+        model_sizes(model, input=torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "resnet"}, TypeError, r"model must be an nn.Module, got str"),
+        (
+            {"size": (64,)},
+            ValueError,
+            r"size=\(64,\) has 1 dimension\(s\) but the first layer 'stem.0' \(Conv2d\) needs 2 spatial",
+        ),
+        ({"size": (64, 64, 3)}, ValueError, r"size=\(64, 64, 3\) has 3 dimension"),
+        ({"size": (0, 64)}, ValueError, r"size must be a sequence of positive ints, got size=\(0, 64\)"),
+        ({"size": "64"}, ValueError, r"size must be a sequence of positive ints, got size='64'"),
+        ({"modules": "head.*"}, ValueError, r"modules='head\.\*' matches no module of ResNetish"),
+        ({"modules": []}, ValueError, r"modules=\[\] selects no module of ResNetish"),
+        ({"engine": "gpu"}, ValueError, r"engine must be one of auto, meta, fake, real, got engine='gpu'"),
+        ({"input": "pixels"}, TypeError, r"input must be a tensor, a tuple of positional inputs or a dict"),
+        (
+            {"input": torch.zeros(1, 3, 8, 8), "size": (8, 8)},
+            ValueError,
+            r"pass either size= or input=, not both",
+        ),
+        (
+            {"size": torch.zeros(1, 3, 8, 8), "input": torch.zeros(1, 3, 8, 8)},
+            ValueError,
+            r"got input data both as size and as input=; pass it once",
+        ),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    model = kwargs.pop("model", None)
+    target = zoo.ResNetish() if model is None else model
+    with pytest.raises(error, match=match):
+        model_sizes(target, **kwargs)
+    if isinstance(target, nn.Module):
+        assert not any(module._forward_hooks or module._forward_pre_hooks for module in target.modules())
+
+
+def test_tensors_given_as_the_size_are_the_input() -> None:
+    model = zoo.ResNetish()
+    batch = torch.randn(2, 3, 20, 20)
+    expected = model_sizes(model, input=batch)
+    assert list(model_sizes(model, batch)) == list(expected)
+    assert model_sizes(model, batch)[0][0] == 2  # the batch given, not a dummy batch of one
+    assert list(model_sizes(model, (batch,))) == list(expected)
+    assert list(model_sizes(model, [batch])) == list(expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_input_on_another_device_is_named() -> None:
+    with pytest.raises(ValueError, match=r"input is on cuda:0 but the weights of ResNetish are on cpu"):
+        model_sizes(zoo.ResNetish(), input=torch.zeros(1, 3, 8, 8, device="cuda"))
+
+
+def test_num_features_model() -> None:
+    body = nn.Sequential(*list(zoo.ResNetish().children())[:-2])
+    assert num_features_model(body) == 32
+    assert num_features_model(zoo.mlp()) == 5
+
+
+def test_num_features_model_retries_larger_inputs_only_for_size_errors() -> None:
+    needs_big = nn.Sequential(nn.Conv2d(3, 12, 20), nn.ReLU(), nn.Conv2d(12, 7, 5))
+    with untouched(needs_big):
+        assert num_features_model(needs_big) == 7  # 8 and 16 are too small, 32 works
+    with pytest.raises(LayerError, match=r"layer 'features.3' \(Conv2d, in_channels=64\)"):
+        num_features_model(Broken())
+
+
+def test_sizes_text_and_dict_are_deterministic() -> None:
+    first = model_sizes(zoo.ResNetish(), (32, 32), modules="leaves")
+    second = model_sizes(zoo.ResNetish(), (32, 32), modules="leaves")
+    assert str(first) == str(second) and first.to_dict() == second.to_dict()
+    assert "0x" not in str(first) + repr(first)
+
+
+# -- a Hypothesis property: random stacks, sized by the library vs by a plain forward --
+
+LAYER_KINDS = ["conv", "bn", "relu", "pool", "dropout"]
+
+
+@st.composite
+def conv_stacks(draw: st.DrawFn) -> tuple[nn.Sequential, tuple[int, int]]:
+    channels = draw(st.integers(1, 4))
+    side = draw(st.integers(8, 24))
+    layers: list[nn.Module] = [nn.Conv2d(channels, (channels := draw(st.integers(1, 8))), 3, padding=1)]
+    for kind in draw(st.lists(st.sampled_from(LAYER_KINDS), max_size=6)):
+        if kind == "conv":
+            stride = draw(st.integers(1, 2))
+            out = draw(st.integers(1, 8))
+            layers.append(
+                nn.Conv2d(
+                    channels, out, draw(st.sampled_from([1, 3])), stride, padding="same" if stride == 1 else 1
+                )
+            )
+            channels = out
+        elif kind == "bn":
+            layers.append(nn.BatchNorm2d(channels))
+        elif kind == "relu":
+            layers.append(nn.ReLU(inplace=draw(st.booleans())))
+        elif kind == "pool":
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        else:
+            layers.append(nn.Dropout2d(0.5))
+    if draw(st.booleans()):
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, draw(st.integers(1, 5)))]
+    return nn.Sequential(*layers), (side, side)
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_stacks())
+def test_model_sizes_matches_a_plain_forward_on_random_stacks(
+    case: tuple[nn.Sequential, tuple[int, int]],
+) -> None:
+    model, size = case
+    batch = dummy_batch(model, size)
+    reference = observed_sizes(model, batch)
+    with untouched(model):
+        sizes = model_sizes(model, size)
+    assert sizes.engine == "meta"
+    assert {name: sizes.calls(name) for name in sizes.names} == reference
+
+
+def test_a_compiled_model_is_traced_through_its_original_module() -> None:
+    net = zoo.mlp()
+    compiled = torch.compile(net)
+    sizes = model_sizes(compiled, input=torch.zeros(2, 20))
+    assert sizes == model_sizes(net, input=torch.zeros(2, 20))
+    assert list(sizes.names) == ["0", "1", "2", "3", "4", "5"]  # not "_orig_mod"
+    assert sizes.engine == "meta"
+
+
+def test_containers_are_not_reported_as_never_ran() -> None:
+    model = zoo.transformer_encoder()  # .layers is a ModuleList
+    sizes = model_sizes(model, input=torch.zeros(1, 4, 32))
+    assert sizes.never_ran == [] and sizes.containers == {"layers"} and sizes["layers"] is None
+    assert "layers (ModuleList)  container, not called" in str(sizes)
+
+
+def test_a_bad_linear_in_a_deep_stack_is_named_on_every_engine() -> None:
+    # plain Linear/ReLU/Dropout get stand-in forwards on the meta engine: a mismatch must still
+    # read as torch's error, name the layer, and leave no stand-in behind
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(9, 2), nn.GELU())
+    for engine in ["meta", "real"]:
+        with untouched(model), pytest.raises(LayerError) as info:
+            model_sizes(model, input=torch.zeros(3, 4), engine=engine)
+        assert info.value.layer == "3"
+        assert info.value.input_shapes == ((3, 8),)
+        # torch's own wording: the CPU kernel's, or the meta kernel's
+        assert re.search(r"3x8 and 9x2|\[3, 8\] X \[9, 2\]", str(info.value))
+
+
+def test_sequential_children_are_recorded_alike_with_or_without_other_hooks() -> None:
+    # a plain Sequential records its hook-free children itself; any other hook in play sends
+    # every call down torch's ordinary path: both must see the same calls, and those hooks run
+    from pytest_modelhooks import model_summary
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), inner, inner, nn.Conv1d(1, 2, 3), nn.Flatten())
+
+    model = build()
+    with untouched(model):
+        fast = model_summary(model, input_data=torch.randn(2, 1, 4))
+    seen: list[str] = []
+    own = model[1].register_forward_hook(lambda module, args, out: seen.append("own"))
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(type(module).__name__)
+    )
+    try:
+        with untouched(model):
+            ordinary = model_summary(model, input_data=torch.randn(2, 1, 4))
+    finally:
+        handle.remove()
+        own.remove()
+    assert fast.layers == ordinary.layers
+    assert [row.label for row in fast.layers][:6] == ["Sequential", "0", "1", "2", "2.0", "2.1"]
+    assert fast["2 [call 2]"].output_shapes == (2, 1, 8)
+    assert seen.count("own") == 1 and seen.count("Linear") == 3  # the hooks ran, once per call
+
+
+def test_a_child_with_its_own_hook_is_called_through_torch() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    calls: list[tuple[int, ...]] = []
+    handle = model[0].register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    try:
+        sizes = model_sizes(model, input=torch.zeros(5, 3))
+    finally:
+        handle.remove()
+    assert calls == [(5, 3)] and sizes["1"] == (5, 3)
+
+
+def test_a_dtype_mismatch_inside_a_sequential_reads_as_torchs_error() -> None:
+    # the shape rules defer on anything unusual: the real forward raises torch's own error
+    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 4), nn.Tanh())
+    messages = []
+    for engine in ["meta", "real"]:
+        with untouched(model), pytest.raises(LayerError) as info:
+            model_sizes(model, input=torch.zeros(2, 4, dtype=torch.bfloat16), engine=engine)
+        assert info.value.layer == "1" and info.value.input_shapes == ((2, 4),)
+        messages.append(str(info.value.original))
+    assert all("dtype" in message for message in messages), messages
+
+
+class GroupedExperts(nn.Module):
+    """Two experts through torch._grouped_mm, as Mixtral-style MoE layers run them: the CPU
+    kernel takes float32, torch's meta kernel demands bfloat16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4, 8))  # rows of 16-byte multiples, as the CPU needs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offsets = torch.tensor([2, 4], dtype=torch.int32, device=x.device)
+        return torch._grouped_mm(x, self.weight, offs=offsets)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is newer than this torch")
+def test_a_check_only_meta_kernels_make_moves_on_to_a_real_forward(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_modelhooks.tracing import dispatch as _dispatch
+
+    model = nn.Sequential(nn.Linear(4, 4), GroupedExperts())
+    batch = torch.randn(4, 4)
+    with untouched(model):
+        own = model_sizes(model, input=batch)  # the meta engine answers grouped_mm itself
+        # without that answer, torch's meta kernel (and so the fake one) objects to float32
+        # where the CPU kernel does not: the trace moves on to a real forward
+        monkeypatch.delitem(_dispatch._HANDLERS, torch.ops.aten._grouped_mm.default)
+        sizes = model_sizes(model, input=batch)
+    assert own.engine == "meta" and own["1"] == sizes["1"] == (4, 8)
+    if sizes.engine == "meta":
+        pytest.skip("this torch's grouped_mm meta kernel takes float32: nothing to move on from")
+    assert sizes.engine == "real"
+    assert "fake_tensor" not in capfd.readouterr().err  # torch's fake-kernel error log stays quiet
+
+
+def test_attention_mult_adds_agree_on_meta_and_a_real_cpu_forward() -> None:
+    # the CPU runs scaled_dot_product_attention as one fused op; meta decomposes it into matmuls
+    from pytest_modelhooks import model_summary
+
+    class Attention(nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 6)
+    meta = model_summary(Attention(), input_data=(q, k, v))
+    real = model_summary(Attention(), input_data=(q, k, v), engine="real")
+    assert meta.engine == "meta"
+    assert meta.mult_adds == real.mult_adds == 2 * 4 * 10 * 12 * (8 + 6)
+
+
+class Reversed(nn.Sequential):
+    """A Sequential whose own iteration order runs its children last to first."""
+
+    def __iter__(self) -> Any:
+        return reversed(list(self._modules.values()))
+
+
+def test_scripted_children_and_sequentials_with_their_own_order() -> None:
+    # neither may be recorded by the Sequential shortcut: a scripted class raises on .forward,
+    # and a subclass's iteration decides the order of calls
+    from pytest_modelhooks import model_summary
+
+    scripted = torch.jit.script(nn.Linear(4, 4))
+    model = nn.Sequential(nn.Linear(3, 4), scripted, nn.ReLU(), Reversed(nn.Linear(5, 4), nn.Linear(4, 5)))
+    batch = torch.randn(2, 3)
+    with untouched(model):
+        meta = model_summary(model, input_data=batch)
+        real = model_summary(model, input_data=batch, engine="real")
+    assert meta.engine == "meta" and meta.layers == real.layers
+    assert [row.label for row in meta.layers][-2:] == ["3.1", "3.0"]
+    assert meta.output_shapes == (2, 4)
+    model.eval()  # the scripted module keeps its flag in C++: nothing of ours may shadow it
+    assert scripted.training is False
+
+
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [
+        ("/env/lib/python3.11/site-packages/torch/_meta_registrations.py", True),
+        ("/env/lib/python3.11/site-packages/torch/_refs/__init__.py", True),
+        ("/env/lib/python3.11/site-packages/torch/_subclasses/fake_impls.py", True),
+        ("/env/lib/python3.11/site-packages/torch/nn/modules/linear.py", False),
+        ("/home/me/torch/myproject/_refs/layers.py", False),  # a user's folder named torch
+        ("/home/me/project/model.py", False),
+    ],
+)
+def test_only_errors_out_of_torchs_meta_kernels_count_as_engine_limits(filename: str, expected: bool) -> None:
+    from pytest_modelhooks.tracing.engines import is_engine_limitation as _is_engine_limitation
+
+    code = compile("raise RuntimeError('shapes do not match')", filename, "exec")
+    with pytest.raises(RuntimeError) as info:
+        exec(code)
+    assert _is_engine_limitation(info.value) is expected
+
+
+@pytest.mark.parametrize("engine", ["auto", "meta", "fake", "real"])
+def test_an_uninitialized_lazy_model_is_refused_and_left_lazy(engine: str) -> None:
+    # A lazy module's first forward materializes its parameters and changes its class: tracing
+    # must not do that behind the user's back, and must say which layer and what to do.
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(2))
+    refused = r"layer '2' \(LazyLinear\) has uninitialized parameters.*real batch"
+    with pytest.raises(ValueError, match=refused):
+        model_sizes(model, input=torch.randn(3, 4), engine=engine)
+    assert type(model[2]) is nn.LazyLinear and model[2].has_uninitialized_params()
+    assert not model[2]._forward_hooks and len(model[2]._forward_pre_hooks) == 1  # its own initializer
+
+
+def test_a_lazy_model_works_once_initialized_and_in_channels_refuses_before() -> None:
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"layer '0' \(LazyConv2d\) has uninitialized"):
+        in_channels(model)
+    model(torch.randn(1, 5, 16, 16))  # the user's own first forward
+    assert in_channels(model) == 5
+    assert model_sizes(model, (16, 16))[-1] == (1, 8, 14, 14)
+
+
+def jagged(*lengths: int, features: int = 4) -> torch.Tensor:
+    torch.manual_seed(0)
+    parts = [torch.randn(length, features) for length in lengths]
+    return torch.nested.nested_tensor(parts, layout=torch.jagged)
+
+
+class OnNested(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(x))
+
+
+def test_nested_tensors_get_a_size_with_their_ragged_dimension() -> None:
+    model = OnNested()
+    with untouched(model):
+        sizes = model_sizes(model, input=jagged(2, 5, 3), modules="all")
+    assert sizes.engine == "real"  # torch makes no meta or fake copies of nested tensors
+    assert sizes["proj"] == (3, None, 6) and sizes["proj"].spans == {1: (2, 5)}
+    lines = [" ".join(line.split()) for line in str(sizes).splitlines()]
+    assert "proj (Linear) (3, 2..5, 6)" in lines
+    assert json.loads(json.dumps(sizes.to_dict()))["proj"]["calls"] == [[3, None, 6]]
+    same = model_sizes(model, input=jagged(4, 4, 4), modules="all")
+    assert type(same["proj"]).__name__ == "NestedSize" and same["proj"] == (3, 4, 6)
+    with pytest.raises(ValueError, match="engine='meta' cannot run a nested tensor input"):
+        model_sizes(model, input=jagged(2, 3), engine="meta")
+    with torch.device("meta"):
+        on_meta = OnNested()
+    with pytest.raises(
+        ValueError, match="a nested tensor input runs only on the real engine, and its weights"
+    ):
+        model_sizes(on_meta, input=jagged(2, 3))
+
+
+def test_strided_nested_tensors_too() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: the strided layout is a prototype
+        x = torch.nested.nested_tensor([torch.ones(2, 3, 4), torch.ones(2, 5, 4)])
+    size = shapes_of(x)
+    assert size == (2, 2, None, 4) and size.spans == {2: (3, 5)}
+    assert pickle.loads(pickle.dumps(size)).spans == size.spans  # crosses xdist workers intact
+
+
+def test_packed_sequences_keep_their_batch_sizes_on_the_cpu_for_meta() -> None:
+    # torch refuses a PackedSequence whose batch_sizes left the CPU
+    lstm = nn.LSTM(8, 16, batch_first=True)
+    lengths = torch.tensor([5, 3, 2])
+    packed = pack_padded_sequence(torch.randn(3, 5, 8), lengths, batch_first=True, enforce_sorted=False)
+    with untouched(lstm):
+        sizes = model_sizes(lstm, input=(packed,))
+    assert sizes.engine == "meta"
+    (data, batch_sizes, sorted_indices, unsorted_indices), (hidden, cell) = sizes[0]
+    assert (data, batch_sizes, sorted_indices, unsorted_indices) == ((10, 16), (5,), (3,), (3,))
+    assert hidden == cell == (1, 3, 16)
+    moved = map_tensors(packed, lambda tensor: tensor.to("meta"))
+    assert moved.data.is_meta and moved.sorted_indices.is_meta and moved.batch_sizes.device.type == "cpu"
+
+
+def test_a_model_whose_forward_takes_no_input_is_run_without_one() -> None:
+    # a generator drawing its own noise, a decoder of learned queries: the dummy input was a
+    # batch its forward() could not take
+    class Queries(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queries = nn.Parameter(torch.randn(1, 5, 8))
+            self.decode = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+
+        def forward(self) -> torch.Tensor:
+            return self.decode(self.queries)
+
+    model = Queries()
+    with untouched(model):
+        assert model_summary(model).output_shapes == (1, 5, 4)
+        assert list(model_sizes(model)) == [(1, 5, 4)]
+        assert dummy_eval(model).shape == (1, 5, 4) and num_features_model(model) == 5
+        with pytest.raises(
+            ValueError, match=r"size=\(8, 8\) was given, but Queries\.forward\(\) takes no input"
+        ):
+            model_sizes(model, (8, 8))
+
+
+def test_a_model_without_children_is_its_own_layer() -> None:
+    sizes = model_sizes(nn.Linear(3, 4), input=torch.zeros(2, 3))
+    assert sizes.names == ("",) and sizes[0] == (2, 4)
+
+
+@pytest.fixture
+def process_group(tmp_path) -> Iterator[None]:
+    """A one-process gloo group, as DistributedDataParallel and FSDP2 need."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch has no torch.distributed with gloo")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_wrappers_list_the_wrapped_models_layers(process_group) -> None:
+    model = zoo.ResNetish()
+    plain = model_sizes(model, (16, 16))
+    wrapped = model_sizes(nn.DataParallel(model), (16, 16))  # no GPU: a plain call
+    assert wrapped.names == tuple(f"module.{name}" for name in plain.names)
+    assert list(wrapped) == list(plain)
+    assert model_sizes(nn.DataParallel(nn.LSTM(4, 8)), input=torch.zeros(3, 2, 4)).names == ("module",)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with untouched(ddp):
+        assert model_sizes(ddp, (16, 16)).names == wrapped.names
+        assert list(model_sizes(ddp, (16, 16))) == list(plain)
+
+
+def test_a_model_sharded_by_fsdp2_is_refused_before_anything_runs(process_group) -> None:
+    # a trace swapping parameters under FSDP2's own swapping left it half-initialised: the
+    # next plain forward failed
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    expected = model(torch.ones(3, 8))
+    fully_shard(model[0])
+    fully_shard(model)
+    hooks = hooks_by_module(model)  # FSDP2's own
+    refused = (
+        r"cannot trace FSDPSequential: the model is sharded by fully_shard \(FSDP2\)\. .*before sharding"
+    )
+    for call in (
+        lambda: model_summary(model, (2, 8)),
+        lambda: model_sizes(model, (8,)),
+        lambda: model_sizes(model),
+    ):
+        with pytest.raises(TypeError, match=refused):
+            call()
+    assert hooks_by_module(model) == hooks
+    assert torch.allclose(model(torch.ones(3, 8)), expected)  # it still trains and runs
+    model(torch.randn(4, 8)).sum().backward()
+    assert dummy_eval(model).shape == (1, 2)  # a plain forward: it runs
+    broken = nn.Sequential(nn.Linear(8, 16), nn.Linear(17, 2))
+    fully_shard(broken)
+    with pytest.raises(RuntimeError, match=r"cannot be multiplied \(1x16 and 17x2\)"):
+        dummy_eval(broken)  # the model's own error, as the forward raised it
+
+
+def test_a_model_with_dtensor_parameters_is_refused(process_group) -> None:
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    mesh = init_device_mesh("cpu", (1,))
+    model[2].weight = nn.Parameter(distribute_tensor(model[2].weight.detach(), mesh, [Replicate()]))
+    with (
+        untouched(model),
+        pytest.raises(TypeError, match=r"parameter '2\.weight' is a DTensor \(tensor parallelism\)"),
+    ):
+        model_summary(model, (2, 8))
+
+
+class Checkpointed(nn.Module):
+    """Blocks under activation checkpointing, both flavours, as large models train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.second = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        x = checkpoint(self.first, x, use_reentrant=False)
+        x = checkpoint(self.second, x, use_reentrant=True)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("engine", ["meta", "fake", "real"])
+def test_checkpointed_blocks_trace_without_torchs_no_grad_warning(engine: str) -> None:
+    # Reentrant checkpointing warns that no input needs a gradient, which is only true because
+    # the trace runs under no_grad: under `filterwarnings = error` that failed every summary.
+    model = Checkpointed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sizes = model_sizes(model, input=torch.randn(4, 8), modules="all", engine=engine)
+        assert dummy_eval(model, (3,)).shape == (1, 3, 2)  # a batch of one, 3 positions
+    assert sizes["second.0"] == (4, 8) and sizes[-1] == (4, 2)
+    # the user's own no_grad forward still warns: only the trace is quiet
+    with torch.no_grad(), pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        model(torch.randn(4, 8))
+
+
+class KeepsARunningMean(nn.Module):
+    """Updates a buffer in every forward, eval mode too, and branches on values (so only a
+    real forward can run it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("running", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        self.running.mul_(0.5).add_(y.mean(0))
+        return y if y.sum() > -1e9 else -y
+
+
+@pytest.mark.parametrize("engine", ["auto", "real"])
+def test_the_real_engine_writes_to_copies_of_the_buffers(engine: str) -> None:
+    model = KeepsARunningMean()
+    with untouched(model):
+        sizes = model_sizes(model, input=torch.randn(2, 4), engine=engine)
+    assert sizes.engine == "real"
+    model(torch.randn(2, 4))  # the model's own buffer still works after the trace
+    assert model.running.abs().sum() > 0
+
+
+def test_an_embedding_with_max_norm_keeps_its_weights() -> None:
+    # each lookup renormalises the rows it reads, in place: a real forward changed the weights
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=0.5), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+    with untouched(model), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for engine in ("meta", "fake", "real"):
+            summary = model_summary(model, input_data=torch.tensor([[1, 2, 3]]), engine=engine)
+            assert summary.total_params == 50
+
+
+def test_a_parameter_changed_in_place_by_a_real_forward_is_named() -> None:
+    class Clamps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.linear.weight.clamp_(-0.1, 0.1)  # (under the trace's no_grad)
+            return self.linear(x)
+
+    with pytest.warns(UserWarning, match=r"changed parameters in place \(linear.weight\)") as record:
+        model_sizes(Clamps(), input=torch.randn(2, 4), engine="real")
+    assert record[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model_sizes(Clamps(), input=torch.randn(2, 4), engine="meta")  # stand-ins: nothing to say
+
+
+class HeadFirst(nn.Module):
+    """Declares its head before the backbone that runs first."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, classes)
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_a_model_declaring_its_head_first_is_sized_from_the_layer_that_reads_the_input() -> None:
+    model = HeadFirst()
+    with untouched(model):
+        sizes = model_sizes(model, (32, 32))
+        summary = model_summary(model)
+    assert sizes["features"] == (1, 16) and sizes["head"] == (1, 10)
+    assert summary.input_shapes == (1, 3, 64, 64) and summary.total_params == 16 * 3 * 9 + 16 + 170
+    assert num_features_model(HeadFirst(classes=7)) == 7
+
+
+def test_dummy_eval_finds_the_layer_that_reads_the_input_or_names_the_failing_one() -> None:
+    model = HeadFirst().train()
+    with untouched(model):
+        assert dummy_eval(model, (16, 16)).shape == (1, 10)
+    broken = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(64, 10))
+    named = r"^layer '2' \(Linear, in_features=64\) got input"
+    with untouched(broken), pytest.raises(LayerError, match=named):
+        dummy_eval(broken)
+
+
+def test_dummy_eval_keeps_the_models_own_error_as_the_original() -> None:
+    class Refuses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("this model wants a mask")
+
+    model = Refuses().train()
+    with untouched(model), pytest.raises(LayerError, match="wants a mask") as info:
+        dummy_eval(model)
+    assert isinstance(info.value.original, ValueError)  # as model_sizes reports it
+
+
+def test_a_real_shape_bug_after_the_first_layer_is_reported_as_it_is() -> None:
+    broken = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(64, 10))  # 32 != 64
+    message = r"^layer '2' \(Linear, in_features=64\) got input \(1, 32\): RuntimeError: [^;]*$"
+    with untouched(broken), pytest.raises(LayerError, match=message) as info:
+        model_sizes(broken)
+    assert info.value.layer == "2" and info.value.input_shapes == ((1, 32),)
+    assert info.value.finished == ("0", "1")
+    with pytest.raises(LayerError, match=message):
+        model_summary(broken)
+
+
+def test_a_batch_that_fits_no_layer_says_which_layer_it_was_made_for() -> None:
+    # the batch for 'head' fails at 'features.0', the first to run; the retry's batch, made for
+    # 'features.0', then fails at 'extra' (16 channels into 4): the first error is raised
+    class HeadFirstBroken(HeadFirst):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features[0] = nn.Conv2d(5, 16, 3)
+            self.extra = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.extra(self.features[0](x)).flatten(1))
+
+    message = (
+        r"layer 'features.0' \(Conv2d, in_channels=5\) got input \(1, 16\).*"
+        r"the input was made for layer 'head' \(Linear\), the first layer with parameters"
+    )
+    with untouched(model := HeadFirstBroken()), pytest.raises(LayerError, match=message):
+        model_sizes(model)
