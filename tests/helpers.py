@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-from pytest_modelhooks.hooks import count_hooks, hooks_by_module, training_flags
+from pytest_modelhooks._tree import shapes_of
+from pytest_modelhooks.hooks import count_hooks, hooks_by_module, select_modules, training_flags
 
 
 def _global_hooks() -> dict[str, list[int]]:
@@ -55,3 +57,28 @@ def untouched(model: nn.Module, *, values: bool = True) -> Iterator[None]:
 
 def no_hooks(model: nn.Module) -> bool:
     return count_hooks(model) == 0
+
+
+def observed_sizes(model: nn.Module, batch: Any, modules: Any = None) -> dict[str, list[Any]]:
+    """Output sizes seen by plain torch hooks during a real forward: the independent reference."""
+    seen: dict[str, list[Any]] = {}
+    handles = []
+    for name, module in select_modules(model, modules, default="children"):
+        seen[name] = []
+        handles.append(
+            module.register_forward_hook(lambda m, a, out, name=name: seen[name].append(shapes_of(out)))
+        )
+    flags = training_flags(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(batch, tuple):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in model.named_modules():
+            module.training = flags[name]
+    return seen
