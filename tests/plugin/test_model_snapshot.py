@@ -121,3 +121,35 @@ def test_parametrized_ids_a_file_name_cannot_hold_keep_their_snapshots(pytester,
     updated.assert_outcomes(passed=1)
     assert "Can not relate" not in updated.stdout.str()
     assert sorted(path.name for path in folder.iterdir()) == names[2:]
+
+
+def test_the_tolerances_travel_with_the_fixture_not_the_extension_class(pytester) -> None:
+    # a test that uses the extension directly after a tolerant model_snapshot compares exactly
+    pytester.makeini("[pytest]\nmodelhooks_snapshot_rtol = 0.5\naddopts = -p no:cacheprovider\n")
+    write(
+        pytester,
+        "test_tolerance",
+        """
+        from pytest_modelhooks.snapshot import ModelSnapshotExtension
+
+        VALUE = {value!r}
+
+        def test_a_tolerant(model_snapshot):
+            assert VALUE == model_snapshot
+
+        def test_b_exact(snapshot):
+            assert VALUE == snapshot.use_extension(ModelSnapshotExtension)
+
+        def test_c_class_untouched():
+            assert ModelSnapshotExtension.rtol == 0.0 and ModelSnapshotExtension.atol == 0.0
+        """.replace("{value!r}", "'std 1.0'"),
+    )
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=3)
+    write(
+        pytester,
+        "test_tolerance",
+        (pytester.path / "test_tolerance.py").read_text().replace("'std 1.0'", "'std 1.2'"),
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED test_tolerance.py::test_b_exact*"])
