@@ -30,13 +30,17 @@ __all__ = ["LayerSizes", "is_container", "model_sizes", "num_features_model"]
 class LayerSizes(Sequence[Any]):
     """The output size of each selected layer, by position (as fastai's list) and by name.
 
-    ``sizes[i]`` and ``sizes["encoder.stage2"]`` give the output of the layer's last call: a
-    ``torch.Size`` (batch dimension included), or the same structure of sizes for tuple/dict
-    outputs, or ``None`` for a layer that never ran. ``sizes.calls(name)`` lists every call.
+    ``sizes[i]`` is the i-th selected layer (by default the model's direct children, in order:
+    fastai's list); ``sizes["encoder.stage2"]`` takes the qualified name of *any* module of the
+    model, selected or not. Either gives the output of the layer's last call: a ``torch.Size``
+    (batch dimension included), or the same structure of sizes for tuple/dict outputs, or
+    ``None`` for a selected layer that never ran; a module that was not selected and never ran
+    raises ``KeyError`` saying so. ``sizes.calls(name)`` lists every call.
 
-    >>> sizes = model_sizes(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), input=torch.zeros(2, 4))
-    >>> sizes.names, sizes[-1], sizes["0"], sizes.calls("1")
-    (('0', '1'), torch.Size([2, 8]), torch.Size([2, 8]), [torch.Size([2, 8])])
+    >>> net = nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 2))
+    >>> sizes = model_sizes(net, input=torch.zeros(2, 4))
+    >>> sizes.names, sizes[-1], sizes["0"], sizes["0.1"], sizes.calls("1")
+    (('0', '1'), torch.Size([2, 2]), torch.Size([2, 8]), torch.Size([2, 8]), [torch.Size([2, 2])])
     """
 
     def __init__(
@@ -46,13 +50,30 @@ class LayerSizes(Sequence[Any]):
         calls: Mapping[str, list[Any]],
         engine: str,
         containers: Iterable[str] = (),
+        others: Mapping[str, tuple[str, list[Any]]] | None = None,
     ) -> None:
         self.names: tuple[str, ...] = tuple(names)
         self.types: tuple[str, ...] = tuple(types)
         self._calls = {name: list(calls.get(name, [])) for name in self.names}
         self.engine = engine
-        #: selected ModuleList/ModuleDict containers: they hold layers but are never called
+        #: the ModuleList/ModuleDict containers: they hold layers but are never called
         self.containers = frozenset(containers)
+        # every other module of the model, by qualified name: (type, output sizes per call)
+        self._others = {
+            name: (kind, list(shapes))
+            for name, (kind, shapes) in (others or {}).items()
+            if name not in self._calls
+        }
+
+    def _lookup(self, name: str) -> list[Any]:
+        """The output sizes of every call of module ``name``; ``KeyError`` naming the measured
+        layers when the model has no such module."""
+        if name in self._calls:
+            return self._calls[name]
+        if name in self._others:
+            return self._others[name][1]
+        shown = ", ".join(self.names[:12]) + (", ..." if len(self.names) > 12 else "")
+        raise KeyError(f"{name!r} is not a module of the model; the measured layers are: {shown}")
 
     @overload
     def __getitem__(self, index: int | str) -> Any: ...
@@ -62,9 +83,14 @@ class LayerSizes(Sequence[Any]):
         if isinstance(index, slice):
             return [self[name] for name in self.names[index]]
         if isinstance(index, str):
-            if index not in self._calls:
-                raise KeyError(f"{index!r} is not one of the measured layers: {', '.join(self.names)}")
-            calls = self._calls[index]
+            calls = self._lookup(index)
+            if not calls and index in self._others:
+                kind = self._others[index][0]
+                if index in self.containers:
+                    raise KeyError(
+                        f"{index!r} ({kind}) is a container: it is never called, so it has no output size"
+                    )
+                raise KeyError(f"{index!r} ({kind}) never ran in this forward: it has no output size")
             return calls[-1] if calls else None
         return self[self.names[index]]
 
@@ -75,12 +101,12 @@ class LayerSizes(Sequence[Any]):
         return (self[name] for name in self.names)
 
     def calls(self, name: str) -> list[Any]:
-        """The output size of every call of layer ``name``, in order."""
-        self[name]  # validates the name
-        return list(self._calls[name])
+        """The output size of every call of module ``name`` (any module of the model), in order:
+        empty for one that never ran."""
+        return list(self._lookup(name))
 
     def ran(self, name: str) -> bool:
-        """Whether layer ``name`` ran during the forward."""
+        """Whether module ``name`` (any module of the model) ran during the forward."""
         return bool(self.calls(name))
 
     @property
@@ -192,12 +218,15 @@ def _model_sizes(
     for call in trace.calls:
         by_module.setdefault(id(call.module), []).append(call.output_shapes)
     calls = {name: by_module.get(id(module), []) for name, module in selected}
+    # every path to every module: a reused module answers under each of its names
+    others = {name: (type(module).__name__, by_module.get(id(module), [])) for name, module in trace.paths}
     return LayerSizes(
         [name for name, _ in selected],
         [type(module).__name__ for _, module in selected],
         calls,
         trace.engine,
-        containers=[name for name, module in selected if is_container(module)],
+        containers=[name for name, module in trace.paths if is_container(module)],
+        others=others,
     )
 
 

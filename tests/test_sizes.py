@@ -52,7 +52,8 @@ def test_model_sizes_by_qualified_name_on_a_non_sequential_model() -> None:
     assert sizes["layer2"] == (1, 32, 16, 16)
     assert sizes["layer2.0.downsample"] == (1, 32, 16, 16)
     assert sizes["fc"] == (1, 10)
-    with pytest.raises(KeyError, match="'layer3' is not one of the measured layers: layer2"):
+    assert sizes["layer1.1"] == (1, 16, 32, 32)  # not selected, but it ran: any module's name indexes
+    with pytest.raises(KeyError, match="'layer3' is not a module of the model; the measured layers are: layer2"):
         sizes["layer3"]
 
 
@@ -318,3 +319,39 @@ def test_containers_are_not_reported_as_never_ran() -> None:
     sizes = model_sizes(model, input=torch.zeros(1, 4, 32))
     assert sizes.never_ran == [] and sizes.containers == {"layers"} and sizes["layers"] is None
     assert "layers (ModuleList)  container, not called" in str(sizes)
+
+
+def test_any_qualified_name_indexes_the_sizes_not_only_the_selected_layers() -> None:
+    # the README's first example: sizes["encoder.stage2"] on a model whose child is `encoder`
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Sequential()
+            self.encoder.add_module("stage1", nn.Conv2d(3, 8, 3, stride=2, padding=1))
+            self.encoder.add_module("stage2", nn.Conv2d(8, 16, 3, stride=2, padding=1))
+            self.blocks = nn.ModuleList([nn.ReLU(), nn.ReLU()])
+            self.unused = nn.Linear(4, 4)
+            self.head = nn.Flatten()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.encoder(x)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    net = Net()
+    sizes = model_sizes(net, (32, 32))
+    seen = observed_sizes(net, torch.zeros(1, 3, 32, 32), modules="all")
+    assert sizes.names == ("encoder", "blocks", "unused", "head")  # the positional view: children
+    assert sizes["encoder.stage2"] == seen["encoder.stage2"][-1] == (1, 16, 8, 8)
+    assert sizes["blocks.1"] == (1, 16, 8, 8) and sizes.calls("encoder.stage1") == [(1, 8, 16, 16)]
+    assert sizes.ran("blocks.0") and not sizes.ran("unused")
+    assert sizes["unused"] is None  # a selected layer that never ran
+    with pytest.raises(KeyError, match=r"'unused.weight' is not a module of the model; the measured layers"):
+        sizes["unused.weight"]
+    nested = model_sizes(net, (32, 32), modules=["encoder", "head"])
+    with pytest.raises(KeyError, match=r"'unused' \(Linear\) never ran in this forward"):
+        nested["unused"]
+    with pytest.raises(KeyError, match=r"'blocks' \(ModuleList\) is a container"):
+        nested["blocks"]
+    assert nested.names == ("encoder", "head") and len(nested) == 2  # the view stays as selected
