@@ -53,7 +53,9 @@ def test_model_sizes_by_qualified_name_on_a_non_sequential_model() -> None:
     assert sizes["layer2.0.downsample"] == (1, 32, 16, 16)
     assert sizes["fc"] == (1, 10)
     assert sizes["layer1.1"] == (1, 16, 32, 32)  # not selected, but it ran: any module's name indexes
-    with pytest.raises(KeyError, match="'layer3' is not a module of the model; the measured layers are: layer2"):
+    with pytest.raises(
+        KeyError, match="'layer3' is not a module of the model; the measured layers are: layer2"
+    ):
         sizes["layer3"]
 
 

@@ -34,7 +34,15 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from pytest_modelhooks.cli import health, leaks, sizes, summary
-from pytest_modelhooks.cli.common import FACTORY_HELP, UsageError, load_factory, parse_device
+from pytest_modelhooks.cli.common import (
+    FACTORY_HELP,
+    SEED_HELP,
+    UsageError,
+    check_modules,
+    load_factory,
+    parse_device,
+    parse_seed,
+)
 
 __all__ = ["main", "run", "script"]
 
@@ -48,15 +56,23 @@ def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParse
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for command in SUBCOMMANDS:
-        sub = commands.add_parser(command.NAME, help=command.HELP)
+        sub = commands.add_parser(command.NAME, help=command.HELP, description=command.__doc__)
         sub.add_argument("factory", help=FACTORY_HELP)
         command.add_arguments(sub)
         if command in _META:
             sub.add_argument("--meta", action="store_true", help="build the model on the meta device")
         sub.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
+        sub.add_argument("--seed", default="0", help=SEED_HELP)
         sub.add_argument("--format", choices=command.FORMATS, default="text")
-        sub.set_defaults(run=command.run)
+        # a usage error after parsing names the subcommand's usage, not the top-level one
+        sub.set_defaults(run=command.run, usage=sub)
     return parser
+
+
+def _seed_torch(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
 
 
 def run(prog: str = "python -m pytest_modelhooks") -> None:
@@ -82,12 +98,15 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_mod
     try:
         meta = getattr(args, "meta", False)
         args.device = parse_device(args.device, meta)
+        args.seed = parse_seed(args.seed)
+        _seed_torch(args.seed)  # before the factory: a random init is the same on every run
         model = load_factory(args.factory, meta)
         if args.device.type != "cpu":
             model = model.to(args.device)
+        check_modules(model, getattr(args, "modules", None))
         status: int = args.run(model, args)
     except UsageError as error:
-        parser.error(str(error))  # exits with status 2
+        args.usage.error(str(error))  # exits with status 2
     except (ValueError, TypeError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

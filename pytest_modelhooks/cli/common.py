@@ -8,6 +8,8 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import json
+import re
 import sys
 from typing import Any
 
@@ -16,8 +18,73 @@ class UsageError(Exception):
     """A bad command line; the message names the argument."""
 
 
+SEED_HELP = (
+    "torch.manual_seed before the model is built, and the seed of the random batches: an integer "
+    "(default 0: the same weights and verdict on every run) or 'random' (printed, to rerun with)"
+)
+
+
+def parse_seed(text: str) -> int:
+    """``--seed``: an integer, or ``random`` (a new one, printed to stderr so that the run can be
+    repeated)."""
+    if text.strip().lower() == "random":
+        import random
+
+        seed = random.randrange(2**32)
+        print(f"seed: {seed} (rerun with --seed {seed})", file=sys.stderr)
+        return seed
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**64:
+        raise UsageError(f"--seed {text!r}: expected an integer in [0, 2**64) or 'random'")
+    return seed
+
+
+def check_modules(model: Any, modules: str | None) -> None:
+    """``--modules``, checked before anything runs: a name or glob that matches no module is the
+    command line's mistake (exit 2), not the model's."""
+    if modules is None:
+        return
+    from pytest_modelhooks.hooks.select import select_modules
+
+    try:
+        select_modules(model, modules, argument="--modules")
+    except (ValueError, TypeError) as error:
+        raise UsageError(str(error)) from None
+
+
+def dumps(data: Any) -> str:
+    """``data`` as indented JSON, with each list of numbers (a shape) on one line.
+
+    >>> print(dumps({"calls": [[1, 8, 14, 14]]}))
+    {
+      "calls": [
+        [1, 8, 14, 14]
+      ]
+    }
+    """
+    text = json.dumps(data, indent=2, default=str)
+    return _NUMBER_LIST.sub(_one_line, text)
+
+
+def _one_line(match: re.Match[str]) -> str:
+    return "[" + ", ".join(part.strip() for part in match.group(1).split(",")) + "]"
+
+
+# a JSON list holding numbers (or nulls: a ragged dimension) only, spread over lines by indent=2
+_NUMBER_LIST = re.compile(
+    r"\[((?:\s*(?:-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|null)\s*,)*\s*(?:-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|null)\s*)\]"
+)
+
+
+#: How the shape options read, in their help.
+SHAPE_FORMS = "comma-separated, such as 1,3,224,224 (or 1x3x224x224)"
+
+
 def parse_shape(text: str, argument: str) -> tuple[int, ...]:
-    # "1,3,224,224" or "1x3x224x224"; every part an integer (a stray "x" or "," is no dim)
+    """``1,3,224,224`` or ``1x3x224x224``; every part a positive integer."""
     try:
         dims = tuple(int(part) for part in text.replace("x", ",").split(","))
     except ValueError:

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
-from pytest_modelhooks.cli.common import UsageError, parse_shape, raise_naming_the_layer, random_batch
+from pytest_modelhooks.cli.common import (
+    SHAPE_FORMS,
+    UsageError,
+    dumps,
+    parse_shape,
+    raise_naming_the_layer,
+    random_batch,
+)
 from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, BOUNDS, GRADIENT_BOUNDS, check_order
 
 NAME = "health"
@@ -22,7 +28,9 @@ FORMATS = ("text", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", required=True, help="full input shape, batch included: 16,3,64,64")
+    parser.add_argument(
+        "--input-size", required=True, help=f"full input shape, batch included: {SHAPE_FORMS}"
+    )
     parser.add_argument("--batches", type=int, default=3, help="forward passes to record (default 3)")
     parser.add_argument(
         "--train", action="store_true", help="train mode, a backward per batch, gradients too"
@@ -39,7 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write DIR/activations.png (and with --train DIR/gradients.png); needs matplotlib",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random batches")
 
 
 def _bounds(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
             report["gradients"] = grads.to_dict()
         if plots:
             report["plots"] = plots
-        print(json.dumps(report, indent=2, default=str))
+        print(dumps(report))
     else:
         print(snapshot_text(stats), end="")
         if args.train:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from pytest_modelhooks.cli.common import UsageError, parse_indices, parse_shape, random_batch
+from pytest_modelhooks.cli.common import (
+    SHAPE_FORMS,
+    UsageError,
+    dumps,
+    parse_indices,
+    parse_shape,
+    random_batch,
+)
 
 NAME = "leaks"
 HELP = "check that samples do not leak into each other (and, with --causal, no look-ahead)"
@@ -14,13 +20,14 @@ FORMATS = ("text", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", required=True, help="full input shape, batch of 2 or more: 3,16")
+    parser.add_argument(
+        "--input-size", required=True, help=f"full input shape, batch of 2 or more: {SHAPE_FORMS}"
+    )
     parser.add_argument("--causal", action="store_true", help="also check that no position sees later ones")
     parser.add_argument("--samples", help="the output samples to trace (default: the first and the last)")
     parser.add_argument("--positions", help="the output positions to trace with --causal (default: up to 8)")
     parser.add_argument("--output", help="the output to check: a key or attribute such as logits")
     parser.add_argument("--train", action="store_true", help="keep the modules' train/eval modes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random batch")
 
 
 def run(model: Any, args: argparse.Namespace) -> int:
@@ -48,7 +55,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
             "batch": [vars(f) for f in found],
             "causal": [vars(f) for f in future] if args.causal else None,
         }
-        print(json.dumps(report, indent=2, default=str))
+        print(dumps(report))
     else:
         if found:
             print(f"Samples of the batch leak into each other ({len(found)}):")

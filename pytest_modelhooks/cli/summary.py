@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
-from pytest_modelhooks.cli.common import UsageError, parse_shape
+from pytest_modelhooks.cli.common import SHAPE_FORMS, UsageError, dumps, parse_shape
 
 NAME = "summary"
 HELP = "print a model summary"
@@ -14,7 +13,7 @@ FORMATS = ("text", "json", "markdown")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", help="full input shape, batch included: 1,3,224,224")
+    parser.add_argument("--input-size", help=f"full input shape, batch included: {SHAPE_FORMS}")
     parser.add_argument("--depth", type=int, default=None, help="fold rows deeper than this")
 
 
@@ -27,7 +26,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
     input_size = parse_shape(args.input_size, "--input-size") if args.input_size else None
     result = model_summary(model, input_size, depth=args.depth)
     if args.format == "json":
-        print(json.dumps(result.to_dict(), indent=2))
+        print(dumps(result.to_dict()))
     elif args.format == "markdown":
         print(result.to_markdown())
     else:

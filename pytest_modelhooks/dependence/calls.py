@@ -5,7 +5,7 @@ model run with those inputs made differentiable, and the output to check.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -159,10 +159,21 @@ def select_output(output: Any, spec: OutputSpec, argument: str = "output") -> to
         raise ValueError(f"the model returned no floating-point tensor to check; pick one with {argument}=")
     if callable(spec):
         chosen = spec(output)
-    elif isinstance(output, dict):
+    elif isinstance(output, torch.Tensor):
+        # AttributeError, as for an object without that field: the spec names nothing
+        raise AttributeError(f"the model returned a tensor, which has no named outputs; leave {argument} out")
+    elif isinstance(output, Mapping):
+        if spec not in output:
+            raise KeyError(f"{spec!r} is not a key of the output; its keys: {', '.join(map(str, output))}")
         chosen = output[spec]
     else:
-        chosen = getattr(output, spec)
+        chosen = getattr(output, spec, None)
+        if chosen is None or callable(chosen):  # a method of the output is no output (Tensor.logit)
+            fields = [name for name, value in vars(output).items() if not name.startswith("_")]
+            raise AttributeError(
+                f"{spec!r} is not a field of the output ({type(output).__name__}); its fields: "
+                f"{', '.join(fields) or '(none)'}"
+            )
     if not isinstance(chosen, torch.Tensor) or not (chosen.is_floating_point() or chosen.is_complex()):
         raise ValueError(
             f"{argument}={spec!r} must select a floating-point tensor of the output, "

@@ -322,3 +322,80 @@ def test_leaks_bad_arguments_exit_2(
         main(["leaks", "cli_models:Lookahead", *extra])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+UNSEEDED = """
+import torch
+from torch import nn
+
+def fresh():
+    # no seed of its own: its weights are whatever torch's RNG holds when it is built
+    layers = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)]
+    return nn.Sequential(*layers)
+"""
+
+
+def test_health_gives_the_same_numbers_every_run_and_a_random_seed_is_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "unseeded.py").write_text(UNSEEDED)
+    argv = ["health", "unseeded:fresh", "--input-size", "4,3,8,8", "--format", "json"]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(len(runs) + 1)  # whatever state the process is in
+        main(argv)
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[0] == runs[1]  # torch is seeded (0) before the factory builds the model
+    main([*argv, "--seed", "1"])
+    assert json.loads(capsys.readouterr().out) != runs[0]
+    main([*argv, "--seed", "random"])
+    captured = capsys.readouterr()
+    seed = int(captured.err.split("seed: ")[1].split()[0])
+    assert f"(rerun with --seed {seed})" in captured.err
+    main([*argv, "--seed", str(seed)])
+    assert json.loads(capsys.readouterr().out) == json.loads(captured.out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "message"),
+    [
+        (
+            ["sizes", "cli_models:small", "--modules", "nothing*"],
+            "sizes",
+            "--modules='nothing*' matches no module",
+        ),
+        (
+            ["health", "cli_models:small", "--input-size", "2,3,8,8", "--modules", "conv"],
+            "health",
+            "--modules",
+        ),
+        (
+            ["leaks", "cli_models:small", "--input-size", "2,3,8,8", "--seed", "soon"],
+            "leaks",
+            "--seed 'soon'",
+        ),
+        (
+            ["leaks", "cli_models:small", "--input-size", "2,3,8,8", "--output", "logit"],
+            "leaks",
+            "--output 'logit': not a key or attribute of the model's output (the model returned a tensor",
+        ),
+    ],
+)
+def test_usage_errors_exit_2_with_the_subcommands_usage(
+    argv: list[str], usage: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: python -m pytest_modelhooks {usage} ") and message in err
+
+
+def test_json_shapes_stay_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sizes", "cli_models:small", "--size", "16x16", "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert '"calls": [\n      [1, 8, 14, 14]\n    ]' in out
+    assert json.loads(out)["0"]["calls"] == [[1, 8, 14, 14]]
+    with pytest.raises(SystemExit):
+        main(["sizes", "--help"])
+    assert "64,64 (or 64x64)" in capsys.readouterr().out  # the x form is documented
