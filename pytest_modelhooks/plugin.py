@@ -149,9 +149,10 @@ def gradient_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
 @pytest.fixture
 def model_snapshot(snapshot: SnapshotAssertion, request: pytest.FixtureRequest) -> SnapshotAssertion:
     """syrupy's ``snapshot`` with :class:`~pytest_modelhooks.snapshot.ModelSnapshotExtension`:
-    ``assert model_summary(net, input_size=...) == model_snapshot``."""
-    from pytest_modelhooks.snapshot import ModelSnapshotExtension
+    ``assert model_summary(net, input_size=...) == model_snapshot``. A mismatch's layer diff
+    goes into the test's report whole, whatever the verbosity."""
+    from pytest_modelhooks.snapshot import ModelSnapshotExtension, model_snapshot_assertion
 
     current = settings.settings_in_test(request.config, request.node)
-    extension = ModelSnapshotExtension.with_tolerances(current.snapshot_rtol, current.snapshot_atol)
-    return snapshot.use_extension(extension)
+    tolerant = ModelSnapshotExtension.with_tolerances(current.snapshot_rtol, current.snapshot_atol)
+    return model_snapshot_assertion(snapshot, session.reporting_extension(tolerant, request.node))

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from syrupy.assertion import SnapshotAssertion
 from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 from pytest_modelhooks._torch import syrupy_sanitized_name
@@ -93,13 +94,63 @@ class ModelSnapshotExtension(SingleFileSnapshotExtension):
             yield "Write it with: pytest --snapshot-update (then review and commit the .txt file)"
             yield from super().diff_lines(serialized_data, snapshot_data)
             return
-        changes = describe_changes(str(snapshot_data), str(serialized_data))
+        changes = change_report(str(snapshot_data), str(serialized_data))
         if changes:
-            yield "Changed layers (snapshot -> now):"
-            for line in changes:
-                yield "  " + line
+            self.report_changes(changes)
+            yield from changes
             yield ""
         yield from super().diff_lines(serialized_data, snapshot_data)
+
+    def report_changes(self, lines: list[str]) -> None:
+        """Called with the layer diff of a failing comparison; the ``model_snapshot`` fixture
+        puts it in the test's report, where pytest never truncates it. Nothing here."""
+
+
+def change_report(old: str, new: str) -> list[str]:
+    """The layer diff of two snapshot texts, most important first: a headline counting the
+    changes, the changed totals, then one line per layer (see :func:`describe_changes`).
+
+    >>> from torch import nn
+    >>> from pytest_modelhooks import model_summary
+    >>> from pytest_modelhooks.report.text import snapshot_text
+    >>> old = snapshot_text(model_summary(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), (1, 4)))
+    >>> new = snapshot_text(model_summary(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), (1, 4)))
+    >>> for line in change_report(old, new)[:3]:
+    ...     print(line)
+    Changed layers (snapshot -> now): 2 changed
+      total params: 58 -> 67 (+9)
+      mult-adds: 56 -> 64 (+8)
+    """
+    changes = describe_changes(old, new)
+    if not changes:
+        return []
+    layers = [line for line in changes if line[:2] in ("~ ", "+ ", "- ")]
+    totals = [line for line in changes if line[:2] not in ("~ ", "+ ", "- ")]
+    counts = [
+        f"{count} {what}"
+        for what, prefix in (("changed", "~ "), ("added", "+ "), ("removed", "- "))
+        if (count := sum(line.startswith(prefix) for line in layers))
+    ]
+    headline = "Changed layers (snapshot -> now): " + (", ".join(counts) or "none; the totals differ")
+    return [headline, *("  " + line for line in totals + layers)]
+
+
+class ModelSnapshotAssertion(SnapshotAssertion):
+    """syrupy's snapshot assertion whose repr is one line: a failing test's traceback lists its
+    arguments, and the default repr is the whole stored snapshot."""
+
+    def __repr__(self) -> str:
+        return f"<model_snapshot {self.test_location.snapshot_name!r}>"
+
+
+def model_snapshot_assertion(
+    snapshot: SnapshotAssertion, extension: type[ModelSnapshotExtension]
+) -> ModelSnapshotAssertion:
+    """``snapshot.use_extension(extension)`` as a :class:`ModelSnapshotAssertion`: syrupy makes
+    every derived assertion with ``self.__class__``, so the one-line repr carries over."""
+    assertion = snapshot.use_extension(extension)
+    assertion.__class__ = ModelSnapshotAssertion
+    return assertion  # type: ignore[return-value]
 
 
 @functools.cache

@@ -15,6 +15,7 @@ __all__ = [
     "bound_model_sizes",
     "bound_model_summary",
     "check_hooks",
+    "reporting_extension",
     "enter_test",
     "report_header",
 ]
@@ -131,3 +132,18 @@ def bound_model_summary(config: pytest.Config) -> Any:
     from pytest_modelhooks._plugin.fixtures import bound
 
     return FixtureCall("model_summary", bound("model_summary", config))
+
+
+def reporting_extension(base: Any, item: pytest.Item) -> Any:
+    """A subclass of the snapshot extension ``base``, made for one test, whose layer diffs go
+    into that test's report (section ``modelhooks``), where pytest shows them whole."""
+
+    def report_changes(self: Any, lines: list[str]) -> None:
+        item.add_report_section("call", "modelhooks", "\n".join(lines))
+
+    attributes = {
+        "report_changes": report_changes,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    }
+    return type(base.__name__, (base,), attributes)

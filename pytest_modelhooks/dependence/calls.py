@@ -167,13 +167,14 @@ def select_output(output: Any, spec: OutputSpec, argument: str = "output") -> to
             raise KeyError(f"{spec!r} is not a key of the output; its keys: {', '.join(map(str, output))}")
         chosen = output[spec]
     else:
-        chosen = getattr(output, spec, None)
-        if chosen is None or callable(chosen):  # a method of the output is no output (Tensor.logit)
+        field = getattr(output, spec, None)
+        if field is None or callable(field):  # a method of the output is no output (Tensor.logit)
             fields = [name for name, value in vars(output).items() if not name.startswith("_")]
             raise AttributeError(
                 f"{spec!r} is not a field of the output ({type(output).__name__}); its fields: "
                 f"{', '.join(fields) or '(none)'}"
             )
+        chosen = field
     if not isinstance(chosen, torch.Tensor) or not (chosen.is_floating_point() or chosen.is_complex()):
         raise ValueError(
             f"{argument}={spec!r} must select a floating-point tensor of the output, "

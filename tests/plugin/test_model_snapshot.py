@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from tests.plugin._helpers import write
 
 SNAPSHOT_TEST = """
@@ -42,10 +44,10 @@ def test_snapshot_lifecycle_create_pass_change_fail_update(run, pytester) -> Non
     changed.stdout.fnmatch_lines(
         [
             "*Changed layers (snapshot -> now):*",
+            "*total params: 1,608 -> 3,208 (+1.60 K)*",  # the totals first
             "*~ 0 (Conv2d): output (1, 16, 16, 16) -> (1, 32, 16, 16); params +448*",
             "*~ 2 (Conv2d): input (1, 16, 16, 16) -> (1, 32, 16, 16); output (1, 8, 14, 14) -> (1, 8, 7, 7); "
             "params +1.15 K*",
-            "*total params: 1,608 -> 3,208 (+1.60 K)*",
         ]
     )
     changed.stdout.fnmatch_lines(["*~ 0 (Conv2d): output (1, 16, 16, 16) -> (1, 32, 16, 16)*"])
@@ -153,3 +155,30 @@ def test_the_tolerances_travel_with_the_fixture_not_the_extension_class(pytester
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*FAILED test_tolerance.py::test_b_exact*"])
+
+
+def test_a_long_layer_diff_reaches_the_user_whole_at_default_verbosity(pytester, monkeypatch) -> None:
+    # pytest cuts an assertion's explanation after a few lines unless -vv: the report section is
+    # never cut, and the traceback names the snapshot instead of printing its whole text
+    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
+    source = """
+        from torch import nn
+
+        def test_deep(model_summary, model_snapshot):
+            net = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(12)], nn.Linear(WIDTH, 3))
+            assert model_summary(net, input_size=(1, WIDTH)) == model_snapshot
+        """
+    write(pytester, "test_deep", "WIDTH = 8\n" + textwrap.dedent(source))
+    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    write(pytester, "test_deep", "WIDTH = 16\n" + textwrap.dedent(source))
+    for variable in ("CI", "BUILD_NUMBER"):  # pytest does not cut explanations on a CI machine
+        monkeypatch.delenv(variable, raising=False)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "Full output truncated" in out  # pytest did cut the explanation...
+    section = out.split("Captured modelhooks call")[1]
+    # ...but the section holds every changed layer, the last one too, and the totals first
+    assert section.index("total params:") < section.index("~ 0 (Linear)") < section.index("~ 12 (Linear)")
+    assert "model_snapshot = <model_snapshot 'test_deep'>" in out
+    assert "Total params: 651" not in out.split("Captured modelhooks call")[0]  # no stored text dumped
