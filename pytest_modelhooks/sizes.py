@@ -217,6 +217,8 @@ def _model_sizes(
     by_module: dict[int, list[Any]] = {}
     for call in trace.calls:
         by_module.setdefault(id(call.module), []).append(call.output_shapes)
+    if modules == "leaves":
+        selected = _with_working_parents(selected, trace.named, by_module)
     calls = {name: by_module.get(id(module), []) for name, module in selected}
     # every path to every module: a reused module answers under each of its names
     others = {name: (type(module).__name__, by_module.get(id(module), [])) for name, module in trace.paths}
@@ -228,6 +230,26 @@ def _model_sizes(
         containers=[name for name, module in trace.paths if is_container(module)],
         others=others,
     )
+
+
+def _with_working_parents(
+    leaves: list[tuple[str, nn.Module]], named: list[tuple[str, nn.Module]], ran: dict[int, list[Any]]
+) -> list[tuple[str, nn.Module]]:
+    """The leaves, and each module that ran while nothing inside it did: it did the work itself
+    (``nn.MultiheadAttention`` uses its ``out_proj`` weights directly, and ``out_proj`` never
+    runs), so it is a leaf of the forward that ran. In the model's order."""
+    chosen = {id(module) for _, module in leaves}
+    working = {
+        id(module)
+        for _, module in named
+        if id(module) in ran
+        and id(module) not in chosen
+        and next(module.children(), None) is not None
+        and not any(id(inner) in ran for inner in module.modules() if inner is not module)
+    }
+    if not working:
+        return leaves
+    return [(name, module) for name, module in named if id(module) in chosen or id(module) in working]
 
 
 def is_container(module: nn.Module) -> bool:

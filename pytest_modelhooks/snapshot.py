@@ -119,7 +119,7 @@ def change_report(old: str, new: str) -> list[str]:
     ...     print(line)
     Changed layers (snapshot -> now): 2 changed
       total params: 58 -> 67 (+9)
-      mult-adds: 56 -> 64 (+8)
+      trainable params: 58 -> 67 (+9)
     """
     changes = describe_changes(old, new)
     if not changes:

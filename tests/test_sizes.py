@@ -28,6 +28,17 @@ def test_model_sizes_match_a_plain_forward(name: str, modules: str) -> None:
     reference = observed_sizes(model, batch, modules)
     with untouched(model):
         sizes = model_sizes(model, input=batch, modules=modules)
+    if modules == "leaves":
+        # a module that ran while nothing inside it did (attention using its out_proj's weights
+        # itself) is a leaf of the forward: listed, in the model's order
+        everything = observed_sizes(model, batch, "all")
+        working = [name for name in sizes.names if name not in reference]
+        for name in working:
+            assert everything[name] and not any(
+                everything[inner] for inner in everything if inner.startswith(name + ".")
+            )
+        reference = {name: everything[name] for name in sizes.names}
+        assert [name for name in everything if name in reference] == list(sizes.names)
     assert list(sizes.names) == list(reference)
     for layer, calls in reference.items():
         assert sizes.calls(layer) == calls, layer
@@ -357,3 +368,19 @@ def test_any_qualified_name_indexes_the_sizes_not_only_the_selected_layers() -> 
     with pytest.raises(KeyError, match=r"'blocks' \(ModuleList\) is a container"):
         nested["blocks"]
     assert nested.names == ("encoder", "head") and len(nested) == 2  # the view stays as selected
+
+
+def test_leaves_keep_a_layer_whose_only_child_never_runs() -> None:
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.proj(x)
+            return self.attn(h, h, h, need_weights=False)[0]
+
+    sizes = model_sizes(Attend(), input=torch.zeros(1, 5, 8), modules="leaves")
+    assert sizes.names == ("proj", "attn", "attn.out_proj")  # the attention is not lost
+    assert sizes["attn"][0] == (1, 5, 16) and sizes.never_ran == ["attn.out_proj"]

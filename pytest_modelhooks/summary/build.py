@@ -267,8 +267,9 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
         )
     idle: list[tuple[str, LayerInfo]] = []
     for _, module in trace.named:
-        # ModuleList/ModuleDict hold modules but cannot be called: not "never ran"
-        if id(module) not in calls_by_module and not is_container(module):
+        # a ModuleList/ModuleDict cannot be called: its row says "container", placed above the
+        # rows of the modules it holds, so that the tree reads as the model is built
+        if id(module) not in calls_by_module:
             name = names[id(module)]
             total, trainable, own = counts(module)
             idle.append(
@@ -284,6 +285,7 @@ def _build(model: nn.Module, trace: Trace, depth: int | None, count_mult_adds: b
                         trainable_params=trainable,
                         mult_adds=None,
                         ran=False,
+                        container=is_container(module),
                     ),
                 )
             )

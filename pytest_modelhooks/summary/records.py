@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_modelhooks._tree import format_shape, jsonable_shape
-from pytest_modelhooks.summary.render import render_text
+from pytest_modelhooks.summary.render import idle_text, render_text
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class LayerInfo:
     trainable_params: int = 0
     mult_adds: int | None = None
     ran: bool = True
+    #: a ModuleList/ModuleDict: it holds the rows below it but is never called itself
+    container: bool = False
 
     @classmethod
     def _of(cls, fields: dict[str, Any]) -> LayerInfo:
@@ -74,6 +76,7 @@ class LayerInfo:
             "trainable_params": self.trainable_params,
             "mult_adds": self.mult_adds,
             "ran": self.ran,
+            "container": self.container,
         }
 
 
@@ -184,7 +187,7 @@ class ModelSummary:
             "|---|---|---|---|---:|---:|",
         ]
         for layer in self.visible_layers:
-            output = format_shape(layer.output_shapes) if layer.ran else "never ran"
+            output = format_shape(layer.output_shapes) if layer.ran else idle_text(layer)
             mult_adds = "" if layer.mult_adds is None else f"{layer.mult_adds:,}"
             cells = [f"`{layer.label}`", layer.type, format_shape(layer.input_shapes), output]
             # a ModuleDict key may hold a "|", which would split the cell

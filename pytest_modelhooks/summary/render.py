@@ -9,7 +9,7 @@ from pytest_modelhooks._tree import format_shape
 from pytest_modelhooks.findings import text_table
 
 if TYPE_CHECKING:
-    from pytest_modelhooks.summary.records import ModelSummary
+    from pytest_modelhooks.summary.records import LayerInfo, ModelSummary
 
 
 def _human(number: float, units: Sequence[str], base: float) -> str:
@@ -62,9 +62,7 @@ def render_text(summary: ModelSummary) -> str:
         row = [
             "  " * layer.depth + layer.title,
             format_shape(layer.input_shapes) if layer.ran or layer.calls else "-",
-            format_shape(layer.output_shapes)
-            if layer.ran
-            else ("never ran" if not layer.calls else "failed"),
+            format_shape(layer.output_shapes) if layer.ran else idle_text(layer),
             f"{layer.params:,}" if first else "-",
         ]
         if show_trainable:
@@ -89,3 +87,10 @@ def render_text(summary: ModelSummary) -> str:
         out.append(f"Rows deeper than depth {summary.depth} folded into their parents.")
     out.append(rule)
     return "\n".join(out)
+
+
+def idle_text(layer: LayerInfo) -> str:
+    """What a row without an output shows in its output column."""
+    if layer.container:
+        return "container"
+    return "never ran" if not layer.calls else "failed"

@@ -447,10 +447,11 @@ def test_torch_transformer_encoder_reads_the_same_on_every_engine(masked: bool) 
         }
     assert texts["meta"] == texts["fake"] == texts["real"]
     summary = model_summary(model, input_data=batch, engine="real")
-    assert [layer.name for layer in summary.layers if not layer.ran] == [
+    assert [layer.name for layer in summary.layers if not layer.ran and not layer.container] == [
         "layers.0.self_attn.out_proj",
         "layers.1.self_attn.out_proj",
     ]
+    assert [layer.name for layer in summary.layers if layer.container] == ["layers"]  # the ModuleList
     assert summary["layers.0.linear1"].output_shapes == (3, 6, 32)
     assert summary.mult_adds == 2 * summary["layers.0"].mult_adds > 0
     assert torch.backends.mha.get_fastpath_enabled()
@@ -736,3 +737,36 @@ def test_mult_adds_of_a_linear_on_a_nested_batch_count_its_tokens() -> None:
     dense = model_summary(model, input_data=(torch.cat(parts),))
     assert nested.mult_adds == dense.mult_adds == 7 * 4 * 6
     assert nested.engine == "real" and nested["0"].output_shapes == (2, None, 6)
+
+
+def test_module_lists_and_dicts_get_a_container_row_above_what_they_hold() -> None:
+    # without it, blocks.0 reads as a child of the row above (pos)
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Embedding(8, 16)
+            self.blocks = nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)])
+            self.heads = nn.ModuleDict({"lm": nn.Linear(16, 4)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.pos(x)
+            for block in self.blocks:
+                h = block(h)
+            return self.heads["lm"](h)
+
+    summary = model_summary(LM(), input_data=torch.zeros(1, 8, dtype=torch.long))
+    rows = [(layer.name, layer.depth, layer.container) for layer in summary.layers]
+    assert rows == [
+        ("", 0, False),
+        ("pos", 1, False),
+        ("blocks", 1, True),
+        ("blocks.0", 2, False),
+        ("blocks.1", 2, False),
+        ("heads", 1, True),
+        ("heads.lm", 2, False),
+    ]
+    assert summary["blocks"].params == 2 * (16 * 16 + 16) and not summary["blocks"].ran
+    line = next(line for line in str(summary).splitlines() if line.startswith("  blocks (ModuleList)"))
+    assert line.split()[2:4] == ["-", "container"]
+    assert summary.to_dict()["layers"][2]["container"] is True
+    assert "| `blocks` | ModuleList | - | container |" in summary.to_markdown()
