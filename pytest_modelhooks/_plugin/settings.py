@@ -9,7 +9,8 @@ the same values and say the same thing about a bad one.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -57,16 +58,12 @@ FIXTURES = frozenset(
 
 @dataclass(frozen=True)
 class Settings:
-    """Effective modelhooks settings; precedence marker > command line > ini > defaults. The
-    bound fields are named by each bound's ``setting`` (see :data:`BOUNDS`)."""
+    """Effective modelhooks settings; precedence marker > command line > ini > defaults.
+    ``bounds`` holds the health bounds set, keyed by each bound's ``setting`` (see
+    :data:`BOUNDS`): a new bound needs no field here."""
 
     device: str = "cpu"
-    std: tuple[float, float] | None = None
-    max_dead: float | None = None
-    max_near_zero: float | None = None
-    max_std_growth: float | None = None
-    max_grad_norm: float | None = None
-    min_grad_norm: float | None = None
+    bounds: Mapping[str, Any] = field(default_factory=dict)
     plots_dir: str | None = None
     hook_guard: bool = False  # --modelhooks-check-leaks
     snapshot_rtol: float = 0.0
@@ -76,11 +73,11 @@ class Settings:
 
     def check_bounds(self) -> dict[str, Any]:
         """The activation-check bounds, as keyword arguments of ``ActivationStats.check``."""
-        return {bound.name: getattr(self, bound.setting) for bound in ACTIVATION_BOUNDS}
+        return {bound.name: self.bounds.get(bound.setting) for bound in ACTIVATION_BOUNDS}
 
     def grad_bounds(self) -> dict[str, Any]:
         """The gradient-check bounds, as keyword arguments of ``GradientStats.check``."""
-        return {bound.name: getattr(self, bound.setting) for bound in GRADIENT_BOUNDS}
+        return {bound.name: self.bounds.get(bound.setting) for bound in GRADIENT_BOUNDS}
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -133,7 +130,8 @@ def _device(text: Any, where: str) -> str:
 
 def _ordered(settings: Settings, where: str) -> Settings:
     try:
-        check_order(settings.min_grad_norm, settings.max_grad_norm, "min_grad_norm", "max_grad_norm")
+        low, high = settings.bounds.get("min_grad_norm"), settings.bounds.get("max_grad_norm")
+        check_order(low, high, "min_grad_norm", "max_grad_norm")
     except ValueError as error:
         raise pytest.UsageError(f"{where}: {error}") from None
     return settings
@@ -161,7 +159,7 @@ def configure(config: pytest.Config) -> None:
         hook_guard=bool(option.modelhooks_check_leaks),
         snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
         snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
-        **bounds,
+        bounds=bounds,
     )
     seed_text = option.modelhooks_seed or config.getini("modelhooks_seed") or "0"
     where = "--modelhooks-seed" if option.modelhooks_seed else "modelhooks_seed"
@@ -198,14 +196,15 @@ def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
             )
         where = f"{item.nodeid}: @pytest.mark.modelhooks"
         changes: dict[str, Any] = {}
+        bounds = dict(settings.bounds)
         for key, value in marker.kwargs.items():
             if key in _BY_SETTING:
-                changes[key] = _bound(_BY_SETTING[key], value, f"{where}({key}=...)")
+                bounds[key] = _bound(_BY_SETTING[key], value, f"{where}({key}=...)")
             elif key == "seed":
                 changes[key] = _seed(value, f"{where}(seed=...)")
             else:
                 changes[key] = _device(value, f"{where}(device=...)")
-        settings = _ordered(replace(settings, **changes), where)
+        settings = _ordered(replace(settings, bounds=bounds, **changes), where)
     return settings
 
 
