@@ -36,6 +36,7 @@ from pytest_modelhooks.inputs import (
 )
 from pytest_modelhooks.tracing.recorder import Recorder, inline_sequentials, layer_error, shortcut_forwards
 from pytest_modelhooks.tracing.records import Trace
+from pytest_modelhooks.tracing.state import python_state_kept
 
 Engine = Literal["auto", "meta", "fake", "real"]
 
@@ -353,6 +354,8 @@ def _trace_once(
     versions = _param_versions(named) if engine == "real" else []
     try:
         with ExitStack() as stack:
+            # entered first, left last: whatever the forward stored in attributes goes back
+            stack.enter_context(python_state_kept(modules))
             stack.enter_context(preserve_training_flags(model, eval_mode=True, modules=modules))
             stack.enter_context(no_grad_quietly())
             stack.enter_context(_attention_fastpath_off())

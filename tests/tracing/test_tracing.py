@@ -543,3 +543,54 @@ def test_a_batch_that_fits_no_layer_says_which_layer_it_was_made_for() -> None:
     )
     with untouched(model := HeadFirstBroken()), pytest.raises(LayerError, match=message):
         model_sizes(model)
+
+
+class AnchorsLike(nn.Module):
+    """torchvision's AnchorGenerator in small: a plain list of tensors rewritten in every
+    forward, a cache made on first use, then a data-dependent op (only a real forward runs it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.cell_anchors = [torch.arange(8.0).view(2, 4)]
+        self.scales = {"base": torch.ones(4)}
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.cell_anchors = [anchor.to(x.device, x.dtype) * 1 for anchor in self.cell_anchors]
+        self.scales["seen"] = x.new_ones(4)
+        if self.cache is None:
+            self.cache = x.new_full((4,), 2.0)
+        y = self.conv(x) * self.cache.view(1, 4, 1, 1)
+        keep = (y.flatten(1) > 0).any(0).nonzero()  # data-dependent: no meta or fake kernel
+        return y, self.cell_anchors[0].sum() + keep.shape[0]
+
+
+@pytest.mark.parametrize("engine", ["auto", "meta", "fake", "real"])
+def test_tensors_in_python_attributes_are_put_back_whatever_the_engine(engine: str) -> None:
+    torch.manual_seed(0)
+    model = AnchorsLike()
+    batch = torch.randn(2, 3, 8, 8)
+    expected = model(batch)
+    model.cache = None  # as built
+    model.scales.pop("seen")
+    anchors, scales = model.cell_anchors, model.scales
+    try:
+        model_summary(model, input_data=batch, engine=engine)
+    except LayerError:
+        assert engine in ("meta", "fake")  # the nonzero: these engines cannot run it
+    assert model.cell_anchors is anchors and model.cell_anchors[0].device.type == "cpu"
+    assert type(model.cell_anchors[0]) is torch.Tensor  # not a FakeTensor left behind
+    assert model.scales is scales and set(model.scales) == {"base"} and model.cache is None
+    again = model(batch)  # the model still works, and gives what it gave
+    torch.testing.assert_close(again[0], expected[0])
+    torch.testing.assert_close(again[1], expected[1])
+
+
+def test_the_auto_engine_falls_back_to_a_real_forward_with_the_attributes_put_back() -> None:
+    model = AnchorsLike()
+    summary = model_summary(model, input_data=torch.randn(1, 3, 8, 8))
+    assert summary.engine == "real" and summary.total_params == 3 * 4 * 9 + 4
+    sizes = model_sizes(model, input=torch.randn(1, 3, 8, 8), modules="all")
+    assert sizes.engine == "real" and sizes["conv"] == (1, 4, 8, 8)
+    assert model.cache is None and len(model.cell_anchors) == 1

@@ -1,0 +1,106 @@
+"""The Python-side state of a model that a trace must put back.
+
+Parameters and buffers are swapped and restored by the engines; but some modules keep tensors
+in plain attributes, lists and dicts, and rewrite them in their forward: torchvision's
+``AnchorGenerator.cell_anchors`` (a list moved to the input's device and dtype at every call),
+a rotary embedding's cos/sin cache, an attention-bias cache made on first use. A trace on meta
+or fake tensors would leave meta or fake tensors there, and every later forward of the model
+would fail, or silently return fake results. :func:`python_state_kept` puts every such
+attribute back as it was, also when the trace fails: the object it held, a list's or dict's
+contents, and no attribute the forward added.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["python_state_kept"]
+
+#: What every ``nn.Module`` holds in its ``__dict__`` (the parameter, buffer, module and hook
+#: dicts, ``training``...): put back by their own owners, or never tensors.
+_MODULE_MACHINERY = frozenset(vars(nn.Module()))
+
+_CONTAINERS = (list, dict, tuple, set)
+# values that hold no tensor, skipped at once (nn.Linear's in_features, a module's flags)
+_SCALARS = frozenset({int, float, bool, str, torch.dtype, torch.device, torch.Size})
+
+
+def _holds_tensors(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 2 or not isinstance(value, _CONTAINERS):
+        return False
+    items = value.values() if isinstance(value, dict) else value
+    return any(_holds_tensors(item, depth + 1) for item in items)
+
+
+def _contents(value: Any) -> Any:
+    """A shallow copy of a mutable container's contents (to put back in place: the forward may
+    have appended to the list or replaced a key), None for anything else."""
+    if type(value) is list:
+        return list(value)
+    if type(value) is dict:
+        return dict(value)
+    if type(value) is set:
+        return set(value)
+    return None
+
+
+def _restore_contents(value: Any, contents: Any) -> None:
+    if contents is None:
+        return
+    if isinstance(value, list):
+        value[:] = contents
+    else:
+        value.clear()
+        value.update(contents)
+
+
+@contextmanager
+def python_state_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """For the block: remember every module attribute outside torch's own machinery (and
+    whether it holds tensors), and afterwards put back each one that holds tensors, remove
+    those the block added that hold tensors, also on an exception.
+
+    >>> class Cached(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.cache = None
+    ...     def forward(self, x):
+    ...         if self.cache is None:
+    ...             self.cache = x * 2
+    ...         return x + self.cache
+    >>> model = Cached()
+    >>> with python_state_kept([model]):
+    ...     _ = model(torch.ones(2))
+    >>> model.cache is None
+    True
+    """
+    saved: list[tuple[dict[str, Any], str, Any, Any]] = []
+    sizes: list[tuple[dict[str, Any], int]] = []
+    machinery = _MODULE_MACHINERY
+    for module in modules:  # a 20,000-module model walks this: type checks before isinstance
+        state = module.__dict__
+        sizes.append((state, len(state)))
+        for key, value in state.items():
+            kind = type(value)
+            if kind in _SCALARS or key in machinery:
+                continue
+            if value is None or _holds_tensors(value):
+                saved.append((state, key, value, _contents(value)))
+    try:
+        yield
+    finally:
+        for state, size in sizes:
+            if len(state) > size:  # attributes added in the block come last (dicts keep order)
+                for key in list(state)[size:]:
+                    if _holds_tensors(state[key]):
+                        del state[key]  # a cache made during the trace
+        for state, key, value, contents in saved:
+            state[key] = value
+            _restore_contents(value, contents)
