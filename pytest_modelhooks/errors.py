@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["LayerError", "StoredOutputChanged"]
+__all__ = ["LayerError", "StoredOutputChanged", "describe", "not_a_module"]
 
 
 class LayerError(RuntimeError):
@@ -47,3 +47,38 @@ class StoredOutputChanged(UserWarning):
     """A hook's stored output was changed in place after it was stored (by an in-place op later
     in the forward, such as ``nn.ReLU(inplace=True)``): its values are not what the module
     returned, though its shape is. Importable as ``pytest_modelhooks.StoredOutputChanged``."""
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A value as an error message names it: its type and a short repr.
+
+    >>> describe("resnet"), describe(3), describe(None), describe(list(range(100)))[:19]
+    ("str 'resnet'", 'int 3', 'None', 'list [0, 1, 2, 3, 4,')
+    """
+    if value is None:
+        return "None"
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, type):
+        return f"{type(value).__name__} of shape {tuple(shape)}"
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def not_a_module(argument: str, value: Any) -> TypeError:
+    """The error for ``argument`` given something other than an ``nn.Module``, naming it; a
+    model class given where an instance belongs says so.
+
+    >>> str(not_a_module("model", "resnet"))
+    "model must be an nn.Module, got str 'resnet'"
+    >>> from torch import nn
+    >>> str(not_a_module("model", nn.Linear))
+    'model must be an nn.Module, got the class Linear: pass an instance, Linear(...)'
+    """
+    if isinstance(value, type) and callable(getattr(value, "forward", None)):
+        return TypeError(
+            f"{argument} must be an nn.Module, got the class {value.__name__}: pass an instance, "
+            f"{value.__name__}(...)"
+        )
+    return TypeError(f"{argument} must be an nn.Module, got {describe(value)}")

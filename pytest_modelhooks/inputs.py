@@ -16,6 +16,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from pytest_modelhooks._torch import compiled_original
 from pytest_modelhooks._tree import tensor_leaves
+from pytest_modelhooks.errors import describe, not_a_module
 from pytest_modelhooks.hooks.select import loaded_class
 
 __all__ = [
@@ -151,7 +152,7 @@ def check_model(model: object, argument: str = "model") -> nn.Module:
     """``model`` itself, or the module a ``torch.compile`` wrapper holds: shapes and summaries
     trace the original eagerly (compiling would cost seconds and hide the submodules)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{argument} must be an nn.Module, got {type(model).__name__}")
+        raise not_a_module(argument, model)
     original = compiled_original(model)
     return model if original is None else original
 
@@ -350,7 +351,7 @@ def normalise_input(
         return tuple(input), {}
     raise TypeError(
         f"{argument} must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
-        f"got {type(input).__name__}"
+        f"got {describe(input)}"
     )
 
 

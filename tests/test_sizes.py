@@ -198,7 +198,8 @@ def test_a_failure_in_the_models_own_forward_names_the_last_layer_that_ran() -> 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"model": "resnet"}, TypeError, r"model must be an nn.Module, got str"),
+        ({"model": "resnet"}, TypeError, r"model must be an nn.Module, got str 'resnet'"),
+        ({"model": nn.Linear}, TypeError, r"got the class Linear: pass an instance, Linear\(...\)"),
         (
             {"size": (64,)},
             ValueError,

@@ -16,6 +16,7 @@ from pytest_modelhooks._plugin.guard import watch
 from pytest_modelhooks._plugin.settings import Settings, current_settings
 from pytest_modelhooks._torch import hook_entries
 from pytest_modelhooks._tree import map_tensors
+from pytest_modelhooks.errors import not_a_module
 from pytest_modelhooks.findings import HealthError
 from pytest_modelhooks.hooks.core import Hook, HookFunc, Hooks, hook_output
 from pytest_modelhooks.hooks.select import ModuleSpec, hookable
@@ -39,7 +40,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _prepare(model: Any, device: torch.device, argument: str = "model") -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{argument} must be an nn.Module, got {type(model).__name__}")
+        raise not_a_module(argument, model)
     first = next(model.parameters(), None)
     if device.type != "cpu" and first is not None and first.device.type == "cpu":
         model.to(device)  # the configured device: tests hand over CPU-built models

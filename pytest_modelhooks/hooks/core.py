@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._torch import FUNCTORCH, is_compiling
 from pytest_modelhooks._tree import map_tensors, tensor_leaves
-from pytest_modelhooks.errors import StoredOutputChanged
+from pytest_modelhooks.errors import StoredOutputChanged, describe, not_a_module
 
 #: ``hook_func(module, input, output)``; for backward hooks ``input``/``output`` are the
 #: gradients with respect to the module's inputs and outputs.
@@ -126,9 +126,9 @@ class Hook:
         clone: bool = False,
     ) -> None:
         if not isinstance(module, nn.Module):
-            raise TypeError(f"Hook: module must be an nn.Module, got {type(module).__name__}")
+            raise not_a_module("Hook: module", module)
         if not callable(hook_func):
-            raise TypeError(f"Hook: hook_func must be callable, got {type(hook_func).__name__}")
+            raise TypeError(f"Hook: hook_func must be callable, got {describe(hook_func)}")
         if isinstance(module, torch.jit.ScriptModule):
             # torch's own refusal (a RuntimeError) does not say what to hook instead
             raise TypeError(

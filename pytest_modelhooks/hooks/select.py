@@ -12,6 +12,8 @@ from typing import Any, TypeAlias
 import torch
 from torch import nn
 
+from pytest_modelhooks.errors import not_a_module
+
 #: What ``modules=`` accepts: a keyword ("children", "leaves", "all", "params"), a qualified
 #: name or glob, a module type, a module object, or an iterable of these.
 ModuleSpec: TypeAlias = "str | type | nn.Module | Iterable[str | type | nn.Module] | None"
@@ -98,7 +100,7 @@ def select_modules(
     ['0', '1']
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise not_a_module("model", model)
     named = list(model.named_modules())
     spec: Any = default if modules is None else modules
     items: list[Any]

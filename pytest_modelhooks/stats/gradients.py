@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from pytest_modelhooks.findings import Finding
+from pytest_modelhooks.errors import describe, not_a_module
 from pytest_modelhooks.hooks.core import weak_hook
 from pytest_modelhooks.stats.records import GRAD_STATISTICS, ParamGradStats, SteppedOptimizer
 from pytest_modelhooks.stats.reduce import (
@@ -137,9 +138,9 @@ class GradientStats:
         self, model: nn.Module, *, modules: ModuleSpec = None, fused: bool = False, scaler: Any = None
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+            raise not_a_module("model", model)
         if scaler is not None and not (hasattr(scaler, "scale") and hasattr(scaler, "get_scale")):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {describe(scaler)}")
         self.model = model
         self.fused = fused
         self.scaler = scaler
