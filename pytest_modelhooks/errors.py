@@ -52,7 +52,7 @@ class StoredOutputChanged(UserWarning):
 def describe(value: Any, limit: int = 60) -> str:
     """A value as an error message names it: its type and a short repr.
 
-    >>> describe("resnet"), describe(3), describe(None), describe(list(range(100)))[:19]
+    >>> describe("resnet"), describe(3), describe(None), describe(list(range(100)))[:20]
     ("str 'resnet'", 'int 3', 'None', 'list [0, 1, 2, 3, 4,')
     """
     if value is None:
