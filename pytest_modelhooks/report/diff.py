@@ -79,6 +79,17 @@ def _column_name(column: str) -> str:
     }.get(column, column)
 
 
+def _with_trainable(old: dict[str, str], new: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A summary shows its "Trainable #" column only when some layer holds frozen parameters:
+    where one side has it and the other not, every parameter of the other side trains, so its
+    trainable count is its parameter count (a stem frozen by accident shows at its layer)."""
+    old, new = dict(old), dict(new)
+    for one, other in ((old, new), (new, old)):
+        if "trainable #" in other and "trainable #" not in one and "param #" in one:
+            one["trainable #"] = one["param #"]
+    return old, new
+
+
 def describe_changes(old: str, new: str) -> list[str]:
     """What changed between two snapshot texts, one line per changed, added or removed layer,
     then the totals.
@@ -105,8 +116,9 @@ def describe_changes(old: str, new: str) -> list[str]:
             lines.append(f"+ {label}: added" + (f" ({detail})" if detail else ""))
             continue
         changes = []
-        for column, value in new_rows[label].items():
-            before = old_rows[label].get(column)
+        old_cells, new_cells = _with_trainable(old_rows[label], new_rows[label])
+        for column, value in new_cells.items():
+            before = old_cells.get(column)
             if before is None or before == value:
                 continue
             name = _column_name(column)

@@ -173,3 +173,21 @@ def test_context_text_of_gradients_names_the_parameters_without_one() -> None:
         "spare.bias": "no",
     }
     assert context_text(grads).splitlines()[0] == "Gradients of every tracked parameter over 1 step"
+
+
+def test_a_layer_frozen_by_accident_is_named_in_the_diff() -> None:
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+
+    before = snapshot_text(model_summary(build(), (1, 3, 8, 8)))
+    frozen = build()
+    frozen[0].requires_grad_(False)
+    after = snapshot_text(model_summary(frozen, (1, 3, 8, 8)))
+    changes = describe_changes(before, after)
+    assert "~ 0 (Conv2d): trainable -224" in changes
+    assert not any(line.startswith("~ 3 ") for line in changes)  # the head still trains all of it
+    assert "trainable params: 802 -> 578 (-224)" in changes
+    # and back: unfreezing is named too
+    assert "~ 0 (Conv2d): trainable +224" in describe_changes(after, before)
