@@ -19,6 +19,7 @@ apart: when its other samples do not reach the output, nothing leaks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ def _reach(
     magnitude = grad.detach().abs().float()
     others = [dim for dim in range(magnitude.dim()) if dim != axis]
     per_index = (magnitude.amax(dim=others) if others else magnitude).tolist()
+    if not all(math.isfinite(value) for value in per_index):  # read anyway: no extra sync
+        raise _NonFiniteGradient
     own = max(per_index[index] for index in allowed)
     leaked = [index for index in forbidden if per_index[index] > rtol * own]
     if not leaked:
@@ -309,15 +312,39 @@ def _leaks(
                 f"{caller}(): the output does not depend on anything that carries a gradient "
                 f"(no floating-point input and no floating-point parameter before it)"
             )
+        if not bool(torch.isfinite(checked).all()):
+            return [_blind(calls, model, kind, "output")]
         findings: dict[str, Finding] = {}
         for target in targets(size):
             allowed, forbidden = forbidden_of(target, size)
             if not forbidden:
                 continue
             probe = _Probe(dim, size, rtol, allowed, forbidden)
-            for finding in _findings_for_target(calls, checked, model, probe, target, kind, train):
-                findings.setdefault(finding.layer, finding)
+            try:
+                for finding in _findings_for_target(calls, checked, model, probe, target, kind, train):
+                    findings.setdefault(finding.layer, finding)
+            except _NonFiniteGradient:
+                return [_blind(calls, model, kind, "gradient")]
         return list(findings.values())
+
+
+class _NonFiniteGradient(Exception):
+    """A gradient the check reads is NaN or infinite: it cannot tell what reaches the output."""
+
+
+def _blind(calls: list[ModuleCall], model: nn.Module, kind: _Kind, what: str) -> Finding:
+    """The finding of a check that cannot see: non-finite values, named at the first module
+    (in the order calls end: the innermost first) whose output holds one, else the model."""
+    first = next(
+        (call for call in calls if any(not bool(torch.isfinite(out).all()) for out in call.outputs)), None
+    )
+    layer, kind_name = (first.label, first.type) if first is not None else ("", type(model).__name__)
+    where = "from here on" if first is not None else "in the forward"
+    note = (
+        f"the {what} is not finite ({where}: NaN or infinity, in a parameter or an input?), so the "
+        f"check cannot tell whether {kind.entries} reach the output; it fails rather than pass blind"
+    )
+    return Finding(layer, kind_name, "nonfinite", math.nan, "finite", None, note)
 
 
 @contextmanager

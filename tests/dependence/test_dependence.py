@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -406,3 +408,45 @@ def test_the_determinism_check_leaves_a_model_that_raises_as_it_was() -> None:
         nondeterministic_layers(model, torch.ones(3, 4), rtol=True)
     with pytest.raises(ValueError, match=r"modules='decoder' matches no module of Sequential"):
         nondeterministic_layers(model, torch.ones(3, 4), modules="decoder")
+
+
+class WithPositions(Decoder):
+    """A decoder with learned positions: one NaN there blinds a gradient-based check."""
+
+    def __init__(self, **block: object) -> None:
+        super().__init__(**block)
+        self.positions = nn.Parameter(torch.zeros(7, 16))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.positions[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_check_that_cannot_see_fails_saying_why_instead_of_passing() -> None:
+    model = WithPositions(causal=False)  # it looks ahead...
+    with torch.no_grad():
+        model.positions[3, 0] = math.nan  # ...and one NaN would hide it
+    for check in (causal_leaks, batch_leaks):
+        found = check(model, tokens())
+        assert [(f.layer, f.statistic) for f in found] == [("blocks.0.norm", "nonfinite")], check
+        assert "cannot tell whether" in found[0].note and "fails rather than pass blind" in found[0].note
+    with pytest.raises(HealthError, match="nonfinite"):
+        check_causal(model, tokens())
+    with pytest.raises(HealthError, match="nonfinite"):
+        check_batch_independence(model, tokens())
+
+
+def test_a_non_finite_gradient_alone_blinds_the_check_too() -> None:
+    class SqrtAtZero(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # finite output, infinite gradient: sqrt at 0
+            return self.proj(x) + (x - x).sqrt().sum(1, keepdim=True)
+
+    found = batch_leaks(SqrtAtZero(), torch.randn(3, 4))
+    assert [f.statistic for f in found] == ["nonfinite"] and "gradient is not finite" in found[0].note
