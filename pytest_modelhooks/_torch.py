@@ -36,6 +36,7 @@ __all__ = [
     "TorchDispatchMode",
     "compiled_call",
     "compiled_original",
+    "draws_at_random",
     "fake_tensor_mode",
     "forget_global_hook",
     "graph_task_id",
@@ -152,6 +153,18 @@ def overload_packet(func: Any) -> Any:
     return func._overloadpacket
 
 
+def draws_at_random(func: Any) -> bool:
+    """Whether an ATen op draws from a random generator (``bernoulli``, ``native_dropout``,
+    ``rand``, ``normal``, ``randint``, ``multinomial``...): one of its overloads takes a
+    ``Generator`` (``aten.rand.default`` does not, ``aten.rand.generator`` does)."""
+    packet = func._overloadpacket
+    for name in packet.overloads():
+        schema = getattr(packet, name)._schema
+        if any("Generator" in str(argument.type) for argument in schema.arguments):
+            return True
+    return False
+
+
 #: The logger torch's fake tensors report kernel failures to, at ERROR level.
 FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
 
@@ -236,6 +249,7 @@ REQUIRED: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("nn.RNN()._flat_weights", lambda: hasattr(nn.RNN(1, 1), "_flat_weights")),
     ("torch.amp.GradScaler()._scale", lambda: "_scale" in vars(_grad_scaler())),
     ("aten.mm.default._overloadpacket", lambda: hasattr(torch.ops.aten.mm.default, "_overloadpacket")),
+    ("aten.bernoulli.default._schema", lambda: draws_at_random(torch.ops.aten.bernoulli.default)),
     *(
         (f"nn.Module().{name}", lambda name=name: _module_has(name))
         for name in ("_parameters", "_buffers", "_modules")

@@ -14,7 +14,9 @@ from pytest_modelhooks import (
     causal_leaks,
     check_batch_independence,
     check_causal,
+    check_deterministic,
     count_hooks,
+    nondeterministic_layers,
     training_flags,
 )
 from tests import zoo
@@ -450,3 +452,57 @@ def test_a_non_finite_gradient_alone_blinds_the_check_too() -> None:
 
     found = batch_leaks(SqrtAtZero(), torch.randn(3, 4))
     assert [f.statistic for f in found] == ["nonfinite"] and "gradient is not finite" in found[0].note
+
+
+class LabelDropout(nn.Module):
+    """DiT's label embedder with its classifier-free-guidance dropout left on in eval mode: with
+    probability 0.1 a label becomes the null class."""
+
+    def __init__(self, classes: int = 10, dim: int = 8) -> None:
+        super().__init__()
+        self.table = nn.Embedding(classes + 1, dim)
+        self.classes = classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        drop = torch.rand(labels.shape[0], device=labels.device) < 0.1  # no `if self.training`
+        return self.table(torch.where(drop, self.classes, labels))
+
+
+class Conditioned(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels = LabelDropout()
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.labels(labels)))
+
+
+def test_a_rare_draw_is_found_every_time_named_where_it_happens() -> None:
+    labels = torch.tensor([1, 2, 3])
+    for _ in range(5):  # a 0.1 draw at batch 3 rarely changes an output between two runs
+        found = nondeterministic_layers(Conditioned(), labels)
+        assert [(f.layer, f.layer_type) for f in found] == [("labels", "LabelDropout")]
+        assert "draws from torch's random generator (rand)" in found[0].note
+        assert "whatever its probability" in found[0].note
+
+
+def test_what_a_draw_upstream_changes_is_not_blamed() -> None:
+    # an embedding given other ids, a LayerNorm whose output sums to ~0: neither drew
+    class Jitter(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + 1e-9 * torch.randn_like(x)  # unguarded noise, tiny
+
+    model = nn.Sequential(nn.Linear(8, 8), Jitter(), nn.LayerNorm(8), nn.Linear(8, 2))
+    found = nondeterministic_layers(model, torch.randn(3, 8))
+    assert [(f.layer, f.layer_type) for f in found] == [("1", "Jitter")]
+    ids = torch.tensor([0, 5, 9])
+    found = nondeterministic_layers(Conditioned(), ids)
+    assert "labels.table" not in [f.layer for f in found]  # the embedding only looked up what it got
+
+
+def test_a_deterministic_model_with_integer_inputs_passes() -> None:
+    model = Decoder()
+    assert nondeterministic_layers(model, tokens()) == []
+    check_deterministic(model, tokens())
