@@ -222,11 +222,14 @@ def _findings_for_target(
         return []
     # one backward: which layers' tensors reach the checked entry through forbidden entries
     states = _states(calls, probe.reach(objective, _tensors(calls)))
-    model_input = next((inputs for call, inputs, _ in states if call.name == "" and inputs.known), None)
-    if model_input is not None and not model_input.leaked:
-        # Only the model's input tells samples apart: if its other samples do not reach the
-        # checked one, nothing leaks (a layer after a reshape may carry the batch on an axis
-        # that only looks like it).
+    # Only the model's input tells samples apart: if its other samples do not reach the checked
+    # one, nothing leaks (a layer after a reshape may carry the batch on an axis that only looks
+    # like it). Its floating-point part is the model's own input; an integer part (token ids,
+    # class labels) enters where a module turns it into floats: the output of a call given no
+    # floating-point input (an embedding).
+    sources = [inputs for call, inputs, _ in states if call.name == "" and inputs.known]
+    sources += [outputs for call, _, outputs in states if call.name and not call.inputs and outputs.known]
+    if sources and not any(source.leaked for source in sources):
         return []
     if not any(state.leaked for _, inputs, outputs in states for state in (inputs, outputs)):
         return []

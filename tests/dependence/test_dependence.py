@@ -506,3 +506,33 @@ def test_a_deterministic_model_with_integer_inputs_passes() -> None:
     model = Decoder()
     assert nondeterministic_layers(model, tokens()) == []
     check_deterministic(model, tokens())
+
+
+def test_a_leak_through_an_integer_input_is_found_beside_a_float_one() -> None:
+    class Conditioned(nn.Module):
+        """DiT's conditioning bug in small: the label embedding averaged over the batch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 8)
+            self.embed = nn.Embedding(10, 8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return self.out(self.proj(x) + self.embed(labels).mean(0, keepdim=True))
+
+    x, labels = torch.randn(3, 4), torch.tensor([1, 4, 7])
+    model = Conditioned()
+    other = labels.clone()
+    other[1] = 9
+    with torch.no_grad():  # the truth: sample 1's label changes sample 0's output
+        assert not torch.allclose(model(x, other)[0], model(x, labels)[0])
+    found = batch_leaks(model, (x, labels))
+    assert [(f.layer, f.statistic) for f in found] == [("", "batch leak")]
+    assert "through the forward's own code" in found[0].note
+
+    class Fine(Conditioned):
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return self.out(self.proj(x) + self.embed(labels))
+
+    assert batch_leaks(Fine(), (x, labels)) == []
