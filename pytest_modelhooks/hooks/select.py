@@ -4,7 +4,8 @@ objects), resolved to ``(qualified name, module)`` pairs.
 
 from __future__ import annotations
 
-import fnmatch
+import functools
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TypeAlias
@@ -69,6 +70,48 @@ def _owns_parameters(module: nn.Module) -> bool:
     # _parameters, and reads it through a weight() method
     cls = type(module)
     return cls.__module__.startswith("torch.ao.nn.quantized") and callable(getattr(cls, "weight", None))
+
+
+@functools.lru_cache(maxsize=256)
+def glob_pattern(glob: str) -> re.Pattern[str]:
+    """A module-name glob as a regular expression, as path globs read: ``*`` matches within one
+    part of a dotted name, ``**`` across parts, ``?`` one character (not a dot), ``[...]`` a
+    class.
+
+    >>> [bool(glob_pattern("blocks.*").fullmatch(name)) for name in ("blocks.0", "blocks.0.attn")]
+    [True, False]
+    >>> bool(glob_pattern("blocks.**").fullmatch("blocks.0.attn"))
+    True
+    >>> bool(glob_pattern("**.conv[0-9]").fullmatch("a.b.conv1"))
+    True
+    """
+    parts: list[str] = []
+    position = 0
+    while position < len(glob):
+        char = glob[position]
+        if glob.startswith("**", position):
+            parts.append(".*")
+            position += 2
+            continue
+        if char == "*":
+            parts.append("[^.]*")
+        elif char == "?":
+            parts.append("[^.]")
+        elif char == "[":
+            end = glob.find("]", position + 2)
+            if end < 0:
+                parts.append(re.escape(char))
+            else:
+                inside = glob[position + 1 : end]
+                negate = inside.startswith("!")
+                parts.append(
+                    "[" + ("^" if negate else "") + re.escape(inside[negate:]).replace("\\-", "-") + "]"
+                )
+                position = end
+        else:
+            parts.append(re.escape(char))
+        position += 1
+    return re.compile("".join(parts))
 
 
 def _describe_spec(spec: object) -> str:
@@ -173,7 +216,8 @@ def _match(
                 ]
             return layers
         if any(char in item for char in "*?["):
-            return [(name, module) for name, module in named if name and fnmatch.fnmatchcase(name, item)]
+            pattern = glob_pattern(item)
+            return [(name, module) for name, module in named if name and pattern.fullmatch(name)]
         return [(name, module) for name, module in named if name == item]
     if isinstance(item, type):
         if not issubclass(item, nn.Module):

@@ -491,3 +491,28 @@ def test_nested_outputs_are_stored_detached_copied_and_on_the_cpu() -> None:
         torch.testing.assert_close(stored.values(), out.values().detach())
     assert copied.stored.values().data_ptr() != out.values().data_ptr()
     assert count_hooks(layer) == 0
+
+
+def test_globs_read_as_path_globs_star_within_a_part_double_star_across() -> None:
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.ReLU()) for _ in range(2)])
+    model.head = nn.Linear(2, 2)
+
+    def names(spec: str) -> list[str]:
+        return [name for name, _ in select_modules(model, spec)]
+
+    assert names("blocks.*") == ["blocks.0", "blocks.1"]  # not blocks.0.0: * stops at a dot
+    assert names("blocks.**") == [
+        "blocks.0",
+        "blocks.0.0",
+        "blocks.0.1",
+        "blocks.1",
+        "blocks.1.0",
+        "blocks.1.1",
+    ]
+    assert names("blocks.*.0") == ["blocks.0.0", "blocks.1.0"]
+    assert names("**.1") == ["blocks.0.1", "blocks.1", "blocks.1.1"]
+    assert names("blocks.[!0]") == ["blocks.1"] and names("h?ad") == ["head"]
+    assert names("*.0") == ["blocks.0"] and names("bl*") == ["blocks"]  # one part each
+    with pytest.raises(ValueError, match=r"modules='head\.\*' matches no module"):
+        names("head.*")
