@@ -55,6 +55,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for bound in BOUNDS.values():
         parser.addini(bound.ini, f"default {bound.help} (marker: {bound.setting}=)", default="")
     parser.addini(
+        "modelhooks_exclude",
+        "modules the health checks do not judge (zero-initialised by design): names or globs",
+        default="",
+    )
+    parser.addini(
         "modelhooks_seed", "torch seed before each test using the plugin: int, random or off", default="0"
     )
     parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")

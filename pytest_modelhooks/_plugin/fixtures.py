@@ -218,6 +218,7 @@ class FixtureActivationStats(ActivationStats):
         max_near_zero: Any = _UNSET,
         max_std_growth: Any = _UNSET,
         allow_nonfinite: bool = False,
+        exclude: Any = _UNSET,
     ) -> None:
         """Like :meth:`ActivationStats.check`; bounds not given come from the
         ``modelhooks`` marker, the command line or the ini file."""
@@ -228,6 +229,7 @@ class FixtureActivationStats(ActivationStats):
             "max_dead": max_dead,
             "max_near_zero": max_near_zero,
             "max_std_growth": max_std_growth,
+            "exclude": exclude,
         }
         bounds.update({key: value for key, value in given.items() if value is not _UNSET})
         try:
@@ -258,12 +260,13 @@ class FixtureGradientStats(GradientStats):
         min_norm: Any = _UNSET,
         require_grad: bool = True,
         require_update: bool | None = None,
+        exclude: Any = _UNSET,
     ) -> None:
         """Like :meth:`GradientStats.check`; norm bounds not given come from the ``modelhooks``
         marker (``max_grad_norm=``, ``min_grad_norm=``) or the ini file."""
         __tracebackhide__ = True
         bounds = self._fixture.settings.grad_bounds()
-        given = {"max_norm": max_norm, "min_norm": min_norm}
+        given = {"max_norm": max_norm, "min_norm": min_norm, "exclude": exclude}
         bounds.update({key: value for key, value in given.items() if value is not _UNSET})
         try:
             super().check(require_grad=require_grad, require_update=require_update, **bounds)

@@ -33,14 +33,14 @@ __all__ = [
 ]
 
 DEVICES = ("cpu", "cuda", "auto")
-MARKER_KEYS = (*(bound.setting for bound in BOUNDS.values()), "device", "seed")
+MARKER_KEYS = (*(bound.setting for bound in BOUNDS.values()), "exclude", "device", "seed")
 #: The marker's arguments as ``--markers`` lists them.
 MARKER_SIGNATURE = ", ".join(
     [
         f"{bound.setting}=(low, high)" if bound.kind == "range" else f"{bound.setting}=..."
         for bound in BOUNDS.values()
     ]
-    + ["device=...", "seed=..."]
+    + ["exclude=...", "device=...", "seed=..."]
 )
 # a test that asks for one of these (or carries the marker) starts with torch's RNG seeded
 FIXTURES = frozenset(
@@ -64,6 +64,7 @@ class Settings:
 
     device: str = "cpu"
     bounds: Mapping[str, Any] = field(default_factory=dict)
+    exclude: Any = None  # modules whose outputs and gradients the checks do not judge
     plots_dir: str | None = None
     hook_guard: bool = False  # --modelhooks-check-leaks
     snapshot_rtol: float = 0.0
@@ -73,11 +74,15 @@ class Settings:
 
     def check_bounds(self) -> dict[str, Any]:
         """The activation-check bounds, as keyword arguments of ``ActivationStats.check``."""
-        return {bound.name: self.bounds.get(bound.setting) for bound in ACTIVATION_BOUNDS}
+        return {bound.name: self.bounds.get(bound.setting) for bound in ACTIVATION_BOUNDS} | {
+            "exclude": self.exclude
+        }
 
     def grad_bounds(self) -> dict[str, Any]:
         """The gradient-check bounds, as keyword arguments of ``GradientStats.check``."""
-        return {bound.name: self.bounds.get(bound.setting) for bound in GRADIENT_BOUNDS}
+        return {bound.name: self.bounds.get(bound.setting) for bound in GRADIENT_BOUNDS} | {
+            "exclude": self.exclude
+        }
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -122,6 +127,18 @@ def _seed(text: Any, where: str) -> int | None:
     return value
 
 
+def _exclude(value: Any, where: str) -> Any:
+    """A module spec (as ``modules=`` takes); from the ini file, comma-separated names and globs."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        names = [part.strip() for part in value.replace("\n", ",").split(",") if part.strip()]
+        if not names:
+            raise pytest.UsageError(f"{where}: expected module names or globs, got {value!r}")
+        return names
+    return value
+
+
 def _device(text: Any, where: str) -> str:
     if text not in DEVICES:
         raise pytest.UsageError(f"{where}: expected one of {', '.join(DEVICES)}, got {text!r}")
@@ -157,6 +174,7 @@ def configure(config: pytest.Config) -> None:
         device=_device(device, "--modelhooks-device" if option.modelhooks_device else "modelhooks_device"),
         plots_dir=option.modelhooks_plots or config.getini("modelhooks_plots_dir") or None,
         hook_guard=bool(option.modelhooks_check_leaks),
+        exclude=_exclude(config.getini("modelhooks_exclude"), "modelhooks_exclude"),
         snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
         snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
         bounds=bounds,
@@ -202,6 +220,8 @@ def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
                 bounds[key] = _bound(_BY_SETTING[key], value, f"{where}({key}=...)")
             elif key == "seed":
                 changes[key] = _seed(value, f"{where}(seed=...)")
+            elif key == "exclude":
+                changes[key] = _exclude(value, f"{where}(exclude=...)")
             else:
                 changes[key] = _device(value, f"{where}(device=...)")
         settings = _ordered(replace(settings, bounds=bounds, **changes), where)

@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_mod
         if args.device.type != "cpu":
             model = model.to(args.device)
         check_modules(model, getattr(args, "modules", None))
+        check_modules(model, getattr(args, "exclude", None), "--exclude")
         status: int = args.run(model, args)
     except UsageError as error:
         args.usage.error(str(error))  # exits with status 2

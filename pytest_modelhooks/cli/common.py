@@ -42,15 +42,15 @@ def parse_seed(text: str) -> int:
     return seed
 
 
-def check_modules(model: Any, modules: str | None) -> None:
-    """``--modules``, checked before anything runs: a name or glob that matches no module is the
-    command line's mistake (exit 2), not the model's."""
+def check_modules(model: Any, modules: str | None, option: str = "--modules") -> None:
+    """``--modules`` (or ``--exclude``), checked before anything runs: a name or glob that matches
+    no module is the command line's mistake (exit 2), not the model's."""
     if modules is None:
         return
     from pytest_modelhooks.hooks.select import select_modules
 
     try:
-        select_modules(model, modules, argument="--modules")
+        select_modules(model, modules.split(",") if option == "--exclude" else modules, argument=option)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
 

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train", action="store_true", help="train mode, a backward per batch, gradients too"
     )
     parser.add_argument("--modules", default="params", help="params (default), all, leaves, a name or a glob")
+    parser.add_argument(
+        "--exclude",
+        help="modules the bounds do not judge (zero-initialised by design): names or globs, comma-separated",
+    )
     for bound in BOUNDS.values():
         suffix = " (--train)" if bound.applies_to == "gradients" else ""
         if bound.kind == "range":
@@ -111,9 +115,12 @@ def run(model: Any, args: argparse.Namespace) -> int:
         raise UsageError(f"--batches {args.batches}: must be >= 1")
     bounds = _bounds(args)
     stats, grads = _record(model, args)
-    findings = stats.findings(**{bound.name: bounds[bound.name] for bound in ACTIVATION_BOUNDS})
+    exclude = args.exclude.split(",") if args.exclude else None
+    findings = stats.findings(
+        **{bound.name: bounds[bound.name] for bound in ACTIVATION_BOUNDS}, exclude=exclude
+    )
     gradient_bounds = {bound.name: bounds[bound.name] for bound in GRADIENT_BOUNDS}
-    grad_findings = grads.findings(**gradient_bounds) if args.train else []
+    grad_findings = grads.findings(**gradient_bounds, exclude=exclude) if args.train else []
     plots = _plots(stats, grads, args, bounds) if args.plot else []
     if args.format == "json":
         report: dict[str, Any] = {

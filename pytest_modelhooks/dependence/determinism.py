@@ -285,7 +285,7 @@ def _drawn(name: str, module: nn.Module, op: str) -> Finding:
 
 
 def check_deterministic(model: nn.Module, input: Any, **options: Any) -> None:
-    """Raise :class:`~pytest_modelhooks.checks.HealthError` naming every layer whose eval-mode
+    """Raise :class:`~pytest_modelhooks.findings.HealthError` naming every layer whose eval-mode
     output changes from one forward of the same input to the next
     (:func:`nondeterministic_layers`, same arguments).
 

@@ -503,7 +503,7 @@ def causal_leaks(
 
 
 def check_batch_independence(model: nn.Module, input: Any, **options: Any) -> None:
-    """Raise :class:`~pytest_modelhooks.checks.HealthError` naming every layer where samples
+    """Raise :class:`~pytest_modelhooks.findings.HealthError` naming every layer where samples
     of the batch leak into each other (:func:`batch_leaks`, same arguments).
 
     >>> check_batch_independence(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(3, 4))
@@ -513,7 +513,7 @@ def check_batch_independence(model: nn.Module, input: Any, **options: Any) -> No
 
 
 def check_causal(model: nn.Module, input: Any, **options: Any) -> None:
-    """Raise :class:`~pytest_modelhooks.checks.HealthError` naming every layer through which
+    """Raise :class:`~pytest_modelhooks.findings.HealthError` naming every layer through which
     an output position depends on later ones (:func:`causal_leaks`, same arguments).
 
     >>> check_causal(nn.Linear(8, 8), torch.randn(2, 5, 8))  # position-wise: causal

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from pytest_modelhooks.stats.records import LayerStats
 from pytest_modelhooks.findings import Finding
 from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, GRADIENT_BOUNDS, check_order
+from pytest_modelhooks.hooks.select import ModuleSpec, select_modules
 
 
 def _worst(values: torch.Tensor, batches: torch.Tensor, *, largest: bool) -> tuple[float, int]:
@@ -43,6 +44,7 @@ def activation_findings(
     max_near_zero: float | None = None,
     max_std_growth: float | None = None,
     allow_nonfinite: bool = False,
+    exclude: ModuleSpec = None,
 ) -> list[Finding]:
     """Every broken rule among the recorded activation statistics, in execution order.
 
@@ -56,6 +58,9 @@ def activation_findings(
       classes of other libraries), whose output scale is set by its own weights: a transformer's
       small residual branch into its LayerNorm is not an explosion.
     * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
+    * ``exclude``: modules (a spec as ``modules=`` takes: names, globs, types) whose outputs,
+      and those of everything inside them, are not judged by the bounds: layers zero-initialised
+      by design (adaLN-Zero, LayerScale, ReZero). Non-finite values are judged everywhere.
 
     >>> from torch import nn
     >>> from pytest_modelhooks import ActivationStats
@@ -89,10 +94,14 @@ def activation_findings(
     found: list[Finding] = []
     if not allow_nonfinite:
         found += _first_nonfinite(layers, recorded)
+    excluded = excluded_names(stats.model, exclude)
     previous = None
     for layer in layers:
+        if _within(layer.module, excluded):
+            previous = None  # no growth into or out of an exempt layer
+            continue
         if std is not None:
-            found += _std_findings(layer, std)
+            found += _std_findings(layer, std, stats.model)
         if max_dead is not None:
             found += _dead_findings(layer, max_dead)
         if max_near_zero is not None and bool((layer.near_zero > max_near_zero).any()):
@@ -104,7 +113,26 @@ def activation_findings(
     return found
 
 
-def _std_findings(layer: LayerStats, std: tuple[float, float]) -> list[Finding]:
+def excluded_names(model: Any, exclude: ModuleSpec) -> frozenset[str]:
+    """The qualified names of the modules ``exclude`` selects (empty for None)."""
+    if exclude is None:
+        return frozenset()
+    return frozenset(name for name, _ in select_modules(model, exclude, argument="exclude"))
+
+
+def _within(name: str, excluded: frozenset[str]) -> bool:
+    """Whether module ``name`` is one of ``excluded`` or inside one."""
+    if not excluded:
+        return False
+    while True:
+        if name in excluded:
+            return True
+        if not name:
+            return False
+        name = name.rpartition(".")[0]
+
+
+def _std_findings(layer: LayerStats, std: tuple[float, float], model: Any) -> list[Finding]:
     low, high = std
     found = []
     below = layer.std < low
@@ -112,11 +140,35 @@ def _std_findings(layer: LayerStats, std: tuple[float, float]) -> list[Finding]:
     nan = torch.full_like(layer.std, math.nan)
     if bool(below.any()):
         value, batch = _worst(torch.where(below, layer.std, nan), layer.batches, largest=False)
-        found.append(Finding(layer.name, layer.type, "std", value, f">= {low:g}", batch, "vanishing"))
+        note = "vanishing" + _zero_init_note(model, layer.module)
+        found.append(Finding(layer.name, layer.type, "std", value, f">= {low:g}", batch, note))
     if bool(above.any()):
         value, batch = _worst(torch.where(above, layer.std, nan), layer.batches, largest=True)
         found.append(Finding(layer.name, layer.type, "std", value, f"<= {high:g}", batch, "exploding"))
     return found
+
+
+#: Weights this small at init are zero-initialised by design, not vanishing by accident.
+_ZERO_INIT = 1e-5  # LayerScale starts at 1e-6 (or 1e-5), adaLN-Zero and ReZero at 0
+
+
+def _zero_init_note(model: Any, name: str) -> str:
+    """For a vanishing layer whose own weights are (near) zero: the common zero-init designs,
+    and how to exempt it."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return ""
+    params = [param for param in module.parameters() if param.is_floating_point() and param.numel()]
+    if not params or params[0].is_meta:
+        return ""
+    largest = max(float(param.detach().abs().max()) for param in params)
+    if largest > _ZERO_INIT:
+        return ""
+    return (
+        f": its weights are ~0 (max |w| {largest:.3g}), zero-initialised by design (adaLN-Zero, "
+        f"LayerScale, ReZero)? exempt it with exclude={name!r}"
+    )
 
 
 def _dead_findings(layer: LayerStats, max_dead: float) -> list[Finding]:
@@ -209,6 +261,7 @@ def gradient_findings(
     min_norm: float | None = None,
     require_grad: bool = True,
     require_update: bool | None = None,
+    exclude: ModuleSpec = None,
 ) -> list[Finding]:
     """Every broken gradient rule: parameters whose gradient norm went above ``max_norm``
     (exploding) or below ``min_norm`` (vanishing), non-finite gradients, (with
@@ -253,9 +306,11 @@ def gradient_findings(
             )
         )
     first = _first_nonfinite_grad(grads, kept)
+    excluded = excluded_names(grads.model, exclude)
     for param in grads:
         kind = "parameter " + "x".join(str(dim) for dim in param.shape)
-        if require_grad and not param.got_grad:
+        exempt = _within(param.name.rpartition(".")[0], excluded)  # a non-finite gradient still counts
+        if require_grad and not param.got_grad and not exempt:
             found.append(
                 Finding(
                     param.name, kind, "grad", math.nan, "a gradient", None, "unused: its .grad stayed None"
@@ -268,6 +323,8 @@ def gradient_findings(
             note = first.get(param.name, "")
             found.append(Finding(param.name, kind, "nonfinite grad", value, "0", step, note))
             continue
+        if exempt:
+            continue
         norm = torch.where(kept, param.norm, math.nan)  # NaN compares False: not judged
         if max_norm is not None and bool((norm > max_norm).any()):
             value, step = _worst(norm, steps, largest=True)
@@ -276,7 +333,8 @@ def gradient_findings(
             value, step = _worst(norm, steps, largest=False)
             found.append(Finding(param.name, kind, "grad norm", value, f">= {min_norm:g}", step, "vanishing"))
     if require_update is not False:
-        found += _update_findings(grads, strict=require_update is True)
+        updates = _update_findings(grads, strict=require_update is True)
+        found += [finding for finding in updates if not _within(finding.layer.rpartition(".")[0], excluded)]
     # the gradient where non-finite values began heads the table (a stable sort keeps the rest)
     found.sort(key=lambda finding: finding.layer not in first)
     return found

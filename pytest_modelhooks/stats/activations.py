@@ -417,8 +417,9 @@ class ActivationStats(HookCallback):
         max_near_zero: float | None = None,
         max_std_growth: float | None = None,
         allow_nonfinite: bool = False,
+        exclude: ModuleSpec = None,
     ) -> list[Finding]:
-        """The health findings as data (see :func:`pytest_modelhooks.checks.activation_findings`).
+        """The health findings as data (see :func:`pytest_modelhooks.health.rules.activation_findings`).
         With no batch recorded there is nothing to judge: one finding says why, so that neither
         ``check()`` nor ``assert not stats.findings()`` passes vacuously."""
         from pytest_modelhooks.findings import Finding
@@ -433,6 +434,7 @@ class ActivationStats(HookCallback):
             max_near_zero=max_near_zero,
             max_std_growth=max_std_growth,
             allow_nonfinite=allow_nonfinite,
+            exclude=exclude,
         )
 
     def check(
@@ -443,6 +445,7 @@ class ActivationStats(HookCallback):
         max_near_zero: float | None = None,
         max_std_growth: float | None = None,
         allow_nonfinite: bool = False,
+        exclude: ModuleSpec = None,
     ) -> None:
         """Raise ``AssertionError`` listing every offending layer (see :meth:`findings`; also
         when nothing was recorded)."""
@@ -456,6 +459,7 @@ class ActivationStats(HookCallback):
                 max_near_zero=max_near_zero,
                 max_std_growth=max_std_growth,
                 allow_nonfinite=allow_nonfinite,
+                exclude=exclude,
             ),
             "activation",
         )
@@ -501,7 +505,7 @@ class ActivationStats(HookCallback):
         max_near_zero: float | None = None,
     ) -> Figure:
         """Plot ``statistics`` per layer over batches (needs matplotlib), with the bounds given
-        drawn as dashed lines; see :func:`pytest_modelhooks.plotting.plot_stats`."""
+        drawn as dashed lines; see :func:`pytest_modelhooks.report.plots.plot_stats`."""
         from pytest_modelhooks.report.plots import plot_stats
 
         return plot_stats(self, statistics, path, std=std, max_near_zero=max_near_zero)

@@ -508,8 +508,9 @@ class GradientStats:
         min_norm: float | None = None,
         require_grad: bool = True,
         require_update: bool | None = None,
+        exclude: ModuleSpec = None,
     ) -> list[Finding]:
-        """The gradient findings as data (see :func:`pytest_modelhooks.checks.gradient_findings`).
+        """The gradient findings as data (see :func:`pytest_modelhooks.health.rules.gradient_findings`).
         With no backward recorded, one finding says so (rather than every parameter unused)."""
         from pytest_modelhooks.findings import Finding
         from pytest_modelhooks.health.rules import gradient_findings
@@ -530,6 +531,7 @@ class GradientStats:
             min_norm=min_norm,
             require_grad=require_grad,
             require_update=require_update,
+            exclude=exclude,
         )
 
     def check(
@@ -539,16 +541,21 @@ class GradientStats:
         min_norm: float | None = None,
         require_grad: bool = True,
         require_update: bool | None = None,
+        exclude: ModuleSpec = None,
     ) -> None:
         """Raise ``AssertionError`` naming vanishing, exploding, non-finite and unused gradients,
         and parameters an optimizer left unchanged (``require_update``, see
-        :func:`pytest_modelhooks.checks.gradient_findings`), or that no backward pass was
+        :func:`pytest_modelhooks.health.rules.gradient_findings`), or that no backward pass was
         recorded."""
         __tracebackhide__ = True
         from pytest_modelhooks.findings import raise_for
 
         found = self.findings(
-            max_norm=max_norm, min_norm=min_norm, require_grad=require_grad, require_update=require_update
+            max_norm=max_norm,
+            min_norm=min_norm,
+            require_grad=require_grad,
+            require_update=require_update,
+            exclude=exclude,
         )
         raise_for(found, "gradient")
 
@@ -560,7 +567,7 @@ class GradientStats:
         min_norm: float | None = None,
     ) -> Figure:
         """The gradient flow, per parameter and per module (needs matplotlib), with the bounds
-        given drawn as dashed lines; see :func:`pytest_modelhooks.plotting.plot_grads`."""
+        given drawn as dashed lines; see :func:`pytest_modelhooks.report.plots.plot_grads`."""
         from pytest_modelhooks.report.plots import plot_grads
 
         return plot_grads(self, path, max_norm=max_norm, min_norm=min_norm)

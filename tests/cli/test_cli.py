@@ -399,3 +399,30 @@ def test_json_shapes_stay_on_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["sizes", "--help"])
     assert "64,64 (or 64x64)" in capsys.readouterr().out  # the x form is documented
+
+
+GATED = """
+from torch import nn
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.gate = nn.Linear(8, 8), nn.Linear(8, 8)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+    def forward(self, x):
+        return self.body(x) + self.gate(x)
+"""
+
+
+def test_health_exclude_exempts_a_zero_initialised_layer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "gated.py").write_text(GATED)
+    argv = ["health", "gated:Gated", "--input-size", "8,8", "--std", "0.01,10"]
+    assert main(argv) == 1
+    assert "exclude='gate'" in capsys.readouterr().out  # the finding says how to exempt it
+    assert main([*argv, "--exclude", "gate"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--exclude", "nothing"])
+    assert exit_info.value.code == 2 and "--exclude='nothing' matches no module" in capsys.readouterr().err

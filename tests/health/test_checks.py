@@ -194,7 +194,8 @@ def test_std_growth_is_not_judged_after_a_constant_layer() -> None:
         model(torch.randn(16, 8))
     assert float(stats["1"].std[0]) == 0.0
     assert stats.findings(max_std_growth=10.0) == []
-    assert [f.note for f in stats.findings(std=(0.01, 10.0))] == ["vanishing"]  # still caught
+    (finding,) = stats.findings(std=(0.01, 10.0))  # still caught, and said to be zero-initialised
+    assert finding.note.startswith("vanishing: its weights are ~0") and "exclude='1'" in finding.note
 
 
 class LlamaRMSNorm(nn.Module):
@@ -236,3 +237,61 @@ def test_a_rectified_model_output_is_still_judged_for_dead_units() -> None:
     assert stats["1"].model_output and stats["0"].model_output is False
     dead = [finding.layer for finding in stats.findings(max_dead=0.3) if finding.statistic == "dead"]
     assert dead == ["0", "1", ""]  # the Linear, its ReLU and the model's (rectified) output
+
+
+class AdaLNZero(nn.Module):
+    """DiT's block in small: its modulation starts at zero (adaLN-Zero), so at init the block is
+    the identity, its modulation's output is exactly 0, and the MLP behind the gate gets no
+    gradient: by design."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(c).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
+
+
+class DiTLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([AdaLNZero(), AdaLNZero()])
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, h)
+        return self.head(h)
+
+
+def test_zero_initialised_layers_are_named_as_such_and_can_be_exempted() -> None:
+    torch.manual_seed(0)
+    model = DiTLike()
+    with ActivationStats(model) as stats, GradientStats(model) as grads:
+        model(torch.randn(8, 8)).square().mean().backward()
+    found = stats.findings(std=(0.01, 10.0))
+    assert [f.layer for f in found] == ["blocks.0.ada.1", "blocks.1.ada.1"]
+    assert all("zero-initialised by design" in f.note and "exclude=" in f.note for f in found)
+    assert stats.findings(std=(0.01, 10.0), exclude="blocks.*.ada") == []  # a block holding them
+    assert stats.findings(std=(0.01, 10.0), exclude=["**.ada.1"]) == []
+    gated = grads.findings(min_norm=1e-8, require_update=False)
+    assert {f.layer.split(".")[2] for f in gated} == {"mlp"}  # no gradient behind a zero gate
+    assert grads.findings(min_norm=1e-8, require_update=False, exclude="blocks.*.mlp") == []
+    with pytest.raises(ValueError, match=r"exclude='nothing' matches no module of DiTLike"):
+        stats.findings(exclude="nothing")
+
+
+def test_an_exempt_layer_is_still_judged_for_non_finite_values() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].bias[0] = math.inf
+    with ActivationStats(model) as stats:
+        model(torch.randn(3, 4))
+    assert [f.statistic for f in stats.findings(exclude="0")][:1] == ["nonfinite"]

@@ -103,3 +103,55 @@ def test_a_test_that_never_runs_the_model_fails_with_the_reason(run, pytester) -
     # each on its own: under xdist the two failures come back in either order
     result.stdout.fnmatch_lines(["*no batch was recorded: Sequential's forward did not run while the hooks*"])
     result.stdout.fnmatch_lines(["*no backward pass was recorded (4 parameter(s) require grad)*"])
+
+
+def test_exclude_from_the_ini_file_the_marker_and_the_call(pytester) -> None:
+    pytester.makeini(
+        "[pytest]\naddopts = -p no:cacheprovider\nmodelhooks_std_range = 0.01,10\nmodelhooks_exclude = gate\n"
+    )
+    write(
+        pytester,
+        "test_exempt",
+        """
+        import pytest, torch
+        from torch import nn
+
+        class Gated(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body, self.gate, self.other = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+                for layer in (self.gate, self.other):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+            def forward(self, x):
+                return self.body(x) + self.gate(x) + self.other(x)
+
+        def run(activation_stats):
+            model = Gated()
+            with activation_stats(model) as stats:
+                model(torch.randn(8, 4))
+            return stats
+
+        def test_the_ini_exempts_gate_only(activation_stats):
+            found = run(activation_stats).findings(std=(0.01, 10.0), exclude=["gate"])
+            assert [f.layer for f in found] == ["other"]
+            with pytest.raises(AssertionError, match="other"):
+                run(activation_stats).check()  # the ini's exclude: gate
+
+        @pytest.mark.modelhooks(exclude=["gate", "other"])
+        def test_the_marker_exempts_both(activation_stats):
+            run(activation_stats).check()
+
+        def test_a_call_overrides_the_ini(activation_stats):
+            with pytest.raises(AssertionError, match="gate"):
+                run(activation_stats).check(exclude=None)
+        """,
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=3)
+
+
+def test_a_bad_exclude_in_the_ini_file_is_named(pytester) -> None:
+    pytester.makeini("[pytest]\nmodelhooks_exclude = ,\n")
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    result.stderr.fnmatch_lines(["*modelhooks_exclude: expected module names or globs, got ','*"])
