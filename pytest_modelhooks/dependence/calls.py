@@ -18,7 +18,7 @@ from pytest_modelhooks.hooks.select import ModuleSpec, hookable
 from pytest_modelhooks.hooks.state import preserve_training_flags
 from pytest_modelhooks.inputs import normalise_input, with_forward_kwargs
 
-OutputSpec = str | Callable[[Any], torch.Tensor] | None
+OutputSpec = str | int | Callable[[Any], torch.Tensor] | None
 
 
 @dataclass
@@ -162,6 +162,17 @@ def select_output(output: Any, spec: OutputSpec, argument: str = "output") -> to
     elif isinstance(output, torch.Tensor):
         # AttributeError, as for an object without that field: the spec names nothing
         raise AttributeError(f"the model returned a tensor, which has no named outputs; leave {argument} out")
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        if not isinstance(output, (tuple, list)):
+            raise AttributeError(
+                f"{argument}={spec}: a position picks from a tuple or list output, and the model "
+                f"returned {type(output).__name__}"
+            )
+        if not -len(output) <= spec < len(output):
+            raise KeyError(f"{argument}={spec}: the model returned {len(output)} outputs")
+        chosen = output[spec]
+    elif not isinstance(spec, str):
+        raise TypeError(f"{argument} must be a key, attribute name, position or callable, got {spec!r}")
     elif isinstance(output, Mapping):
         if spec not in output:
             raise KeyError(f"{spec!r} is not a key of the output; its keys: {', '.join(map(str, output))}")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.dependence.calls import (
     ModuleCall,
     OutputSpec,
@@ -37,7 +38,7 @@ from pytest_modelhooks.dependence.calls import (
 )
 from pytest_modelhooks.findings import Finding, raise_for
 from pytest_modelhooks.hooks.select import ModuleSpec
-from pytest_modelhooks.inputs import check_model
+from pytest_modelhooks.inputs import check_model, normalise_input
 
 
 @dataclass
@@ -304,6 +305,8 @@ def _leaks(
                 f"pick the output with output= or its axis with {axis_name}="
             )
         size = checked.shape[dim]
+        if kind is _BATCH:
+            _check_batch_axis(checked, dim, input, model, caller)
         if size < 2:
             what = "samples in the batch" if kind is _BATCH else "positions in the sequence"
             raise ValueError(
@@ -329,6 +332,23 @@ def _leaks(
             except _NonFiniteGradient:
                 return [_blind(calls, model, kind, "gradient")]
         return list(findings.values())
+
+
+def _check_batch_axis(checked: torch.Tensor, dim: int, input: Any, model: nn.Module, caller: str) -> None:
+    """The checked output must still have the input's batch along ``dim``: where a mean or a
+    reshape took it away, every layer would look like it mixes samples."""
+    args, kwargs = normalise_input(input, "input", model)
+    leaves = [tensor for _, tensor in tensor_leaves((args, kwargs)) if tensor.dim() > dim]
+    if not leaves:
+        return
+    batch = leaves[0].shape[dim]
+    if checked.shape[dim] != batch:
+        raise ValueError(
+            f"{caller}(): the input's batch is {batch} along dim={dim}, but the checked output has "
+            f"shape {tuple(checked.shape)}: it lost the batch axis (a mean, sum or reshape over "
+            f"it?), so samples cannot be told apart; check an output that keeps it (output=) or "
+            f"give its axis (dim=)"
+        )
 
 
 class _NonFiniteGradient(Exception):

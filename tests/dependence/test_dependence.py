@@ -536,3 +536,37 @@ def test_a_leak_through_an_integer_input_is_found_beside_a_float_one() -> None:
             return self.out(self.proj(x) + self.embed(labels))
 
     assert batch_leaks(Fine(), (x, labels)) == []
+
+
+def test_an_output_without_the_batch_axis_is_said_to_have_lost_it() -> None:
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0].mean(0)  # (seq, dim): no batch
+
+    with pytest.raises(
+        ValueError,
+        match=r"the input's batch is 3 along dim=0, but the checked output has shape \(5, 8\): it lost",
+    ):
+        batch_leaks(Pooled(), torch.randn(3, 5, 8))
+
+
+def test_a_position_picks_from_a_tuple_output() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.a(x), self.b(x).mean(0, keepdim=True).expand(3, 4)
+
+    x = torch.randn(3, 4)
+    assert batch_leaks(Two(), x, output=0) == []
+    assert [f.layer for f in batch_leaks(Two(), x, output=1)] == [""]
+    with pytest.raises(KeyError, match=r"output=2: the model returned 2 outputs"):
+        batch_leaks(Two(), x, output=2)
+    with pytest.raises(AttributeError, match=r"the model returned a tensor, which has no named outputs"):
+        batch_leaks(nn.Linear(4, 4), x, output=0)
