@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pytest_modelhooks.findings import Finding
+from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, GRADIENT_BOUNDS, check_order
+from pytest_modelhooks.hooks.select import ModuleSpec, select_modules
+
 if TYPE_CHECKING:
     from pytest_modelhooks.stats.activations import ActivationStats
     from pytest_modelhooks.stats.gradients import GradientStats
     from pytest_modelhooks.stats.records import LayerStats
-from pytest_modelhooks.findings import Finding
-from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, GRADIENT_BOUNDS, check_order
-from pytest_modelhooks.hooks.select import ModuleSpec, select_modules
 
 
 def _worst(values: torch.Tensor, batches: torch.Tensor, *, largest: bool) -> tuple[float, int]:
@@ -49,9 +50,10 @@ def activation_findings(
     """Every broken rule among the recorded activation statistics, in execution order.
 
     * ``std=(low, high)``: each series' std must stay within, on every batch.
-    * ``max_dead``: the fraction of channels never above zero, per layer (not judged on the
-      tensors the model itself returns, unless rectified: logits may be negative for every
-      sample).
+    * ``max_dead``: the fraction of channels never above zero, per layer, judged where values
+      are rectified (a ReLU-family module's output, a tensor a ReLU-family module or ``F.relu``
+      consumes, values never below zero): before SiLU or a sigmoid, and in logits, a negative
+      value is not dead.
     * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
     * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch;
       not judged into a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ``...Norm``
@@ -172,13 +174,11 @@ def _zero_init_note(model: Any, name: str) -> str:
 
 
 def _dead_findings(layer: LayerStats, max_dead: float) -> list[Finding]:
-    # A model's output (logits) is read as it is: negative for every sample is not dead.
-    # A rectified output (min >= 0: a backbone's last ReLU) is judged: zero is dead there.
-    if (
-        layer.dead is None
-        or (layer.model_output and not bool((layer.min >= 0).all()))
-        or layer.dead <= max_dead
-    ):
+    # "Never above zero" is dead only where values are rectified: a ReLU's output, a tensor a
+    # ReLU (module or function) reads, values never below zero. Before SiLU, GELU or a sigmoid
+    # (squeeze-excitation), and in logits, a negative value is an answer, not a dead unit.
+    rectified = layer.rectified or bool((layer.min >= 0).all())
+    if layer.dead is None or not rectified or layer.dead <= max_dead:
         return []
     dead_units = round(layer.dead * (layer.channels or 0))
     note = f"{dead_units} of {layer.channels} channels never active"

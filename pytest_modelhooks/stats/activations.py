@@ -14,17 +14,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pytest_modelhooks._torch import is_compiling
+from pytest_modelhooks._torch import TorchDispatchMode, graph_task_id, is_compiling, overload_packet
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.hooks.callback import HookCallback
 from pytest_modelhooks.hooks.core import unvmapped
 from pytest_modelhooks.hooks.select import ModuleSpec
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from pytest_modelhooks.findings import Finding
-from pytest_modelhooks._torch import graph_task_id
 from pytest_modelhooks.stats.records import STATISTICS, LayerStats
 from pytest_modelhooks.stats.reduce import (
     channel_dim,
@@ -37,6 +31,11 @@ from pytest_modelhooks.stats.reduce import (
     reduce_on_device,
     reduce_on_host,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pytest_modelhooks.findings import Finding
 
 
 class ActivationStats(HookCallback):
@@ -139,6 +138,15 @@ class ActivationStats(HookCallback):
         # this batch's tensors with dead units tracked, to tell which the model returned
         self._tracked: list[tuple[int, weakref.ref[torch.Tensor]]] = []
         self._model_outputs: set[int] = set()
+        # series whose values are rectified: a ReLU-family module's own output, or a tensor a
+        # ReLU-family module or function consumed; only there is "never above zero" dead
+        self._rectified: set[int] = set()
+        self._tracked_ids: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
+        self._rectifier_ops: _RectifierOps | None = None
+        # (True: nothing to see, no dispatch mode; see _begin_batch)
+        self._rectifiers_seen = not track_dead or any(
+            isinstance(module, RECTIFIERS) for module in model.modules()
+        )
         self._batch_handles: list[RemovableHandle] = []
         self._id_tuples: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._saw_meta = False
@@ -155,9 +163,18 @@ class ActivationStats(HookCallback):
             self._batch_handles = [
                 self.model.register_forward_pre_hook(self._begin_batch),
                 self.model.register_forward_hook(self._end_batch),
+                # (always called: the mode that sees functional rectifiers must end with the forward)
+                self.model.register_forward_hook(self._stop_seeing_rectifiers, always_call=True),
             ]
+            if self.track_dead:
+                self._batch_handles += [
+                    module.register_forward_pre_hook(self._rectifier_input)
+                    for module in self.model.modules()
+                    if isinstance(module, RECTIFIERS)
+                ]
 
     def remove(self) -> None:
+        self._stop_seeing_rectifiers(self.model, (), None)
         super().remove()
         for handle in self._batch_handles:
             handle.remove()
@@ -178,6 +195,14 @@ class ActivationStats(HookCallback):
         self._pending_hist = []
         self._calls_this_batch = {}
         self._tracked = []
+        self._tracked_ids = {}
+        if self._recording and not self._rectifiers_seen and not is_compiling():
+            # A model without ReLU modules may call F.relu in its code: those are seen on the
+            # first recorded batch alone, at the ATen level (a dispatch mode costs ~15% of a
+            # CPU forward, once). A model with ReLU modules is read through their hooks.
+            self._rectifiers_seen = True
+            self._rectifier_ops = _RectifierOps(self._rectifier_input_tensors)
+            self._rectifier_ops.__enter__()  # type: ignore[no-untyped-call]
 
     def _end_batch(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._recording:
@@ -270,10 +295,31 @@ class ActivationStats(HookCallback):
                 self._pending.append((series, (raw, x.numel())))
             if channel_max is not None:
                 self._track_dead(series, channel_max)
-                self._tracked.append((series, weakref.ref(tensor)))
+                ref = weakref.ref(tensor)
+                self._tracked.append((series, ref))
+                self._tracked_ids[id(tensor)] = (series, ref)
+                if isinstance(module, RECTIFIERS):
+                    self._rectified.add(series)
             if self.with_hist:
                 low, high = self.hist_range
                 self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
+
+    def _stop_seeing_rectifiers(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._rectifier_ops is not None:
+            mode, self._rectifier_ops = self._rectifier_ops, None
+            mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+
+    def _rectifier_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._recording and self._tracked_ids:
+            self._rectifier_input_tensors(args)
+
+    def _rectifier_input_tensors(self, args: Any) -> None:
+        """Mark the series whose tensor a rectifier is about to read (by identity: the tensor
+        is alive, so its id is its own)."""
+        for _, tensor in tensor_leaves(args):
+            entry = self._tracked_ids.get(id(tensor))
+            if entry is not None and entry[1]() is tensor:
+                self._rectified.add(entry[0])
 
     def _reduce_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """The fused ``(6,)`` raw row of ``x``, or None (after one warning) where torch.compile
@@ -398,6 +444,7 @@ class ActivationStats(HookCallback):
             channels=channels,
             hist=gathered["hists"].get(index),
             model_output=index in self._model_outputs,
+            rectified=index in self._rectified,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -518,3 +565,25 @@ class ActivationStats(HookCallback):
 
     def __repr__(self) -> str:
         return f"<ActivationStats: {len(self)} series, {self.num_batches} batches>"
+
+
+#: Rectifiers: below zero they give zero, so a channel never above zero on their input is dead.
+RECTIFIERS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+_RECTIFIER_OPS = frozenset({"relu", "relu_", "relu6", "relu6_"})
+
+
+class _RectifierOps(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Hands the tensor each rectifying ATen op (``F.relu``, ``torch.relu``, in-place too) reads
+    to ``seen``; everything runs as it would (a dispatch mode changes no code path the model
+    takes, unlike a torch-function mode, which turns off fused fast paths)."""
+
+    def __init__(self, seen: Any) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.seen = seen
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if args and overload_packet(func).__name__ in _RECTIFIER_OPS:
+            self.seen(args[:1])
+        return func(*args, **(kwargs or {}))

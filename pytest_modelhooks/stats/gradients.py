@@ -17,14 +17,9 @@ from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 from pytest_modelhooks._torch import scaler_scale
-from pytest_modelhooks.hooks.select import ModuleSpec, loaded_class, select_modules
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from pytest_modelhooks.findings import Finding
 from pytest_modelhooks.errors import describe, not_a_module
 from pytest_modelhooks.hooks.core import weak_hook
+from pytest_modelhooks.hooks.select import ModuleSpec, loaded_class, select_modules
 from pytest_modelhooks.stats.records import GRAD_STATISTICS, ParamGradStats, SteppedOptimizer
 from pytest_modelhooks.stats.reduce import (
     compiled_call,
@@ -35,6 +30,11 @@ from pytest_modelhooks.stats.reduce import (
     pack_grad_rows,
     sparse_grad_raw,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from pytest_modelhooks.findings import Finding
 
 
 class _Seen:

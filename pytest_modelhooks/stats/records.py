@@ -57,6 +57,10 @@ class LayerStats:
     channels: int | None
     hist: torch.Tensor | None = field(repr=False)
     model_output: bool = False
+    #: whether the values are rectified: the output of a ReLU-family module, or a tensor that a
+    #: ReLU-family module or function (``F.relu``) consumed; ``max_dead`` judges only these
+    #: (and values never below 0)
+    rectified: bool = False
 
     def __getitem__(self, statistic: str) -> torch.Tensor:
         if statistic not in STATISTICS:

@@ -18,10 +18,10 @@ from torch import nn
 
 from pytest_modelhooks._torch import is_compiling
 from pytest_modelhooks.inputs import CONV_RANK
+from pytest_modelhooks.stats.records import GRAD_STATISTICS, STATISTICS
 
 if TYPE_CHECKING:
     pass
-from pytest_modelhooks.stats.records import GRAD_STATISTICS, STATISTICS
 
 # Modules whose features are the last dimension, whatever the rank of their output.
 _FEATURES_LAST = (

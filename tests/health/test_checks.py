@@ -295,3 +295,81 @@ def test_an_exempt_layer_is_still_judged_for_non_finite_values() -> None:
     with ActivationStats(model) as stats:
         model(torch.randn(3, 4))
     assert [f.statistic for f in stats.findings(exclude="0")][:1] == ["nonfinite"]
+
+
+def test_dead_units_are_judged_only_where_values_are_rectified() -> None:
+    # squeeze-excitation as EfficientNet builds it: fc1 -> SiLU -> fc2 -> sigmoid; negative
+    # values there are answers, not dead units
+    class Excite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 4), nn.SiLU(), nn.Linear(4, 8)
+            self.gate = nn.Sigmoid()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.gate(self.fc2(self.act(self.fc1(x))))
+
+    dead = nn.Linear(8, 4)
+    nn.init.constant_(dead.bias, -100.0)  # never above zero
+    excite = Excite()
+    nn.init.constant_(excite.fc1.bias, -100.0)
+    nn.init.constant_(excite.fc2.bias, -100.0)
+    model = nn.Sequential(excite, dead, nn.ReLU(), nn.Linear(4, 2))
+    with ActivationStats(model) as stats:
+        model(torch.randn(16, 8))
+    assert stats["0.fc1"].dead == 1.0 and not stats["0.fc1"].rectified  # recorded...
+    assert stats["1"].rectified  # a ReLU module reads it
+    found = stats.findings(max_dead=0.5)
+    assert [f.layer for f in found] == ["1"]  # ...but judged only where a ReLU reads it
+
+
+def test_a_rectified_output_is_judged_and_a_plain_one_is_not() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).clamp(min=0))  # rectified, without a ReLU module
+
+    model = Net()
+    nn.init.constant_(model.conv.bias, -100.0)
+    nn.init.constant_(model.head.bias, -100.0)
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(2, 3, 8, 8))
+    # conv's own output goes negative (not judged); head's logits too; nothing is rectified
+    assert stats.findings(max_dead=0.5) == []
+
+
+def test_functional_rectifiers_are_seen_and_leave_nothing_behind() -> None:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(nn.functional.relu(self.a(x), inplace=True)).sigmoid()
+
+    model = Functional()
+    nn.init.constant_(model.a.bias, -100.0)
+    nn.init.constant_(model.b.bias, -100.0)
+    with ActivationStats(model) as stats:
+        model(torch.randn(16, 4))
+        model(torch.randn(16, 4))  # the second batch runs without the dispatch mode
+    assert stats["a"].rectified and not stats["b"].rectified
+    assert [f.layer for f in stats.findings(max_dead=0.5)] == ["a"]
+
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError(f"broken after {self.a(x).shape}")
+
+    with ActivationStats(Fails()) as failing, pytest.raises(RuntimeError, match="broken"):
+        failing.model(torch.randn(2, 4))
+    assert _get_current_dispatch_mode() is None  # the mode ended with the failed forward
