@@ -55,8 +55,9 @@ def activation_findings(
       consumes, values never below zero): before SiLU or a sigmoid, and in logits, a negative
       value is not dead.
     * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
-    * ``max_std_growth``: std of a layer over std of the previous hooked layer, on every batch;
-      not judged into a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ``...Norm``
+    * ``max_std_growth``: std of a layer over the std of the recorded layers whose outputs it
+      was given (by identity; where none was recorded, the layer before it if a sibling, never
+      another branch), on every batch; not judged into a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ``...Norm``
       classes of other libraries), whose output scale is set by its own weights: a transformer's
       small residual branch into its LayerNorm is not an explosion.
     * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
@@ -97,6 +98,7 @@ def activation_findings(
     if not allow_nonfinite:
         found += _first_nonfinite(layers, recorded)
     excluded = excluded_names(stats.model, exclude)
+    by_name = {layer.name: layer for layer in layers}
     previous = None
     for layer in layers:
         if _within(layer.module, excluded):
@@ -110,7 +112,7 @@ def activation_findings(
             value, batch = _worst(layer.near_zero, layer.batches, largest=True)
             found.append(Finding(layer.name, layer.type, "near_zero", value, f"<= {max_near_zero:g}", batch))
         if max_std_growth is not None and previous is not None:
-            found += _growth_findings(layer, previous, max_std_growth)
+            found += _growth_findings(layer, _fed_by(layer, previous, by_name), max_std_growth)
         previous = layer
     return found
 
@@ -185,16 +187,31 @@ def _dead_findings(layer: LayerStats, max_dead: float) -> list[Finding]:
     return [Finding(layer.name, layer.type, "dead", layer.dead, f"<= {max_dead:g}", None, note)]
 
 
-def _growth_findings(layer: LayerStats, previous: LayerStats, max_std_growth: float) -> list[Finding]:
-    if _NORMALIZATION.search(layer.type):
-        return []  # a norm's output scale is set by its own weights
-    # after a constant output (a zero-initialised residual BatchNorm) growth is undefined:
-    # NaN, not judged; the std bounds are what catch a vanishing layer
-    ratio = torch.where(previous.std > 0, layer.std / previous.std, math.nan)
+def _fed_by(
+    layer: LayerStats, previous: LayerStats | None, by_name: dict[str, LayerStats]
+) -> list[LayerStats]:
+    """What ``layer``'s std is compared with: the recorded layers whose outputs it was given;
+    where none was recorded (a ReLU or an add between, not hooked), the layer before it if it is
+    a sibling (the same parent): never a layer of another branch."""
+    fed = [by_name[name] for name in layer.inputs_from if name in by_name]
+    if fed:
+        return fed
+    if previous is not None and previous.module.rpartition(".")[0] == layer.module.rpartition(".")[0]:
+        return [previous]
+    return []
+
+
+def _growth_findings(layer: LayerStats, fed: list[LayerStats], max_std_growth: float) -> list[Finding]:
+    if not fed or _NORMALIZATION.search(layer.type):
+        return []  # nothing to compare with; a norm's output scale is set by its own weights
+    # the largest std among what it was given; after a constant output (a zero-initialised
+    # residual BatchNorm) growth is undefined: NaN, not judged (the std bounds catch that)
+    before = torch.stack([source.std for source in fed]).amax(dim=0)
+    ratio = torch.where(before > 0, layer.std / before, math.nan)
     if not bool((ratio > max_std_growth).any()):
         return []
     value, batch = _worst(ratio, layer.batches, largest=True)
-    note = f"vs {previous.name}"
+    note = f"vs {', '.join(source.name for source in fed)}"
     return [Finding(layer.name, layer.type, "std growth", value, f"<= {max_std_growth:g}", batch, note)]
 
 

@@ -142,6 +142,9 @@ class ActivationStats(HookCallback):
         # ReLU-family module or function consumed; only there is "never above zero" dead
         self._rectified: set[int] = set()
         self._tracked_ids: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
+        # this batch's recorded outputs by identity, to tell which recorded layer fed which
+        self._output_ids: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
+        self._producers: dict[int, set[int]] = {}  # series -> the series its module consumed
         self._rectifier_ops: _RectifierOps | None = None
         # (True: nothing to see, no dispatch mode; see _begin_batch)
         self._rectifiers_seen = not track_dead or any(
@@ -196,6 +199,7 @@ class ActivationStats(HookCallback):
         self._calls_this_batch = {}
         self._tracked = []
         self._tracked_ids = {}
+        self._output_ids = {}
         if self._recording and not self._rectifiers_seen and not is_compiling():
             # A model without ReLU modules may call F.relu in its code: those are seen on the
             # first recorded batch alone, at the ATen level (a dispatch mode costs ~15% of a
@@ -264,6 +268,7 @@ class ActivationStats(HookCallback):
         if not self._recording:
             return
         call = self._calls_this_batch[id(module)] = self._calls_this_batch.get(id(module), 0) + 1
+        producers = self._fed_by(input) if self._output_ids else ()
         leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
         for path, tensor in leaves:
             if tensor.is_quantized:  # a quantized model's activations: their values, dequantized
@@ -283,6 +288,9 @@ class ActivationStats(HookCallback):
                 # complex number is never "above zero", so no dead units)
                 x = torch.view_as_real(x.resolve_conj())
             series = self._series_id(module, path, call)
+            self._output_ids[id(tensor)] = (series, weakref.ref(tensor))
+            if producers:
+                self._producers.setdefault(series, set()).update(producers)
             tracks_dead = self.track_dead and not complex_valued
             channel_max = self._channel_max_of(module, x, leading) if tracks_dead else None
             fused = self._reduce_fused(x) if self.fused else None
@@ -303,6 +311,16 @@ class ActivationStats(HookCallback):
             if self.with_hist:
                 low, high = self.hist_range
                 self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
+
+    def _fed_by(self, input: Any) -> set[int]:
+        """The recorded series among a module's inputs (by identity: they are alive)."""
+        found = set()
+        leaves = [input[0]] if len(input) == 1 and isinstance(input[0], torch.Tensor) else None
+        for tensor in leaves if leaves is not None else [tensor for _, tensor in tensor_leaves(input)]:
+            entry = self._output_ids.get(id(tensor))
+            if entry is not None and entry[1]() is tensor:
+                found.add(entry[0])
+        return found
 
     def _stop_seeing_rectifiers(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._rectifier_ops is not None:
@@ -445,6 +463,9 @@ class ActivationStats(HookCallback):
             hist=gathered["hists"].get(index),
             model_output=index in self._model_outputs,
             rectified=index in self._rectified,
+            inputs_from=tuple(
+                sorted(self._series_names[series] for series in self._producers.get(index, ()))
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:

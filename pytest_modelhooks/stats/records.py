@@ -61,6 +61,9 @@ class LayerStats:
     #: ReLU-family module or function (``F.relu``) consumed; ``max_dead`` judges only these
     #: (and values never below 0)
     rectified: bool = False
+    #: the recorded series whose tensors this module was given (by identity, within a batch):
+    #: what ``max_std_growth`` compares it with
+    inputs_from: tuple[str, ...] = ()
 
     def __getitem__(self, statistic: str) -> torch.Tensor:
         if statistic not in STATISTICS:

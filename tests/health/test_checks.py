@@ -373,3 +373,33 @@ def test_functional_rectifiers_are_seen_and_leave_nothing_behind() -> None:
     with ActivationStats(Fails()) as failing, pytest.raises(RuntimeError, match="broken"):
         failing.model(torch.randn(2, 4))
     assert _get_current_dispatch_mode() is None  # the mode ended with the failed forward
+
+
+def test_std_growth_compares_a_layer_with_what_it_was_given_not_another_branch() -> None:
+    class TwoBranches(nn.Module):
+        """A small-scale conditioning branch runs between a wide layer and its consumer."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.x_proj = nn.Linear(8, 8)
+            self.y_embed = nn.Embedding(4, 8)
+            self.mix = nn.Linear(8, 8)
+            nn.init.normal_(self.y_embed.weight, std=1e-3)  # tiny, by design
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            h = self.x_proj(x)
+            c = self.y_embed(y)
+            return self.mix(h) + c
+
+    model = TwoBranches()
+    with ActivationStats(model, modules="all") as stats:
+        model(torch.randn(16, 8), torch.randint(0, 4, (16,)))
+    assert stats["mix"].inputs_from == ("x_proj",)  # by identity, not by execution order
+    # in execution order mix follows y_embed (std ~1e-3): a ratio of ~500, between branches
+    assert stats.findings(max_std_growth=10.0) == []
+    with torch.no_grad():
+        model.mix.weight.mul_(100.0)
+    with ActivationStats(model, modules="all") as grown:
+        model(torch.randn(16, 8), torch.randint(0, 4, (16,)))
+    found = grown.findings(max_std_growth=10.0)
+    assert [(f.layer, f.note) for f in found] == [("mix", "vs x_proj")]
