@@ -205,6 +205,9 @@ def _model_sizes(
     # a model without children (a bare nn.LSTM) is its own only layer
     default = "children" if next(model.children(), None) is not None else "all"
     selected = select_modules(model, modules, default=default)
+    if (modules == "all" or (modules is None and default == "all")) and len(selected) > 1:
+        # the model's own output last: sizes[-1] is what the model returns, as with the children
+        selected = [*selected[1:], selected[0]]
     if input is None:
         _, kwargs = with_forward_kwargs(model, (), {}, forward_kwargs, "model_sizes")
         trace = trace_dummy(model, size, engine=engine, kwargs=kwargs)

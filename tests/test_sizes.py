@@ -39,6 +39,8 @@ def test_model_sizes_match_a_plain_forward(name: str, modules: str) -> None:
             )
         reference = {name: everything[name] for name in sizes.names}
         assert [name for name in everything if name in reference] == list(sizes.names)
+    if modules == "all":  # the model's own row last: sizes[-1] is the model's output
+        reference = {**{name: calls for name, calls in reference.items() if name}, "": reference[""]}
     assert list(sizes.names) == list(reference)
     for layer, calls in reference.items():
         assert sizes.calls(layer) == calls, layer
@@ -385,3 +387,18 @@ def test_leaves_keep_a_layer_whose_only_child_never_runs() -> None:
     sizes = model_sizes(Attend(), input=torch.zeros(1, 5, 8), modules="leaves")
     assert sizes.names == ("proj", "attn", "attn.out_proj")  # the attention is not lost
     assert sizes["attn"][0] == (1, 5, 16) and sizes.never_ran == ["attn.out_proj"]
+
+
+def test_the_last_size_is_the_models_output_with_every_module_selected() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 8)
+            self.head = nn.Linear(8, 3)
+            self.unused = nn.Linear(2, 2)  # registered last, never runs
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(x))
+
+    sizes = model_sizes(Net(), input=torch.zeros(1, 4), modules="all")
+    assert sizes.names == ("body", "head", "unused", "") and sizes[-1] == (1, 3)

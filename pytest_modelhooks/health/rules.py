@@ -57,9 +57,10 @@ def activation_findings(
     * ``max_near_zero``: the fraction of values with ``|x| <= eps``, on every batch.
     * ``max_std_growth``: std of a layer over the std of the recorded layers whose outputs it
       was given (by identity; where none was recorded, the layer before it if a sibling, never
-      another branch), on every batch; not judged into a normalization layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ``...Norm``
-      classes of other libraries), whose output scale is set by its own weights: a transformer's
-      small residual branch into its LayerNorm is not an explosion.
+      another branch), on every batch; not judged into a normalization layer (BatchNorm,
+      LayerNorm, GroupNorm, RMSNorm, ``...Norm`` classes of other libraries), whose output scale
+      is set by its own weights: a transformer's small residual branch into its LayerNorm is not
+      an explosion.
     * ``allow_nonfinite=False``: the first layer (execution order) that produced NaN/Inf.
     * ``exclude``: modules (a spec as ``modules=`` takes: names, globs, types) whose outputs,
       and those of everything inside them, are not judged by the bounds: layers zero-initialised

@@ -1,0 +1,98 @@
+"""torchvision's models, built from code with random weights: every one summarises with exact
+totals and runs afterwards exactly as before; the documented health bounds hold on the
+classifiers at init. Skipped where torchvision is not importable (see the README's
+"Developing" section for an environment that has it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+tv = pytest.importorskip("torchvision")
+models = tv.models
+
+from pytest_modelhooks import ActivationStats, model_summary  # noqa: E402
+
+# the documented bounds (docs/health.md)
+STD, MAX_DEAD = (0.01, 10.0), 0.5
+# sides a model needs: fixed-size transformers take 224 only; the rest run on 64 or 96
+SIDE = {"inception_v3": 96, "googlenet": 64}
+FIXED_224 = ("vit_", "swin_", "maxvit_")
+# the largest configurations: minutes each on a CPU, nothing their smaller siblings lack
+TOO_BIG = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf"}
+
+
+def _names(module: Any) -> list[str]:
+    return sorted(name for name in models.list_models(module=module) if name not in TOO_BIG)
+
+
+def _side(name: str) -> int:
+    return 224 if name.startswith(FIXED_224) else SIDE.get(name, 64)
+
+
+def _output_leaves(output: Any) -> list[torch.Tensor]:
+    from pytest_modelhooks._tree import tensor_leaves
+
+    return [tensor for _, tensor in tensor_leaves(output)]
+
+
+def _same_after_summary(model: nn.Module, batch: Any) -> None:
+    """A summary (engine auto: meta, fake, then real) leaves the model computing what it did."""
+    model.eval()
+    with torch.no_grad():
+        before = _output_leaves(model(batch))
+    summary = model_summary(model, input_data=batch)
+    assert summary.total_params == sum(param.numel() for param in model.parameters())
+    with torch.no_grad():
+        after = _output_leaves(model(batch))
+    assert len(before) == len(after)
+    for one, other in zip(before, after, strict=True):
+        assert type(other) is torch.Tensor and other.device.type == "cpu"
+        torch.testing.assert_close(other, one)
+
+
+@pytest.mark.parametrize("name", _names(models))
+def test_classifiers_summarise_exactly_and_hold_the_documented_bounds(name: str) -> None:
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None)
+    side = _side(name)
+    _same_after_summary(model, torch.randn(1, 3, side, side))
+    model.train()
+    exclude = ["heads.head"] if name.startswith("vit_") else None  # zero-initialised by design
+    with ActivationStats(model) as stats:
+        model(torch.randn(16, 3, side, side))
+    found = stats.findings(std=STD, max_dead=MAX_DEAD, exclude=exclude)
+    assert not found, "\n".join(map(str, found))
+
+
+@pytest.mark.parametrize("name", _names(models.detection))
+def test_detectors_summarise_and_are_left_working(name: str) -> None:
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None, weights_backbone=None, min_size=128, max_size=128)
+    _same_after_summary(model, [torch.rand(3, 128, 128)])
+
+
+@pytest.mark.parametrize("name", _names(models.segmentation))
+def test_segmentation_models_summarise_and_are_left_working(name: str) -> None:
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None, weights_backbone=None)
+    _same_after_summary(model, torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", _names(models.video))
+def test_video_models_summarise_and_are_left_working(name: str) -> None:
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None)
+    frames, side = (16, 224) if name.startswith(("mvit", "s3d", "swin3d")) else (4, 64)
+    _same_after_summary(model, torch.randn(1, 3, frames, side, side))
+
+
+@pytest.mark.parametrize("name", _names(models.optical_flow))
+def test_optical_flow_models_summarise_and_are_left_working(name: str) -> None:
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None)
+    pair = (torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128))
+    _same_after_summary(model, pair)
