@@ -36,11 +36,13 @@ from types import ModuleType
 from pytest_modelhooks.cli import health, leaks, sizes, summary
 from pytest_modelhooks.cli.common import (
     FACTORY_HELP,
+    KWARG_HELP,
     SEED_HELP,
     UsageError,
     check_modules,
     load_factory,
     parse_device,
+    parse_kwargs,
     parse_seed,
 )
 
@@ -63,6 +65,7 @@ def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParse
             sub.add_argument("--meta", action="store_true", help="build the model on the meta device")
         sub.add_argument("--device", default="cpu", help="run the model there: cpu (default), cuda, cuda:1")
         sub.add_argument("--seed", default="0", help=SEED_HELP)
+        sub.add_argument("--kwarg", action="append", metavar="NAME=VALUE", help=KWARG_HELP)
         sub.add_argument("--format", choices=command.FORMATS, default="text")
         # a usage error after parsing names the subcommand's usage, not the top-level one
         sub.set_defaults(run=command.run, usage=sub)
@@ -99,6 +102,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_mod
         meta = getattr(args, "meta", False)
         args.device = parse_device(args.device, meta)
         args.seed = parse_seed(args.seed)
+        args.kwargs = parse_kwargs(args.kwarg)
         _seed_torch(args.seed)  # before the factory: a random init is the same on every run
         model = load_factory(args.factory, meta)
         if args.device.type != "cpu":

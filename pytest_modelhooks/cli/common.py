@@ -171,6 +171,32 @@ def load_factory(path: str, meta: bool) -> Any:
     return model
 
 
+KWARG_HELP = (
+    "a keyword argument for the model's forward, NAME=VALUE with a Python literal value "
+    "(targets=None, use_cache=False); repeat for several"
+)
+
+
+def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """``--kwarg NAME=VALUE`` options as the forward's keyword arguments (literals only).
+
+    >>> parse_kwargs(["targets=None", "scale=0.5"])
+    {'targets': None, 'scale': 0.5}
+    """
+    found: dict[str, Any] = {}
+    for item in items or []:
+        name, equals, text = item.partition("=")
+        if not equals or not name.isidentifier():
+            raise UsageError(f"--kwarg {item!r}: expected NAME=VALUE, such as targets=None")
+        try:
+            found[name] = ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            raise UsageError(
+                f"--kwarg {item!r}: the value must be a Python literal (None, 3, 'text', [1, 2])"
+            ) from None
+    return found
+
+
 def random_batch(model: Any, shape: tuple[int, ...], seed: int, device: Any) -> Any:
     import torch
 

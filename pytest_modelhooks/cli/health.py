@@ -91,7 +91,7 @@ def _record(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
             for batch in range(args.batches):
                 inputs = random_batch(model, shape, args.seed + batch, args.device)
                 with torch.set_grad_enabled(args.train):
-                    output = model(inputs)
+                    output = model(inputs, **args.kwargs)
                 if args.train:
                     leaves = [leaf for _, leaf in tensor_leaves(output) if leaf.is_floating_point()]
                     if not leaves or not leaves[0].requires_grad:

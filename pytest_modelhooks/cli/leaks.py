@@ -41,7 +41,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
             f"2 or more (3 or 5, a size no other dimension has)"
         )
     inputs = random_batch(model, shape, args.seed, args.device)
-    options: dict[str, Any] = {"output": args.output, "train": args.train}
+    options: dict[str, Any] = {"output": args.output, "train": args.train, **args.kwargs}
     samples = list(parse_indices(args.samples, "--samples")) if args.samples else None
     positions = list(parse_indices(args.positions, "--positions")) if args.positions else None
     try:

@@ -24,7 +24,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
     if args.depth is not None and args.depth < 0:
         raise UsageError(f"--depth {args.depth}: must be >= 0")
     input_size = parse_shape(args.input_size, "--input-size") if args.input_size else None
-    result = model_summary(model, input_size, depth=args.depth)
+    result = model_summary(model, input_size, depth=args.depth, **args.kwargs)
     if args.format == "json":
         print(dumps(result.to_dict()))
     elif args.format == "markdown":

@@ -426,3 +426,43 @@ def test_health_exclude_exempts_a_zero_initialised_layer(
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--exclude", "nothing"])
     assert exit_info.value.code == 2 and "--exclude='nothing' matches no module" in capsys.readouterr().err
+
+
+NANOGPT_LIKE = """
+import torch
+from torch import nn
+
+class GPT(nn.Module):
+    # nanoGPT's forward signature: targets= beside the tokens, a loss when given
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 20)
+    def forward(self, idx, targets=None, causal=True):
+        x = self.embed(idx)
+        n = idx.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool).triu(1) if causal else None
+        logits = self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0])
+        if targets is None:
+            return logits
+        return logits, nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+"""
+
+
+def test_forward_keywords_reach_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "gpt.py").write_text(NANOGPT_LIKE)
+    assert main(["leaks", "gpt:GPT", "--input-size", "3,8", "--causal", "--kwarg", "targets=None"]) == 0
+    assert main(["leaks", "gpt:GPT", "--input-size", "3,8", "--causal", "--kwarg", "causal=False"]) == 1
+    capsys.readouterr()
+    assert (
+        main(["sizes", "gpt:GPT", "--input-size", "2,5", "--kwarg", "causal=False", "--format", "json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["head"]["calls"] == [[2, 5, 20]]
+    for bad in ("causal", "1x=2", "causal=yes please"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sizes", "gpt:GPT", "--input-size", "2,5", "--kwarg", bad])
+        assert exit_info.value.code == 2 and "--kwarg" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sizes", "gpt:GPT", "--size", "5", "--input-size", "2,5"])
+    assert "--size and --input-size: give one" in capsys.readouterr().err
