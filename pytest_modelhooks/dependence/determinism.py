@@ -239,6 +239,14 @@ def nondeterministic_layers(
             note += f" (its forward draws from torch's random generator: {draws['']})"
         diverging = Finding("", type(model).__name__, "nondeterministic", math.nan, "the same", None, note)
         return [*(finding for finding in drawn if finding.layer), diverging]
+    return _compared(first, second, draws, drawn, rtol)
+
+
+def _compared(
+    first: list[_Printed], second: list[_Printed], draws: dict[str, str], drawn: list[Finding], rtol: float
+) -> list[Finding]:
+    """The draws seen, then each innermost module whose output changed between the two runs
+    while its inputs did not (the draws' findings get the measured change)."""
     random = [
         (one, other)
         for one, other in zip(first, second, strict=True)

@@ -118,6 +118,31 @@ def activation_findings(
     return found
 
 
+def _kept_steps(grads: GradientStats) -> tuple[torch.Tensor, list[Finding]]:
+    """The steps to judge, and a finding when there are none: under a GradScaler a step with
+    non-finite gradients is skipped by design, unless no step was finite (the model, not the
+    scale, makes them)."""
+    found: list[Finding] = []
+    skipped = grads.skipped_steps()
+    kept = torch.ones(grads.num_steps, dtype=torch.bool)
+    if skipped and len(skipped) < grads.num_steps:
+        kept[skipped] = False
+    elif skipped:
+        kept[:] = False  # one finding for the model, not one per parameter
+        found.append(
+            Finding(
+                "",
+                type(grads.model).__name__,
+                "nonfinite grad",
+                float(len(skipped)),
+                "a finite step",
+                None,
+                f"every step ({len(skipped)}) overflowed under the GradScaler: no finite gradient",
+            )
+        )
+    return kept, found
+
+
 def excluded_names(model: Any, exclude: ModuleSpec) -> frozenset[str]:
     """The qualified names of the modules ``exclude`` selects (empty for None)."""
     if exclude is None:
@@ -302,27 +327,8 @@ def gradient_findings(
     for bound in GRADIENT_BOUNDS:
         bound.validate(given[bound.name])
     check_order(min_norm, max_norm)
-    found: list[Finding] = []
     steps = torch.arange(grads.num_steps)
-    # under a GradScaler a step with non-finite gradients is skipped by design: leave it out,
-    # unless no step was finite (the model, not the scale, makes them)
-    skipped = grads.skipped_steps()
-    kept = torch.ones(grads.num_steps, dtype=torch.bool)
-    if skipped and len(skipped) < grads.num_steps:
-        kept[skipped] = False
-    elif skipped:
-        kept[:] = False  # one finding for the model, not one per parameter
-        found.append(
-            Finding(
-                "",
-                type(grads.model).__name__,
-                "nonfinite grad",
-                float(len(skipped)),
-                "a finite step",
-                None,
-                f"every step ({len(skipped)}) overflowed under the GradScaler: no finite gradient",
-            )
-        )
+    kept, found = _kept_steps(grads)
     first = _first_nonfinite_grad(grads, kept)
     excluded = excluded_names(grads.model, exclude)
     for param in grads:

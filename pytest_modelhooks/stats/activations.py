@@ -72,6 +72,7 @@ class ActivationStats(HookCallback):
     (torch.Size([2, 2, 3]), ['0', '2'])
     """
 
+    # long: the recorder's arguments, checked, and its whole state, declared in one place
     def __init__(
         self,
         model: nn.Module,
