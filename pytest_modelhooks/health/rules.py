@@ -102,6 +102,8 @@ def activation_findings(
     by_name = {layer.name: layer for layer in layers}
     previous = None
     for layer in layers:
+        if layer.same_as is not None and layer.same_as in by_name:
+            continue  # the same tensor as an earlier layer's: judged there (or exempt there)
         if _within(layer.module, excluded):
             previous = None  # no growth into or out of an exempt layer
             continue
@@ -205,7 +207,9 @@ def _dead_findings(layer: LayerStats, max_dead: float) -> list[Finding]:
     # "Never above zero" is dead only where values are rectified: a ReLU's output, a tensor a
     # ReLU (module or function) reads, values never below zero. Before SiLU, GELU or a sigmoid
     # (squeeze-excitation), and in logits, a negative value is an answer, not a dead unit.
-    rectified = layer.rectified or bool((layer.min >= 0).all())
+    # (values never below zero are rectified if they are ever above it: an output that is 0
+    # everywhere is a constant, which the std bound catches, not a dead layer)
+    rectified = layer.rectified or (bool((layer.min >= 0).all()) and bool((layer.max > 0).any()))
     if layer.dead is None or not rectified or layer.dead <= max_dead:
         return []
     dead_units = round(layer.dead * (layer.channels or 0))

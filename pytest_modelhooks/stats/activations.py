@@ -146,6 +146,7 @@ class ActivationStats(HookCallback):
         # this batch's recorded outputs by identity, to tell which recorded layer fed which
         self._output_ids: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
         self._producers: dict[int, set[int]] = {}  # series -> the series its module consumed
+        self._aliases: dict[int, int] = {}  # series -> an earlier series holding the same tensor
         self._rectifier_ops: _RectifierOps | None = None
         # (True: nothing to see, no dispatch mode; see _begin_batch)
         self._rectifiers_seen = not track_dead or any(
@@ -289,6 +290,9 @@ class ActivationStats(HookCallback):
                 # complex number is never "above zero", so no dead units)
                 x = torch.view_as_real(x.resolve_conj())
             series = self._series_id(module, path, call)
+            earlier = self._output_ids.get(id(tensor))
+            if earlier is not None and earlier[1]() is tensor and earlier[0] != series:
+                self._aliases.setdefault(series, earlier[0])  # a block returning its last layer's
             self._output_ids[id(tensor)] = (series, weakref.ref(tensor))
             if producers:
                 self._producers.setdefault(series, set()).update(producers)
@@ -467,6 +471,7 @@ class ActivationStats(HookCallback):
             inputs_from=tuple(
                 sorted(self._series_names[series] for series in self._producers.get(index, ()))
             ),
+            same_as=self._series_names[self._aliases[index]] if index in self._aliases else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,6 +64,9 @@ class LayerStats:
     #: the recorded series whose tensors this module was given (by identity, within a batch):
     #: what ``max_std_growth`` compares it with
     inputs_from: tuple[str, ...] = ()
+    #: the earlier series holding the very same tensor (a block, or the model, returning its
+    #: last layer's output), or None; the bounds judge a tensor once, at its first series
+    same_as: str | None = None
 
     def __getitem__(self, statistic: str) -> torch.Tensor:
         if statistic not in STATISTICS:
