@@ -18,8 +18,8 @@ from pytest_modelhooks import ActivationStats, model_summary  # noqa: E402
 
 # the documented bounds (docs/health.md)
 STD, MAX_DEAD = (0.001, 50.0), 0.8
-# sides a model needs: fixed-size transformers take 224 only (Inception's auxiliary head too)
-SIDE = {"inception_v3": 224}
+# sides a model needs: fixed-size transformers take 224 only, Inception (with its auxiliary head) 299
+SIDE = {"inception_v3": 299}
 FIXED_224 = ("vit_", "swin_", "maxvit_")
 # the largest configurations: minutes each on a CPU, nothing their smaller siblings lack
 TOO_BIG = {"vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_y_16gf"}
