@@ -85,15 +85,7 @@ def activation_findings(
     for bound in ACTIVATION_BOUNDS:
         bound.validate(given[bound.name])
     recorded: frozenset[str] = stats.statistics
-    for name, value, needs in (
-        ("std", std, "std"),
-        ("max_std_growth", max_std_growth, "std"),
-        ("max_near_zero", max_near_zero, "near_zero"),
-    ):
-        if value is not None and needs not in recorded:
-            raise ValueError(f"{name}= needs {needs!r} recorded: add it to ActivationStats(statistics=...)")
-    if max_dead is not None and not stats.track_dead:
-        raise ValueError("max_dead= needs dead units recorded: ActivationStats(track_dead=True)")
+    _check_recorded(stats, given)
     layers = list(stats)
     found: list[Finding] = []
     if not allow_nonfinite:
@@ -162,6 +154,15 @@ def _within(name: str, excluded: frozenset[str]) -> bool:
         if not name:
             return False
         name = name.rpartition(".")[0]
+
+
+def _check_recorded(stats: ActivationStats, given: dict[str, Any]) -> None:
+    """A bound needs its statistic recorded: say which, and how, before judging nothing."""
+    for name, needs in (("std", "std"), ("max_std_growth", "std"), ("max_near_zero", "near_zero")):
+        if given[name] is not None and needs not in stats.statistics:
+            raise ValueError(f"{name}= needs {needs!r} recorded: add it to ActivationStats(statistics=...)")
+    if given["max_dead"] is not None and not stats.track_dead:
+        raise ValueError("max_dead= needs dead units recorded: ActivationStats(track_dead=True)")
 
 
 def _std_findings(layer: LayerStats, std: tuple[float, float], model: Any) -> list[Finding]:
