@@ -46,8 +46,9 @@ class CallLog:
     label (``" [call N]"`` from a module's second call on), the module, what ``on_enter`` made
     of its inputs and what ``on_exit`` made of its output. ``on_enter`` may also hand the
     module other inputs (it returns ``(args, kwargs, payload)``). While ``recording`` is off
-    the inputs are still replaced, and nothing is logged. A context manager: the hooks go when
-    the block ends, also on an exception."""
+    the inputs are still replaced, and nothing is logged. ``running`` holds the names of the
+    modules running now, outermost first. A context manager: the hooks go when the block ends,
+    also on an exception."""
 
     def __init__(
         self,
@@ -58,17 +59,21 @@ class CallLog:
         self.named, self.on_enter, self.on_exit = named, on_enter, on_exit
         self.calls: list[tuple[str, str, nn.Module, Any, Any]] = []
         self.recording = True
+        self.running: list[str] = []
         self._counts: dict[str, int] = {}
         self._open: dict[int, list[Any]] = {}  # per module: its open calls' payloads
         self._handles: list[Any] = []
 
-    def _enter(self, module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    def _enter(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        self.running.append(name)
         args, kwargs, payload = self.on_enter(args, kwargs)
         if self.recording:
             self._open.setdefault(id(module), []).append(payload)
         return args, kwargs
 
     def _exit(self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if self.running:
+            self.running.pop()
         if not self.recording:
             return
         self._counts[name] = self._counts.get(name, 0) + 1
@@ -78,7 +83,8 @@ class CallLog:
     def __enter__(self) -> CallLog:
         try:
             for name, module in self.named:
-                self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+                enter_hook = functools.partial(self._enter, name)
+                self._handles.append(module.register_forward_pre_hook(enter_hook, with_kwargs=True))
                 exit_hook = functools.partial(self._exit, name)
                 self._handles.append(module.register_forward_hook(exit_hook, with_kwargs=True))
         except BaseException:

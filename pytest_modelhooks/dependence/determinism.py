@@ -113,26 +113,20 @@ def _one_run(
 ) -> list[_Printed]:
     """One eval forward, every call fingerprinted; with ``draws``, also note there which
     modules drew at random (their innermost name -> the op)."""
-    names = {id(module): name for name, module in named}
-    running: list[str] = []
 
     def enter(call_args: Any, call_kwargs: Any) -> tuple[Any, Any, Any]:
         return call_args, call_kwargs, _fingerprint((call_args, call_kwargs))
-
-    def exit(output: Any) -> Any:
-        return _fingerprint(output)
 
     # the generators of every device the model or its input is on, forked: restored after
     devices = {t.device for t in (*model.parameters(), *model.buffers())}
     devices |= {t.device for _, t in tensor_leaves((args, kwargs))}
     cuda = sorted({device.index or 0 for device in devices if device.type == "cuda"})
     with ExitStack() as stack:
-        log = stack.enter_context(CallLog(named, enter, exit))
+        log = stack.enter_context(CallLog(named, enter, _fingerprint))
         stack.enter_context(torch.random.fork_rng(devices=cuda))
         stack.enter_context(torch.no_grad())
         if draws is not None:
-            stack.enter_context(_ModuleStack(named, names, running))
-            mode = stack.enter_context(_Draws(running))
+            mode = stack.enter_context(_Draws(log.running))  # the log knows what runs
         torch.manual_seed(seed)  # each run its own draw: chance shows as a difference
         model(*args, **kwargs)
     if draws is not None:
@@ -150,37 +144,6 @@ def _one_run(
         )
         for name, label, module, inputs, outputs in log.calls
     ]
-
-
-class _ModuleStack:
-    """Keeps ``running`` as the names of the modules running now (pre and post hooks), for the
-    block; a module whose forward raises is taken off by the model's own failure."""
-
-    def __init__(self, named: list[tuple[str, nn.Module]], names: dict[int, str], running: list[str]) -> None:
-        self.named, self.names, self.running = named, names, running
-        self.handles: list[Any] = []
-
-    def _enter(self, module: nn.Module, args: Any) -> None:
-        self.running.append(self.names[id(module)])
-
-    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self.running:
-            self.running.pop()
-
-    def __enter__(self) -> _ModuleStack:
-        try:
-            for _, module in self.named:
-                self.handles.append(module.register_forward_pre_hook(self._enter))
-                self.handles.append(module.register_forward_hook(self._exit))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
 
 def nondeterministic_layers(
