@@ -108,6 +108,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_mod
         if args.device.type != "cpu":
             model = model.to(args.device)
         check_modules(model, getattr(args, "modules", None))
+        if getattr(args, "exclude", None):
+            args.exclude = args.exclude.split(",")
         check_modules(model, getattr(args, "exclude", None), "--exclude")
         status: int = args.run(model, args)
     except UsageError as error:

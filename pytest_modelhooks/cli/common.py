@@ -42,7 +42,7 @@ def parse_seed(text: str) -> int:
     return seed
 
 
-def check_modules(model: Any, modules: str | None, option: str = "--modules") -> None:
+def check_modules(model: Any, modules: str | list[str] | None, option: str = "--modules") -> None:
     """``--modules`` (or ``--exclude``), checked before anything runs: a name or glob that matches
     no module is the command line's mistake (exit 2), not the model's."""
     if modules is None:
@@ -50,7 +50,7 @@ def check_modules(model: Any, modules: str | None, option: str = "--modules") ->
     from pytest_modelhooks.hooks.select import select_modules
 
     try:
-        select_modules(model, modules.split(",") if option == "--exclude" else modules, argument=option)
+        select_modules(model, modules, argument=option)
     except (ValueError, TypeError) as error:
         raise UsageError(str(error)) from None
 

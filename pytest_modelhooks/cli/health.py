@@ -115,7 +115,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
         raise UsageError(f"--batches {args.batches}: must be >= 1")
     bounds = _bounds(args)
     stats, grads = _record(model, args)
-    exclude = args.exclude.split(",") if args.exclude else None
+    exclude = args.exclude or None  # (split into names by the command line's main)
     findings = stats.findings(
         **{bound.name: bounds[bound.name] for bound in ACTIVATION_BOUNDS}, exclude=exclude
     )
