@@ -594,3 +594,32 @@ def test_the_auto_engine_falls_back_to_a_real_forward_with_the_attributes_put_ba
     sizes = model_sizes(model, input=torch.randn(1, 3, 8, 8), modules="all")
     assert sizes.engine == "real" and sizes["conv"] == (1, 4, 8, 8)
     assert model.cache is None and len(model.cell_anchors) == 1
+
+
+def test_state_put_back_covers_a_reused_module_tuples_and_a_failing_forward() -> None:
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.pair = (torch.zeros(4), "tag")  # a tuple attribute, rebound in forward
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.pair = (x.mean(0), "seen")
+            return self.proj(x) + self.pair[0]
+
+    shared = Caching()
+    model = nn.Sequential(shared, shared)  # the same module twice
+    original = shared.pair
+    model_summary(model, input_data=torch.randn(2, 4))
+    assert shared.pair is original
+
+    class Broken(Caching):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.pair = (x.mean(0), "seen")
+            raise RuntimeError("no")
+
+    broken = Broken()
+    before = broken.pair
+    with pytest.raises(LayerError):
+        model_sizes(broken, input=torch.randn(2, 4))
+    assert broken.pair is before  # put back although every engine failed
