@@ -14,10 +14,10 @@ from torch import nn
 tv = pytest.importorskip("torchvision")
 models = tv.models
 
-from pytest_modelhooks import ActivationStats, model_summary  # noqa: E402
+from pytest_modelhooks import ActivationStats, GradientStats, model_summary  # noqa: E402
 
 # the documented bounds (docs/health.md)
-STD, MAX_DEAD = (0.001, 50.0), 0.8
+STD, MAX_DEAD, MAX_GRAD_NORM = (0.001, 50.0), 0.8, 1e5
 # sides a model needs: fixed-size transformers take 224 only, Inception (with its auxiliary head) 299
 SIDE = {"inception_v3": 299}
 FIXED_224 = ("vit_", "swin_", "maxvit_")
@@ -66,6 +66,24 @@ def test_classifiers_summarise_exactly_and_hold_the_documented_bounds(name: str)
         model(torch.randn(16, 3, side, side))
     found = stats.findings(std=STD, max_dead=MAX_DEAD, exclude=exclude)
     assert not found, "\n".join(map(str, found))
+    _training_steps_hold_the_gradient_bound(model, side)
+
+
+def _training_steps_hold_the_gradient_bound(model: nn.Module, side: int) -> None:
+    """Two AdamW steps from init (the second sees what the first changed): every parameter gets
+    a finite gradient below the documented bound and is updated."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = 4 if side > 64 else 16
+    images, labels = torch.randn(batch, 3, side, side), torch.randint(0, 1000, (batch,))
+    with GradientStats(model) as grads:
+        for _ in range(2):
+            output = model(images)
+            # GoogLeNet and Inception return their auxiliary logits in train mode: train them too
+            logits = [output] if isinstance(output, torch.Tensor) else [o for o in output if o is not None]
+            torch.stack([nn.functional.cross_entropy(one, labels) for one in logits]).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    grads.check(max_norm=MAX_GRAD_NORM)
 
 
 @pytest.mark.parametrize("name", _names(models.detection))

@@ -19,6 +19,7 @@ apart: when its other samples do not reach the output, nothing leaks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,12 +49,16 @@ class _Reach:
     known: bool  # the tensor has the axis (a batch of 3 where the output has one of 3)
     leaked: list[int]  # forbidden indices (other samples, later positions) that reach it
     ratio: float  # their largest gradient over the largest allowed one
+    seen: bool = True  # its allowed entries reach the output (the check can see through it)
 
 
-_UNKNOWN = _Reach(False, [], 0.0)
+_UNKNOWN = _Reach(False, [], 0.0, seen=False)
 
 
 _CLEAN = _Reach(True, [], 0.0)
+
+
+_UNSEEN = _Reach(True, [], 0.0, seen=False)
 
 
 def _axis(tensor: torch.Tensor, preferred: int, size: int) -> int | None:
@@ -78,7 +83,7 @@ def _reach(
     if axis is None:
         return _UNKNOWN
     if grad is None:
-        return _CLEAN
+        return _UNSEEN
     magnitude = grad.detach().abs().float()
     others = [dim for dim in range(magnitude.dim()) if dim != axis]
     per_index = (magnitude.amax(dim=others) if others else magnitude).tolist()
@@ -87,7 +92,7 @@ def _reach(
     own = max(per_index[index] for index in allowed)
     leaked = [index for index in forbidden if per_index[index] > rtol * own]
     if not leaked:
-        return _CLEAN
+        return _CLEAN if own > 0 else _UNSEEN
     worst = max(per_index[index] for index in leaked)
     return _Reach(True, leaked, worst / own if own > 0 else float("inf"))
 
@@ -97,7 +102,10 @@ def _worst(reaches: list[_Reach]) -> _Reach:
     known = [reach for reach in reaches if reach.known]
     if not known:
         return _UNKNOWN
-    return max(known, key=lambda reach: (bool(reach.leaked), reach.ratio))
+    worst = max(known, key=lambda reach: (bool(reach.leaked), reach.ratio))
+    if not worst.seen and any(reach.seen for reach in known):
+        return _CLEAN
+    return worst
 
 
 def _indices(indices: list[int]) -> str:
@@ -195,18 +203,38 @@ def _tensors(calls: list[ModuleCall]) -> list[torch.Tensor]:
 
 def _between(states: list[tuple[ModuleCall, _Reach, _Reach]]) -> str:
     """Where in a forward's own code the leak is: after the last call whose output leaks,
-    before the first later call whose input is clean."""
+    before the first later call whose input is clean and computed from that output (not a
+    call of a parallel branch, such as a timestep embedding beside the label one)."""
     last = max((index for index, (_, _, outputs) in enumerate(states) if outputs.leaked), default=None)
     if last is None:
         first = next((call for call, inputs, _ in states if inputs.known and not inputs.leaked), None)
         return f", before {first.label!r}" if first is not None else ""
-    after = states[last][0].label
+    leaking = states[last][0]
+    after = leaking.label
     following = next(
-        (call for call, inputs, _ in states[last + 1 :] if inputs.known and not inputs.leaked), None
+        (
+            call
+            for call, inputs, _ in states[last + 1 :]
+            if inputs.known and not inputs.leaked and _computed_from(call.inputs, leaking.outputs)
+        ),
+        None,
     )
     if following is None:
         return f", after {after!r}"
     return f", between {after!r} and {following.label!r}"
+
+
+def _computed_from(tensors: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> bool:
+    """Whether autograd has a path from any of ``sources`` to any of ``tensors``."""
+    wanted = [tensor for tensor in sources if tensor.requires_grad]
+    for tensor in tensors:
+        if not (wanted and tensor.requires_grad and tensor.grad_fn is not None):
+            continue
+        probe = (tensor.float() if tensor.is_floating_point() else torch.view_as_real(tensor)).sum()
+        grads = torch.autograd.grad(probe, wanted, retain_graph=True, allow_unused=True)
+        if any(grad is not None for grad in grads):
+            return True
+    return False
 
 
 def _findings_for_target(
@@ -230,6 +258,8 @@ def _findings_for_target(
     # floating-point input (an embedding).
     sources = [inputs for call, inputs, _ in states if call.name == "" and inputs.known]
     sources += [outputs for call, _, outputs in states if call.name and not call.inputs and outputs.known]
+    if sources and not any(source.seen or source.leaked for source in sources):
+        return [_unseen(model, kind, own=kind.own.format(k=target))]
     if sources and not any(source.leaked for source in sources):
         return []
     if not any(state.leaked for _, inputs, outputs in states for state in (inputs, outputs)):
@@ -259,7 +289,10 @@ def _findings_for_target(
             local = probe.objective(call.outputs, target)
             assert local is not None  # (built above)
             where = _between(_states(inside, probe.reach(local, _tensors(inside))))
-            note = f"its output {own} depends on {kind.entries} through {call.type}.forward's own code{where}"
+            note = (
+                f"its output {own} depends on its input {kind.others} {_indices(alone.leaked)} "
+                f"through {call.type}.forward's own code{where}{_hint(kind, call.module, train)}"
+            )
         else:
             note = (
                 f"its output {own} depends on its input {kind.others} {_indices(alone.leaked)}: "
@@ -293,6 +326,7 @@ def _leaks(
     if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and 0 <= rtol < 1):
         raise ValueError(f"rtol must be a number in [0, 1), got rtol={rtol!r}")
     with (
+        zero_init_perturbed(model) as perturbed,
         _buffers_restored(model, train),
         recorded_run(model, input, forward_kwargs, modules, train, caller) as (result, calls),
         _reentrant_named(),
@@ -331,7 +365,17 @@ def _leaks(
                     findings.setdefault(finding.layer, finding)
             except _NonFiniteGradient:
                 return [_blind(calls, model, kind, "gradient")]
-        return list(findings.values())
+        return [_seen_with(finding, perturbed) for finding in findings.values()]
+
+
+def _seen_with(finding: Finding, perturbed: list[str]) -> Finding:
+    """A leak found with zero-initialised parameters made nonzero says so: at init the model's
+    output does not show it yet."""
+    if not perturbed or finding.statistic == "unseen":
+        return finding
+    shown = ", ".join(perturbed[:3]) + (f" and {len(perturbed) - 3} more" if len(perturbed) > 3 else "")
+    note = f"{finding.note}; seen with the all-zero parameter(s) {shown} made nonzero (at init they hide it)"
+    return dataclasses.replace(finding, note=note)
 
 
 def _check_batch_axis(checked: torch.Tensor, dim: int, input: Any, model: nn.Module, caller: str) -> None:
@@ -368,6 +412,48 @@ def _blind(calls: list[ModuleCall], model: nn.Module, kind: _Kind, what: str) ->
         f"check cannot tell whether {kind.entries} reach the output; it fails rather than pass blind"
     )
     return Finding(layer, kind_name, "nonfinite", math.nan, "finite", None, note)
+
+
+def _unseen(model: nn.Module, kind: _Kind, own: str) -> Finding:
+    """The finding of a check whose output does not depend on the model's input at all."""
+    note = (
+        f"the checked output {own} does not depend on the model's input (a frozen, detached "
+        f"or constant path?), so the check cannot tell whether {kind.entries} reach it; it "
+        f"fails rather than pass blind"
+    )
+    return Finding("", type(model).__name__, "unseen", math.nan, "depends on the input", None, note)
+
+
+@contextmanager
+def zero_init_perturbed(model: nn.Module) -> Iterator[list[str]]:
+    """Trainable parameters that are all zeros (adaLN-Zero gates, a zero-initialised head,
+    ReZero) made small random values for the check, and put back after: at init they hide
+    what reaches the output (a gate of 0 passes nothing), though training moves them at once.
+    Yields their names. Biases are left alone: a zero bias adds nothing but gates nothing
+    either (nanoGPT zeroes them all). The draws use a private generator (the user's random
+    state is kept)."""
+    generator = torch.Generator().manual_seed(0)
+    zeroed: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters():
+        if (
+            param.requires_grad
+            and not name.endswith("bias")
+            and param.is_floating_point()
+            and param.numel()
+            and param.device.type != "meta"
+            and not bool(param.detach().any())
+        ):
+            zeroed.append((name, param))
+    try:
+        with torch.no_grad():
+            for _, param in zeroed:
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.02
+                param.copy_(noise.to(param.device, param.dtype))
+        yield [name for name, _ in zeroed]
+    finally:
+        with torch.no_grad():
+            for _, param in zeroed:
+                param.zero_()
 
 
 @contextmanager

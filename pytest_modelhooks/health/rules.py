@@ -386,7 +386,7 @@ def _update_findings(grads: GradientStats, *, strict: bool) -> list[Finding]:
         ", the optimizer that stepped" if len(names) == 1 else ", the optimizers that stepped"
     )
     lost = grads.lost_before_step()
-    frozen = "(frozen on purpose: requires_grad_(False))"
+    frozen = "(if frozen on purpose, call requires_grad_(False) on it)"
     found = []
     for param in grads:
         if not param.got_grad or updated[param.name] is not False or param.name in zero_lr:

@@ -20,6 +20,7 @@ from pytest_modelhooks import (
     training_flags,
 )
 from tests import zoo
+from tests.helpers import untouched
 
 
 class Block(nn.Module):
@@ -134,8 +135,8 @@ def test_mixing_in_a_forward_s_own_code_is_placed_between_two_layers() -> None:
     (finding,) = batch_leaks(Centred(), torch.randn(3, 4))
     assert (finding.layer, finding.layer_type) == ("", "Centred")
     assert finding.note == (
-        "its output for sample 0 depends on other samples through Centred.forward's own code, "
-        "between 'a' and 'b'"
+        "its output for sample 0 depends on its input for sample(s) 1, 2 through Centred.forward's "
+        "own code, between 'a' and 'b' (a reduction, reshape or transpose over the batch dimension?)"
     )
     wrapped = nn.Sequential(nn.Linear(4, 4), Centred())  # inside a block: the block is named
     (finding,) = batch_leaks(wrapped, torch.randn(3, 4))
@@ -570,3 +571,44 @@ def test_a_position_picks_from_a_tuple_output() -> None:
         batch_leaks(Two(), x, output=2)
     with pytest.raises(AttributeError, match=r"the model returned a tensor, which has no named outputs"):
         batch_leaks(nn.Linear(4, 4), x, output=0)
+
+
+class GatedMixer(nn.Module):
+    """A residual branch that mixes the batch behind a zero-initialised gate (adaLN-Zero, ReZero):
+    at init the output does not show the leak, but training opens the gate at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.gate = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return h + self.gate * h.mean(0, keepdim=True)
+
+
+def test_a_leak_behind_a_zero_initialised_gate_is_found_and_the_gate_is_put_back() -> None:
+    model = GatedMixer()
+    with untouched(model):
+        (finding,) = batch_leaks(model, torch.randn(3, 4))
+    assert finding.statistic == "batch leak"
+    assert "all-zero parameter(s) gate made nonzero" in finding.note
+    assert not model.gate.any()
+
+
+def test_zero_biases_are_not_perturbed_and_not_mentioned() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), Centred())
+    nn.init.zeros_(model[0].bias)
+    (finding,) = batch_leaks(model, torch.randn(3, 4))
+    assert "made nonzero" not in finding.note
+
+
+def test_an_output_that_does_not_depend_on_the_input_fails_instead_of_passing() -> None:
+    model = nn.Linear(4, 3)
+    model.weight.requires_grad_(False)
+    with torch.no_grad():
+        model.weight.zero_()  # frozen at zero: the output is the bias, whatever the input
+    for check in (check_batch_independence, check_causal):
+        with pytest.raises(HealthError, match="does not depend on the model's input") as raised:
+            check(model, torch.randn(3, 5, 4))
+        assert [finding.statistic for finding in raised.value.findings] == ["unseen"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.plugin._helpers import write
 
 
@@ -105,7 +107,8 @@ def test_a_test_that_never_runs_the_model_fails_with_the_reason(run, pytester) -
     result.stdout.fnmatch_lines(["*no backward pass was recorded (4 parameter(s) require grad)*"])
 
 
-def test_exclude_from_the_ini_file_the_marker_and_the_call(pytester) -> None:
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_exclude_from_the_ini_file_the_marker_and_the_call(pytester, xdist: list[str]) -> None:
     pytester.makeini(
         "[pytest]\naddopts = -p no:cacheprovider\nmodelhooks_std_range = 0.01,10\nmodelhooks_exclude = gate\n"
     )
@@ -147,7 +150,7 @@ def test_exclude_from_the_ini_file_the_marker_and_the_call(pytester) -> None:
                 run(activation_stats).check(exclude=None)
         """,
     )
-    pytester.runpytest_subprocess().assert_outcomes(passed=3)
+    pytester.runpytest_subprocess(*xdist).assert_outcomes(passed=3)
 
 
 def test_a_bad_exclude_in_the_ini_file_is_named(pytester) -> None:

@@ -1340,7 +1340,7 @@ def test_parameters_left_out_of_the_optimizer_are_named(make: Any) -> None:
     name = type(make([nn.Parameter(torch.zeros(1))])).__name__
     assert [f.note for f in raised.value.findings] == [
         f"got a gradient but is in none of the param groups of {name}, the optimizer that stepped "
-        f"(frozen on purpose: requires_grad_(False))"
+        f"(if frozen on purpose, call requires_grad_(False) on it)"
     ] * 2
     assert [(o.name, o.steps, o.params) for o in grads.stepped_optimizers()] == [
         (name, 2, ("0.weight", "0.bias"))
@@ -1460,7 +1460,7 @@ def test_the_optimizers_that_stepped_tell_why_a_parameter_stayed() -> None:
     assert notes == dict.fromkeys(
         ["critic.weight", "critic.bias"],
         "got a gradient but is in none of the param groups of SGD, the optimizer that stepped "
-        "(frozen on purpose: requires_grad_(False))",
+        "(if frozen on purpose, call requires_grad_(False) on it)",
     )
     grads.check(require_update=False)  # a generator-only step: the critic is left out on purpose
 
