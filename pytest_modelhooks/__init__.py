@@ -52,6 +52,11 @@ _EXPORTS: dict[str, str] = {
     "check_causal": "dependence",
     "check_deterministic": "dependence",
     "nondeterministic_layers": "dependence",
+    "model_memory": "memory",
+    "max_batch_size": "memory",
+    "MemoryReport": "memory",
+    "LayerMemory": "memory",
+    "BatchFit": "memory",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -119,6 +124,11 @@ if TYPE_CHECKING:
     from pytest_modelhooks.inputs import (
         input_spec as input_spec,
     )
+    from pytest_modelhooks.memory import BatchFit as BatchFit
+    from pytest_modelhooks.memory import LayerMemory as LayerMemory
+    from pytest_modelhooks.memory import MemoryReport as MemoryReport
+    from pytest_modelhooks.memory import max_batch_size as max_batch_size
+    from pytest_modelhooks.memory import model_memory as model_memory
     from pytest_modelhooks.sizes import (
         LayerSizes as LayerSizes,
     )

@@ -40,6 +40,8 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
         ("dummy_eval", ["model", "size"]),
         ("model_sizes", ["model", "size"]),
         ("model_summary", ["model", "input_size", "input_data"]),
+        ("model_memory", ["model", "input"]),
+        ("max_batch_size", ["model", "make_input", "budget"]),
     ],
 )
 def test_the_promised_signatures_start_as_promised(name: str, parameters: list[str]) -> None:

@@ -104,7 +104,7 @@ def is_engine_limitation(error: BaseException) -> bool:
 
 
 @contextmanager
-def _swapped_tensors(
+def swapped_tensors(
     modules: Sequence[nn.Module],
     make: Callable[[torch.Tensor], torch.Tensor],
     stores: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
@@ -233,11 +233,11 @@ def _engine_inputs(
 ) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
     """Run the block with the model's tensors swapped for ``engine``; yield the inputs to use."""
     if engine == "real":
-        with _swapped_tensors(modules, _copy_of, _written_in_forward):
+        with swapped_tensors(modules, _copy_of, _written_in_forward):
             yield args, kwargs
         return
     if engine == "meta":
-        with _swapped_tensors(modules, _to_meta):
+        with swapped_tensors(modules, _to_meta):
             yield map_tensors(args, _to_meta), map_tensors(kwargs, _to_meta)
         return
     # torch logs every fake kernel failure at ERROR level; a failure here only moves the trace
@@ -248,7 +248,7 @@ def _engine_inputs(
     try:
         with (
             fake_tensor_mode(allow_non_fake_inputs=True) as mode,
-            _swapped_tensors(modules, mode.from_tensor),
+            swapped_tensors(modules, mode.from_tensor),
         ):
             yield map_tensors(args, mode.from_tensor), map_tensors(kwargs, mode.from_tensor)
     finally:
