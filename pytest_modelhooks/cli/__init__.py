@@ -6,6 +6,8 @@
     python -m pytest_modelhooks health PACKAGE.MODULE:FACTORY --input-size 16,3,64,64 \\
         [--batches 3] [--train] [--std 0.2,5] [--max-dead 0.3] [--max-grad-norm 100]
     python -m pytest_modelhooks leaks PACKAGE.MODULE:FACTORY --input-size 3,16 [--causal]
+    python -m pytest_modelhooks memory PACKAGE.MODULE:FACTORY --input-size 8,3,224,224 \\
+        [--optimizer adamw] [--autocast bf16] [--budget 80GiB] [--max-batch] [--meta]
 
 ``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
 ``nn.Module``; the current directory is importable. ``'mypkg.models:build(depth=50)'`` calls it
@@ -19,10 +21,12 @@ stand-in loss (the mean square of the output) and the gradient statistics, then 
 for the bounds given; it exits with 1 when there are findings, so it can gate a CI step.
 ``leaks`` runs :func:`~pytest_modelhooks.dependence.reach.batch_leaks` (and with ``--causal``
 :func:`~pytest_modelhooks.dependence.reach.causal_leaks`) on one random batch and exits with 1 when a
-layer mixes samples or looks ahead.
+layer mixes samples or looks ahead. ``memory`` traces one training step on fake tensors and
+prints its peak and what holds it per layer; with ``--budget`` it exits with 1 when the peak is
+over it, with ``--max-batch`` it prints the largest batch that fits.
 
 Each subcommand is a module of this package (:mod:`.summary`, :mod:`.sizes`, :mod:`.health`,
-:mod:`.leaks`) with the same four names: ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+:mod:`.leaks`, :mod:`.memory`) with the same four names: ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(model, args) -> exit status``; what they share is in :mod:`.common`.
 """
 
@@ -33,7 +37,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from pytest_modelhooks.cli import health, leaks, sizes, summary
+from pytest_modelhooks.cli import health, leaks, memory, sizes, summary
 from pytest_modelhooks.cli.common import (
     FACTORY_HELP,
     KWARG_HELP,
@@ -49,9 +53,9 @@ from pytest_modelhooks.cli.common import (
 __all__ = ["main", "run", "script"]
 
 #: The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks)
+SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks, memory)
 #: Those that can build the model on the meta device (they never compute on its weights).
-_META = (summary, sizes)
+_META = (summary, sizes, memory)
 
 
 def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParser:

@@ -466,3 +466,60 @@ def test_forward_keywords_reach_the_model(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit):
         main(["sizes", "gpt:GPT", "--size", "5", "--input-size", "2,5"])
     assert "--size and --input-size: give one" in capsys.readouterr().err
+
+
+def test_memory_prints_the_report_and_judges_the_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["memory", "cli_models:small", "--input-size", "4,3,16,16"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Sequential training step, adamw, input 4x3x16x16 float32: peak ")
+    assert "Conv2d" in out and "saved for backward" in out
+    assert main([*argv, "--budget", "1KiB"]) == 1
+    assert "over budget: peak " in capsys.readouterr().out
+    assert main([*argv, "--budget", "1GiB", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["peak_bytes"] < 2**30 and data["optimizer"] == "adamw"
+    assert main([*argv, "--format", "markdown", "--optimizer", "none", "--allocator", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "forward and backward" in out and "| total |" not in out and "| **total** |" in out
+
+
+def test_memory_matches_the_library_and_finds_the_largest_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    import cli_models  # type: ignore[import-not-found]
+
+    from pytest_modelhooks.memory import max_batch_size, model_memory
+
+    model = cli_models.small()
+    assert main(["memory", "cli_models:small", "--input-size", "4,3,16,16", "--format", "json"]) == 0
+    assert (
+        json.loads(capsys.readouterr().out)["peak_bytes"]
+        == model_memory(model, input_size=(4, 3, 16, 16)).peak_bytes
+    )
+    assert (
+        main(["memory", "cli_models:small", "--input-size", "1,3,16,16", "--budget", "2MiB", "--max-batch"])
+        == 0
+    )
+    fit = max_batch_size(model, lambda batch: torch.rand(batch, 3, 16, 16), "2MiB")
+    assert capsys.readouterr().out.startswith(f"batch {fit.batch_size} fits 2.0 MiB")
+
+
+def test_memory_builds_a_big_model_on_meta(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["memory", "cli_models:Big", "--input-size", "8,4096", "--meta", "--autocast", "bf16"]) == 0
+    assert "autocast bfloat16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budget", "lots"], "--budget 'lots': expected a size such as 24GiB"),
+        (["--max-batch"], "--max-batch needs --budget"),
+        (["--autocast", "int8"], "--autocast 'int8': expected one of bf16"),
+    ],
+)
+def test_memory_bad_arguments_exit_2(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["memory", "cli_models:small", "--input-size", "4,3,16,16", *extra])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
