@@ -62,6 +62,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "modelhooks_seed", "torch seed before each test using the plugin: int, random or off", default="0"
     )
+    parser.addini(
+        "modelhooks_max_memory",
+        "the model_memory fixture's default budget for report.check(): 24GiB, 80GB, bytes "
+        "(marker: max_memory=)",
+        default="",
+    )
     parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")
     parser.addini("modelhooks_snapshot_rtol", "relative tolerance for numbers in snapshots", default="0")
     parser.addini("modelhooks_snapshot_atol", "absolute tolerance for numbers in snapshots", default="0")
@@ -149,6 +155,17 @@ def gradient_stats(request: pytest.FixtureRequest) -> Iterator[Any]:
     tracker = session.HookTracker(request)
     yield session.FixtureCall("gradient_stats", tracker.gradient_stats, wraps=GradientStats)
     tracker.close()
+
+
+@pytest.fixture
+def model_memory(request: pytest.FixtureRequest) -> Any:
+    """``report = model_memory(model, input, ...)``: :func:`pytest_modelhooks.model_memory`, sized
+    for the configured device; ``report.check()`` takes its budget from the marker's
+    ``max_memory=`` or the ini key ``modelhooks_max_memory``, and a failing check puts the whole
+    report into the test's report."""
+    from pytest_modelhooks._plugin.fixtures import memory_fixture
+
+    return memory_fixture(request)
 
 
 @pytest.fixture

@@ -159,7 +159,13 @@ def test_long_functions_say_why_they_are_not_split() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["pytest_modelhooks.plugin", "pytest_modelhooks.health.bounds", "pytest_modelhooks.findings"]
+    "module",
+    [
+        "pytest_modelhooks.plugin",
+        "pytest_modelhooks.health.bounds",
+        "pytest_modelhooks.findings",
+        "pytest_modelhooks.units",
+    ],
 )
 def test_these_modules_load_without_torch(module: str) -> None:
     code = f"import sys, {module}; print('torch' in sys.modules)"

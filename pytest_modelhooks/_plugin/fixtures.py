@@ -21,6 +21,7 @@ from pytest_modelhooks.findings import HealthError
 from pytest_modelhooks.hooks.core import Hook, HookFunc, Hooks, hook_output
 from pytest_modelhooks.hooks.select import ModuleSpec, hookable
 from pytest_modelhooks.inputs import is_input_data
+from pytest_modelhooks.memory import MemoryReport, model_memory
 from pytest_modelhooks.report.text import context_text
 from pytest_modelhooks.sizes import model_sizes
 from pytest_modelhooks.stats.activations import ActivationStats
@@ -276,3 +277,49 @@ class FixtureGradientStats(GradientStats):
                 return self.plot(path=path, max_norm=bounds.get("max_norm"), min_norm=bounds.get("min_norm"))
 
             self._fixture.fail_check(error, "gradients", draw if self.num_steps else None, self)
+
+
+class FixtureMemoryReport(MemoryReport):
+    """The ``model_memory`` fixture's report: ``check()`` defaults to the configured budget, and
+    a failing check puts the whole report into the test's report."""
+
+    budget: int | None = None
+    node: Any = None
+
+    def check(self, *, max_peak: object = None) -> None:
+        __tracebackhide__ = True
+        budget = self.budget if max_peak is None else max_peak
+        if budget is None:
+            pytest.fail(
+                "model_memory: report.check() has no budget: pass max_peak= (such as '24GiB'), or "
+                "set @pytest.mark.modelhooks(max_memory=...) or the ini key modelhooks_max_memory",
+                pytrace=False,
+            )
+        try:
+            super().check(max_peak=budget)
+        except HealthError:
+            if self.node is not None:
+                self.node.add_report_section("call", "modelhooks", str(self))
+            raise
+
+
+def memory_fixture(request: pytest.FixtureRequest) -> Callable[..., FixtureMemoryReport]:
+    """The ``model_memory`` fixture's function: the library's, sized for the configured device
+    (``cuda``: the CUDA allocator's blocks, with or without a GPU here) unless ``device=`` is
+    given. The model is not moved: nothing runs on it."""
+
+    def measure(model: nn.Module, *args: Any, **kwargs: Any) -> FixtureMemoryReport:
+        __tracebackhide__ = True
+        settings = current_settings(request.config)
+        # sized for a GPU whether or not this machine has one: nothing runs on it
+        gpu = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+        kwargs.setdefault("device", "cuda" if gpu else None)
+        report = model_memory(model, *args, **kwargs)
+        fixture_report = FixtureMemoryReport(**vars(report))
+        fixture_report.budget, fixture_report.node = settings.max_memory, request.node
+        return fixture_report
+
+    measure.__name__ = measure.__qualname__ = "model_memory"
+    measure.__doc__ = model_memory.__doc__
+    measure.__wrapped__ = model_memory  # type: ignore[attr-defined]
+    return measure

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, BOUNDS, GRADIENT_BOUNDS, Bound, check_order
+from pytest_modelhooks.units import parse_bytes
 
 __all__ = [
     "CURRENT_ITEM",
@@ -33,14 +34,14 @@ __all__ = [
 ]
 
 DEVICES = ("cpu", "cuda", "auto")
-MARKER_KEYS = (*(bound.setting for bound in BOUNDS.values()), "exclude", "device", "seed")
+MARKER_KEYS = (*(bound.setting for bound in BOUNDS.values()), "exclude", "max_memory", "device", "seed")
 #: The marker's arguments as ``--markers`` lists them.
 MARKER_SIGNATURE = ", ".join(
     [
         f"{bound.setting}=(low, high)" if bound.kind == "range" else f"{bound.setting}=..."
         for bound in BOUNDS.values()
     ]
-    + ["exclude=...", "device=...", "seed=..."]
+    + ["exclude=...", "max_memory=...", "device=...", "seed=..."]
 )
 # a test that asks for one of these (or carries the marker) starts with torch's RNG seeded
 FIXTURES = frozenset(
@@ -52,6 +53,7 @@ FIXTURES = frozenset(
         "gradient_stats",
         "model_snapshot",
         "modelhooks_device",
+        "model_memory",
     }
 )
 
@@ -65,6 +67,7 @@ class Settings:
     device: str = "cpu"
     bounds: Mapping[str, Any] = field(default_factory=dict)
     exclude: Any = None  # modules whose outputs and gradients the checks do not judge
+    max_memory: int | None = None  # bytes: the default budget of the model_memory fixture's check()
     plots_dir: str | None = None
     hook_guard: bool = False  # --modelhooks-check-leaks
     snapshot_rtol: float = 0.0
@@ -139,6 +142,15 @@ def _exclude(value: Any, where: str) -> Any:
     return value
 
 
+def _max_memory(value: Any, where: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_bytes(value, where)
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
 def _device(text: Any, where: str) -> str:
     if text not in DEVICES:
         raise pytest.UsageError(f"{where}: expected one of {', '.join(DEVICES)}, got {text!r}")
@@ -175,6 +187,7 @@ def configure(config: pytest.Config) -> None:
         plots_dir=option.modelhooks_plots or config.getini("modelhooks_plots_dir") or None,
         hook_guard=bool(option.modelhooks_check_leaks),
         exclude=_exclude(config.getini("modelhooks_exclude"), "modelhooks_exclude"),
+        max_memory=_max_memory(config.getini("modelhooks_max_memory"), "modelhooks_max_memory"),
         snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
         snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
         bounds=bounds,
@@ -222,6 +235,8 @@ def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
                 changes[key] = _seed(value, f"{where}(seed=...)")
             elif key == "exclude":
                 changes[key] = _exclude(value, f"{where}(exclude=...)")
+            elif key == "max_memory":
+                changes[key] = _max_memory(value, f"{where}(max_memory=...)")
             else:
                 changes[key] = _device(value, f"{where}(device=...)")
         settings = _ordered(replace(settings, bounds=bounds, **changes), where)

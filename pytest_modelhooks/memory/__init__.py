@@ -6,7 +6,7 @@ from __future__ import annotations
 from pytest_modelhooks.memory.fit import BatchFit, max_batch_size
 from pytest_modelhooks.memory.report import LayerMemory, MemoryReport
 from pytest_modelhooks.memory.step import model_memory
-from pytest_modelhooks.memory.units import format_bytes, parse_bytes
+from pytest_modelhooks.units import format_bytes, parse_bytes
 
 __all__ = [
     "BatchFit",

@@ -10,7 +10,7 @@ from torch import nn
 
 from pytest_modelhooks.memory.report import MemoryReport
 from pytest_modelhooks.memory.step import model_memory
-from pytest_modelhooks.memory.units import format_bytes, parse_bytes
+from pytest_modelhooks.units import format_bytes, parse_bytes
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 
 from pytest_modelhooks.findings import Finding, HealthError, text_table
 from pytest_modelhooks.memory.tracker import Storage, Tracker
-from pytest_modelhooks.memory.units import format_bytes, parse_bytes
+from pytest_modelhooks.units import format_bytes, parse_bytes
 
 #: the categories of what is alive at the peak, in the order a report lists them
 CATEGORIES = ("parameter", "buffer", "gradient", "optimizer", "saved", "input", "other")

@@ -26,9 +26,9 @@ from pytest_modelhooks.inputs import (
 )
 from pytest_modelhooks.memory.report import MemoryReport, build_report
 from pytest_modelhooks.memory.tracker import Tracker, tracking
-from pytest_modelhooks.memory.units import CUDA_BLOCK
 from pytest_modelhooks.tracing.engines import swapped_tensors
 from pytest_modelhooks.tracing.state import python_state_kept
+from pytest_modelhooks.units import CUDA_BLOCK
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=1e-3),

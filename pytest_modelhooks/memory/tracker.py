@@ -22,7 +22,7 @@ from torch import nn
 
 from pytest_modelhooks._torch import TorchDispatchMode, storage_expired, storage_ref
 from pytest_modelhooks._tree import tensor_leaves
-from pytest_modelhooks.memory.units import rounded
+from pytest_modelhooks.units import rounded
 
 PHASES = ("setup", "forward", "backward", "step")
 PINNED = ("parameter", "buffer", "input")

@@ -1,4 +1,4 @@
-"""Byte counts as people write them ("24GiB", "80 GB", 1.5e9) and as a report prints them, and
+"""Byte counts as people write them ("24GiB", "80 GB", 1.5e9) and as reports print them, and
 the rounding a GPU's allocator applies to each block. No torch here."""
 
 from __future__ import annotations
