@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run: the CUDA tests, the stats tests, the example suites through the
 # plugin on CUDA (snapshots made on the CPU must match), then the ActivationStats benchmark on a
-# training step (with a profile) and on a forward. Prints everything; writes JSON under $OUT.
+# training step (with a profile) and on a forward, and model_memory against
+# torch.cuda.max_memory_allocated() of real steps. Prints everything; writes JSON under $OUT.
 #
 # Needs torch with CUDA and pytest; syrupy, hypothesis and pytest-xdist are installed from
 # wheels in .device-wheels/ when that folder exists (for a machine without a package index:
@@ -20,3 +21,4 @@ python -m pytest -q -p no:cacheprovider -p no:modelhooks -p pytester -o addopts=
 python -m pytest -q -p no:cacheprovider $plugin -o addopts="" examples --modelhooks-device=cuda -rs 2>&1 | tail -15
 python benchmarks/bench_stats.py --device cuda --step --batch 32 --repeats 10 --profile --json "$OUT/stats_step_cuda.json"
 python benchmarks/bench_stats.py --device cuda --batch 32 --repeats 10 --json "$OUT/stats_forward_cuda.json"
+python benchmarks/bench_memory.py --device cuda --skip-7b --json "$OUT/memory_cuda.json"

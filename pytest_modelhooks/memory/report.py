@@ -47,7 +47,9 @@ class MemoryReport:
     ``peak_bytes`` is the most alive at once, ``peak_phase`` when ("forward", "backward" or
     "step"), and ``parameter_bytes`` ... ``other_bytes`` what was alive at that moment, by
     category (they sum to the peak). ``saved_bytes`` is what autograd keeps for backward that
-    is no parameter or buffer (the input batch when it is saved), each storage once.
+    is no parameter or buffer (the input batch when it is saved), each storage once;
+    ``saved_total_bytes`` the same over the whole step (what the forward leaves for backward,
+    the figure activation checkpointing reduces).
     ``layers`` has one :class:`LayerMemory` per module call. ``rounding`` is the allocation
     granularity applied (1: exact sizes; 512: the CUDA caching allocator's blocks).
     """
@@ -68,6 +70,7 @@ class MemoryReport:
     saved_bytes: int
     input_bytes: int
     other_bytes: int
+    saved_total_bytes: int = 0  # everything autograd saved in the step, alive at once or not
     layers: list[LayerMemory] = field(default_factory=list)
     holders: list[tuple[str, int]] = field(default_factory=list)  # saved bytes alive at the peak, by layer
 
@@ -114,7 +117,8 @@ class MemoryReport:
             if value
         ]
         rows.append(["total", f"{self.peak_bytes:,}", format_bytes(self.peak_bytes)])
-        lines += [text_table(rows, right_from=1), ""]
+        lines += [text_table(rows, right_from=1)]
+        lines += [f"saved for backward by the forward: {self.saved_total_bytes:,} bytes", ""]
         table = [["layer", "type", "saved", "largest temporary"]]
         for layer in self.layers:
             table.append(
@@ -206,6 +210,11 @@ def build_report(
             saved[storage.call] += storage.nbytes
         elif storage.died is not None and storage.died <= call.end:
             temporary[storage.call] = max(temporary[storage.call], storage.nbytes)
+    saved_total = sum(
+        storage.nbytes
+        for storage in tracker.storages
+        if storage.saved and storage.born >= 0 and (storage.saved_at or 0) >= tracker.measured_from
+    )
     holders: dict[str, int] = {}
     for storage in at_peak:
         if (
@@ -226,6 +235,7 @@ def build_report(
         peak_bytes=tracker.peak_bytes,
         peak_phase=tracker.peak_phase,
         **{f"{category}_bytes": totals[category] for category in CATEGORIES},
+        saved_total_bytes=saved_total,
         layers=[
             LayerMemory(call.name, call.type, call.depth, saved[index], temporary[index])
             for index, call in enumerate(calls)

@@ -209,12 +209,20 @@ def _run(
         stack.enter_context(preserve_training_flags(model, eval_mode=mode == "eval", modules=modules))
         if mode == "train":
             model.train()
-        convert = stack.enter_context(_fake_quietly()).from_tensor if engine == "fake" else _copy
+        if engine == "fake":
+            convert = _fake_converter(stack.enter_context(_fake_quietly()))
+        elif any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
+            raise ValueError("model_memory(engine='real'): the model is on the meta device (no weights to run)")
+        else:
+            convert = _copy
         params, buffers = _stand_ins(stack, modules, convert, tracker, dtype)
         run_args, run_kwargs = map_tensors((args, kwargs), lambda t: _cast(convert(t), dtype))
         for _, tensor in tensor_leaves((run_args, run_kwargs)):
             tracker.track(tensor, "input")
-        context = _StepContext(model, tracker, named, params, autocast, target, loss)
+        # a model on meta runs as fake CPU tensors: autocast (and kernels' choices) need a device
+        compute = target if target.type not in ("meta", "cuda") else model_device_dtype(model)[0]
+        compute = torch.device("cpu") if compute.type == "meta" else compute
+        context = _StepContext(model, tracker, named, params, autocast, compute, loss)
         if factory is None:
             context.forward_backward(run_args, run_kwargs, backward=mode == "train")
             optimizer_object = None
@@ -233,6 +241,18 @@ def _optimizer_name(optimizer: OptimizerSpec) -> str | None:
     if optimizer is None or isinstance(optimizer, str):
         return optimizer
     return getattr(optimizer, "__name__", type(optimizer).__name__)
+
+
+def _fake_converter(fake: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fake stand-ins for real tensors; for meta ones, fake CPU tensors of the same layout (a
+    meta tensor has no autocast, and its fake would be meta too)."""
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "meta":
+            return fake.from_tensor(tensor)  # type: ignore[no-any-return]
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+
+    return convert
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -291,7 +311,7 @@ class _StepContext:
         with tracking(tracker, self.named):
             tracker.phase = "forward"
             grad = torch.enable_grad() if backward else torch.no_grad()
-            device_type = self.device.type if self.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+            device_type = self.device.type
             cast = (
                 torch.autocast(device_type, dtype=self.autocast)
                 if self.autocast is not None
