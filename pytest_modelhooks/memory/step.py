@@ -212,7 +212,9 @@ def _run(
         if engine == "fake":
             convert = _fake_converter(stack.enter_context(_fake_quietly()))
         elif any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
-            raise ValueError("model_memory(engine='real'): the model is on the meta device (no weights to run)")
+            raise ValueError(
+                "model_memory(engine='real'): the model is on the meta device (no weights to run)"
+            )
         else:
             convert = _copy
         params, buffers = _stand_ins(stack, modules, convert, tracker, dtype)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import re
 
+from pytest_modelhooks.units import format_bytes
+
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?|nan|inf)")
 
 
@@ -41,6 +43,8 @@ def _rows(text: str) -> tuple[list[str], dict[str, dict[str, str]], dict[str, st
         if header is None:
             if line.startswith(("Layer (type)", "layer  ", "parameter  ")):
                 header = _CELLS.split(line.strip())
+            elif len(cells := _CELLS.split(line.strip())) == 3 and _parse_number(cells[1]) is not None:
+                footer[f"{_PEAK}{cells[0]}"] = cells[1]  # a memory report's categories at the peak
             continue
         if not line.strip() or set(line.strip()) <= {"=", "-"}:
             if rows:
@@ -68,6 +72,18 @@ def _delta(old: str, new: str) -> str:
         if size >= scale:
             return f"{sign}{size / scale:.2f} {unit}"
     return f"{sign}{size:g}"
+
+
+_PEAK = "at the peak: "
+_BYTES = ("saved", "largest temporary")
+
+
+def _bytes_delta(old: str, new: str) -> str:
+    before, after = _parse_number(old), _parse_number(new)
+    if before is None or after is None:
+        return f"{old} -> {new}"
+    change = int(after - before)
+    return ("+" if change > 0 else "") + format_bytes(change)
 
 
 def _column_name(column: str) -> str:
@@ -124,6 +140,8 @@ def describe_changes(old: str, new: str) -> list[str]:
             name = _column_name(column)
             if name in ("params", "trainable", "mult-adds"):
                 changes.append(f"{name} {_delta(before, value)}")
+            elif name in _BYTES:
+                changes.append(f"{name} {_bytes_delta(before, value)}")
             else:
                 changes.append(f"{name} {before} -> {value}")
         if changes:
@@ -133,6 +151,15 @@ def describe_changes(old: str, new: str) -> list[str]:
         if key in old_footer and key in new_footer and old_footer[key] != new_footer[key]:
             before, after = old_footer[key].split(" (")[0], new_footer[key].split(" (")[0]
             lines.append(f"{key.lower()}: {before} -> {after} ({_delta(before, after)})")
+    # a memory report: the peak first, then each category that changed
+    keys = sorted(
+        (key for key in new_footer if key.startswith(_PEAK)), key=lambda key: not key.endswith("total")
+    )
+    for key in keys:
+        before, after = old_footer.get(key, "0"), new_footer[key]
+        if before != after:
+            what = "peak" if key.endswith("total") else key[len(_PEAK) :] + " at the peak"
+            lines.append(f"{what}: {before} -> {after} bytes ({_bytes_delta(before, after)})")
     return lines
 
 

@@ -11,8 +11,8 @@ from pytest_modelhooks.findings import text_table
 
 
 def snapshot_text(data: Any) -> str:
-    """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats, GradientStats
-    or str.
+    """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats, GradientStats,
+    MemoryReport or str.
 
     >>> import torch
     >>> from torch import nn
@@ -24,6 +24,7 @@ def snapshot_text(data: Any) -> str:
     1 (ReLU)    (1, 8)
     <BLANKLINE>
     """
+    from pytest_modelhooks.memory.report import MemoryReport
     from pytest_modelhooks.sizes import LayerSizes
     from pytest_modelhooks.stats.activations import ActivationStats
     from pytest_modelhooks.stats.gradients import GradientStats
@@ -37,10 +38,13 @@ def snapshot_text(data: Any) -> str:
         return _stats_text(data)
     if isinstance(data, GradientStats):
         return _grads_text(data)
+    if isinstance(data, MemoryReport):
+        return str(data)
     if isinstance(data, str):
         return data if data.endswith("\n") else data + "\n"
     raise TypeError(
-        "model_snapshot stores ModelSummary, LayerSizes, ActivationStats, GradientStats or str, "
+        "model_snapshot stores ModelSummary, LayerSizes, ActivationStats, GradientStats, "
+        "MemoryReport or str, "
         f"got {type(data).__name__}"
     )
 

@@ -303,6 +303,10 @@ def test_bad_arguments_name_themselves() -> None:
         model_memory(model, batch, autocast="bf16")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_peak='big'"):
         model_memory(model, batch).check(max_peak="big")
+    with torch.device("meta"):
+        on_meta = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="engine='real'.*meta device"):
+        model_memory(on_meta, input_size=(3, 4), engine="real")
     with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         model_memory("resnet", batch)  # type: ignore[arg-type]
 
@@ -324,3 +328,18 @@ def test_optimizer_class_and_factory() -> None:
         model, batch, optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9)
     )
     assert factory.optimizer_bytes == (64 * 64 + 64) * 4
+
+
+def test_a_snapshot_of_a_report_diffs_layer_by_layer() -> None:
+    from pytest_modelhooks.report.text import snapshot_text
+    from pytest_modelhooks.snapshot import change_report
+
+    model, _ = _zoo("resnetish")
+    old = snapshot_text(model_memory(model, torch.randn(2, 3, 32, 32)))
+    new = snapshot_text(model_memory(model, torch.randn(4, 3, 32, 32)))
+    assert change_report(old, old) == []
+    lines = change_report(old, new)
+    conv = 2 * 16 * 32 * 32 * 4  # two more samples of the stem convolution's output
+    assert lines[0].startswith("Changed layers (snapshot -> now): ")
+    assert lines[1].startswith("  peak: ") and lines[1].endswith("MiB)")
+    assert f"  ~ stem.0: saved +{format_bytes(conv)}" in lines
