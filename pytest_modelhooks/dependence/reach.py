@@ -520,8 +520,11 @@ def batch_leaks(
     ...         h = self.a(x)
     ...         return self.b(h - h.mean(0))  # centred over the batch: a leak
     >>> (finding,) = batch_leaks(Leaky(), torch.randn(3, 4))
-    >>> print(finding.note)  # finding.layer == "": the model itself
-    its output for sample 0 depends on other samples through Leaky.forward's own code, between 'a' and 'b'
+    >>> print(finding.note)  # doctest: +NORMALIZE_WHITESPACE
+    its output for sample 0 depends on its input for sample(s) 1, 2 through Leaky.forward's own
+    code, between 'a' and 'b' (a reduction, reshape or transpose over the batch dimension?)
+    >>> finding.layer  # the model itself
+    ''
 
     >>> batch_leaks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(3, 4))
     []

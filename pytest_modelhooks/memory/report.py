@@ -203,7 +203,7 @@ def build_report(
     saved = [0] * len(calls)
     temporary = [0] * len(calls)
     for storage in tracker.storages:
-        if storage.born < tracker.measured_from or storage.call < 0 or storage.phase != "forward":
+        if storage.step != tracker.step or storage.call < 0 or storage.phase != "forward":
             continue
         call = calls[storage.call]
         if storage.saved and storage.role not in ("parameter", "buffer"):
@@ -211,16 +211,14 @@ def build_report(
         elif storage.died is not None and storage.died <= call.end:
             temporary[storage.call] = max(temporary[storage.call], storage.nbytes)
     saved_total = sum(
-        storage.nbytes
-        for storage in tracker.storages
-        if storage.saved and storage.born >= 0 and (storage.saved_at or 0) >= tracker.measured_from
+        storage.nbytes for storage in tracker.storages if storage.saved and storage.saved_step == tracker.step
     )
     holders: dict[str, int] = {}
     for storage in at_peak:
         if (
             _category(storage, tracker.peak_at) == "saved"
             and storage.call >= 0
-            and storage.born >= tracker.measured_from
+            and storage.step == tracker.step
         ):
             name = calls[storage.call].name
             holders[name] = holders.get(name, 0) + storage.nbytes

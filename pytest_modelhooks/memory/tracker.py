@@ -43,6 +43,8 @@ class Storage:
     role: str = ""  # "parameter", "buffer", "input", "gradient", "optimizer"; "" until known
     saved: bool = False  # autograd saved it for backward (and it is no parameter or buffer)
     saved_at: int | None = None  # when autograd first saved it
+    step: int = 0  # the step that made it (0: set-up and warm-up; the measured one is later)
+    saved_step: int | None = None  # the step whose autograd saved it
     released: int | None = None  # when the backward that used it ended (the graph was freed)
 
     def saved_at_moment(self, moment: int) -> bool:
@@ -84,12 +86,12 @@ class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.calls: list[CallRecord] = []
         self._stack: list[int] = []
         self.measuring = True  # False: storages are tracked, the peak is not taken (a warm-up step)
-        self.measured_from = 0  # the clock when the measured step began
+        self.step = 0  # which step runs: 0 until the measured one begins
 
     def begin_measured(self) -> None:
         """From now on the peak is taken, and module calls are those of the measured step."""
         self.measuring = True
-        self.measured_from = self.clock + 1
+        self.step += 1
         self.calls.clear()
 
     def unwind(self) -> CallRecord | None:
@@ -116,7 +118,9 @@ class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
             return known
         nbytes = rounded(tensor.untyped_storage().nbytes(), self.block)
         call = self._stack[-1] if self._stack else -1
-        storage = Storage(len(self.storages), nbytes, self.clock, self.phase, call, ref, role=role)
+        storage = Storage(
+            len(self.storages), nbytes, self.clock, self.phase, call, ref, role=role, step=self.step
+        )
         self.storages.append(storage)
         # parameters, buffers and inputs are held by the caller all step long: no need to look
         # at them after every operation (on a 7B model, most of the storages)
@@ -207,7 +211,7 @@ class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = self.track(tensor)
             if storage is not None and storage.role not in ("parameter", "buffer") and not storage.saved:
-                storage.saved, storage.saved_at = True, self.clock
+                storage.saved, storage.saved_at, storage.saved_step = True, self.clock, self.step
             return tensor
 
         def unpack(tensor: torch.Tensor) -> torch.Tensor:
