@@ -305,7 +305,7 @@ def test_bad_arguments_name_themselves() -> None:
         model_memory(model, batch).check(max_peak="big")
     with torch.device("meta"):
         on_meta = nn.Linear(4, 2)
-    with pytest.raises(ValueError, match="engine='real'.*meta device"):
+    with pytest.raises(ValueError, match=r"engine='real'.*meta device"):
         model_memory(on_meta, input_size=(3, 4), engine="real")
     with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         model_memory("resnet", batch)  # type: ignore[arg-type]
