@@ -112,10 +112,16 @@ class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
             return None
         known = self._live.get(ref.cdata) or self._pinned.get(ref.cdata)
-        if known is not None and not known.ref.expired():
-            if role and not known.role:
-                known.role = role
-            return known
+        if known is not None:
+            if not known.ref.expired():
+                if role and not known.role:
+                    known.role = role
+                return known
+            # freed since the last sweep, and its address already reused: count it gone first
+            known.died = self.clock
+            self.live_bytes -= known.nbytes
+            self._live.pop(ref.cdata, None)
+            self._pinned.pop(ref.cdata, None)
         nbytes = rounded(tensor.untyped_storage().nbytes(), self.block)
         call = self._stack[-1] if self._stack else -1
         storage = Storage(
