@@ -355,16 +355,30 @@ def _leaks(
         if not bool(torch.isfinite(checked).all()):
             return [_blind(calls, model, kind, "output")]
         findings: dict[str, Finding] = {}
-        for target in targets(size):
+        unseen: Finding | None = None
+        seen = False
+        chosen = list(targets(size))
+        # an entry blind at this input (a small layer's ReLU zeroes one sample's output) tells
+        # nothing: the others are tried in turn, and only if none can see does the check fail
+        for target in [*chosen, *(index for index in range(size) if index not in chosen)]:
+            if seen and target not in chosen:
+                break
             allowed, forbidden = forbidden_of(target, size)
             if not forbidden:
                 continue
             probe = _Probe(dim, size, rtol, allowed, forbidden)
             try:
-                for finding in _findings_for_target(calls, checked, model, probe, target, kind, train):
-                    findings.setdefault(finding.layer, finding)
+                found = _findings_for_target(calls, checked, model, probe, target, kind, train)
             except _NonFiniteGradient:
                 return [_blind(calls, model, kind, "gradient")]
+            if found and found[0].statistic == "unseen":
+                unseen = unseen or found[0]
+                continue
+            seen = True
+            for finding in found:
+                findings.setdefault(finding.layer, finding)
+        if unseen is not None and not seen:
+            return [unseen]
         return [_seen_with(finding, perturbed) for finding in findings.values()]
 
 

@@ -612,3 +612,17 @@ def test_an_output_that_does_not_depend_on_the_input_fails_instead_of_passing() 
         with pytest.raises(HealthError, match="does not depend on the model's input") as raised:
             check(model, torch.randn(3, 5, 4))
         assert [finding.statistic for finding in raised.value.findings] == ["unseen"]
+
+
+def test_a_sample_whose_output_a_relu_zeroes_is_skipped_not_failed() -> None:
+    """A small net's ReLU can zero every output of one sample: that sample cannot see, the
+    others can, and the check reports what they show (nothing, here) instead of failing."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(4))
+        model[0].bias.zero_()
+    batch = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [1.0, 2.0, 3.0, 4.0], [-1.0, -2.0, -3.0, -4.0]])
+    assert batch_leaks(model, batch) == []  # samples 0 and 2 are all zeros after the ReLU; 1 sees
+    dead = torch.full((3, 4), -1.0)
+    (finding,) = batch_leaks(model, dead)  # no sample can see: the check says so
+    assert finding.statistic == "unseen"

@@ -64,7 +64,7 @@ def test_snapshot_text_rejects_other_types() -> None:
 
     with pytest.raises(
         TypeError,
-        match="stores ModelSummary, LayerSizes, ActivationStats, GradientStats or str, got int",
+        match="stores ModelSummary, LayerSizes, ActivationStats, GradientStats, MemoryReport or str, got int",
     ):
         snapshot_text(3)
 
