@@ -116,3 +116,26 @@ def test_optical_flow_models_summarise_and_are_left_working(name: str) -> None:
     torch.manual_seed(0)
     model = models.get_model(name, weights=None)
     _same_after_summary(model, torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128))
+
+
+# one of each family: the fake trace's memory report equals a real step's, field by field
+MEMORY = [
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "densenet121",
+    "vit_b_32",
+    "swin_t",
+]
+
+
+@pytest.mark.parametrize("name", MEMORY)
+def test_the_memory_of_a_training_step_is_what_a_real_step_allocates(name: str) -> None:
+    from pytest_modelhooks import model_memory
+
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None)
+    side = _side(name)
+    batch = torch.randn(2, 3, side, side)
+    assert model_memory(model, batch).to_dict() == model_memory(model, batch, engine="real").to_dict()
