@@ -88,3 +88,12 @@ def test_no_position_sees_later_ones_and_no_sample_another(lm, modelhooks_device
     lm.to(modelhooks_device)
     check_causal(lm, ids)
     check_batch_independence(lm, ids)
+
+
+@pytest.mark.modelhooks(max_memory="64MiB")
+def test_a_training_step_at_full_context_fits_the_budget(lm, model_memory):
+    # traced on fake tensors: nothing runs, so this costs the same on a laptop as on a GPU box
+    ids = torch.randint(0, VOCAB, (32, CONTEXT))
+    report = model_memory(lm, ids, optimizer="adamw", autocast=torch.bfloat16)
+    report.check()  # the marker's budget; a failure prints the report, layer by layer
+    assert report["blocks.0.attn"].saved_bytes > 0  # the attention keeps its probabilities
