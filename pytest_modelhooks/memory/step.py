@@ -37,10 +37,8 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3),
 }
 
-OptimizerSpec = str | type | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
-
-
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+OptimizerSpec = str | type | OptimizerFactory | None
 
 
 def optimizer_factory(optimizer: OptimizerSpec) -> OptimizerFactory | None:
