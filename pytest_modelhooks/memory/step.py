@@ -26,9 +26,18 @@ from pytest_modelhooks.inputs import (
 )
 from pytest_modelhooks.memory.report import MemoryReport, build_report
 from pytest_modelhooks.memory.tracker import Tracker, tracking
-from pytest_modelhooks.tracing.engines import swapped_tensors
+from pytest_modelhooks.tracing.engines import is_engine_limitation, swapped_tensors
 from pytest_modelhooks.tracing.state import python_state_kept
 from pytest_modelhooks.units import CUDA_BLOCK
+
+#: what torch's errors say when fake tensors cannot follow values
+_DATA_DEPENDENT = (
+    "datadependent",
+    "data-dependent",
+    "data dependent",
+    "_local_scalar_dense",
+    "dynamic_output_shape",
+)
 
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=1e-3),
@@ -222,7 +231,7 @@ def _run(
         # a model on meta runs as fake CPU tensors: autocast (and kernels' choices) need a device
         compute = target if target.type not in ("meta", "cuda") else model_device_dtype(model)[0]
         compute = torch.device("cpu") if compute.type == "meta" else compute
-        context = _StepContext(model, tracker, named, params, autocast, compute, loss)
+        context = _StepContext(model, tracker, named, params, autocast, compute, loss, engine == "fake")
         if factory is None:
             context.forward_backward(run_args, run_kwargs, backward=mode == "train")
             optimizer_object = None
@@ -302,8 +311,10 @@ class _StepContext:
         autocast: torch.dtype | None,
         device: torch.device,
         loss: Callable[[Any], torch.Tensor],
+        fake: bool,
     ) -> None:
         self.model, self.tracker, self.named, self.params = model, tracker, named, params
+        self.fake = fake
         self.autocast, self.device, self.loss = autocast, device, loss
 
     def forward_backward(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, backward: bool) -> None:
@@ -362,12 +373,25 @@ class _StepContext:
             layer = tracker.unwind()
             name, kind = (layer.name, layer.type) if layer else ("", type(self.model).__name__)
             where = f"layer {name!r} ({kind})" if name else f"the forward of {kind}"
+            first = str(error).splitlines()[0] if str(error) else ""
+            text = f"{type(error).__name__} {error}".lower()
+            if self.fake and any(marker in text for marker in _DATA_DEPENDENT):
+                message = (
+                    f"model_memory(): {where} cannot run on fake tensors (shapes without data): "
+                    f"{type(error).__name__}: {first} (a forward whose shapes or control flow "
+                    f"depend on the values, such as nonzero or .item(), cannot be followed "
+                    f"without data: measure it with engine='real', a real step on copies of the "
+                    f"weights)"
+                )
+            else:
+                message = f"model_memory(): {where} failed: {type(error).__name__}: {first}"
+                if self.fake and is_engine_limitation(error):
+                    # a shape error, or a fake kernel stricter than the real one
+                    message += (
+                        " (raised by torch's fake kernels; if a real forward runs, engine='real' measures it)"
+                    )
             raise LayerError(
-                f"model_memory(): {where} cannot run on fake tensors (shapes without data): "
-                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-                f"(a forward whose shapes or control flow depend on the values, such as nonzero "
-                f"or .item(), cannot be followed without data: measure it with engine='real', a "
-                f"real step on copies of the weights)",
+                message,
                 name,
                 kind,
                 None,

@@ -343,3 +343,11 @@ def test_a_snapshot_of_a_report_diffs_layer_by_layer() -> None:
     assert lines[0].startswith("Changed layers (snapshot -> now): ")
     assert lines[1].startswith("  peak: ") and lines[1].endswith("MiB)")
     assert f"  ~ stem.0: saved +{format_bytes(conv)}" in lines
+
+
+def test_a_broken_forward_is_named_at_its_layer_without_blaming_fake_tensors() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(9, 2))  # the second layer expects 9 features
+    for engine in ("fake", "real"):
+        with untouched(model), pytest.raises(LayerError, match=r"layer '1' \(Linear\) failed") as raised:
+            model_memory(model, torch.randn(3, 4), engine=engine)
+        assert raised.value.layer == "1" and "fake tensors" not in str(raised.value)
