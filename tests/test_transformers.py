@@ -124,3 +124,41 @@ def test_real_architectures_are_batch_independent_and_decoders_causal(name: str)
         assert "through BertSelfAttention.forward's own code" in found[0].note
     else:
         assert found == []
+
+
+def _first_output(output: object) -> torch.Tensor:
+    for field in ("logits", "last_hidden_state"):
+        if hasattr(output, field):
+            return getattr(output, field)  # type: ignore[no-any-return]
+    raise AssertionError(f"no logits or hidden state in {type(output).__name__}")
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "vit", "mixtral", "qwen2-moe"])
+def test_the_memory_of_a_training_step_is_what_a_real_step_allocates(name: str) -> None:
+    from pytest_modelhooks import model_memory
+
+    model, batch = _small(name)
+    batch = batch.repeat(2, *[1] * (batch.dim() - 1))
+    # the experts' grouped matmul has a fake kernel for bfloat16 only: MoE models in bf16
+    dtype = torch.bfloat16 if name in ("mixtral", "qwen2-moe") else None
+    with untouched(model):
+        fake = model_memory(model, batch, loss=lambda out: _first_output(out).float().sum(), dtype=dtype)
+        real = model_memory(
+            model, batch, loss=lambda out: _first_output(out).float().sum(), dtype=dtype, engine="real"
+        )
+    assert fake.to_dict() == real.to_dict()
+    assert fake.parameter_bytes == sum(p.numel() for p in model.parameters()) * (2 if dtype else 4)
+
+
+def test_t5_given_one_tensor_twice_counts_it_once() -> None:
+    from pytest_modelhooks import model_memory
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=64, num_layers=2, num_heads=4, d_ff=128, vocab_size=500)
+    model = transformers.T5ForConditionalGeneration(config)
+    ids = torch.randint(0, 500, (2, 12))
+    fake = model_memory(model, ids, loss=lambda out: out.logits.float().sum(), decoder_input_ids=ids)
+    real = model_memory(
+        model, ids, loss=lambda out: out.logits.float().sum(), decoder_input_ids=ids, engine="real"
+    )
+    assert fake.to_dict() == real.to_dict()

@@ -223,7 +223,7 @@ def _run(
                 "model_memory(engine='real'): the model is on the meta device (no weights to run)"
             )
         else:
-            convert = _copy
+            convert = _copier()
         params, buffers = _stand_ins(stack, modules, convert, tracker, dtype)
         run_args, run_kwargs = map_tensors((args, kwargs), lambda t: _cast(convert(t), dtype))
         for _, tensor in tensor_leaves((run_args, run_kwargs)):
@@ -264,8 +264,17 @@ def _fake_converter(fake: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return convert
 
 
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().clone()
+def _copier() -> Callable[[torch.Tensor], torch.Tensor]:
+    """Copies for the real engine, one per tensor: an input passed twice (T5's ids as both
+    encoder and decoder input) stays one storage, as its fake stand-in is."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # the original kept: its id stays its
+
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in made:
+            made[id(tensor)] = (tensor, tensor.detach().clone())
+        return made[id(tensor)][1]
+
+    return copy
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
