@@ -57,12 +57,16 @@ _EXPORTS: dict[str, str] = {
     "MemoryReport": "memory",
     "LayerMemory": "memory",
     "BatchFit": "memory",
+    "graph_breaks": "compile",
+    "check_compiles": "compile",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 # for type checkers and IDEs; at run time __getattr__ imports each on first use
 if TYPE_CHECKING:
+    from pytest_modelhooks.compile import check_compiles as check_compiles
+    from pytest_modelhooks.compile import graph_breaks as graph_breaks
     from pytest_modelhooks.dependence import (
         batch_leaks as batch_leaks,
     )

@@ -191,6 +191,29 @@ def storage_ref(tensor: torch.Tensor) -> Any:
 storage_expired = cast(Callable[[int], bool], torch.UntypedStorage._expired)
 
 
+# --------------------------------------------------------------------------- dynamo
+
+
+def dynamo_explain(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``torch._dynamo.explain(function)(*args, **kwargs)``: dynamo's own account of a compile
+    (``graph_break_count``, ``break_reasons`` with ``.reason`` and ``.user_stack`` frames),
+    its graph-break warnings kept out of the user's log. dynamo's caches are reset after, so
+    that this compile neither reuses nor leaves anything another compile would see."""
+    import logging
+
+    import torch._dynamo
+
+    log = logging.getLogger("torch._dynamo")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        torch._dynamo.reset()
+        return torch._dynamo.explain(function)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+        log.setLevel(level)
+
+
 # --------------------------------------------------------------------------- module internals
 
 
@@ -271,6 +294,7 @@ REQUIRED: tuple[tuple[str, Callable[[], bool]], ...] = (
     ),
     ("torch.Tensor._version", lambda: hasattr(torch.zeros(1), "_version")),
     ("torch.UntypedStorage._expired", lambda: hasattr(torch.UntypedStorage, "_expired")),
+    ("torch._dynamo.explain", lambda: _importable("torch._dynamo", "explain")),
     (
         "torch.multiprocessing.reductions.StorageWeakRef",
         lambda: _importable("torch.multiprocessing.reductions", "StorageWeakRef"),
