@@ -523,3 +523,41 @@ def test_memory_bad_arguments_exit_2(
         main(["memory", "cli_models:small", "--input-size", "4,3,16,16", *extra])
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
+
+
+BREAKING = """
+import torch
+from torch import nn
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+    def forward(self, x):
+        y = self.proj(x)
+        if y.mean() > 0:
+            y = torch.relu(y)
+        return y
+
+def gated():
+    return nn.Sequential(nn.Linear(4, 4), Gate())
+"""
+
+
+def test_compile_names_the_break_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "breaking.py").write_text(BREAKING)
+    assert main(["compile", "breaking:gated", "--input-size", "2,4"]) == 1
+    out = capsys.readouterr().out
+    assert "graph break(s) in 1 place(s), 0 allowed" in out and "1      Gate" in out
+    assert "breaking.py:" in out and "if y.mean() > 0:" in out
+    assert main(["compile", "breaking:gated", "--input-size", "2,4", "--max-graph-breaks", "10"]) == 0
+    capsys.readouterr()
+    assert main(["compile", "cli_models:small", "--input-size", "2,3,8,8", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["graph_breaks"] == 0
+
+
+def test_compile_bad_allowance_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["compile", "cli_models:small", "--input-size", "2,3,8,8", "--max-graph-breaks", "-1"])
+    assert raised.value.code == 2
+    assert "--max-graph-breaks '-1': expected a non-negative integer" in capsys.readouterr().err
