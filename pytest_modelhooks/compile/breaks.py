@@ -188,6 +188,15 @@ def graph_breaks(model: nn.Module, *inputs: Any, **forward_kwargs: Any) -> list[
         )
         note = f"{where} `{source}`: {sentence}" + (f" (hint: {hint})" if hint else "")
         found.append(Finding(layer, type(module).__name__, "graph break", float(count), "0", None, note))
+    if int(explained.graph_count) == 0:
+        # dynamo skipped the whole forward (RNN modules, unless torch._dynamo.config.allow_rnn):
+        # no break to list, and nothing compiled either
+        note = (
+            "torch.compile compiled no graph: dynamo skipped the forward and runs it eagerly "
+            "(RNN modules are skipped unless torch._dynamo.config.allow_rnn = True)"
+        )
+        found.append(Finding("", type(model).__name__, "not compiled", 1.0, "a graph", None, note))
+        return found
     unexplained = int(explained.graph_break_count) - len(explained.break_reasons)
     if unexplained > 0:
         note = (

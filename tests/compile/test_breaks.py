@@ -158,3 +158,13 @@ def test_a_module_called_twice_is_one_place() -> None:
 def test_blocks_called_through_a_loop_variable_are_all_named() -> None:
     (finding,) = graph_breaks(Stack(), torch.randn(2, 4))
     assert (finding.layer, finding.layer_type) == ("blocks.0, blocks.1", "Branch")
+
+
+def test_a_forward_dynamo_skips_whole_fails_instead_of_passing() -> None:
+    """dynamo does not trace RNNs by default: nothing is compiled, which is no pass."""
+    model, batch = zoo.build("gru")
+    (finding,) = graph_breaks(model, batch)
+    assert (finding.layer, finding.statistic) == ("", "not compiled")
+    assert "allow_rnn" in finding.note
+    with pytest.raises(HealthError, match="not compiled"):
+        check_compiles(model, batch)
