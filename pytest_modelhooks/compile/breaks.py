@@ -16,16 +16,15 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, cast
 
-import torch
 from torch import nn
 
 from pytest_modelhooks._torch import dynamo_explain
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.inputs import check_model
-from pytest_modelhooks.tracing.state import python_state_kept
+from pytest_modelhooks.tracing.state import buffers_kept, python_state_kept
 
 _SELF_ATTRIBUTE = re.compile(r"\bself\.([A-Za-z_]\w*)")
 
@@ -121,17 +120,12 @@ def _where(frame: Any) -> str:
 def _model_kept(model: nn.Module) -> Iterator[None]:
     """The forward runs for real: buffers (BatchNorm's running statistics) and Python-side
     state go back after it."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     modules = list(model.modules())
     names = [set(vars(module)) for module in modules]
-    with ExitStack() as stack:
-        stack.enter_context(python_state_kept(modules))
+    with buffers_kept(model), python_state_kept(modules):
         try:
             yield
         finally:
-            with torch.no_grad():
-                for buffer, value in saved:
-                    buffer.copy_(value)
             # what dynamo marks a module with (``_is_torch_compile``) goes too
             for module, before in zip(modules, names, strict=True):
                 for added in set(vars(module)) - before:
@@ -148,6 +142,7 @@ def graph_breaks(model: nn.Module, *inputs: Any, **forward_kwargs: Any) -> list[
     device); buffers and the model's Python-side state are put back, and dynamo's caches are
     reset before and after.
 
+    >>> import torch
     >>> class Chatty(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
@@ -212,6 +207,7 @@ def check_compiles(model: nn.Module, *inputs: Any, max_graph_breaks: int = 0, **
     the model's graph more than ``max_graph_breaks`` times, with a row per place
     (:func:`graph_breaks`).
 
+    >>> import torch
     >>> check_compiles(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), torch.randn(2, 4))
     """
     __tracebackhide__ = True

@@ -40,6 +40,7 @@ from pytest_modelhooks.dependence.calls import (
 from pytest_modelhooks.findings import Finding, raise_for
 from pytest_modelhooks.hooks.select import ModuleSpec
 from pytest_modelhooks.inputs import check_model, normalise_input
+from pytest_modelhooks.tracing.state import buffers_kept
 
 
 @dataclass
@@ -327,7 +328,7 @@ def _leaks(
         raise ValueError(f"rtol must be a number in [0, 1), got rtol={rtol!r}")
     with (
         zero_init_perturbed(model) as perturbed,
-        _buffers_restored(model, train),
+        buffers_kept(model, when=train),
         recorded_run(model, input, forward_kwargs, modules, train, caller) as (result, calls),
         _reentrant_named(),
     ):
@@ -484,19 +485,6 @@ def _reentrant_named() -> Iterator[None]:
             "these checks take cannot go through: check it with checkpointing off (e.g. "
             "model.gradient_checkpointing_disable()) or with use_reentrant=False"
         ) from error
-
-
-@contextmanager
-def _buffers_restored(model: nn.Module, train: bool) -> Iterator[None]:
-    """In train mode BatchNorm updates its running statistics: they are put back once the
-    backward passes, which read them, are done."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()] if train else []
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
 
 
 def batch_leaks(

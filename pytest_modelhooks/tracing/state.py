@@ -104,3 +104,24 @@ def python_state_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
         for state, key, value, contents in saved:
             state[key] = value
             _restore_contents(value, contents)
+
+
+@contextmanager
+def buffers_kept(model: nn.Module, *, when: bool = True) -> Iterator[None]:
+    """Put every buffer's values back when the block ends, also on an exception (a forward
+    that runs for real in train mode moves BatchNorm's running statistics). ``when=False``
+    keeps nothing (and copies nothing).
+
+    >>> net = nn.BatchNorm1d(2)
+    >>> with buffers_kept(net):
+    ...     _ = net(torch.randn(4, 2) + 5)
+    >>> float(net.running_mean.abs().sum())
+    0.0
+    """
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()] if when else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
