@@ -233,3 +233,16 @@ def test_dependency_checks_run_on_cuda_as_on_the_cpu() -> None:
         )
         assert batch_leaks(model, tokens().cuda()) == []
         assert nondeterministic_layers(model, tokens().cuda()) == []
+
+
+@pytest.mark.parametrize("name", ["resnetish", "transformer", "unet"])
+def test_the_memory_report_of_a_model_on_a_gpu_is_what_its_real_step_allocates(name: str) -> None:
+    from pytest_modelhooks import model_memory
+
+    model, batch = zoo.build(name)
+    model, batch = model.cuda(), batch.cuda()
+    with untouched(model):
+        fake = model_memory(model, batch)
+        real = model_memory(model, batch, engine="real")
+    assert fake.rounding == 512 and fake.device == "cuda"
+    assert fake.to_dict() == real.to_dict()

@@ -18,7 +18,11 @@ from pytest_modelhooks.memory import MemoryReport, format_bytes, max_batch_size,
 from tests import zoo
 from tests.helpers import untouched
 
-TRAINABLE = ["resnetish", "mlp", "conv1d", "gru", "transformer", "unet", "tied_lm", "reused"]
+TRAINABLE = [
+    *("resnetish", "mlp", "conv1d", "gru", "transformer", "unet", "tied_lm", "reused"),
+    # nested outputs, two inputs, frozen layers, mixed train/eval modes
+    *("tuple_out", "dict_out", "dataclass_out", "two_inputs", "partly_frozen", "mixed_modes"),
+]
 
 
 class Checkpointed(nn.Module):
