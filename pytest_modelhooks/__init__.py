@@ -59,6 +59,7 @@ _EXPORTS: dict[str, str] = {
     "BatchFit": "memory",
     "graph_breaks": "compile",
     "check_compiles": "compile",
+    "recompiles": "compile",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -67,6 +68,7 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:
     from pytest_modelhooks.compile import check_compiles as check_compiles
     from pytest_modelhooks.compile import graph_breaks as graph_breaks
+    from pytest_modelhooks.compile import recompiles as recompiles
     from pytest_modelhooks.dependence import (
         batch_leaks as batch_leaks,
     )

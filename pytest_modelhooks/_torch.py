@@ -20,6 +20,7 @@ Python attributes). They are in :data:`REQUIRED` too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import torch
@@ -37,6 +38,9 @@ __all__ = [
     "compiled_call",
     "compiled_original",
     "draws_at_random",
+    "dynamo_explain",
+    "dynamo_quiet",
+    "dynamo_shapes",
     "fake_tensor_mode",
     "forget_global_hook",
     "graph_task_id",
@@ -44,10 +48,13 @@ __all__ = [
     "hook_count",
     "hook_entries",
     "is_compiling",
+    "mark_dynamic",
     "missing",
     "no_python_dispatch",
     "only_these_global_hooks",
     "overload_packet",
+    "recompilations",
+    "recompile_limit",
     "rnn_flat_weights",
     "scaler_scale",
     "set_rnn_flat_weights",
@@ -199,6 +206,62 @@ def dynamo_explain(function: Any, *args: Any, **kwargs: Any) -> Any:
     (``graph_break_count``, ``break_reasons`` with ``.reason`` and ``.user_stack`` frames),
     its graph-break warnings kept out of the user's log. dynamo's caches are reset after, so
     that this compile neither reuses nor leaves anything another compile would see."""
+    import torch._dynamo
+
+    with dynamo_quiet():
+        return torch._dynamo.explain(function)(*args, **kwargs)
+
+
+#: how ``torch.compile(dynamic=...)`` sets dynamo's shape config, for :func:`dynamo_explain`,
+#: which takes no ``dynamic``: True assumes every size dynamic, False never marks one dynamic
+DYNAMIC_CONFIG: dict[bool, dict[str, bool]] = {
+    True: {"assume_static_by_default": False, "automatic_dynamic_shapes": True},
+    False: {"assume_static_by_default": True, "automatic_dynamic_shapes": False},
+}
+
+
+@contextmanager
+def dynamo_shapes(dynamic: bool | None) -> Iterator[None]:
+    """dynamo's shape config as ``torch.compile(dynamic=dynamic)`` sets it (None: as it is),
+    put back after."""
+    import torch._dynamo
+
+    if dynamic is None:
+        yield
+        return
+    with torch._dynamo.config.patch(dict(DYNAMIC_CONFIG[dynamic])):
+        yield
+
+
+@contextmanager
+def recompilations() -> Iterator[list[tuple[Any, list[str]]]]:
+    """Each recompilation dynamo makes inside the block, as ``(code object, guard failure
+    reasons)``, newest cache entry's reason first. dynamo computes the reasons once per
+    recompilation and keeps them only in its (log-gated) recompile log, so the function that
+    computes them is wrapped for the block."""
+    import torch._dynamo.convert_frame
+
+    convert_frame: Any = torch._dynamo.convert_frame  # a private name, not in its __all__
+    original = convert_frame.get_and_maybe_log_recompilation_reasons
+    seen: list[tuple[Any, list[str]]] = []
+
+    def recording(cache_entries: Any, frame: Any, *args: Any, **kwargs: Any) -> Any:
+        reasons = original(cache_entries, frame, *args, **kwargs)
+        seen.append((frame.f_code, [str(reason) for reason in reasons]))
+        return reasons
+
+    convert_frame.get_and_maybe_log_recompilation_reasons = recording
+    try:
+        yield seen
+    finally:
+        convert_frame.get_and_maybe_log_recompilation_reasons = original
+
+
+@contextmanager
+def dynamo_quiet() -> Iterator[None]:
+    """dynamo's warnings (graph breaks, the recompile limit) kept out of the user's log, and its
+    caches reset before and after, so that what compiles inside neither reuses nor leaves
+    anything another compile would see."""
     import logging
 
     import torch._dynamo
@@ -208,10 +271,25 @@ def dynamo_explain(function: Any, *args: Any, **kwargs: Any) -> Any:
     log.setLevel(logging.ERROR)
     try:
         torch._dynamo.reset()
-        return torch._dynamo.explain(function)(*args, **kwargs)
+        yield
     finally:
         torch._dynamo.reset()
         log.setLevel(level)
+
+
+def mark_dynamic(tensor: torch.Tensor, dims: list[int]) -> None:
+    """``torch._dynamo.mark_dynamic``: those sizes of ``tensor`` traced as symbols, an error
+    where the code specialises one. It sets attributes on the tensor (the caller removes them)."""
+    import torch._dynamo
+
+    torch._dynamo.mark_dynamic(tensor, dims)
+
+
+def recompile_limit() -> int:
+    """How many times dynamo compiles one function before it runs it eagerly for good."""
+    import torch._dynamo.config as config
+
+    return int(getattr(config, "recompile_limit", None) or config.cache_size_limit)
 
 
 # --------------------------------------------------------------------------- module internals
@@ -295,6 +373,14 @@ REQUIRED: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("torch.Tensor._version", lambda: hasattr(torch.zeros(1), "_version")),
     ("torch.UntypedStorage._expired", lambda: hasattr(torch.UntypedStorage, "_expired")),
     ("torch._dynamo.explain", lambda: _importable("torch._dynamo", "explain")),
+    (
+        "torch._dynamo.convert_frame.get_and_maybe_log_recompilation_reasons",
+        lambda: _importable("torch._dynamo.convert_frame", "get_and_maybe_log_recompilation_reasons"),
+    ),
+    (
+        "torch._dynamo.config.assume_static_by_default",
+        lambda: _importable("torch._dynamo.config", "assume_static_by_default"),
+    ),
     (
         "torch.multiprocessing.reductions.StorageWeakRef",
         lambda: _importable("torch.multiprocessing.reductions", "StorageWeakRef"),
