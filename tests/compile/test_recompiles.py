@@ -111,7 +111,7 @@ def test_past_the_recompile_limit_dynamo_gives_up_and_the_check_fails() -> None:
 def test_inputs_model_and_dynamo_config_are_left_as_found() -> None:
     model = Outer()
     calls = _batches(2, 5)
-    config = (torch._dynamo.config.assume_static_by_default, torch._dynamo.config.automatic_dynamic_shapes)
+    config = torch._dynamo.config.get_config_copy()
     with untouched(model):
         recompiles(model, *calls, dynamic="batch")
         recompiles(model, *calls, dynamic=True)
