@@ -266,15 +266,19 @@ def dynamo_quiet() -> Iterator[None]:
 
     import torch._dynamo
 
-    log = logging.getLogger("torch._dynamo")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    # torch._guards logs an error with a stack when a guard cannot be made (a size marked
+    # dynamic that the code specialises): the check reports it as a finding instead
+    logs = {"torch._dynamo": logging.ERROR, "torch._guards": logging.CRITICAL}
+    levels = {name: logging.getLogger(name).level for name in logs}
+    for name, level in logs.items():
+        logging.getLogger(name).setLevel(level)
     try:
         torch._dynamo.reset()
         yield
     finally:
         torch._dynamo.reset()
-        log.setLevel(level)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def mark_dynamic(tensor: torch.Tensor, dims: list[int]) -> None:
