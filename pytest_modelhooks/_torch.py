@@ -58,6 +58,7 @@ __all__ = [
     "rnn_flat_weights",
     "scaler_scale",
     "set_rnn_flat_weights",
+    "symbolic_input_sizes",
     "syrupy_sanitized_name",
 ]
 
@@ -294,6 +295,21 @@ def recompile_limit() -> int:
     import torch._dynamo.config as config
 
     return int(getattr(config, "recompile_limit", None) or config.cache_size_limit)
+
+
+def symbolic_input_sizes(program: Any) -> list[list[Any]]:
+    """The sizes of an exported program's tensor user inputs, in order: each an int, or the
+    sympy expression of a dynamic size (``s0``, ``2*s0``). The expressions live on the
+    placeholders' fake tensors (``SymInt.node.expr``)."""
+    from torch.export.graph_signature import InputKind
+
+    users = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT}
+    sizes = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in users else None
+        if isinstance(value, torch.Tensor):
+            sizes.append([dim.node.expr if isinstance(dim, torch.SymInt) else int(dim) for dim in value.shape])
+    return sizes
 
 
 # --------------------------------------------------------------------------- module internals

@@ -73,7 +73,14 @@ def dynamic_marks(
         return []
     if dynamic == "batch":
         leaves = [tensor for _, tensor in tensor_leaves((tuple(args), dict(kwargs)))]
-        return [(tensor, [0]) for tensor in leaves if tensor.dim() >= 1]
+        marks = [(tensor, [0]) for tensor in leaves if tensor.dim() >= 1]
+        if any(tensor.shape[0] < 2 for tensor, _ in marks):
+            shapes = ", ".join(str(tuple(tensor.shape)) for tensor, _ in marks)
+            raise ValueError(
+                "dynamic='batch' needs a batch of 2 or more: dynamo makes sizes 0 and 1 static, and "
+                f"the inputs have shapes {shapes}"
+            )
+        return marks
     assert isinstance(dynamic, Mapping)
     names = _parameter_names(model)
     marks = []

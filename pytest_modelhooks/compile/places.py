@@ -11,8 +11,10 @@ that class below the caller.
 from __future__ import annotations
 
 import inspect
+import linecache
 import os
 import re
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -21,12 +23,23 @@ from torch import nn
 
 from pytest_modelhooks.tracing.state import buffers_kept, python_state_kept
 
-__all__ = ["Spans", "layer_label", "model_kept", "place_code", "placed", "readable_reason", "spans", "where"]
+__all__ = [
+    "frames_in_text",
+    "Spans",
+    "layer_label",
+    "model_kept",
+    "place_code",
+    "placed",
+    "readable_reason",
+    "spans",
+    "where",
+]
 
 #: each module class of a model: its source file and first and last line
 Spans = dict[type, tuple[str, int, int]]
 
 _SELF_ATTRIBUTE = re.compile(r"\bself\.([A-Za-z_]\w*)")
+_FRAME_LINE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<name>[\w<>]+)')
 
 #: dynamo's terse reasons, as a user would say them
 _READABLE = {
@@ -95,6 +108,12 @@ def placed(model: nn.Module, frames: Sequence[Any], classes: Spans) -> list[str]
     return [name for name, _ in current]
 
 
+def in_model(filename: str, line: int | None, classes: Spans) -> bool:
+    """Whether ``filename:line`` is code of one of the model's module classes."""
+    path = os.path.realpath(filename)
+    return any(file == path and first <= (line or 0) <= last for file, first, last in classes.values())
+
+
 def place_code(model: nn.Module, filename: str, line: int, classes: Spans) -> list[str]:
     """Every module of the model whose class's source holds ``filename:line``, by qualified
     name; ``[""]`` for the model itself or a line in no module class."""
@@ -102,6 +121,20 @@ def place_code(model: nn.Module, filename: str, line: int, classes: Spans) -> li
     if kind is None or kind is type(model):
         return [""]
     return [name for name, _ in _below("", model, kind)] or [""]
+
+
+def frames_in_text(text: str) -> list[traceback.FrameSummary]:
+    """The frames a message prints as a stack (``File "m.py", line 8, in forward``), outer
+    first, each with its source line read from the file."""
+    return [
+        traceback.FrameSummary(
+            match["file"],
+            int(match["line"]),
+            match["name"],
+            line=(linecache.getline(match["file"], int(match["line"])).strip()),
+        )
+        for match in _FRAME_LINE.finditer(text)
+    ]
 
 
 def layer_label(names: Sequence[str]) -> str:

@@ -21,7 +21,15 @@ from torch import nn
 from pytest_modelhooks._torch import dynamo_quiet, dynamo_shapes, recompilations, recompile_limit
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.compile.dynamic import Dynamic, dynamic_marks, marked, torch_flag
-from pytest_modelhooks.compile.places import Spans, layer_label, model_kept, place_code, spans, where
+from pytest_modelhooks.compile.places import (
+    Spans,
+    frames_in_text,
+    layer_label,
+    model_kept,
+    place_code,
+    spans,
+    where,
+)
 from pytest_modelhooks.findings import Finding
 from pytest_modelhooks.inputs import check_model, normalise_input, with_forward_kwargs
 
@@ -30,7 +38,6 @@ __all__ = ["compile_failure", "describe_call", "raise_if_unfit", "recompiles"]
 _SIZE_MISMATCH = re.compile(r"tensor '([^']+)' size mismatch at index (\d+)")
 #: a guard dynamo added where the code read a dynamic size: ``expr  # source  # file:line in f``
 _GUARD_SOURCE = re.compile(r"#\s*(?P<source>.*?)\s*#\s*(?P<file>\S+):(?P<line>\d+) in \w+")
-_USER_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in \w+\n\s*(?P<source>[^\n]*)')
 
 
 def _parameter_names(model: nn.Module) -> list[str]:
@@ -99,12 +106,16 @@ def compile_failure(
         return None
     text = str(error)
     bullet = next((line.strip(" -") for line in text.splitlines() if line.strip().startswith("- ")), "")
-    frames = list(_USER_FRAME.finditer(text))
+    frames = [
+        frame
+        for frame in frames_in_text(text)
+        if place_code(model, frame.filename, frame.lineno or 0, classes) != [""]
+    ]
     names, location = [""], ""
     if frames:
         last = frames[-1]
-        names = place_code(model, last["file"], int(last["line"]), classes)
-        location = f"{where(last['file'], int(last['line']))} `{last['source'].strip()}`: "
+        names = place_code(model, last.filename, last.lineno or 0, classes)
+        location = f"{where(last.filename, last.lineno)} `{last.line}`: "
     detail = bullet.split(". If you", 1)[0] or text.splitlines()[0]
     module = model.get_submodule(names[0]) if names[0] else model
     note = f"{location}{detail} (hint: leave it static, or compute with the size as a tensor)"
