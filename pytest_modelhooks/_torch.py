@@ -303,12 +303,16 @@ def symbolic_input_sizes(program: Any) -> list[list[Any]]:
     placeholders' fake tensors (``SymInt.node.expr``)."""
     from torch.export.graph_signature import InputKind
 
-    users = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT}
+    users = {
+        spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT
+    }
     sizes = []
     for node in program.graph.nodes:
         value = node.meta.get("val") if node.op == "placeholder" and node.name in users else None
         if isinstance(value, torch.Tensor):
-            sizes.append([dim.node.expr if isinstance(dim, torch.SymInt) else int(dim) for dim in value.shape])
+            sizes.append(
+                [dim.node.expr if isinstance(dim, torch.SymInt) else int(dim) for dim in value.shape]
+            )
     return sizes
 
 

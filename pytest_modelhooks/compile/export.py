@@ -70,7 +70,7 @@ def _quiet() -> Iterator[None]:
 
 def _check_format(to: Any) -> None:
     if to not in FORMATS:
-        raise ValueError(f"to must be one of {', '.join(map(repr, FORMATS))}, got to={describe(to)}")
+        raise ValueError(f"to must be one of {', '.join(map(repr, FORMATS))}, got to={to!r}")
     if to == "onnx":
         absent = [package for module, package in _ONNX_NEEDS if importlib.util.find_spec(module) is None]
         if absent:
@@ -357,11 +357,27 @@ def export_problems(
     """
     model = check_model(model)
     _check_format(to)
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
+    # export draws random numbers of its own: the user's RNG state is put back after
+    with torch.random.fork_rng(devices=devices):
+        return _problems(model, inputs, dynamic_shapes, strict, to, rtol, atol, forward_kwargs)
+
+
+def _problems(
+    model: nn.Module,
+    inputs: tuple[Any, ...],
+    dynamic_shapes: Any,
+    strict: bool,
+    to: str,
+    rtol: float | None,
+    atol: float | None,
+    forward_kwargs: dict[str, Any],
+) -> list[Finding]:
     args, kwargs = with_forward_kwargs(model, tuple(inputs), {}, forward_kwargs, "export_problems")
     shapes = _dynamic_shapes(model, dynamic_shapes, args, kwargs)
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise ValueError(f"{name} must be a non-negative number or None, got {name}={describe(value)}")
+            raise ValueError(f"{name} must be a non-negative number or None, got {name}={value!r}")
     try:
         expected = _run(model, args, kwargs, model)
     except Exception as error:
