@@ -60,6 +60,8 @@ _EXPORTS: dict[str, str] = {
     "graph_breaks": "compile",
     "check_compiles": "compile",
     "recompiles": "compile",
+    "check_exportable": "compile",
+    "export_problems": "compile",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -67,6 +69,8 @@ __all__ = ["__version__", *_EXPORTS]
 # for type checkers and IDEs; at run time __getattr__ imports each on first use
 if TYPE_CHECKING:
     from pytest_modelhooks.compile import check_compiles as check_compiles
+    from pytest_modelhooks.compile import check_exportable as check_exportable
+    from pytest_modelhooks.compile import export_problems as export_problems
     from pytest_modelhooks.compile import graph_breaks as graph_breaks
     from pytest_modelhooks.compile import recompiles as recompiles
     from pytest_modelhooks.dependence import (

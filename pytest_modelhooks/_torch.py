@@ -269,7 +269,12 @@ def dynamo_quiet() -> Iterator[None]:
 
     # torch._guards logs an error with a stack when a guard cannot be made (a size marked
     # dynamic that the code specialises): the check reports it as a finding instead
-    logs = {"torch._dynamo": logging.ERROR, "torch._guards": logging.CRITICAL}
+    # and torch's structured trace (for tlparse) would fill a failing test's captured log
+    logs = {
+        "torch._dynamo": logging.ERROR,
+        "torch._guards": logging.CRITICAL,
+        "torch.__trace": logging.CRITICAL,
+    }
     levels = {name: logging.getLogger(name).level for name in logs}
     for name, level in logs.items():
         logging.getLogger(name).setLevel(level)

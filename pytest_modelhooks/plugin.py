@@ -68,6 +68,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(marker: max_memory=)",
         default="",
     )
+    parser.addini(
+        "modelhooks_max_graph_breaks",
+        "the model_compiles fixture's default allowance of graph breaks (marker: max_graph_breaks=)",
+        default="0",
+    )
     parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")
     parser.addini("modelhooks_snapshot_rtol", "relative tolerance for numbers in snapshots", default="0")
     parser.addini("modelhooks_snapshot_atol", "absolute tolerance for numbers in snapshots", default="0")
@@ -166,6 +171,17 @@ def model_memory(request: pytest.FixtureRequest) -> Any:
     from pytest_modelhooks._plugin.fixtures import memory_fixture
 
     return memory_fixture(request)
+
+
+@pytest.fixture
+def model_compiles(request: pytest.FixtureRequest) -> Any:
+    """``found = model_compiles(model, *inputs, ...)``: :func:`pytest_modelhooks.check_compiles`
+    with ``max_graph_breaks`` from the marker or the ini key ``modelhooks_max_graph_breaks``
+    (default 0). The breaks and recompilations it finds, allowed or not, go into the test's
+    report; it returns them (a list of findings a ``model_snapshot`` stores)."""
+    from pytest_modelhooks._plugin.fixtures import compiles_fixture
+
+    return compiles_fixture(request)
 
 
 @pytest.fixture

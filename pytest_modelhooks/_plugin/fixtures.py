@@ -16,8 +16,9 @@ from pytest_modelhooks._plugin.guard import watch
 from pytest_modelhooks._plugin.settings import Settings, current_settings
 from pytest_modelhooks._torch import hook_entries
 from pytest_modelhooks._tree import map_tensors
+from pytest_modelhooks.compile.breaks import check_compiles
 from pytest_modelhooks.errors import not_a_module
-from pytest_modelhooks.findings import HealthError
+from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.hooks.core import Hook, HookFunc, Hooks, hook_output
 from pytest_modelhooks.hooks.select import ModuleSpec, hookable
 from pytest_modelhooks.inputs import is_input_data
@@ -323,3 +324,28 @@ def memory_fixture(request: pytest.FixtureRequest) -> Callable[..., FixtureMemor
     measure.__doc__ = model_memory.__doc__
     measure.__wrapped__ = model_memory  # type: ignore[attr-defined]
     return measure
+
+
+def compiles_fixture(request: pytest.FixtureRequest) -> Callable[..., list[Finding]]:
+    """The ``model_compiles`` fixture's function: :func:`check_compiles` with the configured
+    allowance of graph breaks; what it finds goes into the test's report, pass or fail."""
+
+    def check(model: nn.Module, *inputs: Any, **options: Any) -> list[Finding]:
+        __tracebackhide__ = True
+        settings = current_settings(request.config)
+        options.setdefault("max_graph_breaks", settings.max_graph_breaks)
+        try:
+            found = check_compiles(model, *inputs, **options)
+        except HealthError as error:
+            request.node.add_report_section("call", "modelhooks", str(error))
+            raise
+        if found:
+            allowed = options["max_graph_breaks"]
+            text = f"torch.compile: {len(found)} place(s), within max_graph_breaks={allowed}\n"
+            request.node.add_report_section("call", "modelhooks", text + format_findings(found, unit="call"))
+        return found
+
+    check.__name__ = check.__qualname__ = "model_compiles"
+    check.__doc__ = check_compiles.__doc__
+    check.__wrapped__ = check_compiles  # type: ignore[attr-defined]
+    return check

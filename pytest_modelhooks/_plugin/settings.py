@@ -34,14 +34,21 @@ __all__ = [
 ]
 
 DEVICES = ("cpu", "cuda", "auto")
-MARKER_KEYS = (*(bound.setting for bound in BOUNDS.values()), "exclude", "max_memory", "device", "seed")
+MARKER_KEYS = (
+    *(bound.setting for bound in BOUNDS.values()),
+    "exclude",
+    "max_memory",
+    "max_graph_breaks",
+    "device",
+    "seed",
+)
 #: The marker's arguments as ``--markers`` lists them.
 MARKER_SIGNATURE = ", ".join(
     [
         f"{bound.setting}=(low, high)" if bound.kind == "range" else f"{bound.setting}=..."
         for bound in BOUNDS.values()
     ]
-    + ["exclude=...", "max_memory=...", "device=...", "seed=..."]
+    + ["exclude=...", "max_memory=...", "max_graph_breaks=...", "device=...", "seed=..."]
 )
 # a test that asks for one of these (or carries the marker) starts with torch's RNG seeded
 FIXTURES = frozenset(
@@ -54,6 +61,7 @@ FIXTURES = frozenset(
         "model_snapshot",
         "modelhooks_device",
         "model_memory",
+        "model_compiles",
     }
 )
 
@@ -68,6 +76,7 @@ class Settings:
     bounds: Mapping[str, Any] = field(default_factory=dict)
     exclude: Any = None  # modules whose outputs and gradients the checks do not judge
     max_memory: int | None = None  # bytes: the default budget of the model_memory fixture's check()
+    max_graph_breaks: int = 0  # the model_compiles fixture's default allowance
     plots_dir: str | None = None
     hook_guard: bool = False  # --modelhooks-check-leaks
     snapshot_rtol: float = 0.0
@@ -151,6 +160,18 @@ def _max_memory(value: Any, where: str) -> int | None:
         raise pytest.UsageError(str(error)) from None
 
 
+def _max_graph_breaks(value: Any, where: str) -> int:
+    if value is None or value == "":
+        return 0
+    try:
+        count = int(str(value).strip()) if not isinstance(value, bool) else -1
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise pytest.UsageError(f"{where}: expected a non-negative integer, got {value!r}")
+    return count
+
+
 def _device(text: Any, where: str) -> str:
     if text not in DEVICES:
         raise pytest.UsageError(f"{where}: expected one of {', '.join(DEVICES)}, got {text!r}")
@@ -188,6 +209,9 @@ def configure(config: pytest.Config) -> None:
         hook_guard=bool(option.modelhooks_check_leaks),
         exclude=_exclude(config.getini("modelhooks_exclude"), "modelhooks_exclude"),
         max_memory=_max_memory(config.getini("modelhooks_max_memory"), "modelhooks_max_memory"),
+        max_graph_breaks=_max_graph_breaks(
+            config.getini("modelhooks_max_graph_breaks"), "modelhooks_max_graph_breaks"
+        ),
         snapshot_rtol=_tolerance(config, "modelhooks_snapshot_rtol"),
         snapshot_atol=_tolerance(config, "modelhooks_snapshot_atol"),
         bounds=bounds,
@@ -237,6 +261,8 @@ def settings_for(config: pytest.Config, item: pytest.Item | None) -> Settings:
                 changes[key] = _exclude(value, f"{where}(exclude=...)")
             elif key == "max_memory":
                 changes[key] = _max_memory(value, f"{where}(max_memory=...)")
+            elif key == "max_graph_breaks":
+                changes[key] = _max_graph_breaks(value, f"{where}(max_graph_breaks=...)")
             else:
                 changes[key] = _device(value, f"{where}(device=...)")
         settings = _ordered(replace(settings, bounds=bounds, **changes), where)

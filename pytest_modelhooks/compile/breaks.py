@@ -124,19 +124,21 @@ def check_compiles(
     dynamic: Dynamic = None,
     backend: str = "eager",
     **forward_kwargs: Any,
-) -> None:
+) -> list[Finding]:
     """Raise :class:`~pytest_modelhooks.findings.HealthError` when ``torch.compile`` breaks
     the model's graph more than ``max_graph_breaks`` times on ``model(*inputs)``
     (:func:`graph_breaks`), or, called again on each of ``more_inputs`` (a tensor, a tuple of
     positional inputs or a dict of keyword inputs each), recompiles more than
     ``max_recompiles`` times (:func:`~.recompiles.recompiles`; None: not bounded). A model
     dynamo does not compile at all, a size marked ``dynamic`` that the code specialises and a
-    recompile limit reached fail whatever the bounds. The message has a row per place.
+    recompile limit reached fail whatever the bounds. The message has a row per place. A
+    check that passes returns what it found within the bounds (a snapshot can pin it).
 
     >>> import torch
     >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     >>> batches = [torch.randn(5, 4), torch.randn(7, 4)]
     >>> check_compiles(net, torch.randn(2, 4), more_inputs=batches, dynamic="batch", max_recompiles=0)
+    []
     """
     __tracebackhide__ = True
     _count(max_graph_breaks, "max_graph_breaks")
@@ -162,3 +164,4 @@ def check_compiles(
     if problems:
         message = f"compile check failed: {'; '.join(problems)}\n" + format_findings(found, unit="call")
         raise HealthError(message, found)
+    return found

@@ -52,7 +52,16 @@ _TOLERANCES = {
     torch.float64: (1e-7, 1e-7),
 }
 #: loggers that print the partial graph and long debugging advice when an export fails
-_NOISY = ("torch.export", "torch._export", "torch._dynamo", "torch._guards", "torch.onnx", "onnxscript")
+_NOISY = (
+    "torch.export",
+    "torch._export",
+    "torch._dynamo",
+    "torch._guards",
+    "torch.__trace",
+    "torch.fx.experimental.symbolic_shapes",
+    "torch.onnx",
+    "onnxscript",
+)
 _DATA_DEPENDENT = re.compile(r"Could not guard on data-dependent expression (.+?) \(unhinted")
 
 

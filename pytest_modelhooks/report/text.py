@@ -5,14 +5,16 @@ shows (every layer's statistics, the offending ones marked).
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from typing import Any
 
-from pytest_modelhooks.findings import text_table
+from pytest_modelhooks.findings import Finding, format_number, text_table
 
 
 def snapshot_text(data: Any) -> str:
     """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats, GradientStats,
-    MemoryReport or str.
+    MemoryReport, a list of findings (graph breaks, recompilations, export problems) or str.
 
     >>> import torch
     >>> from torch import nn
@@ -42,11 +44,46 @@ def snapshot_text(data: Any) -> str:
         return str(data)
     if isinstance(data, str):
         return data if data.endswith("\n") else data + "\n"
+    if isinstance(data, (list, tuple)) and all(isinstance(item, Finding) for item in data):
+        return findings_text(data)
     raise TypeError(
         "model_snapshot stores ModelSummary, LayerSizes, ActivationStats, GradientStats, "
-        "MemoryReport or str, "
+        "MemoryReport, a list of findings or str, "
         f"got {type(data).__name__}"
     )
+
+
+#: where a finding's note starts with its place in the source: ``path:line `code`: ``
+_PLACE = re.compile(r"^(?P<path>\S+?):\d+ `(?P<source>[^`]*)`: ")
+
+
+def findings_text(findings: Sequence[Finding]) -> str:
+    """Findings as a snapshot stores them: a row each, labelled by the layer, its type and the
+    source line where there is one, without line numbers (code moving down a file is no
+    change), so that a new graph break reads as an added row.
+
+    >>> print(findings_text([Finding("gate", "Gate", "graph break", 1.0, "0", None,
+    ...     "m.py:8 `if y.mean() > 0:`: a Python branch on a tensor's value")]), end="")
+    Findings: 1
+    layer                           statistic    observed  note
+    gate (Gate) `if y.mean() > 0:`  graph break  1         a Python branch on a tensor's value
+    """
+    rows = [["layer", "statistic", "observed", "note"]]
+    seen: dict[str, int] = {}
+    for finding in findings:
+        note = " ".join(finding.note.split())
+        label = f"{finding.layer or '(model)'} ({finding.layer_type})"
+        place = _PLACE.match(note)
+        if place:
+            label += f" `{' '.join(place['source'].split())}`"
+            note = note[place.end() :]
+        label = re.sub(r"\s{2,}", " ", label)
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:  # the same place twice (two recompilations): told apart
+            label += f" #{seen[label]}"
+        observed = format_number(finding.observed)
+        rows.append([label, finding.statistic, observed, note])
+    return f"Findings: {len(findings)}\n" + text_table(rows) + "\n"
 
 
 def _stats_text(stats: Any) -> str:
