@@ -1,5 +1,7 @@
 """``modelhooks compile``: torch.compile's graph breaks on one random batch, named at the module
-and the line; exit 1 when there are more than ``--max-graph-breaks``."""
+and the line; with more ``--input-size``s, the recompilations between them; with ``--export``
+or ``--onnx``, whether the model exports and agrees with eager. Exit 1 on a finding over the
+allowances."""
 
 from __future__ import annotations
 
@@ -9,37 +11,115 @@ from typing import Any
 from pytest_modelhooks.cli.common import SHAPE_FORMS, UsageError, dumps, parse_shape, random_batch
 
 NAME = "compile"
-HELP = "list torch.compile's graph breaks, named at the module and the line"
+HELP = "list torch.compile's graph breaks and recompilations, and torch.export's failures"
 FORMATS = ("text", "json")
+#: --dynamic's words, as ``dynamic=`` takes them
+DYNAMIC: dict[str, str | bool] = {"batch": "batch", "all": True, "none": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input-size", required=True, help=f"full input shape, batch included: {SHAPE_FORMS}"
+        "--input-size",
+        required=True,
+        action="append",
+        help=f"full input shape, batch included: {SHAPE_FORMS}; given again, the model is called at "
+        "each size in turn and its recompilations listed",
+    )
+    parser.add_argument(
+        "--dynamic",
+        choices=tuple(DYNAMIC),
+        help="batch: the first size dynamic (and the batch of --export); all: every size; none: no size "
+        "(default: torch.compile's, dynamic after a size changes)",
     )
     parser.add_argument(
         "--max-graph-breaks", default="0", help="exit with 1 above this many breaks (default 0)"
     )
+    parser.add_argument(
+        "--max-recompiles", default=None, help="exit with 1 above this many recompilations (default: any)"
+    )
+    parser.add_argument(
+        "--export", action="store_true", help="also torch.export the model and compare it with eager"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="with --export: strict export (traced by dynamo)"
+    )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also export to ONNX and compare through onnxruntime"
+    )
+
+
+def _count(text: str | None, option: str) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"{option} {text!r}: expected a non-negative integer")
+    return value
 
 
 def run(model: Any, args: argparse.Namespace) -> int:
-    from pytest_modelhooks.compile import graph_breaks
+    from pytest_modelhooks.compile import export_problems, graph_breaks, recompiles
     from pytest_modelhooks.findings import format_findings
 
-    try:
-        allowed = int(args.max_graph_breaks)
-    except ValueError:
-        allowed = -1
-    if allowed < 0:
-        raise UsageError(f"--max-graph-breaks {args.max_graph_breaks!r}: expected a non-negative integer")
-    shape = parse_shape(args.input_size, "--input-size")
-    found = graph_breaks(model, random_batch(model, shape, args.seed, args.device), **args.kwargs)
-    total = sum(int(finding.observed) for finding in found)
+    allowed = _count(args.max_graph_breaks, "--max-graph-breaks")
+    assert allowed is not None
+    most = _count(args.max_recompiles, "--max-recompiles")
+    shapes = [parse_shape(text, "--input-size") for text in args.input_size]
+    dynamic = DYNAMIC[args.dynamic] if args.dynamic else None
+    batches = [random_batch(model, shape, args.seed, args.device) for shape in shapes]
+    found = graph_breaks(model, batches[0], dynamic=dynamic, **args.kwargs)
+    again = recompiles(model, *batches, dynamic=dynamic, **args.kwargs) if len(batches) > 1 else []
+    exported: dict[str, list[Any]] = {}
+    export_shapes = "batch" if args.dynamic == "batch" else None
+    for wanted, to in ((args.export, "torch"), (args.onnx, "onnx")):
+        if wanted:
+            try:
+                exported[to] = export_problems(
+                    model, batches[0], dynamic_shapes=export_shapes, strict=args.strict, to=to, **args.kwargs
+                )
+            except ImportError as missing:
+                raise UsageError(f"--onnx: {missing}") from None
+    breaks = sum(int(f.observed) for f in found if f.statistic == "graph break")
+    count = sum(f.statistic == "recompile" for f in again)
+    failing = (
+        breaks > allowed
+        or any(f.statistic in ("not compiled", "specialized", "recompile limit") for f in [*found, *again])
+        or (most is not None and count > most)
+        or any(exported.values())
+    )
     if args.format == "json":
-        print(dumps({"graph_breaks": total, "allowed": allowed, "places": [vars(f) for f in found]}))
-    elif found:
-        print(f"{total} graph break(s) in {len(found)} place(s), {allowed} allowed:")
+        data: dict[str, Any] = {
+            "graph_breaks": breaks,
+            "allowed": allowed,
+            "places": [vars(f) for f in found],
+        }
+        if len(batches) > 1:
+            data |= {"recompiles": count, "max_recompiles": most, "recompilations": [vars(f) for f in again]}
+        data |= {f"export_{to}": [vars(f) for f in problems] for to, problems in exported.items()}
+        print(dumps(data))
+        return 1 if failing else 0
+    if found:
+        print(f"{breaks} graph break(s) in {len(found)} place(s), {allowed} allowed:")
         print(format_findings(found, unit="call"))
     else:
-        print(f"No graph breaks: {type(model).__name__} compiles whole on a {args.input_size} input.")
-    return 1 if total > allowed else 0
+        print(f"No graph breaks: {type(model).__name__} compiles whole on a {args.input_size[0]} input.")
+    if len(batches) > 1:
+        sizes = "; ".join(args.input_size)
+        if again:
+            limit = "" if most is None else f", {most} allowed"
+            print(f"\n{count} recompilation(s) over the inputs {sizes}{limit} (call: counted from 0):")
+            print(format_findings(again, unit="call"))
+        else:
+            print(f"\nNo recompilation over the inputs {sizes}.")
+    for to, problems in exported.items():
+        what = "torch.export" if to == "torch" else "ONNX export"
+        if problems:
+            print(f"\n{what}: {len(problems)} problem(s):")
+            print(format_findings(problems, unit="call"))
+        else:
+            second = " and at twice the batch" if export_shapes else ""
+            print(f"\n{what}: exports, and agrees with eager at {args.input_size[0]}{second}.")
+    return 1 if failing else 0

@@ -411,7 +411,8 @@ def _problems(
             return [_failure(model, error, classes, what, retry)]
     if to == "onnx":
         try:
-            run = _onnx_runner(_onnx_export(program, args, kwargs), expected)
+            with model_kept(model), _quiet():
+                run = _onnx_runner(_onnx_export(program, args, kwargs), expected)
         except Exception as error:
             reason = " ".join(str(error).split())[:400]
             note = f"the ONNX conversion of the exported program failed: {type(error).__name__}: {reason}"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -554,6 +555,45 @@ def test_compile_names_the_break_and_exits_1(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     assert main(["compile", "cli_models:small", "--input-size", "2,3,8,8", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["graph_breaks"] == 0
+
+
+def test_compile_lists_recompilations_over_several_sizes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "breaking.py").write_text(BREAKING)
+    sizes = ["--input-size", "2,3,8,8", "--input-size", "5,3,8,8"]
+    assert main(["compile", "cli_models:small", *sizes]) == 0  # recompilations: not bounded by default
+    out = capsys.readouterr().out
+    assert "1 recompilation(s) over the inputs 2,3,8,8; 5,3,8,8" in out
+    assert "size mismatch at index 0. expected 2, actual 5" in out
+    assert main(["compile", "cli_models:small", *sizes, "--max-recompiles", "0"]) == 1
+    capsys.readouterr()
+    assert main(["compile", "cli_models:small", *sizes, "--dynamic", "batch", "--max-recompiles", "0"]) == 0
+    assert "No recompilation over the inputs" in capsys.readouterr().out
+    assert main(["compile", "cli_models:small", *sizes, "--format", "json", "--max-recompiles", "0"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["recompiles"] == 1 and data["recompilations"][0]["batch"] == 1
+
+
+def test_compile_export_and_onnx(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "breaking.py").write_text(BREAKING)
+    assert (
+        main(["compile", "breaking:gated", "--input-size", "2,4", "--export", "--max-graph-breaks", "5"]) == 1
+    )
+    out = capsys.readouterr().out
+    assert "torch.export: 1 problem(s):" in out and "not exportable" in out and "if y.mean() > 0:" in out
+    size = ["--input-size", "2,3,8,8", "--dynamic", "batch", "--export"]
+    assert main(["compile", "cli_models:small", *size]) == 0
+    assert (
+        "torch.export: exports, and agrees with eager at 2,3,8,8 and at twice the batch."
+        in capsys.readouterr().out
+    )
+    if all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")):
+        assert (
+            main(["compile", "cli_models:small", "--input-size", "2,3,8,8", "--onnx", "--format", "json"])
+            == 0
+        )
+        assert json.loads(capsys.readouterr().out)["export_onnx"] == []
 
 
 def test_compile_bad_allowance_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
