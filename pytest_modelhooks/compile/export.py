@@ -409,6 +409,15 @@ def _problems(
 
             retry = strict_export if not strict and "Constraints violated" in str(error) else None
             return [_failure(model, error, classes, what, retry)]
+    if to == "onnx" and (training := _training_dependent(model)):
+        # an ONNX model is for inference: dropout would drop there, batch norm use each batch's
+        # statistics; and onnxruntime's random numbers are not torch's, so no comparison could pass
+        shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        note = (
+            f"the model is in training mode, so the ONNX model would hold {shown} as in training "
+            "(hint: model.eval() before exporting for inference)"
+        )
+        return [Finding("", type(model).__name__, "training mode", float(len(training)), "eval", None, note)]
     if to == "onnx":
         try:
             with model_kept(model), _quiet():
@@ -453,6 +462,27 @@ def _compare_run(
         note = f"the {named} fails at {shapes}: {type(error).__name__}: {reason}"
         return [Finding("", type(model).__name__, "run failed", float("nan"), "runs", None, note)]
     return _compare(expected, actual, rtol, atol, named, shapes)
+
+
+def _training_dependent(model: nn.Module) -> list[str]:
+    """The modules in training mode that behave differently in eval (dropout, batch norm)."""
+    kinds = (
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.FeatureAlphaDropout,
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+    )
+    return [
+        f"{name or '(model)'} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if module.training and isinstance(module, kinds)
+    ]
 
 
 class _Flat(dict[str, torch.Tensor]):

@@ -209,6 +209,13 @@ def test_onnx_export_agrees_with_eager_through_onnxruntime() -> None:
 
 
 @needs_onnx
+def test_onnx_of_a_model_in_training_mode_is_a_finding_naming_the_layers() -> None:
+    (finding,) = export_problems(Heads(), torch.randn(3, 4), to="onnx")
+    assert (finding.statistic, finding.observed) == ("training mode", 2)
+    assert "norm (BatchNorm1d), drop (Dropout)" in finding.note and "model.eval()" in finding.note
+
+
+@needs_onnx
 def test_an_onnx_export_failure_is_named_at_its_module_and_line() -> None:
     (finding,) = export_problems(Holder(Branch()), torch.randn(3, 4), to="onnx")
     assert (finding.layer, finding.statistic) == ("child", "not exportable")
