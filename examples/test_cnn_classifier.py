@@ -1,8 +1,9 @@
 """Example suite: a small image classifier. Copy it next to your own model.
 
 It checks the architecture, not the training: every stage's output shape, the parameter budget
-and the layer table (a committed snapshot), healthy activations and gradients, and that any input
-size the model claims to take gives one logit per class.
+and the layer table (a committed snapshot), healthy activations and gradients, that any input
+size the model claims to take gives one logit per class, and that it compiles whole and exports
+for inference with a dynamic batch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from pytest_modelhooks import check_batch_independence, check_deterministic
+from pytest_modelhooks import check_batch_independence, check_deterministic, check_exportable
 from pytest_modelhooks.strategies import input_sizes
 
 
@@ -101,3 +102,14 @@ def test_intermediate_outputs_can_be_inspected(model, hooked_model, modelhooks_d
 def test_any_input_size_gives_one_logit_per_class(model_sizes, size):
     sizes = model_sizes(Classifier(), size[2:], modules=["head"])
     assert sizes["head"] == (1, 10)
+
+
+def test_compiles_whole_and_keeps_one_graph_over_batch_sizes(model, model_compiles):
+    # a graph break (an .item(), a Python branch on a value) or a recompilation fails, named
+    batches = [torch.randn(size, 3, 32, 32) for size in (5, 8)]
+    model_compiles(model, torch.randn(2, 3, 32, 32), more_inputs=batches, dynamic="batch", max_recompiles=0)
+
+
+def test_exports_for_inference_with_a_dynamic_batch(model):
+    # the exported program is run beside eager at batch 2 and at 4, output by output
+    check_exportable(model.eval(), torch.randn(2, 3, 32, 32), dynamic_shapes="batch")

@@ -97,3 +97,10 @@ def test_a_training_step_at_full_context_fits_the_budget(lm, model_memory):
     report = model_memory(lm, ids, optimizer="adamw", autocast=torch.bfloat16)
     report.check()  # the marker's budget; a failure prints the report, layer by layer
     assert report["blocks.0.attn"].saved_bytes > 0  # the attention keeps its probabilities
+
+
+def test_compiles_whole_and_keeps_one_graph_over_sequence_lengths(lm, model_compiles):
+    # marked dynamic: a length the code turns into a Python int would recompile, and be named
+    ids = torch.randint(0, VOCAB, (2, 16))
+    longer = [torch.randint(0, VOCAB, (2, length)) for length in (24, CONTEXT)]
+    model_compiles(lm, ids, more_inputs=longer, dynamic={"ids": 1}, max_recompiles=0)
