@@ -202,15 +202,21 @@ storage_expired = cast(Callable[[int], bool], torch.UntypedStorage._expired)
 # --------------------------------------------------------------------------- dynamo
 
 
-def dynamo_explain(function: Any, *args: Any, **kwargs: Any) -> Any:
+def dynamo_explain(function: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, int]]:
     """``torch._dynamo.explain(function)(*args, **kwargs)``: dynamo's own account of a compile
-    (``graph_break_count``, ``break_reasons`` with ``.reason`` and ``.user_stack`` frames),
-    its graph-break warnings kept out of the user's log. dynamo's caches are reset after, so
-    that this compile neither reuses nor leaves anything another compile would see."""
+    (``graph_break_count``, ``break_reasons`` with ``.reason`` and ``.user_stack`` frames), and
+    every graph break dynamo counted, by reason (its ``counters["graph_break"]``): explain
+    lists a break only where a graph was compiled before it, so a break before the first op
+    is in the counts alone. Warnings kept out of the user's log; caches reset before and after."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     with dynamo_quiet():
-        return torch._dynamo.explain(function)(*args, **kwargs)
+        counters.clear()
+        explained = torch._dynamo.explain(function)(*args, **kwargs)
+        counted = {str(reason): int(count) for reason, count in counters["graph_break"].items()}
+        counters.clear()
+        return explained, counted
 
 
 #: how ``torch.compile(dynamic=...)`` sets dynamo's shape config, for :func:`dynamo_explain`,
@@ -264,6 +270,7 @@ def dynamo_quiet() -> Iterator[None]:
     caches reset before and after, so that what compiles inside neither reuses nor leaves
     anything another compile would see."""
     import logging
+    import warnings
 
     import torch._dynamo
 
@@ -280,7 +287,10 @@ def dynamo_quiet() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
     try:
         torch._dynamo.reset()
-        yield
+        with warnings.catch_warnings():
+            # "Dynamo does not know how to trace the builtin ...": a break the check reports
+            warnings.filterwarnings("ignore", module=r"torch\._dynamo")
+            yield
     finally:
         torch._dynamo.reset()
         for name, level in levels.items():
@@ -402,6 +412,7 @@ REQUIRED: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("torch.Tensor._version", lambda: hasattr(torch.zeros(1), "_version")),
     ("torch.UntypedStorage._expired", lambda: hasattr(torch.UntypedStorage, "_expired")),
     ("torch._dynamo.explain", lambda: _importable("torch._dynamo", "explain")),
+    ("torch._dynamo.utils.counters", lambda: _importable("torch._dynamo.utils", "counters")),
     (
         "torch._dynamo.convert_frame.get_and_maybe_log_recompilation_reasons",
         lambda: _importable("torch._dynamo.convert_frame", "get_and_maybe_log_recompilation_reasons"),

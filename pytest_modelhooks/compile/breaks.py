@@ -14,11 +14,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
-from pytest_modelhooks._torch import dynamo_explain, dynamo_shapes
+from pytest_modelhooks._torch import dynamo_explain, dynamo_quiet, dynamo_shapes
 from pytest_modelhooks.compile.dynamic import Dynamic, dynamic_marks, marked, torch_flag
-from pytest_modelhooks.compile.places import layer_label, model_kept, placed, readable_reason, spans, where
+from pytest_modelhooks.compile.places import (
+    Spans,
+    in_model,
+    layer_label,
+    model_kept,
+    placed,
+    readable_reason,
+    spans,
+    where,
+)
 from pytest_modelhooks.compile.recompiles import compile_failure, raise_if_unfit, recompiles
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.inputs import check_model, with_forward_kwargs
@@ -56,13 +66,16 @@ def graph_breaks(
     marks = dynamic_marks(model, dynamic, args, kwargs)
     with model_kept(model), dynamo_shapes(torch_flag(dynamic)), marked(marks):
         try:
-            explained = dynamo_explain(model, *args, **kwargs)
+            explained, counted = dynamo_explain(model, *args, **kwargs)
         except Exception as error:
             failure = compile_failure(model, error, None, classes)
             if failure is None:
                 raise_if_unfit(model, error, "inputs", args, kwargs)
                 raise
             return [failure]
+        # a break before the first op of a frame is in dynamo's counts, not in explain's list:
+        # where dynamo broke, a full-graph compile stops at the first break and says where
+        first = _first_break(model, args, kwargs) if sum(counted.values()) else None
     rows: dict[tuple[str, ...], list[Any]] = {}
     for reason in explained.break_reasons:
         frames = list(reason.user_stack or [])
@@ -84,6 +97,11 @@ def graph_breaks(
         layer = layer_label(names)
         note = f"{location} `{source}`: {sentence}" + (f" (hint: {hint})" if hint else "")
         found.append(Finding(layer, type(module).__name__, "graph break", float(count), "0", None, note))
+    if first is not None:
+        listed = {location for _, _, location, *_ in rows.values()}
+        unlisted = _unlisted(model, first, classes, listed)
+        if unlisted is not None:
+            found.append(unlisted)
     if int(explained.graph_count) == 0:
         # dynamo skipped the whole forward (RNN modules, unless torch._dynamo.config.allow_rnn):
         # no break to list, and nothing compiled either
@@ -101,6 +119,39 @@ def graph_breaks(
         )
         found.append(Finding("", type(model).__name__, "graph break", float(unexplained), "0", None, note))
     return found
+
+
+def _first_break(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BaseException | None:
+    """The error ``torch.compile(fullgraph=True)`` raises at the model's first graph break,
+    whose stack says where it is (None: it compiled whole)."""
+    with dynamo_quiet():
+        try:
+            torch.compile(model, fullgraph=True, backend="eager")(*args, **kwargs)
+        except Exception as error:
+            return error
+    return None
+
+
+def _unlisted(model: nn.Module, first: BaseException, classes: Spans, listed: set[str]) -> Finding | None:
+    """The first break, from a full-graph compile's error, when explain did not list its place
+    (None: it did, or it listed breaks and this one has no frame in the model's code)."""
+    frames = list(getattr(first, "real_stack", None) or [])
+    inside = [frame for frame in frames if in_model(frame.filename, frame.lineno, classes)]
+    sentence, hint = readable_reason(str(first))
+    names = placed(model, inside, classes)
+    if inside:
+        last = inside[-1]
+        location = where(last.filename, last.lineno)
+        if location in listed:
+            return None
+        place = f"{location} `{(last.line or '').strip()}`: "
+    elif listed:
+        return None
+    else:
+        place = "(no place given: the break is before the first op of a forward) "
+    module = model.get_submodule(names[0]) if names[0] else model
+    note = f"{place}{sentence}" + (f" (hint: {hint})" if hint else "")
+    return Finding(layer_label(names), type(module).__name__, "graph break", 1.0, "0", None, note)
 
 
 #: findings that fail a compile check whatever the bounds: nothing compiled, a dynamic size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import zlib
 
 import pytest
 import torch
@@ -32,6 +33,13 @@ class Printing(nn.Module):
 class ToList(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + len([v for v in x.flatten().tolist() if v > 0])  # BREAK: tolist
+
+
+class Builtin(nn.Module):
+    """A C builtin dynamo cannot trace, before any op: explain lists no break, dynamo counts one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + zlib.crc32(b"modelhooks") % 7  # BREAK: builtin
 
 
 class Branch(nn.Module):
@@ -77,8 +85,9 @@ def _line(marker: str) -> int:
         (Printing(), "print", "print"),
         (ToList(), "tolist", "tolist()"),
         (Branch(), "branch", "branch"),
+        (Builtin(), "builtin", "zlib.crc32"),
     ],
-    ids=["item", "print", "tolist", "branch"],
+    ids=["item", "print", "tolist", "branch", "builtin"],
 )
 def test_a_planted_break_is_named_at_its_module_and_line(child: nn.Module, marker: str, words: str) -> None:
     model = Holder(child)
@@ -92,6 +101,14 @@ def test_a_planted_break_is_named_at_its_module_and_line(child: nn.Module, marke
     assert finding.observed >= 1  # dynamo's count: the caller's graph splits at the call too
     assert f"test_breaks.py:{_line(marker)}" in finding.note
     assert words in finding.note.lower()
+
+
+def test_a_break_before_any_op_is_found_though_explain_lists_none() -> None:
+    (finding,) = graph_breaks(Builtin(), torch.randn(2, 4))
+    assert (finding.layer, finding.layer_type, finding.observed) == ("", "Builtin", 1)
+    assert f"test_breaks.py:{_line('builtin')}" in finding.note and "zlib.crc32" in finding.note
+    with pytest.raises(HealthError, match="1 graph break"):
+        check_compiles(Builtin(), torch.randn(2, 4))
 
 
 def test_the_hint_of_dynamo_comes_with_the_reason() -> None:
