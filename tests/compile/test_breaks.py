@@ -122,7 +122,7 @@ def test_a_break_in_the_models_own_forward_is_named_as_the_model() -> None:
     assert f":{_line('own')} " in finding.note
 
 
-@pytest.mark.parametrize("name", ["resnetish", "unet", "tied_lm"])
+@pytest.mark.parametrize("name", ["resnetish", "unet", "transformer", "tied_lm"])
 def test_standard_architectures_compile_without_a_break(name: str) -> None:
     model, batch = zoo.build(name)
     with untouched(model):
