@@ -189,7 +189,9 @@ def test_onnx_asked_for_without_onnx_installed_says_what_to_install(monkeypatch:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name)
     )
-    with pytest.raises(ImportError, match=r"to='onnx' needs (.*, )?onnxruntime, not installed.*pytest-modelhooks\[onnx\]"):
+    with pytest.raises(
+        ImportError, match=r"to='onnx' needs (.*, )?onnxruntime, not installed.*pytest-modelhooks\[onnx\]"
+    ):
         export_problems(Heads(), torch.randn(4, 4), to="onnx")
 
 
