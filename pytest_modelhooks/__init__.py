@@ -62,12 +62,20 @@ _EXPORTS: dict[str, str] = {
     "recompiles": "compile",
     "check_exportable": "compile",
     "export_problems": "compile",
+    "state_dict_spec": "checkpoint",
+    "StateDictSpec": "checkpoint",
+    "check_loads": "checkpoint",
+    "load_problems": "checkpoint",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 # for type checkers and IDEs; at run time __getattr__ imports each on first use
 if TYPE_CHECKING:
+    from pytest_modelhooks.checkpoint import StateDictSpec as StateDictSpec
+    from pytest_modelhooks.checkpoint import check_loads as check_loads
+    from pytest_modelhooks.checkpoint import load_problems as load_problems
+    from pytest_modelhooks.checkpoint import state_dict_spec as state_dict_spec
     from pytest_modelhooks.compile import check_compiles as check_compiles
     from pytest_modelhooks.compile import check_exportable as check_exportable
     from pytest_modelhooks.compile import export_problems as export_problems

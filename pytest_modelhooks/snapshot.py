@@ -121,6 +121,10 @@ def change_report(old: str, new: str) -> list[str]:
       total params: 58 -> 67 (+9)
       trainable params: 58 -> 67 (+9)
     """
+    from pytest_modelhooks.checkpoint.spec import HEADER
+
+    if old.startswith(HEADER + ":") and new.startswith(HEADER + ":"):
+        return _state_dict_report(old, new)
     changes = describe_changes(old, new)
     if not changes:
         return []
@@ -133,6 +137,25 @@ def change_report(old: str, new: str) -> list[str]:
     ]
     headline = "Changed layers (snapshot -> now): " + (", ".join(counts) or "none; the totals differ")
     return [headline, *("  " + line for line in totals + layers)]
+
+
+def _state_dict_report(old: str, new: str) -> list[str]:
+    """A state-dict snapshot's diff in load_state_dict's words: what loading a checkpoint of
+    the snapshot's model into the model now would meet."""
+    from pytest_modelhooks.checkpoint.loads import load_changes
+    from pytest_modelhooks.checkpoint.spec import StateDictSpec
+
+    lines = load_changes(StateDictSpec.from_text(old), StateDictSpec.from_text(new))
+    if not lines:
+        return []
+    counts: dict[str, int] = {}
+    for line in lines:
+        what = line.partition(":")[0]
+        counts[what] = counts.get(what, 0) + 1
+    headline = "A checkpoint of the snapshot's model, loaded now: " + ", ".join(
+        f"{count} {what}" for what, count in counts.items()
+    )
+    return [headline, *("  " + line for line in lines)]
 
 
 class ModelSnapshotAssertion(SnapshotAssertion):

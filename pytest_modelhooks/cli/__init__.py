@@ -9,7 +9,8 @@
     python -m pytest_modelhooks memory PACKAGE.MODULE:FACTORY --input-size 8,3,224,224 \\
         [--optimizer adamw] [--autocast bf16] [--budget 80GiB] [--max-batch] [--meta]
     python -m pytest_modelhooks compile PACKAGE.MODULE:FACTORY --input-size 2,3,64,64 \\
-        [--max-graph-breaks 0]
+        [--input-size 5,3,64,64] [--dynamic batch] [--max-graph-breaks 0] [--export] [--onnx]
+    python -m pytest_modelhooks state-dict PACKAGE.MODULE:FACTORY [--checkpoint old.pt] [--meta]
 
 ``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
 ``nn.Module``; the current directory is importable. ``'mypkg.models:build(depth=50)'`` calls it
@@ -26,13 +27,15 @@ for the bounds given; it exits with 1 when there are findings, so it can gate a 
 layer mixes samples or looks ahead. ``memory`` traces one training step on fake tensors and
 prints its peak and what holds it per layer; with ``--budget`` it exits with 1 when the peak is
 over it, with ``--max-batch`` it prints the largest batch that fits. ``compile`` lists
-``torch.compile``'s graph breaks on one random batch, named at the module and the line, and
-exits with 1 when there are more than ``--max-graph-breaks``.
+``torch.compile``'s graph breaks on one random batch, named at the module and the line (with
+more sizes, the recompilations; with ``--export``/``--onnx``, the export problems), and exits
+with 1 when there are more than ``--max-graph-breaks``. ``state-dict`` prints every key of the
+state dict; with ``--checkpoint`` it exits with 1 when that checkpoint would not load as saved.
 
 Each subcommand is a module of this package (:mod:`.summary`, :mod:`.sizes`, :mod:`.health`,
-:mod:`.leaks`, :mod:`.memory`, :mod:`.compile`) with the same four names: ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(model, args) -> exit status``; what they share is in
-:mod:`.common`.
+:mod:`.leaks`, :mod:`.memory`, :mod:`.compile`, :mod:`.state_dict`) with the same four names:
+``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(model, args) -> exit status``; what they
+share is in :mod:`.common`.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from pytest_modelhooks.cli import compile, health, leaks, memory, sizes, summary
+from pytest_modelhooks.cli import compile, health, leaks, memory, sizes, state_dict, summary
 from pytest_modelhooks.cli.common import (
     FACTORY_HELP,
     KWARG_HELP,
@@ -58,9 +61,9 @@ from pytest_modelhooks.cli.common import (
 __all__ = ["main", "run", "script"]
 
 #: The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks, memory, compile)
+SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks, memory, compile, state_dict)
 #: Those that can build the model on the meta device (they never compute on its weights).
-_META = (summary, sizes, memory)
+_META = (summary, sizes, memory, state_dict)
 
 
 def _parser(prog: str = "python -m pytest_modelhooks") -> argparse.ArgumentParser:

@@ -76,29 +76,9 @@ def graph_breaks(
         # a break before the first op of a frame is in dynamo's counts, not in explain's list:
         # where dynamo broke, a full-graph compile stops at the first break and says where
         first = _first_break(model, args, kwargs) if sum(counted.values()) else None
-    rows: dict[tuple[str, ...], list[Any]] = {}
-    for reason in explained.break_reasons:
-        frames = list(reason.user_stack or [])
-        innermost = frames[-1] if frames else None
-        names = placed(model, frames, classes)
-        sentence, hint = readable_reason(str(reason.reason))
-        location = where(innermost.filename, innermost.lineno) if innermost is not None else "(no user frame)"
-        source = (innermost.line or "").strip() if innermost is not None else ""
-        # dynamo may report one break twice (its first account, then the frame it resumed):
-        # a place is the module(s) and the line, its reason the first one given
-        key = (*names, location)
-        if key in rows:
-            rows[key][0] += 1
-        else:
-            rows[key] = [1, names, location, source, sentence, hint]
-    found = []
-    for count, names, location, source, sentence, hint in rows.values():
-        module = model.get_submodule(names[0]) if names[0] else model
-        layer = layer_label(names)
-        note = f"{location} `{source}`: {sentence}" + (f" (hint: {hint})" if hint else "")
-        found.append(Finding(layer, type(module).__name__, "graph break", float(count), "0", None, note))
+    found = _listed(model, explained.break_reasons, classes)
     if first is not None:
-        listed = {location for _, _, location, *_ in rows.values()}
+        listed = {finding.note.split(" `", 1)[0] for finding in found}
         unlisted = _unlisted(model, first, classes, listed)
         if unlisted is not None:
             found.append(unlisted)
@@ -118,6 +98,32 @@ def graph_breaks(
             f"(TORCH_LOGS=graph_breaks names them)"
         )
         found.append(Finding("", type(model).__name__, "graph break", float(unexplained), "0", None, note))
+    return found
+
+
+def _listed(model: nn.Module, reasons: list[Any], classes: Spans) -> list[Finding]:
+    """A finding per place of the breaks explain lists: the module(s) and the line."""
+    rows: dict[tuple[str, ...], list[Any]] = {}
+    for reason in reasons:
+        frames = list(reason.user_stack or [])
+        innermost = frames[-1] if frames else None
+        names = placed(model, frames, classes)
+        sentence, hint = readable_reason(str(reason.reason))
+        location = where(innermost.filename, innermost.lineno) if innermost is not None else "(no user frame)"
+        source = (innermost.line or "").strip() if innermost is not None else ""
+        # dynamo may report one break twice (its first account, then the frame it resumed):
+        # a place is the module(s) and the line, its reason the first one given
+        key = (*names, location)
+        if key in rows:
+            rows[key][0] += 1
+        else:
+            rows[key] = [1, names, location, source, sentence, hint]
+    found = []
+    for count, names, location, source, sentence, hint in rows.values():
+        module = model.get_submodule(names[0]) if names[0] else model
+        layer = layer_label(names)
+        note = f"{location} `{source}`: {sentence}" + (f" (hint: {hint})" if hint else "")
+        found.append(Finding(layer, type(module).__name__, "graph break", float(count), "0", None, note))
     return found
 
 

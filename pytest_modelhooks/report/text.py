@@ -14,7 +14,8 @@ from pytest_modelhooks.findings import Finding, format_number, text_table
 
 def snapshot_text(data: Any) -> str:
     """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats, GradientStats,
-    MemoryReport, a list of findings (graph breaks, recompilations, export problems) or str.
+    MemoryReport, StateDictSpec, a list of findings (graph breaks, recompilations, export
+    problems) or str.
 
     >>> import torch
     >>> from torch import nn
@@ -26,6 +27,7 @@ def snapshot_text(data: Any) -> str:
     1 (ReLU)    (1, 8)
     <BLANKLINE>
     """
+    from pytest_modelhooks.checkpoint.spec import StateDictSpec
     from pytest_modelhooks.memory.report import MemoryReport
     from pytest_modelhooks.sizes import LayerSizes
     from pytest_modelhooks.stats.activations import ActivationStats
@@ -42,13 +44,15 @@ def snapshot_text(data: Any) -> str:
         return _grads_text(data)
     if isinstance(data, MemoryReport):
         return str(data)
+    if isinstance(data, StateDictSpec):
+        return str(data) + "\n"
     if isinstance(data, str):
         return data if data.endswith("\n") else data + "\n"
     if isinstance(data, (list, tuple)) and all(isinstance(item, Finding) for item in data):
         return findings_text(data)
     raise TypeError(
         "model_snapshot stores ModelSummary, LayerSizes, ActivationStats, GradientStats, "
-        "MemoryReport, a list of findings or str, "
+        "MemoryReport, StateDictSpec, a list of findings or str, "
         f"got {type(data).__name__}"
     )
 

@@ -601,3 +601,47 @@ def test_compile_bad_allowance_exits_2(capsys: pytest.CaptureFixture[str]) -> No
         main(["compile", "cli_models:small", "--input-size", "2,3,8,8", "--max-graph-breaks", "-1"])
     assert raised.value.code == 2
     assert "--max-graph-breaks '-1': expected a non-negative integer" in capsys.readouterr().err
+
+
+STATE_MODELS = """
+from torch import nn
+
+def old():
+    return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+
+def renamed():
+    model = nn.Module()
+    model.proj = nn.Linear(4, 8)
+    model.norm = nn.LayerNorm(8)
+    return model
+"""
+
+
+def test_state_dict_prints_the_keys_and_checks_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    (tmp_path / "state_models.py").write_text(STATE_MODELS)
+    assert main(["state-dict", "state_models:old"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("State dict: 4 keys, 56 values") and "0.weight  parameter  (8, 4)" in out
+    assert main(["state-dict", "state_models:old", "--meta", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["key"] == "0.weight"
+    from state_models import old
+
+    torch.save({"model": old().state_dict(), "step": 10}, tmp_path / "old.pt")
+    assert main(["state-dict", "state_models:old", "--checkpoint", "old.pt"]) == 0
+    assert "old.pt loads into Sequential: 4 keys" in capsys.readouterr().out
+    assert main(["state-dict", "state_models:renamed", "--checkpoint", "old.pt"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "would not load into Module as saved: 8 problem(s)" in out
+        and "renamed? the checkpoint has 0.weight" in out
+    )
+    assert main(["state-dict", "state_models:renamed", "--checkpoint", "old.pt", "--no-strict"]) == 1
+    assert "silently skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as raised:
+        main(["state-dict", "state_models:old", "--checkpoint", "missing.pt"])
+    assert raised.value.code == 2
+    assert "--checkpoint 'missing.pt': checkpoint 'missing.pt': no such file" in capsys.readouterr().err

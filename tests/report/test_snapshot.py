@@ -64,7 +64,8 @@ def test_snapshot_text_rejects_other_types() -> None:
 
     with pytest.raises(
         TypeError,
-        match="stores ModelSummary, LayerSizes, ActivationStats, GradientStats, MemoryReport or str, got int",
+        match="stores ModelSummary, LayerSizes, ActivationStats, GradientStats, MemoryReport, "
+        "StateDictSpec, a list of findings or str, got int",
     ):
         snapshot_text(3)
 
