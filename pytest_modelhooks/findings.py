@@ -68,7 +68,8 @@ def format_number(value: float) -> str:
 
 
 def format_findings(findings: Sequence[Finding], *, unit: str = "batch") -> str:
-    """A plain-text table of findings, one row each, columns aligned.
+    """A plain-text table of findings, one row each, columns aligned; ``unit=""`` leaves out
+    the column of where each happened (findings of no batch or step, such as a checkpoint's).
 
     >>> print(format_findings([Finding("0", "Linear", "std", 40.0, "<= 10", 3, "exploding")]))
     layer  type    statistic  observed  bound  batch  note
@@ -87,6 +88,8 @@ def format_findings(findings: Sequence[Finding], *, unit: str = "batch") -> str:
         ]
         for f in findings
     ]
+    if not unit:
+        return text_table([[cell for index, cell in enumerate(row) if index != 5] for row in [header, *rows]])
     return text_table([header, *rows])
 
 

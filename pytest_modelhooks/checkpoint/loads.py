@@ -286,7 +286,7 @@ def check_loads(
             counts[finding.statistic] = counts.get(finding.statistic, 0) + 1
         summary = ", ".join(f"{count} {what}" for what, count in counts.items())
         mode = "strict=True" if strict else "strict=False"
-        message = f"checkpoint check failed ({mode}): {summary}\n" + format_findings(found)
+        message = f"checkpoint check failed ({mode}): {summary}\n" + format_findings(found, unit="")
         raise HealthError(message, found)
 
 

@@ -88,7 +88,9 @@ class StateDictSpec:
         return key in self._by_key
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, StateDictSpec) and self.entries == other.entries
+        if not isinstance(other, StateDictSpec):
+            return NotImplemented  # a snapshot assertion compares itself
+        return self.entries == other.entries
 
     __hash__ = None  # type: ignore[assignment]
 

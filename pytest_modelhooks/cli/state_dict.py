@@ -49,7 +49,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
         print(
             f"{args.checkpoint} would not load into {type(model).__name__} as saved: {len(found)} problem(s)"
         )
-        print(format_findings(found))
+        print(format_findings(found, unit=""))
     else:
         print(
             f"{args.checkpoint} loads into {type(model).__name__}: {len(spec)} keys, every shape and dtype."
