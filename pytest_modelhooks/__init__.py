@@ -66,6 +66,11 @@ _EXPORTS: dict[str, str] = {
     "StateDictSpec": "checkpoint",
     "check_loads": "checkpoint",
     "load_problems": "checkpoint",
+    "check_loss_at_init": "training",
+    "check_overfits": "training",
+    "check_uses_input": "training",
+    "input_use": "training",
+    "OverfitCurve": "training",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -77,6 +82,11 @@ if TYPE_CHECKING:
     from pytest_modelhooks.checkpoint import load_problems as load_problems
     from pytest_modelhooks.checkpoint import state_dict_spec as state_dict_spec
     from pytest_modelhooks.compile import check_compiles as check_compiles
+    from pytest_modelhooks.training import OverfitCurve as OverfitCurve
+    from pytest_modelhooks.training import check_loss_at_init as check_loss_at_init
+    from pytest_modelhooks.training import check_overfits as check_overfits
+    from pytest_modelhooks.training import check_uses_input as check_uses_input
+    from pytest_modelhooks.training import input_use as input_use
     from pytest_modelhooks.compile import check_exportable as check_exportable
     from pytest_modelhooks.compile import export_problems as export_problems
     from pytest_modelhooks.compile import graph_breaks as graph_breaks

@@ -139,3 +139,32 @@ def test_the_memory_of_a_training_step_is_what_a_real_step_allocates(name: str) 
     side = _side(name)
     batch = torch.randn(2, 3, side, side)
     assert model_memory(model, batch).to_dict() == model_memory(model, batch, engine="real").to_dict()
+
+
+LOSS_AT_INIT = [
+    "resnet18",
+    "resnet50",
+    "vit_b_16",
+    "convnext_tiny",
+    "efficientnet_b0",
+    "mobilenet_v3_small",
+    "densenet121",
+    "swin_t",
+    "regnet_y_400mf",
+    "vgg11",
+    "squeezenet1_0",
+    "shufflenet_v2_x1_0",
+]
+
+
+@pytest.mark.parametrize("name", LOSS_AT_INIT)
+def test_the_loss_at_init_is_chance_with_the_default_tolerance(name: str) -> None:
+    import math
+
+    from pytest_modelhooks.training import check_loss_at_init
+
+    torch.manual_seed(0)
+    model = models.get_model(name)
+    images, labels = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,))
+    loss = check_loss_at_init(model, (images, labels))  # training mode, as the first step runs
+    assert math.isfinite(loss)

@@ -1,0 +1,364 @@
+"""The first checks of the standard training recipe: the loss at initialisation is what chance
+gives (``log(num_classes)`` for a classifier), and the output depends on every input (and, for
+token models, on every position).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_modelhooks._tree import tensor_leaves
+from pytest_modelhooks.errors import describe
+from pytest_modelhooks.findings import Finding, HealthError, format_findings
+from pytest_modelhooks.hooks.state import preserve_training_flags
+from pytest_modelhooks.inputs import check_model, normalise_input, with_forward_kwargs
+from pytest_modelhooks.tracing.state import buffers_kept
+
+__all__ = ["check_loss_at_init", "check_uses_input", "input_use", "split_batch"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def split_batch(model: nn.Module, batch: Any, caller: str) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """``batch`` as ``(input, target)``: the input normalised to the forward's arguments."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(
+            f"{caller}: batch must be an (input, target) pair, got {describe(batch)}; the input is a "
+            "tensor, a tuple of positional inputs or a dict of keyword inputs"
+        )
+    args, kwargs = normalise_input(batch[0], "batch[0]", model)
+    return args, kwargs, batch[1]
+
+
+def scalar_loss(loss_fn: LossFn, output: Any, target: Any, caller: str) -> torch.Tensor:
+    """``loss_fn(output, target)``, refused unless a finite-or-not scalar tensor."""
+    loss = loss_fn(output, target)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else describe(loss)
+        raise ValueError(
+            f"{caller}: loss_fn must return a scalar tensor, got {shape}; reduce it (reduction='mean')"
+        )
+    return loss.reshape(())
+
+
+@contextmanager
+def seeded(model: nn.Module, seed: int) -> Iterator[None]:
+    """Torch's generators (CPU and the model's GPUs) seeded for the block and put back after."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _chance(loss_fn: LossFn, output: torch.Tensor) -> tuple[float, float, str] | None:
+    """For the losses whose value at chance is known: that value, the loss these logits give
+    averaged over every label (so a small batch's labels add no noise: log-sum-exp minus the
+    mean logit for cross-entropy), and what the value is. None for other losses."""
+    logits = output.detach().double()
+    if loss_fn is nn.functional.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss):
+        dim = 1 if logits.dim() > 2 else logits.dim() - 1
+        classes = logits.shape[dim]
+        averaged = (torch.logsumexp(logits, dim) - logits.mean(dim)).mean()
+        return math.log(classes), float(averaged), f"log({classes} classes)"
+    if loss_fn is nn.functional.binary_cross_entropy_with_logits or isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        averaged = (nn.functional.softplus(logits) - logits / 2).mean()
+        return math.log(2.0), float(averaged), "log(2), logits at 0"
+    return None
+
+
+def _spread(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.numel() > 1
+
+
+def _loudest_layer(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The layer with parameters whose output std grows most over its input's: where an init
+    made the logits large (a head scaled up, a residual branch not scaled down)."""
+    growth: list[tuple[float, str, float]] = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            before = [
+                t.float().std() for _, t in tensor_leaves(inputs) if t.is_floating_point() and t.numel() > 1
+            ]
+            after = [
+                t.float().std() for _, t in tensor_leaves(output) if t.is_floating_point() and t.numel() > 1
+            ]
+            if after:
+                out = float(after[0])
+                ratio = out / float(before[0]) if before and float(before[0]) > 0 else out
+                growth.append((ratio, name, out))
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(record(name))
+        for name, module in model.named_modules()
+        if name and any(True for _ in module.parameters(recurse=False))
+    ]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not growth:
+        return ""
+    ratio, name, std = max(growth)
+    kind = type(model.get_submodule(name)).__name__
+    return f"layer {name} ({kind}) multiplies its input's std by {ratio:.3g} (output std {std:.3g})"
+
+
+def check_loss_at_init(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn = nn.functional.cross_entropy,
+    *,
+    expected: float | None = None,
+    rtol: float = 0.15,
+    seed: int = 0,
+    **forward_kwargs: Any,
+) -> float:
+    """Raise :class:`~pytest_modelhooks.findings.HealthError` when the loss of the untrained
+    model on ``batch`` (an ``(input, target)`` pair) is not within ``rtol`` of ``expected``:
+    by default the loss of chance, ``log(num_classes)`` for cross-entropy, ``log 2`` for BCE
+    with logits, judged on the loss the logits give averaged over every label (a batch of a
+    few samples has noisy labels, not noisy logits). A loss far above it means confident wrong
+    predictions at init; the message names the output's scale (the logits' std) and the
+    layer with parameters that scaled its input most. Runs in the model's own mode (as the
+    first training step would), under ``torch.no_grad``; buffers (batch norm's statistics)
+    and the RNG are put back. Returns the loss. The default ``rtol`` holds for torchvision's
+    classifiers at their default init; a head with two classes may need more.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+    >>> round(check_loss_at_init(net, (torch.randn(64, 16), torch.randint(0, 10, (64,)))), 1)
+    2.3
+    """
+    __tracebackhide__ = True
+    model = check_model(model)
+    args, kwargs, target = split_batch(model, batch, "check_loss_at_init")
+    args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "check_loss_at_init")
+    if not (isinstance(rtol, (int, float)) and rtol > 0):
+        raise ValueError(f"rtol must be a positive number, got rtol={rtol!r}")
+    # in the model's own mode, as training starts: in eval mode an untrained batch norm uses its
+    # initial running statistics, and a deep residual net's logits come out 30x too large
+    with buffers_kept(model), seeded(model, seed), torch.no_grad():
+        output = model(*args, **kwargs)
+        loss = float(scalar_loss(loss_fn, output, target, "check_loss_at_init"))
+        judged = loss
+        if expected is None:
+            chance = _chance(loss_fn, output) if isinstance(output, torch.Tensor) else None
+            if chance is None:
+                raise ValueError(
+                    "check_loss_at_init: expected= is needed for this loss_fn or output; the chance value "
+                    "is known for cross-entropy (log of the number of classes) and BCE with logits (log 2) "
+                    f"on a tensor of logits (got {describe(output)})"
+                )
+            expected_value, judged, meaning = chance
+        else:
+            expected_value, meaning = float(expected), "expected"
+        if math.isfinite(judged) and abs(judged - expected_value) <= rtol * abs(expected_value):
+            return loss
+        scale = ""
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            scale = f"; the output's std is {float(output.float().std()):.3g}"
+            loudest = _loudest_layer(model, args, kwargs)
+            if loudest:
+                scale += f", and {loudest}"
+    what = (
+        "above" if judged > expected_value else "below" if math.isfinite(judged) else "not finite, not near"
+    )
+    averaged = f" ({judged:.4g} averaged over every label)" if judged != loss else ""
+    note = (
+        f"the loss at init is {loss:.4g}{averaged}, {what} {expected_value:.4g} = {meaning} by more "
+        f"than rtol={rtol:g}{scale}"
+    )
+    bound = f"{expected_value:.4g} +- {rtol:g}x"
+    finding = Finding("", type(model).__name__, "loss at init", judged, bound, None, note)
+    raise HealthError(f"loss-at-init check failed: {note}", [finding])
+
+
+def _perturbed(tensor: torch.Tensor, generator: torch.Generator, where: Any = None) -> torch.Tensor:
+    """Other values of the same kind: token ids within the ids seen, floats at the same mean
+    and std (a zero tensor: a standard normal), booleans flipped."""
+    replaced = tensor.clone()
+    values = tensor if where is None else tensor[where]
+    if tensor.dtype == torch.bool:
+        new = ~values
+    elif tensor.is_floating_point() or tensor.is_complex():
+        std = float(values.float().std()) if values.numel() > 1 else 0.0
+        std = std or 1.0
+        noise = torch.randn(values.shape, generator=generator).to(tensor.device, tensor.dtype)
+        new = values + noise * std
+    else:
+        low, high = int(tensor.min()), int(tensor.max())
+        if high == low:
+            high = low + 1
+        shift = torch.randint(1, high - low + 1, values.shape, generator=generator).to(
+            tensor.device, tensor.dtype
+        )
+        new = low + (values - low + shift) % (high - low + 1)
+    if where is None:
+        return new
+    replaced[where] = new
+    return replaced
+
+
+def _changed(before: Any, after: Any, atol: float) -> float:
+    """The largest absolute change between two outputs' leaves."""
+    worst = 0.0
+    for (_, one), (_, other) in zip(tensor_leaves(before), tensor_leaves(after), strict=False):
+        if one.shape != other.shape:
+            return math.inf
+        difference = (one.double() - other.double()).abs()
+        worst = max(worst, float(difference.nan_to_num(math.inf).max()) if difference.numel() else 0.0)
+    return worst
+
+
+def input_use(
+    model: nn.Module,
+    input: Any,
+    *,
+    positions: bool | None = None,
+    atol: float = 1e-6,
+    seed: int = 0,
+    max_positions: int = 64,
+    **forward_kwargs: Any,
+) -> list[Finding]:
+    """Which inputs (and positions) the output does not depend on: each tensor input is given
+    other values of its kind (token ids within the range seen, floats at the same scale) and
+    the output compared; one :class:`~pytest_modelhooks.findings.Finding` per input whose
+    change moves no output value by more than ``atol``. With ``positions`` (default: for
+    integer inputs of shape (batch, length), token ids), each position along dimension 1 is
+    changed alone, up to ``max_positions`` of them spread over the length. Eval mode, no grad,
+    the RNG put back; nothing of the model changes.
+
+    >>> class Ignores(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.proj = nn.Linear(4, 2)
+    ...     def forward(self, x, mask):
+    ...         return self.proj(x)  # the mask is wired to nothing
+    >>> [(f.layer, f.statistic) for f in input_use(Ignores(), (torch.randn(3, 4), torch.ones(3, 4)))]
+    [('mask', 'unused input')]
+    """
+    model = check_model(model)
+    args, kwargs = normalise_input(input, "input", model)
+    args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "check_uses_input")
+    names = _input_names(model, args)
+    generator = torch.Generator().manual_seed(seed)
+    found = []
+    with preserve_training_flags(model, eval_mode=True), seeded(model, seed), torch.no_grad():
+        baseline = model(*args, **kwargs)
+        for label, swap, tensor in _leaves(args, kwargs, names):
+            moved = _changed(baseline, _call_with(model, swap, _perturbed(tensor, generator)), atol)
+            if moved <= atol:
+                note = (
+                    f"given other values ({_kind(tensor)}), the input {label} {tuple(tensor.shape)} "
+                    f"changes no output by more than atol={atol:g}: wired to nothing, or multiplied by zero"
+                )
+                found.append(Finding(label, "input", "unused input", moved, f"> {atol:g}", None, note))
+                continue
+            tokens = not tensor.is_floating_point() and tensor.dim() == 2
+            if (tokens if positions is None else positions) and tensor.dim() >= 2:
+                found += _position_use(model, baseline, label, swap, tensor, generator, atol, max_positions)
+    return found
+
+
+def _position_use(
+    model: nn.Module,
+    baseline: Any,
+    label: str,
+    swap: Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]],
+    tensor: torch.Tensor,
+    generator: torch.Generator,
+    atol: float,
+    max_positions: int,
+) -> list[Finding]:
+    length = tensor.shape[1]
+    count = min(length, max_positions)  # spread over the length: the first, the last, between
+    chosen = sorted({round(i * (length - 1) / max(1, count - 1)) for i in range(count)})
+    unused = []
+    for position in chosen:
+        where = (slice(None), position)
+        changed = _call_with(model, swap, _perturbed(tensor, generator, where))
+        if _changed(baseline, changed, atol) <= atol:
+            unused.append(position)
+    if not unused:
+        return []
+    shown = ", ".join(map(str, unused[:10])) + (f" and {len(unused) - 10} more" if len(unused) > 10 else "")
+    note = (
+        f"changing {label} at position(s) {shown} (of {length}; {len(chosen)} tried) changes no output: "
+        "truncated, masked out, or read from the wrong dimension"
+    )
+    return [Finding(label, "input", "unused positions", float(len(unused)), "0", None, note)]
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "flipped"
+    if tensor.is_floating_point():
+        return "the same scale"
+    return f"ids in {int(tensor.min())}..{int(tensor.max())}"
+
+
+def _input_names(model: nn.Module, args: tuple[Any, ...]) -> list[str]:
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        parameters = []
+    return [parameters[index] if index < len(parameters) else f"args[{index}]" for index in range(len(args))]
+
+
+def _leaves(
+    args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str]
+) -> Iterator[tuple[str, Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]], torch.Tensor]]:
+    """Each tensor input (top-level positional or keyword, not inside containers) with a
+    function that gives the call's arguments with it replaced."""
+    for index, value in enumerate(args):
+        if isinstance(value, torch.Tensor) and value.numel():
+
+            def swap_arg(new: Any, index: int = index) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                return (*args[:index], new, *args[index + 1 :]), kwargs
+
+            yield names[index], swap_arg, value
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.numel():
+
+            def swap_kwarg(new: Any, key: str = key) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                return args, {**kwargs, key: new}
+
+            yield key, swap_kwarg, value
+
+
+def _call_with(
+    model: nn.Module,
+    swap: Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]],
+    new: torch.Tensor,
+) -> Any:
+    call_args, call_kwargs = swap(new)
+    return model(*call_args, **call_kwargs)
+
+
+def check_uses_input(model: nn.Module, input: Any, **options: Any) -> None:
+    """Raise :class:`~pytest_modelhooks.findings.HealthError` naming each input (and position)
+    the output does not depend on (:func:`input_use`).
+
+    >>> check_uses_input(nn.Sequential(nn.Linear(4, 2)), torch.randn(3, 4))
+    """
+    __tracebackhide__ = True
+    found = input_use(model, input, **options)
+    if found:
+        raise HealthError(
+            f"input-use check failed: {len(found)} input(s) the output does not depend on\n"
+            + format_findings(found, unit=""),
+            found,
+        )

@@ -1,0 +1,212 @@
+"""check_loss_at_init, check_overfits and check_uses_input: healthy models pass with the
+defaults, each planted bug fails with its reason."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelhooks import HealthError
+from pytest_modelhooks.training import check_loss_at_init, check_overfits, check_uses_input, input_use
+from tests import zoo
+from tests.architectures import GPT, ConvNeXt
+from tests.helpers import untouched
+
+
+def classifier(classes: int = 10) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, classes))
+
+
+def batch(classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(32, 16, generator=generator), torch.randint(0, classes, (32,), generator=generator)
+
+
+def gpt_loss(output: tuple[torch.Tensor, Any], target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output[0].flatten(0, 1), target.flatten())
+
+
+def healthy_cases() -> list[tuple[str, nn.Module, Any, Any]]:
+    cross_entropy = nn.functional.cross_entropy
+    cases: list[tuple[str, nn.Module, Any, Any]] = [("mlp classifier", classifier(), batch(), cross_entropy)]
+    model, images = zoo.build("resnetish")
+    labels = torch.randint(0, 10, (images.shape[0],))
+    cases.append(("resnetish", model, (images, labels), cross_entropy))
+    gpt = GPT()
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    cases.append(("nanoGPT-style", gpt, (tokens, torch.roll(tokens, -1, 1)), gpt_loss))
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    cases.append(("ConvNeXt-style", ConvNeXt(), (images, labels), cross_entropy))
+    return cases
+
+
+@pytest.mark.parametrize("case", healthy_cases(), ids=lambda case: case[0])
+def test_healthy_models_pass_every_check_with_the_defaults(case: tuple[str, nn.Module, Any, Any]) -> None:
+    _, model, pair, loss_fn = case
+    classes = 64 if case[0] == "nanoGPT-style" else 10
+    # a language model's loss wraps cross-entropy: its chance value is given
+    expected = math.log(classes) if case[0] == "nanoGPT-style" else None
+    with untouched(model):
+        loss = check_loss_at_init(model, pair, loss_fn, expected=expected)
+        curve = check_overfits(model, pair, loss_fn)
+        check_uses_input(model, pair[0])
+    assert curve.reached and curve.last <= curve.first / 10
+    assert math.isfinite(loss)  # the loss on these labels (judged averaged over every label)
+
+
+def test_a_head_initialised_ten_times_too_large_is_named() -> None:
+    model = classifier()
+    with torch.no_grad():
+        model[4].weight.mul_(10)
+        model[4].bias.mul_(10)
+    with pytest.raises(HealthError, match=r"above 2\.303 = log\(10 classes\)") as raised:
+        check_loss_at_init(model, batch())
+    message = str(raised.value)
+    assert "the output's std is" in message and "layer 4 (Linear) multiplies its input's std by" in message
+    assert raised.value.findings[0].statistic == "loss at init"
+
+
+def test_the_chance_loss_of_bce_and_an_explicit_expected_value() -> None:
+    model = nn.Sequential(nn.Linear(16, 1), nn.Flatten(0))
+    nn.init.zeros_(model[0].weight)
+    nn.init.zeros_(model[0].bias)
+    target = torch.randint(0, 2, (32,)).float()
+    loss = check_loss_at_init(model, (batch()[0], target), nn.functional.binary_cross_entropy_with_logits)
+    assert loss == pytest.approx(math.log(2), rel=1e-3)
+    check_loss_at_init(classifier(), batch(), expected=2.3, rtol=0.1)
+    with pytest.raises(HealthError, match="above 1 = expected"):
+        check_loss_at_init(classifier(), batch(), expected=1.0)
+    with pytest.raises(ValueError, match="expected= is needed for this loss_fn"):
+        check_loss_at_init(classifier(), (batch()[0], torch.randn(32, 10)), nn.functional.mse_loss)
+
+
+def test_a_frozen_stack_does_not_overfit_and_is_named() -> None:
+    model = classifier()
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    with pytest.raises(HealthError, match="does not memorise one batch") as raised:
+        check_overfits(model, batch())
+    assert [(f.layer, f.statistic) for f in raised.value.findings] == [("0", "frozen"), ("2", "frozen")]
+    assert model[0].weight.requires_grad is False  # the user's model as it was
+
+
+def test_gradients_cleared_between_backward_and_step_are_named() -> None:
+    def step(model: nn.Module, pair: Any, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(pair[0]), pair[1])
+        loss.backward()
+        optimizer.zero_grad()  # the bug: the step sees no gradient
+        optimizer.step()
+        return loss
+
+    with pytest.raises(HealthError) as raised:
+        check_overfits(classifier(), batch(), step=step)
+    notes = {f.note for f in raised.value.findings}
+    assert all("zero_grad() between backward() and step()" in note for note in notes)
+    assert len(raised.value.findings) == 6  # every parameter
+
+
+def test_a_dead_relu_stack_does_not_overfit_and_the_dead_layers_are_named() -> None:
+    model = classifier()
+    with torch.no_grad():
+        model[0].bias.fill_(-10.0)
+        model[2].bias.fill_(-10.0)
+    with pytest.raises(HealthError) as raised:
+        check_overfits(model, batch())
+    dead = {f.layer for f in raised.value.findings if f.statistic == "dead"}
+    assert dead == {"0", "2"}
+
+
+def test_a_learning_rate_of_zero_is_the_reason() -> None:
+    with pytest.raises(HealthError, match="learning rate is 0") as raised:
+        check_overfits(classifier(), batch(), lr=0)
+    assert raised.value.findings[0].statistic == "lr"
+
+
+def test_the_users_model_optimizer_and_rng_are_left_alone() -> None:
+    model = classifier()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pair = batch()
+    state = torch.random.get_rng_state()
+    with untouched(model):
+        check_overfits(model, pair, optimizer=torch.optim.AdamW, lr=3e-3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert optimizer.state_dict()["state"] == {}
+    check_overfits(model, pair, optimizer=lambda params: torch.optim.Adam(params, lr=3e-3))
+
+
+def test_an_input_multiplied_by_zero_is_named_as_unused() -> None:
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.image = nn.Linear(16, 8)
+            self.extra = nn.Linear(5, 8)
+
+        def forward(self, image: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+            return self.image(image) + 0 * self.extra(extra)  # the bug: the extra input is switched off
+
+    model = TwoInputs()
+    (finding,) = input_use(model, (torch.randn(4, 16), torch.randn(4, 5)))
+    assert (finding.layer, finding.statistic) == ("extra", "unused input")
+    with pytest.raises(HealthError, match="1 input"):
+        check_uses_input(model, {"image": torch.randn(4, 16), "extra": torch.randn(4, 5)})
+
+
+def test_token_positions_the_output_ignores_are_named() -> None:
+    class Truncating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+            self.head = nn.Linear(8, 50)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(tokens[:, :6]))  # the bug: a context of 6
+
+    (finding,) = input_use(Truncating(), torch.randint(0, 50, (2, 10)))
+    assert (finding.statistic, finding.observed) == ("unused positions", 4)
+    assert "position(s) 6, 7, 8, 9 (of 10" in finding.note
+    assert input_use(GPT(), torch.randint(0, 64, (2, 16))) == []  # every position used
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: check_overfits(classifier(), batch(), steps=0), ValueError, "steps must be a positive int"),
+        (
+            lambda: check_overfits(classifier(), batch()[0]),
+            TypeError,
+            r"batch must be an \(input, target\) pair",
+        ),
+        (
+            lambda: check_overfits(classifier(), batch(), lambda o, t: (o - 1) ** 2),
+            ValueError,
+            r"loss_fn must return a scalar tensor, got \(32, 10\)",
+        ),
+        (
+            lambda: check_overfits(classifier(), batch(), optimizer="lion"),
+            ValueError,
+            "optimizer='lion': expected",
+        ),
+        (
+            lambda: check_overfits(
+                classifier(), batch(), optimizer=torch.optim.SGD(classifier().parameters())
+            ),
+            TypeError,
+            "an optimizer instance holds the user's parameters",
+        ),
+        (
+            lambda: check_loss_at_init(classifier(), batch(), rtol=0),
+            ValueError,
+            "rtol must be a positive number",
+        ),
+    ],
+    ids=["steps", "batch", "loss", "optimizer-name", "optimizer-instance", "rtol"],
+)
+def test_bad_arguments_are_refused_naming_them(call: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()
