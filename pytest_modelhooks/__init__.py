@@ -82,11 +82,6 @@ if TYPE_CHECKING:
     from pytest_modelhooks.checkpoint import load_problems as load_problems
     from pytest_modelhooks.checkpoint import state_dict_spec as state_dict_spec
     from pytest_modelhooks.compile import check_compiles as check_compiles
-    from pytest_modelhooks.training import OverfitCurve as OverfitCurve
-    from pytest_modelhooks.training import check_loss_at_init as check_loss_at_init
-    from pytest_modelhooks.training import check_overfits as check_overfits
-    from pytest_modelhooks.training import check_uses_input as check_uses_input
-    from pytest_modelhooks.training import input_use as input_use
     from pytest_modelhooks.compile import check_exportable as check_exportable
     from pytest_modelhooks.compile import export_problems as export_problems
     from pytest_modelhooks.compile import graph_breaks as graph_breaks
@@ -192,6 +187,11 @@ if TYPE_CHECKING:
     )
     from pytest_modelhooks.tracing import dummy_eval as dummy_eval
     from pytest_modelhooks.tracing import trace_model as trace_model
+    from pytest_modelhooks.training import OverfitCurve as OverfitCurve
+    from pytest_modelhooks.training import check_loss_at_init as check_loss_at_init
+    from pytest_modelhooks.training import check_overfits as check_overfits
+    from pytest_modelhooks.training import check_uses_input as check_uses_input
+    from pytest_modelhooks.training import input_use as input_use
 
 
 def __getattr__(name: str) -> Any:
