@@ -66,6 +66,10 @@ _EXPORTS: dict[str, str] = {
     "StateDictSpec": "checkpoint",
     "check_loads": "checkpoint",
     "load_problems": "checkpoint",
+    "first_divergence": "divergence",
+    "check_same": "divergence",
+    "fingerprints": "divergence",
+    "Fingerprints": "divergence",
     "check_loss_at_init": "training",
     "check_overfits": "training",
     "check_uses_input": "training",
@@ -104,6 +108,10 @@ if TYPE_CHECKING:
     from pytest_modelhooks.dependence import (
         nondeterministic_layers as nondeterministic_layers,
     )
+    from pytest_modelhooks.divergence import Fingerprints as Fingerprints
+    from pytest_modelhooks.divergence import check_same as check_same
+    from pytest_modelhooks.divergence import fingerprints as fingerprints
+    from pytest_modelhooks.divergence import first_divergence as first_divergence
     from pytest_modelhooks.errors import LayerError as LayerError
     from pytest_modelhooks.errors import StoredOutputChanged as StoredOutputChanged
     from pytest_modelhooks.findings import Finding as Finding

@@ -14,8 +14,8 @@ from pytest_modelhooks.findings import Finding, format_number, text_table
 
 def snapshot_text(data: Any) -> str:
     """The text stored for ``data``: a ModelSummary, LayerSizes, ActivationStats, GradientStats,
-    MemoryReport, StateDictSpec, a list of findings (graph breaks, recompilations, export
-    problems) or str.
+    MemoryReport, StateDictSpec, Fingerprints, a list of findings (graph breaks,
+    recompilations, export problems) or str.
 
     >>> import torch
     >>> from torch import nn
@@ -28,6 +28,7 @@ def snapshot_text(data: Any) -> str:
     <BLANKLINE>
     """
     from pytest_modelhooks.checkpoint.spec import StateDictSpec
+    from pytest_modelhooks.divergence.prints import Fingerprints
     from pytest_modelhooks.memory.report import MemoryReport
     from pytest_modelhooks.sizes import LayerSizes
     from pytest_modelhooks.stats.activations import ActivationStats
@@ -44,7 +45,7 @@ def snapshot_text(data: Any) -> str:
         return _grads_text(data)
     if isinstance(data, MemoryReport):
         return str(data)
-    if isinstance(data, StateDictSpec):
+    if isinstance(data, (StateDictSpec, Fingerprints)):
         return str(data) + "\n"
     if isinstance(data, str):
         return data if data.endswith("\n") else data + "\n"
@@ -52,7 +53,7 @@ def snapshot_text(data: Any) -> str:
         return findings_text(data)
     raise TypeError(
         "model_snapshot stores ModelSummary, LayerSizes, ActivationStats, GradientStats, "
-        "MemoryReport, StateDictSpec, a list of findings or str, "
+        "MemoryReport, StateDictSpec, Fingerprints, a list of findings or str, "
         f"got {type(data).__name__}"
     )
 

@@ -65,7 +65,7 @@ def test_snapshot_text_rejects_other_types() -> None:
     with pytest.raises(
         TypeError,
         match="stores ModelSummary, LayerSizes, ActivationStats, GradientStats, MemoryReport, "
-        "StateDictSpec, a list of findings or str, got int",
+        "StateDictSpec, Fingerprints, a list of findings or str, got int",
     ):
         snapshot_text(3)
 

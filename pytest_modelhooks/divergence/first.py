@@ -1,0 +1,297 @@
+"""Where two runs of a model part: the first module, in execution order, whose output differs
+beyond tolerance while its inputs agree, and the innermost such module inside it.
+
+Against bf16/fp16 autocast, channels_last, CUDA or another model of the same structure, each
+module is run again on the reference run's own inputs (isolated): rounding that builds up over
+a deep network blames no layer, a layer wrong in itself (a ``.half()`` that overflows) is named.
+Against the compiled model or the same model run again (dropout left on), both runs are
+recorded whole and compared call by call. Against stored fingerprints, each call's numbers are
+compared with those a snapshot pinned.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pytest_modelhooks._torch import dynamo_quiet
+from pytest_modelhooks._tree import map_tensors, tensor_leaves
+from pytest_modelhooks.divergence.calls import Call, record_calls
+from pytest_modelhooks.divergence.prints import Fingerprints, compare_prints
+from pytest_modelhooks.errors import describe
+from pytest_modelhooks.findings import Finding, HealthError, format_findings
+from pytest_modelhooks.hooks.state import preserve_training_flags
+from pytest_modelhooks.inputs import check_model, with_forward_kwargs
+from pytest_modelhooks.tracing.state import buffers_kept
+
+__all__ = ["AGAINST", "Difference", "check_same", "difference", "first_divergence"]
+
+#: what ``against=`` takes by name
+AGAINST = ("compiled", "bf16", "fp16", "channels_last", "cuda", "again")
+#: torch.testing.assert_close's tolerances (rtol, atol) per dtype; here relative to the largest
+#: value of the reference tensor, as a layer's rounding scales with its output
+_TOLERANCES = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How two outputs differ: the largest and mean absolute difference, and whether beyond
+    tolerance (or of another structure, shape or finiteness)."""
+
+    beyond: bool
+    max: float
+    mean: float
+    detail: str = ""
+
+
+def difference(reference: Any, other: Any, rtol: float | None, atol: float | None) -> Difference:
+    """Leaf by leaf, each within ``atol + rtol * max|reference|`` (tolerances per dtype by
+    default, those of ``torch.testing.assert_close``)."""
+    want, got = list(tensor_leaves(reference)), list(tensor_leaves(other))
+    if [path for path, _ in want] != [path for path, _ in got]:
+        return Difference(True, math.inf, math.inf, "the outputs have another structure")
+    worst, means, beyond, detail = 0.0, [], False, ""
+    for (path, one), (_, two) in zip(want, got, strict=True):
+        if one.shape != two.shape:
+            shapes = f"output{path} {tuple(one.shape)} vs {tuple(two.shape)}"
+            return Difference(True, math.inf, math.inf, shapes)
+        if not (one.is_floating_point() or one.is_complex()):
+            if not torch.equal(one.cpu(), two.cpu()):
+                beyond, detail = True, f"output{path}: integer values differ"
+            continue
+        a, b = one.detach().double().cpu(), two.detach().double().cpu()
+        if a.numel() == 0:
+            continue
+        # the lower precision of the two sets the tolerance (a bf16 output against a float32 one)
+        dtype = two.dtype if two.dtype != one.dtype else one.dtype
+        default_rtol, default_atol = _TOLERANCES.get(dtype, (1.3e-6, 1e-5))
+        relative = default_rtol if rtol is None else rtol
+        absolute = default_atol if atol is None else atol
+        both_nan = a.isnan() & b.isnan()
+        diff = torch.where(both_nan, torch.zeros_like(a), (a - b).abs())
+        diff = diff.nan_to_num(math.inf, math.inf, math.inf)
+        scale = float(a.abs().nan_to_num(0, 0, 0).max())
+        allowed = absolute + relative * scale
+        if float(diff.max()) > allowed:
+            beyond = True
+            if not detail:
+                nonfinite = int((~b.isfinite() & a.isfinite()).sum())
+                detail = f"output{path}: {nonfinite} value(s) not finite" if nonfinite else ""
+        worst = max(worst, float(diff.max()))
+        means.append(float(diff[diff.isfinite()].mean()) if bool(diff.isfinite().any()) else math.inf)
+    return Difference(beyond, worst, max(means) if means else 0.0, detail)
+
+
+Context = Callable[[], AbstractContextManager[Any]]
+
+
+def _variant(against: Any, model: nn.Module) -> tuple[nn.Module, Context, Any]:
+    """For an isolated comparison: the model to run each module of, the context to run it in,
+    and how to convert the reference inputs for it."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if against in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if against == "bf16" else torch.float16
+        return model, lambda: torch.autocast(device.type, dtype=dtype), lambda value: value
+    if against == "channels_last":
+        converted = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+        def to_channels_last(value: Any) -> Any:
+            return map_tensors(
+                value, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+            )
+
+        return converted, nullcontext, to_channels_last
+    if against == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("against='cuda': CUDA is not available here")
+        return copy.deepcopy(model).cuda(), nullcontext, lambda value: map_tensors(value, lambda t: t.cuda())
+    assert isinstance(against, nn.Module)
+    return against, nullcontext, lambda value: value
+
+
+def _rerun(call: Call, model: nn.Module, context: Context, convert: Any) -> Any:
+    module = model.get_submodule(call.name) if call.name else model
+    args, kwargs = convert(call.args), convert(call.kwargs)
+    with context(), torch.no_grad():
+        return module(*args, **kwargs)
+
+
+def _isolated(
+    calls: list[Call], variant: Any, model: nn.Module, rtol: float | None, atol: float | None
+) -> list[tuple[Call, Difference]]:
+    """Top down from the model's call: a module whose output (from the reference inputs)
+    differs is searched for the innermost children that differ too; those with none are the
+    origins, in execution order."""
+    other, context, convert = _variant(variant, model)
+    origins: list[tuple[Call, Difference]] = []
+
+    def visit(index: int) -> bool:
+        call = calls[index]
+        if isinstance(variant, nn.Module) and call.name and not _has(other, call.name):
+            return False
+        found = difference(call.output, _rerun(call, other, context, convert), rtol, atol)
+        if not found.beyond:
+            return False
+        if not any([visit(child) for child in call.children]):  # every child looked at
+            origins.append((call, found))
+        return True
+
+    roots = [index for index, call in enumerate(calls) if call.parent is None]
+    for root in roots:
+        visit(root)
+    order = {id(call): index for index, call in enumerate(calls)}
+    return sorted(origins, key=lambda pair: order[id(pair[0])])
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _paired(
+    first: list[Call], second: list[Call], rtol: float | None, atol: float | None
+) -> list[tuple[Call, Difference]]:
+    """Two whole runs, call by call: a call *starts* a difference when its output differs while
+    its inputs agree; the origins are those that start one with no call inside them starting
+    one, in execution order."""
+    others = {call.key: call for call in second}
+    starts: dict[int, Difference] = {}
+    for index, call in enumerate(first):
+        twin = others.get(call.key)
+        if twin is None:
+            continue
+        found = difference(call.output, twin.output, rtol, atol)
+        if (
+            found.beyond
+            and not difference((call.args, call.kwargs), (twin.args, twin.kwargs), rtol, atol).beyond
+        ):
+            starts[index] = found
+
+    def inner_start(index: int) -> bool:
+        return any(child in starts or inner_start(child) for child in first[index].children)
+
+    return [(first[index], found) for index, found in starts.items() if not inner_start(index)]
+
+
+def _finding(model: nn.Module, call: Call, found: Difference, against: str, chain: str) -> Finding:
+    where = f" (call {call.index + 1})" if call.index else ""
+    detail = f"; {found.detail}" if found.detail else ""
+    note = (
+        f"against {against}: its output differs while its inputs agree{where}: max |diff| "
+        f"{found.max:.4g}, mean {found.mean:.4g}{detail}" + (f"; inside {chain}" if chain else "")
+    )
+    kind = type(call.module).__name__
+    return Finding(call.name, kind, "diverges", found.max, "within tolerance", None, note)
+
+
+def _chain(calls: list[Call], call: Call) -> str:
+    names = []
+    parent = call.parent
+    while parent is not None and calls[parent].name:
+        names.append(calls[parent].name)
+        parent = calls[parent].parent
+    return " > ".join(reversed(names))
+
+
+def _describe(against: Any) -> str:
+    if isinstance(against, nn.Module):
+        return f"another {type(against).__name__}"
+    return str(against)
+
+
+def first_divergence(
+    model: nn.Module,
+    *inputs: Any,
+    against: Any,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+    backend: str = "inductor",
+    **forward_kwargs: Any,
+) -> list[Finding]:
+    """Where ``model(*inputs)`` and its counterpart part: one
+    :class:`~pytest_modelhooks.findings.Finding` per module whose output differs beyond
+    tolerance while its inputs agree and none of its children's does, in execution order (the
+    first is where it starts; ``note`` names the modules it is inside), with the max and mean
+    difference. Empty: they agree.
+
+    ``against`` is ``"bf16"``/``"fp16"`` (autocast), ``"channels_last"``, ``"cuda"``, another
+    model of the same structure (a refactor; modules matched by name), each module run again
+    on the reference run's inputs; ``"compiled"`` (``torch.compile`` with ``backend``) or
+    ``"again"`` (the same model, a second run: chance in eval mode), both runs compared call by
+    call; or fingerprints stored by :func:`fingerprints`. Tolerances default per dtype (those of
+    ``torch.testing.assert_close``, relative to each output's largest value). Eval mode (but
+    ``"again"`` runs the modules in their own modes), no grad, the RNG seeded for each run and
+    put back; buffers put back.
+
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> first_divergence(net, torch.randn(3, 4), against="bf16")
+    []
+    """
+    model = check_model(model)
+    args, kwargs = with_forward_kwargs(model, tuple(inputs), {}, forward_kwargs, "first_divergence")
+    if not (isinstance(against, (nn.Module, Fingerprints)) or against in AGAINST):
+        raise ValueError(
+            f"against must be one of {', '.join(map(repr, AGAINST))}, a model of the same structure, or "
+            f"stored Fingerprints, got against={describe(against)}"
+        )
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        # eval mode, so that dropout draws no mask a rerun or a compiled run would draw otherwise;
+        # "again" keeps the model's own modes: chance is what it looks for
+        again = against == "again" or against is model
+        stack.enter_context(preserve_training_flags(model, eval_mode=not again))
+        stack.enter_context(buffers_kept(model))
+        if isinstance(against, nn.Module) and against is not model:
+            stack.enter_context(preserve_training_flags(against, eval_mode=True))
+        torch.manual_seed(seed)
+        calls = record_calls(model, args, kwargs)
+        if isinstance(against, Fingerprints):
+            return compare_prints(model, calls, against, rtol, atol)
+        if against in ("compiled", "again") or against is model:
+            torch.manual_seed(seed + (0 if against == "compiled" else 1))
+            if against == "compiled":
+                # dynamo's caches reset before and after: this compile leaves nothing behind
+                with dynamo_quiet():
+                    second = record_calls(model, args, kwargs, run=torch.compile(model, backend=backend))
+            else:
+                second = record_calls(model, args, kwargs)
+            origins = _paired(calls, second, rtol, atol)
+        else:
+            origins = _isolated(calls, against, model, rtol, atol)
+    named = _describe(against if against is not model else "again")
+    return [_finding(model, call, found, named, _chain(calls, call)) for call, found in origins]
+
+
+def check_same(model: nn.Module, *inputs: Any, against: Any, **options: Any) -> None:
+    """Raise :class:`~pytest_modelhooks.findings.HealthError` where the model and ``against``
+    part (:func:`first_divergence`), the first module first.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    >>> check_same(net, torch.randn(2, 3, 8, 8), against="channels_last")
+    """
+    __tracebackhide__ = True
+    found = first_divergence(model, *inputs, against=against, **options)
+    if found:
+        first = found[0]
+        headline = (
+            f"runs part against {_describe(against)}: first at {first.layer or '(model)'} "
+            f"({first.layer_type}), {len(found)} module(s) where a difference starts"
+        )
+        raise HealthError(headline + "\n" + format_findings(found, unit=""), found)

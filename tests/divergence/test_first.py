@@ -1,0 +1,113 @@
+"""first_divergence and check_same: the layer where two runs part is named, healthy models agree
+with the defaults, and stored fingerprints name the layer a change moved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelhooks import HealthError
+from pytest_modelhooks.divergence import Fingerprints, check_same, fingerprints, first_divergence
+from pytest_modelhooks.report.text import snapshot_text
+from tests import zoo
+from tests.architectures import GPT, Bugs, ConvNeXt
+from tests.helpers import untouched
+
+
+class HalfScale(nn.Module):
+    """Right in float32, wrong under reduced precision: a scale applied in float16 overflows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        if y.dtype != torch.float32:  # under autocast
+            return (y.half() * 1e5).float()  # overflows past 65504
+        return y * 1e5
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(8, 16), nn.GELU())
+        self.scale = HalfScale()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scale(self.embed(x)))
+
+
+def test_a_layer_wrong_only_under_bf16_is_named() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    with untouched(model):
+        (finding,) = first_divergence(model, torch.randn(4, 8) * 10, against="bf16")
+    assert (finding.layer, finding.layer_type, finding.statistic) == ("scale", "HalfScale", "diverges")
+    assert "value(s) not finite" in finding.note and finding.observed == float("inf")
+    with pytest.raises(HealthError, match=r"runs part against bf16: first at scale \(HalfScale\)"):
+        check_same(model, torch.randn(4, 8) * 10, against="bf16")
+
+
+@pytest.mark.parametrize("against", ["bf16", "fp16", "channels_last", "again"])
+@pytest.mark.parametrize("name", ["resnetish", "unet", "transformer", "tied_lm", "mixed_modes"])
+def test_healthy_zoo_models_agree_with_the_defaults(name: str, against: str) -> None:
+    model, batch = zoo.build(name)
+    if against == "again":
+        model.eval()  # a second run in training mode draws other dropout masks, rightly named
+    with untouched(model):
+        assert first_divergence(model, batch, against=against) == []
+
+
+@pytest.mark.parametrize("against", ["bf16", "channels_last"])
+def test_healthy_transformer_and_convnext_agree(against: str) -> None:
+    torch.manual_seed(0)
+    assert first_divergence(GPT(), torch.randint(0, 64, (2, 16)), against=against) == []
+    assert first_divergence(ConvNeXt(), torch.randn(2, 3, 32, 32), against=against) == []
+
+
+def test_dropout_left_on_in_eval_is_named_by_a_second_run() -> None:
+    torch.manual_seed(0)
+    model = GPT(Bugs(eval_dropout=True)).eval()
+    found = first_divergence(model, torch.randint(0, 64, (2, 16)), against="again")
+    assert found and found[0].layer == "blocks.0.attn"
+    assert "inside blocks.0" in found[0].note
+    assert first_divergence(GPT().eval(), torch.randint(0, 64, (2, 16)), against="again") == []
+
+
+def test_a_refactor_that_changes_one_layer_is_named() -> None:
+    torch.manual_seed(0)
+    before = Net()
+    after = Net()
+    after.load_state_dict(before.state_dict())
+    after.embed[1] = nn.ReLU()  # the refactor changed an activation
+    (finding,) = first_divergence(before, torch.randn(4, 8), against=after)
+    assert (finding.layer, finding.layer_type) == ("embed.1", "GELU")
+    assert "against another Net" in finding.note
+
+
+def test_the_compiled_model_agrees_with_eager() -> None:
+    model, batch = zoo.build("mlp")
+    assert first_divergence(model, batch, against="compiled") == []
+
+
+def test_stored_fingerprints_name_the_first_layer_a_change_moved() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    batch = torch.randn(4, 8)
+    stored = Fingerprints.from_text(snapshot_text(fingerprints(model, batch)))  # as a snapshot keeps it
+    assert len(stored) == 7 and first_divergence(model, batch, against=stored) == []
+    with torch.no_grad():
+        model.scale.proj.bias.add_(0.01)  # a change in one layer
+    (finding,) = first_divergence(model, batch, against=stored)
+    assert (finding.layer, finding.layer_type) == ("scale.proj", "Linear")
+
+
+def test_bad_against_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="against must be one of 'compiled', 'bf16'"):
+        first_divergence(Net(), torch.randn(2, 8), against="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="against='cuda': CUDA is not available here"):
+            first_divergence(Net(), torch.randn(2, 8), against="cuda")
