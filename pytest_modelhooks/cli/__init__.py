@@ -11,6 +11,7 @@
     python -m pytest_modelhooks compile PACKAGE.MODULE:FACTORY --input-size 2,3,64,64 \\
         [--input-size 5,3,64,64] [--dynamic batch] [--max-graph-breaks 0] [--export] [--onnx]
     python -m pytest_modelhooks state-dict PACKAGE.MODULE:FACTORY [--checkpoint old.pt] [--meta]
+    python -m pytest_modelhooks diverge PACKAGE.MODULE:FACTORY --input-size 2,3,64,64 --against bf16
 
 ``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
 ``nn.Module``; the current directory is importable. ``'mypkg.models:build(depth=50)'`` calls it
@@ -31,11 +32,13 @@ over it, with ``--max-batch`` it prints the largest batch that fits. ``compile``
 more sizes, the recompilations; with ``--export``/``--onnx``, the export problems), and exits
 with 1 when there are more than ``--max-graph-breaks``. ``state-dict`` prints every key of the
 state dict; with ``--checkpoint`` it exits with 1 when that checkpoint would not load as saved.
+``diverge`` names the first module where the model and its ``--against`` run part, exit 1 when
+they do.
 
 Each subcommand is a module of this package (:mod:`.summary`, :mod:`.sizes`, :mod:`.health`,
-:mod:`.leaks`, :mod:`.memory`, :mod:`.compile`, :mod:`.state_dict`) with the same four names:
-``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(model, args) -> exit status``; what they
-share is in :mod:`.common`.
+:mod:`.leaks`, :mod:`.memory`, :mod:`.compile`, :mod:`.state_dict`, :mod:`.diverge`) with the
+same four names: ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(model, args) -> exit
+status``; what they share is in :mod:`.common`.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from pytest_modelhooks.cli import compile, health, leaks, memory, sizes, state_dict, summary
+from pytest_modelhooks.cli import compile, diverge, health, leaks, memory, sizes, state_dict, summary
 from pytest_modelhooks.cli.common import (
     FACTORY_HELP,
     KWARG_HELP,
@@ -61,7 +64,7 @@ from pytest_modelhooks.cli.common import (
 __all__ = ["main", "run", "script"]
 
 #: The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks, memory, compile, state_dict)
+SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks, memory, compile, state_dict, diverge)
 #: Those that can build the model on the meta device (they never compute on its weights).
 _META = (summary, sizes, memory, state_dict)
 

@@ -645,3 +645,42 @@ def test_state_dict_prints_the_keys_and_checks_a_checkpoint(
         main(["state-dict", "state_models:old", "--checkpoint", "missing.pt"])
     assert raised.value.code == 2
     assert "--checkpoint 'missing.pt': checkpoint 'missing.pt': no such file" in capsys.readouterr().err
+
+
+DIVERGING = """
+import torch
+from torch import nn
+
+class HalfScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+    def forward(self, x):
+        y = self.proj(x)
+        if y.dtype != torch.float32:
+            return (y.half() * 1e5).float()
+        return y * 1e5
+
+def scaled():
+    return nn.Sequential(nn.Linear(4, 4), HalfScale(), nn.Linear(4, 2))
+"""
+
+
+def test_diverge_names_the_layer_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "diverging.py").write_text(DIVERGING)
+    assert main(["diverge", "diverging:scaled", "--input-size", "8,4", "--against", "bf16"]) == 1
+    out = capsys.readouterr().out
+    assert "Sequential and its bf16 run part at 1 (HalfScale)" in out
+    assert main(["diverge", "cli_models:small", "--input-size", "2,3,8,8", "--against", "channels_last"]) == 0
+    assert "agrees with its channels_last run at every module" in capsys.readouterr().out
+    assert (
+        main(["diverge", "diverging:scaled", "--input-size", "8,4", "--against", "bf16", "--format", "json"])
+        == 1
+    )
+    assert json.loads(capsys.readouterr().out)["divergences"][0]["layer"] == "1"
+    assert main(["diverge", "diverging:scaled", "--input-size", "8,4", "--fingerprints"]) == 0
+    assert capsys.readouterr().out.startswith("Fingerprints: 5 calls")  # the model, 3 layers, 1.proj
+    with pytest.raises(SystemExit) as raised:
+        main(["diverge", "diverging:scaled", "--input-size", "8,4"])
+    assert raised.value.code == 2
+    assert "--against is needed" in capsys.readouterr().err
