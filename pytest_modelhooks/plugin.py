@@ -97,6 +97,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    # before the report is made: a plain check's table joins the test's report sections
+    if call.when == "call" and call.excinfo is not None:
+        session.report_failed_check(item, call.excinfo.value)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     # after the fixtures are torn down, so that the hook guard sees what they left
     try:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pytest_modelhooks._plugin.guard import watch
+from pytest_modelhooks._plugin.session import report_section
 from pytest_modelhooks._plugin.settings import Settings, current_settings
 from pytest_modelhooks._torch import hook_entries
 from pytest_modelhooks._tree import map_tensors
@@ -149,7 +150,7 @@ class FixtureState:
         return grads
 
     def report(self, text: str) -> None:
-        self.request.node.add_report_section("call", "modelhooks", text)
+        report_section(self.request.node, text)
 
     def fail_check(
         self,
@@ -300,7 +301,7 @@ class FixtureMemoryReport(MemoryReport):
             super().check(max_peak=budget)
         except HealthError:
             if self.node is not None:
-                self.node.add_report_section("call", "modelhooks", str(self))
+                report_section(self.node, str(self))
             raise
 
 
@@ -337,12 +338,12 @@ def compiles_fixture(request: pytest.FixtureRequest) -> Callable[..., list[Findi
         try:
             found = check_compiles(model, *inputs, **options)
         except HealthError as error:
-            request.node.add_report_section("call", "modelhooks", str(error))
+            report_section(request.node, str(error))
             raise
         if found:
             allowed = options["max_graph_breaks"]
             text = f"torch.compile: {len(found)} place(s), within max_graph_breaks={allowed}\n"
-            request.node.add_report_section("call", "modelhooks", text + format_findings(found, unit="call"))
+            report_section(request.node, text + format_findings(found, unit="call"))
         return found
 
     check.__name__ = check.__qualname__ = "model_compiles"
