@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_modelhooks._plugin import session, settings
+from pytest_modelhooks._plugin import report, session, settings
 from pytest_modelhooks.health.bounds import BOUNDS
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
     # before the report is made: a plain check's table joins the test's report sections
     if call.when == "call" and call.excinfo is not None:
-        session.report_failed_check(item, call.excinfo.value)
+        report.report_failed_check(item, call.excinfo.value)
     return (yield)
 
 

@@ -246,3 +246,21 @@ def test_the_memory_report_of_a_model_on_a_gpu_is_what_its_real_step_allocates(n
         real = model_memory(model, batch, engine="real")
     assert fake.rounding == 512 and fake.device == "cuda"
     assert fake.to_dict() == real.to_dict()
+
+
+def test_cpu_and_cuda_runs_agree_layer_by_layer_and_a_cuda_only_bug_is_named() -> None:
+    from torch import nn
+
+    from pytest_modelhooks.divergence import first_divergence
+
+    model, batch = zoo.build("resnetish")
+    with untouched(model):
+        assert first_divergence(model, batch, against="cuda", rtol=1e-3, atol=1e-4) == []
+
+    class OnlyOnCuda(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.is_cuda else x  # the bug: another computation on the GPU
+
+    net = nn.Sequential(nn.Linear(4, 4), OnlyOnCuda(), nn.Linear(4, 2))
+    (finding,) = first_divergence(net, torch.randn(3, 4), against="cuda")
+    assert (finding.layer, finding.layer_type) == ("1", "OnlyOnCuda")

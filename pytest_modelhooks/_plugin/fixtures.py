@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pytest_modelhooks._plugin.guard import watch
-from pytest_modelhooks._plugin.session import report_section
+from pytest_modelhooks._plugin.report import report_section
 from pytest_modelhooks._plugin.settings import Settings, current_settings
 from pytest_modelhooks._torch import hook_entries
 from pytest_modelhooks._tree import map_tensors

@@ -18,12 +18,11 @@ __all__ = [
     "reporting_extension",
     "enter_test",
     "report_header",
-    "report_section",
-    "report_failed_check",
 ]
 
 import pytest
 
+from pytest_modelhooks._plugin.report import report_section
 from pytest_modelhooks._plugin.settings import CURRENT_ITEM, FIXTURES, SETTINGS, WATCHED, settings_in_test
 
 
@@ -134,25 +133,6 @@ def bound_model_summary(config: pytest.Config) -> Any:
     from pytest_modelhooks._plugin.fixtures import bound
 
     return FixtureCall("model_summary", bound("model_summary", config))
-
-
-#: set on a test once a modelhooks section is in its report (a fixture's, a snapshot diff)
-REPORTED = pytest.StashKey[bool]()
-
-
-def report_section(item: pytest.Item, text: str) -> None:
-    """Put ``text`` into the test's report, section ``modelhooks``, where pytest shows it whole."""
-    item.add_report_section("call", "modelhooks", text)
-    item.stash[REPORTED] = True
-
-
-def report_failed_check(item: pytest.Item, error: BaseException) -> None:
-    """A check called as a plain function (``check_loads``, ``check_overfits``...) that failed:
-    its table goes into the report like a fixture's, unless a fixture already put one there."""
-    from pytest_modelhooks.findings import HealthError
-
-    if isinstance(error, HealthError) and not item.stash.get(REPORTED, False):
-        report_section(item, str(error))
 
 
 def reporting_extension(base: Any, item: pytest.Item) -> Any:
