@@ -2,6 +2,7 @@
 
     python benchmarks/bench_stats.py [--device cpu|cuda] [--batch 8] [--step] [--repeats 5]
     python benchmarks/bench_stats.py --memory   # what a long run of recorded batches holds
+    python benchmarks/bench_stats.py --count-launches [--json FILE]   # the GPU cost, on the CPU
 
 All contenders run in one process, interleaved round by round; the figures are ratios of
 medians. "fastai-style" is a reference implementation of fastai's default hook: per module,
@@ -23,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from models import ResNet50
+from models import ResNet50, ViTB16
 
 from pytest_modelhooks import ActivationStats, GradientStats
+from pytest_modelhooks._torch import TorchDispatchMode
 
 
 def fastai_style(model: torch.nn.Module) -> list[Any]:
@@ -85,6 +87,70 @@ def memory_per_record(batches: int = 20_000, layers: int = 50) -> None:
     )
 
 
+class _Ops(TorchDispatchMode):  # type: ignore[misc]
+    """Counts the aten ops dispatched: on a GPU each is a kernel launch (~10-20 us on a training
+    step that launches are the bound of)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches(json_path: Path | None) -> None:
+    """Per model: the aten ops ActivationStats (default statistics) dispatches per batch on its
+    device path, forced on the CPU (a GPU's path: no host read), and the time per hooked module
+    at a batch of one; on the CPU the reductions' kernels run on the host too, so that figure
+    bounds the host time from above. One JSON line each."""
+    import pytest_modelhooks.stats.activations as activations
+
+    activations.on_host = lambda x: False  # the device path, as on a GPU
+    cases = [
+        ("ResNet-50-sized", ResNet50(), torch.randn(1, 3, 64, 64)),
+        ("ViT-B/16-sized", ViTB16(image=64), torch.randn(1, 3, 64, 64)),
+        ("ViT-B/16-sized, 4x deeper", ViTB16(image=64, layers=48), torch.randn(1, 3, 64, 64)),
+    ]
+    lines = []
+    for name, model, batch in cases:
+        model.eval()
+        with torch.no_grad():
+            plain_ops = _Ops()
+            with plain_ops:
+                model(batch)
+            stats = ActivationStats(model)
+            with stats:
+                model(batch)  # warm
+                counted = _Ops()
+                with counted:
+                    model(batch)
+                timed = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    model(batch)
+                    timed.append(time.perf_counter() - start)
+            plain = []
+            for _ in range(5):
+                start = time.perf_counter()
+                model(batch)
+                plain.append(time.perf_counter() - start)
+        modules = len(stats.series_names)
+        extra = statistics.median(timed) - statistics.median(plain)
+        line = {
+            "model": name,
+            "hooked_modules": modules,
+            "launches_per_batch": counted.count - plain_ops.count,
+            "launches_per_module": round((counted.count - plain_ops.count) / modules, 2),
+            "host_us_per_module": round(extra / modules * 1e6, 1),
+        }
+        lines.append(line)
+        print(json.dumps(line))
+    if json_path is not None:
+        json_path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,9 +164,17 @@ def main() -> None:
         "--profile", action="store_true", help="print torch.profiler's top ops for one recorded run"
     )
     parser.add_argument("--memory", action="store_true", help="measure what recorded batches hold, then exit")
+    parser.add_argument(
+        "--count-launches",
+        action="store_true",
+        help="count the ops the statistics dispatch per batch on the device path (forced on the CPU)",
+    )
     args = parser.parse_args()
     if args.memory:
         memory_per_record()
+        return
+    if args.count_launches:
+        count_launches(args.json)
         return
     device = torch.device(args.device)
     torch.manual_seed(0)
