@@ -252,3 +252,24 @@ def jsonable_shape(shape: Any) -> Any:
     if isinstance(shape, dict):
         return {str(key): jsonable_shape(value) for key, value in shape.items()}
     return shape
+
+
+#: ``torch.testing.assert_close``'s default tolerances, ``(rtol, atol)`` per dtype
+ASSERT_CLOSE_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+}
+
+
+def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` as ``torch.testing.assert_close`` defaults them for ``dtype`` (float32's
+    for any other, zero for exact types).
+
+    >>> default_tolerances(torch.bfloat16)
+    (0.016, 1e-05)
+    """
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return 0.0, 0.0
+    return ASSERT_CLOSE_TOLERANCES.get(dtype, ASSERT_CLOSE_TOLERANCES[torch.float32])

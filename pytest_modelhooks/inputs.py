@@ -27,6 +27,7 @@ __all__ = [
     "check_model",
     "dummy_batch",
     "fills_first_input",
+    "forward_parameter_names",
     "first_tensor",
     "in_channels",
     "input_spec",
@@ -393,6 +394,21 @@ def _bare_signature(parameters: Mapping[str, inspect.Parameter]) -> inspect.Sign
     return inspect.Signature(
         [parameter.replace(annotation=empty, default=empty) for parameter in parameters.values()]
     )
+
+
+def forward_parameter_names(model: nn.Module, *, positional: bool = False) -> list[str]:
+    """The names of ``model.forward``'s parameters in order (with ``positional``, those a
+    positional input can fill); empty where they cannot be told.
+
+    >>> forward_parameter_names(nn.Linear(2, 2))
+    ['input']
+    """
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in parameters if not positional or p.kind in kinds]
 
 
 def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter] | None:

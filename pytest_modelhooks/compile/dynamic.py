@@ -10,7 +10,6 @@ x.shape[0] == 5``) is a finding, not a silent recompile.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 from pytest_modelhooks._torch import mark_dynamic
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.errors import describe
+from pytest_modelhooks.inputs import forward_parameter_names
 
 __all__ = ["Dynamic", "dynamic_marks", "marked", "torch_flag"]
 
@@ -40,18 +40,6 @@ def _check(dynamic: Any) -> None:
         "dynamic must be None, True, False, 'batch' or a mapping from an input (the forward's "
         f"parameter name or position) to its dynamic dimension(s), got dynamic={describe(dynamic)}"
     )
-
-
-def _parameter_names(model: nn.Module) -> list[str]:
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [
-        p.name
-        for p in parameters
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
 
 
 def _dims(value: Any, key: Any) -> list[int]:
@@ -82,7 +70,7 @@ def dynamic_marks(
             )
         return marks
     assert isinstance(dynamic, Mapping)
-    names = _parameter_names(model)
+    names = forward_parameter_names(model, positional=True)
     marks = []
     for key, value in dynamic.items():
         if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(args):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import io
 import logging
 import re
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from pytest_modelhooks._torch import symbolic_input_sizes
-from pytest_modelhooks._tree import tensor_leaves
+from pytest_modelhooks._tree import default_tolerances, tensor_leaves
 from pytest_modelhooks.compile.places import (
     Spans,
     frames_in_text,
@@ -36,7 +35,7 @@ from pytest_modelhooks.compile.places import (
 from pytest_modelhooks.compile.recompiles import describe_call
 from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
-from pytest_modelhooks.inputs import check_model, with_forward_kwargs
+from pytest_modelhooks.inputs import check_model, forward_parameter_names, with_forward_kwargs
 
 __all__ = ["FORMATS", "check_exportable", "export_problems"]
 
@@ -44,13 +43,6 @@ __all__ = ["FORMATS", "check_exportable", "export_problems"]
 FORMATS = ("torch", "onnx")
 #: what ``to="onnx"`` needs, by import name and PyPI name
 _ONNX_NEEDS = (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime"))
-#: torch.testing.assert_close's default tolerances (rtol, atol) per dtype
-_TOLERANCES = {
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.float64: (1e-7, 1e-7),
-}
 #: loggers that print the partial graph and long debugging advice when an export fails
 _NOISY = (
     "torch.export",
@@ -89,13 +81,6 @@ def _check_format(to: Any) -> None:
             )
 
 
-def _forward_names(model: nn.Module) -> list[str]:
-    try:
-        return list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
 def _dynamic_shapes(
     model: nn.Module, dynamic_shapes: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -103,7 +88,7 @@ def _dynamic_shapes(
     every tensor input, one dimension for all), after checking it names the given inputs."""
     if dynamic_shapes is None:
         return None
-    names = _forward_names(model)
+    names = forward_parameter_names(model)
     if dynamic_shapes == "batch":
         batch = torch.export.Dim("batch")
         small = [
@@ -150,7 +135,7 @@ def _dynamic_shapes(
 
 
 def _tolerances(tensor: torch.Tensor, rtol: float | None, atol: float | None) -> tuple[float, float]:
-    default_rtol, default_atol = _TOLERANCES.get(tensor.dtype, (0.0, 0.0))
+    default_rtol, default_atol = default_tolerances(tensor.dtype)
     return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
 
 

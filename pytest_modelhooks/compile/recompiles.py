@@ -31,7 +31,12 @@ from pytest_modelhooks.compile.places import (
     where,
 )
 from pytest_modelhooks.findings import Finding
-from pytest_modelhooks.inputs import check_model, normalise_input, with_forward_kwargs
+from pytest_modelhooks.inputs import (
+    check_model,
+    forward_parameter_names,
+    normalise_input,
+    with_forward_kwargs,
+)
 
 __all__ = ["compile_failure", "describe_call", "raise_if_unfit", "recompiles"]
 
@@ -40,18 +45,9 @@ _SIZE_MISMATCH = re.compile(r"tensor '([^']+)' size mismatch at index (\d+)")
 _GUARD_SOURCE = re.compile(r"#\s*(?P<source>.*?)\s*#\s*(?P<file>\S+):(?P<line>\d+) in \w+")
 
 
-def _parameter_names(model: nn.Module) -> list[str]:
-    import inspect
-
-    try:
-        return list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
 def describe_call(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
     """The tensors of one call by name and shape: ``x (5, 16)``."""
-    names = _parameter_names(model)
+    names = forward_parameter_names(model)
     parts = []
     for index, value in enumerate(args):
         root = names[index] if index < len(names) else f"args[{index}]"

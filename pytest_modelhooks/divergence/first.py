@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pytest_modelhooks._torch import dynamo_quiet
-from pytest_modelhooks._tree import map_tensors, tensor_leaves
+from pytest_modelhooks._tree import default_tolerances, map_tensors, tensor_leaves
 from pytest_modelhooks.divergence.calls import Call, record_calls
 from pytest_modelhooks.divergence.prints import Fingerprints, compare_prints
 from pytest_modelhooks.errors import describe
@@ -35,14 +35,6 @@ __all__ = ["AGAINST", "Difference", "check_same", "difference", "first_divergenc
 
 #: what ``against=`` takes by name
 AGAINST = ("compiled", "bf16", "fp16", "channels_last", "cuda", "again")
-#: torch.testing.assert_close's tolerances (rtol, atol) per dtype; here relative to the largest
-#: value of the reference tensor, as a layer's rounding scales with its output
-_TOLERANCES = {
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.float64: (1e-7, 1e-7),
-}
 
 
 @dataclass(frozen=True)
@@ -76,7 +68,8 @@ def difference(reference: Any, other: Any, rtol: float | None, atol: float | Non
             continue
         # the lower precision of the two sets the tolerance (a bf16 output against a float32 one)
         dtype = two.dtype if two.dtype != one.dtype else one.dtype
-        default_rtol, default_atol = _TOLERANCES.get(dtype, (1.3e-6, 1e-5))
+        # torch.testing's, here relative to the reference's largest value: rounding scales with it
+        default_rtol, default_atol = default_tolerances(dtype)
         relative = default_rtol if rtol is None else rtol
         absolute = default_atol if atol is None else atol
         both_nan = a.isnan() & b.isnan()

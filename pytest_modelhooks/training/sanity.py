@@ -17,7 +17,12 @@ from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.hooks.state import preserve_training_flags
-from pytest_modelhooks.inputs import check_model, normalise_input, with_forward_kwargs
+from pytest_modelhooks.inputs import (
+    check_model,
+    forward_parameter_names,
+    normalise_input,
+    with_forward_kwargs,
+)
 from pytest_modelhooks.tracing.state import buffers_kept
 
 __all__ = ["check_loss_at_init", "check_uses_input", "input_use", "split_batch"]
@@ -309,12 +314,7 @@ def _kind(tensor: torch.Tensor) -> str:
 
 
 def _input_names(model: nn.Module, args: tuple[Any, ...]) -> list[str]:
-    import inspect
-
-    try:
-        parameters = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        parameters = []
+    parameters = forward_parameter_names(model)
     return [parameters[index] if index < len(parameters) else f"args[{index}]" for index in range(len(args))]
 
 
