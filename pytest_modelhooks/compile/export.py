@@ -36,6 +36,7 @@ from pytest_modelhooks.compile.recompiles import describe_call
 from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.inputs import check_model, forward_parameter_names, with_forward_kwargs
+from pytest_modelhooks.tracing.state import rng_kept
 
 __all__ = ["FORMATS", "check_exportable", "export_problems"]
 
@@ -251,17 +252,9 @@ def _failure(model: nn.Module, error: BaseException, classes: Spans, what: str, 
     return Finding(layer_label(names), type(module).__name__, statistic, float("nan"), "exports", None, note)
 
 
-@contextmanager
-def _seeded(seed: int = 0) -> Iterator[None]:
-    """The same random draws for the eager and the exported run (dropout in training mode),
-    the user's RNG state put back after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _run(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any], model: nn.Module) -> Any:
-    with model_kept(model), _seeded(), torch.no_grad():
+    # the same random draws for the eager and the exported run (dropout in training mode)
+    with model_kept(model), rng_kept(model, seed=0), torch.no_grad():
         return function(*args, **kwargs)
 
 
@@ -351,9 +344,8 @@ def export_problems(
     """
     model = check_model(model)
     _check_format(to)
-    devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
     # export draws random numbers of its own: the user's RNG state is put back after
-    with torch.random.fork_rng(devices=devices):
+    with rng_kept(model):
         return _problems(model, inputs, dynamic_shapes, strict, to, rtol, atol, forward_kwargs)
 
 

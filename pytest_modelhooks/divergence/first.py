@@ -29,7 +29,7 @@ from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.hooks.state import preserve_training_flags
 from pytest_modelhooks.inputs import check_model, with_forward_kwargs
-from pytest_modelhooks.tracing.state import buffers_kept
+from pytest_modelhooks.tracing.state import buffers_kept, rng_kept
 
 __all__ = ["AGAINST", "Difference", "check_same", "difference", "first_divergence"]
 
@@ -243,9 +243,8 @@ def first_divergence(
             f"against must be one of {', '.join(map(repr, AGAINST))}, a model of the same structure, or "
             f"stored Fingerprints, got against={describe(against)}"
         )
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(rng_kept(model))
         # eval mode, so that dropout draws no mask a rerun or a compiled run would draw otherwise;
         # "again" keeps the model's own modes: chance is what it looks for
         again = against == "again" or against is model

@@ -105,13 +105,12 @@ def fingerprints(model: nn.Module, *inputs: Any, seed: int = 0, **forward_kwargs
     from pytest_modelhooks.divergence.calls import record_calls
     from pytest_modelhooks.hooks.state import preserve_training_flags
     from pytest_modelhooks.inputs import check_model, with_forward_kwargs
-    from pytest_modelhooks.tracing.state import buffers_kept
+    from pytest_modelhooks.tracing.state import buffers_kept, rng_kept
 
     model = check_model(model)
     args, kwargs = with_forward_kwargs(model, tuple(inputs), {}, forward_kwargs, "fingerprints")
     eval_mode = preserve_training_flags(model, eval_mode=True)
-    with torch.random.fork_rng(devices=[]), eval_mode, buffers_kept(model):
-        torch.manual_seed(seed)
+    with rng_kept(model, seed), eval_mode, buffers_kept(model):
         calls = record_calls(model, args, kwargs)
     return Fingerprints(
         [Print(call.name, call.index, type(call.module).__name__, _numbers(call.output)) for call in calls]

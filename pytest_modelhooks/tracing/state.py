@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["python_state_kept"]
+__all__ = ["buffers_kept", "python_state_kept", "rng_kept"]
 
 #: What every ``nn.Module`` holds in its ``__dict__`` (the parameter, buffer, module and hook
 #: dicts, ``training``...): put back by their own owners, or never tensors.
@@ -125,3 +125,23 @@ def buffers_kept(model: nn.Module, *, when: bool = True) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+@contextmanager
+def rng_kept(model: nn.Module, seed: int | None = None) -> Iterator[None]:
+    """Torch's generators of the CPU and of every GPU the model is on put back after the
+    block, seeded with ``seed`` for it when one is given (a check's runs draw the same numbers,
+    and the user's stream is where it was).
+
+    >>> net = nn.Linear(2, 2)
+    >>> state = torch.random.get_rng_state()
+    >>> with rng_kept(net, seed=0):
+    ...     _ = torch.rand(3)
+    >>> torch.equal(torch.random.get_rng_state(), state)
+    True
+    """
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield

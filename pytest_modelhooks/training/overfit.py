@@ -20,7 +20,8 @@ from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.inputs import check_model, with_forward_kwargs
 from pytest_modelhooks.stats.activations import ActivationStats
 from pytest_modelhooks.stats.gradients import GradientStats
-from pytest_modelhooks.training.sanity import LossFn, scalar_loss, seeded, split_batch
+from pytest_modelhooks.tracing.state import rng_kept
+from pytest_modelhooks.training.sanity import LossFn, scalar_loss, split_batch
 
 __all__ = ["OverfitCurve", "check_overfits"]
 
@@ -154,7 +155,7 @@ def check_overfits(
     losses: list[float] = []
     every = max(1, steps // 20)
     recorded = ActivationStats(trained, every=every), GradientStats(trained)
-    with seeded(model, seed), recorded[0] as stats, recorded[1] as grads:
+    with rng_kept(model, seed), recorded[0] as stats, recorded[1] as grads:
         for _ in range(steps):
             loss = train_step(trained, batch, made)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

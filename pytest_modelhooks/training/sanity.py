@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -23,9 +22,9 @@ from pytest_modelhooks.inputs import (
     normalise_input,
     with_forward_kwargs,
 )
-from pytest_modelhooks.tracing.state import buffers_kept
+from pytest_modelhooks.tracing.state import buffers_kept, rng_kept
 
-__all__ = ["check_loss_at_init", "check_uses_input", "input_use", "split_batch"]
+__all__ = ["check_loss_at_init", "check_uses_input", "input_use", "scalar_loss", "split_batch"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -50,15 +49,6 @@ def scalar_loss(loss_fn: LossFn, output: Any, target: Any, caller: str) -> torch
             f"{caller}: loss_fn must return a scalar tensor, got {shape}; reduce it (reduction='mean')"
         )
     return loss.reshape(())
-
-
-@contextmanager
-def seeded(model: nn.Module, seed: int) -> Iterator[None]:
-    """Torch's generators (CPU and the model's GPUs) seeded for the block and put back after."""
-    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
 
 
 def _chance(loss_fn: LossFn, output: torch.Tensor) -> tuple[float, float, str] | None:
@@ -153,7 +143,7 @@ def check_loss_at_init(
         raise ValueError(f"rtol must be a positive number, got rtol={rtol!r}")
     # in the model's own mode, as training starts: in eval mode an untrained batch norm uses its
     # initial running statistics, and a deep residual net's logits come out 30x too large
-    with buffers_kept(model), seeded(model, seed), torch.no_grad():
+    with buffers_kept(model), rng_kept(model, seed), torch.no_grad():
         output = model(*args, **kwargs)
         loss = float(scalar_loss(loss_fn, output, target, "check_loss_at_init"))
         judged = loss
@@ -259,7 +249,7 @@ def input_use(
     names = _input_names(model, args)
     generator = torch.Generator().manual_seed(seed)
     found = []
-    with preserve_training_flags(model, eval_mode=True), seeded(model, seed), torch.no_grad():
+    with preserve_training_flags(model, eval_mode=True), rng_kept(model, seed), torch.no_grad():
         baseline = model(*args, **kwargs)
         for label, swap, tensor in _leaves(args, kwargs, names):
             moved = _changed(baseline, _call_with(model, swap, _perturbed(tensor, generator)), atol)

@@ -111,3 +111,26 @@ def test_bad_against_is_refused_naming_it() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="against='cuda': CUDA is not available here"):
             first_divergence(Net(), torch.randn(2, 8), against="cuda")
+
+
+def test_a_module_called_twice_is_compared_call_by_call() -> None:
+    import copy
+
+    before, batch = zoo.build("reused")
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        after.shared.bias.add_(0.5)  # the refactor changed the layer both calls share
+    assert first_divergence(before, batch, against="bf16") == []
+    found = first_divergence(before, batch, against=after)
+    assert found[0].layer == "shared" and "(call 2)" not in found[0].note  # its first call starts it
+    twice = first_divergence(before, batch, against="again")
+    assert twice == []
+
+
+@pytest.mark.parametrize("name", ["dict_out", "tuple_out"])
+def test_nested_outputs_are_compared_and_fingerprinted_leaf_by_leaf(name: str) -> None:
+    model, batch = zoo.build(name)
+    assert first_divergence(model, batch, against="fp16") == []
+    stored = Fingerprints.from_text(snapshot_text(fingerprints(model, batch)))
+    assert len(stored.prints[0].values) == 2  # the model's two outputs, each with its numbers
+    assert first_divergence(model, batch, against=stored) == []
