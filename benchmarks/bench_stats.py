@@ -87,63 +87,178 @@ def memory_per_record(batches: int = 20_000, layers: int = 50) -> None:
     )
 
 
+# ops that launch no kernel: views, and allocations without a fill
+_NO_KERNEL = {"detach", "empty", "empty_strided", "empty_like", "lift_fresh", "alias"}
+
+
 class _Ops(TorchDispatchMode):  # type: ignore[misc]
-    """Counts the aten ops dispatched: on a GPU each is a kernel launch (~10-20 us on a training
-    step that launches are the bound of)."""
+    """Counts the aten ops dispatched that launch a kernel: on a GPU each costs ~5-20 us on a
+    training step bound by launches. Views and bare allocations are not counted."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.count += 1
+        if not func.is_view and func.__name__.split(".")[0] not in _NO_KERNEL:
+            self.count += 1
         return func(*args, **(kwargs or {}))
 
 
+def _median_time(run: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _host_time(
+    model: torch.nn.Module, batch: torch.Tensor, repeats: int = 20, **options: Any
+) -> tuple[float, float]:
+    """Seconds of host work the recorder adds per batch on the device path, (in its hooks, at
+    the batch's end): both replayed on stand-ins, one tiny tensor per distinct output shape (the
+    same groups, the same ops and Python, almost no arithmetic). A GPU run pays the first on
+    its host as measured; the second is mostly the dispatch of the batch's kernels, whose cost
+    per op on a GPU differs from a CPU's."""
+    from pytest_modelhooks.stats.activations import RECTIFIERS
+
+    recorder = ActivationStats(model, **options)
+    events: list[tuple[str, torch.nn.Module, Any, Any]] = []
+    handles = [
+        module.register_forward_hook(lambda m, a, o: events.append(("hook", m, a, o)))
+        for module in recorder.modules
+    ]
+    handles += [
+        module.register_forward_pre_hook(lambda m, a: events.append(("pre", m, a, None)))
+        for module in model.modules()
+        if isinstance(module, RECTIFIERS)
+    ]
+    with torch.no_grad():
+        output = model(batch)
+    for handle in handles:
+        handle.remove()
+    shapes: dict[tuple[int, ...], torch.Tensor] = {}
+    stand_in: dict[int, torch.Tensor] = {}
+
+    def small(tensor: Any) -> Any:
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        if id(tensor) not in stand_in:
+            key = tuple(tensor.shape)
+            if key not in shapes:  # a shape of its own: as many dims, the last one distinct
+                rank = tensor.dim()
+                shapes[key] = torch.randn((1,) * (rank - 1) + (len(shapes) + 1,)) if rank else torch.randn(())
+            stand_in[id(tensor)] = shapes[key].clone()
+        return stand_in[id(tensor)]
+
+    replay = [(kind, module, tuple(small(a) for a in args), small(out)) for kind, module, args, out in events]
+    final = small(output)
+    hooks, ends = [], []
+    with torch.no_grad(), recorder:
+        for round_ in range(repeats + 1):  # (the first replay learns which outputs keep their values)
+            start = time.perf_counter()
+            recorder._begin_batch(model, ())
+            for kind, module, args, out in replay:
+                if kind == "hook":
+                    recorder.hook(module, args, out)
+                else:
+                    recorder._rectifier_input(module, args)
+            middle = time.perf_counter()
+            recorder._end_batch(model, (), final)
+            recorder._stop_seeing_rectifiers(model, (), final)
+            if round_:
+                hooks.append(middle - start)
+                ends.append(time.perf_counter() - middle)
+    return statistics.median(hooks), statistics.median(ends)
+
+
+def _launches(model: torch.nn.Module, batch: torch.Tensor, step: bool, **options: Any) -> tuple[int, int]:
+    """(hooked modules, kernels the statistics add to one recorded batch or training step)."""
+
+    def run() -> None:
+        if step:
+            model(batch).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                model(batch)
+
+    # the baseline with no-op hooks on the same modules: a hooked module may take another path
+    # (a TransformerEncoderLayer's fused inference path runs only without hooks on its parts)
+    from pytest_modelhooks.hooks.select import select_modules
+
+    handles = [module.register_forward_hook(lambda *_: None) for _, module in select_modules(model, None)]
+    plain = _Ops()
+    with plain:
+        run()
+    for handle in handles:
+        handle.remove()
+    if step:
+        stats = GradientStats(model, **options)
+        with stats:
+            run()  # (a first step: nothing learned is needed)
+            counted = _Ops()
+            with counted:
+                run()
+        return len(stats.params), counted.count - plain.count
+    recorder = ActivationStats(model, **options)
+    with recorder:
+        run()  # the first batch learns which outputs keep their values
+        counted = _Ops()
+        with counted:
+            run()
+    return len(recorder.series_names), counted.count - plain.count
+
+
 def count_launches(json_path: Path | None) -> None:
-    """Per model: the aten ops ActivationStats (default statistics) dispatches per batch on its
-    device path, forced on the CPU (a GPU's path: no host read), and the time per hooked module
-    at a batch of one; on the CPU the reductions' kernels run on the host too, so that figure
-    bounds the host time from above. One JSON line each."""
+    """Per model: the kernels ActivationStats (default statistics) adds to a batch on its
+    device path, forced on the CPU (a GPU's path: no host read), with outputs held to the
+    batch's end (the default) and reduced in each hook (``max_held=0``); the same for
+    GradientStats on a training step; and the host time each adds per hooked module (or
+    parameter) on inputs so small that the kernels cost almost nothing on the CPU either: the
+    Python and dispatch a GPU run pays. One JSON line each."""
     import pytest_modelhooks.stats.activations as activations
+    import pytest_modelhooks.stats.gradients as gradients
+    import pytest_modelhooks.stats.reduce as reduce
 
     activations.on_host = lambda x: False  # the device path, as on a GPU
+    gradients.on_host = lambda grad: False
     cases = [
-        ("ResNet-50-sized", ResNet50(), torch.randn(1, 3, 64, 64)),
-        ("ViT-B/16-sized", ViTB16(image=64), torch.randn(1, 3, 64, 64)),
-        ("ViT-B/16-sized, 4x deeper", ViTB16(image=64, layers=48), torch.randn(1, 3, 64, 64)),
+        ("ResNet-50-sized", lambda: ResNet50(), (3, 64, 64), (3, 32, 32)),
+        # (a ViT takes one image size: at 64x64, 17 tokens, its activations are already small)
+        ("ViT-B/16-sized", lambda: ViTB16(image=64), (3, 64, 64), (3, 64, 64)),
+        ("ViT-B/16-sized, 4x deeper", lambda: ViTB16(image=64, layers=48), (3, 64, 64), (3, 64, 64)),
     ]
     lines = []
-    for name, model, batch in cases:
-        model.eval()
-        with torch.no_grad():
-            plain_ops = _Ops()
-            with plain_ops:
-                model(batch)
-            stats = ActivationStats(model)
-            with stats:
-                model(batch)  # warm
-                counted = _Ops()
-                with counted:
-                    model(batch)
-                timed = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    model(batch)
-                    timed.append(time.perf_counter() - start)
-            plain = []
-            for _ in range(5):
-                start = time.perf_counter()
-                model(batch)
-                plain.append(time.perf_counter() - start)
-        modules = len(stats.series_names)
-        extra = statistics.median(timed) - statistics.median(plain)
+    for name, build, size, tiny_size in cases:
+        torch.manual_seed(0)
+        model = build().eval()
+        batch, tiny = torch.randn(1, *size), torch.randn(1, *tiny_size)
+        modules, held = _launches(model, batch, False)
+        _, per_module = _launches(model, batch, False, max_held=0)
+        params, grad_held = _launches(model, batch, True)
+        gradients.on_host, gradients.grad_on_host = lambda grad: True, reduce.grad_on_device
+        _, grad_per_parameter = _launches(model, batch, True)  # each gradient in its own hook
+        gradients.on_host, gradients.grad_on_host = lambda grad: False, reduce.grad_on_host
+        model.zero_grad(set_to_none=True)
+
+        host = {
+            label: _host_time(model, tiny, **options)
+            for label, options in (("held", {}), ("per_module", {"max_held": 0}))
+        }
         line = {
             "model": name,
             "hooked_modules": modules,
-            "launches_per_batch": counted.count - plain_ops.count,
-            "launches_per_module": round((counted.count - plain_ops.count) / modules, 2),
-            "host_us_per_module": round(extra / modules * 1e6, 1),
+            "launches_per_batch": held,
+            "launches_per_module": round(held / modules, 2),
+            "launches_per_batch_in_hooks": per_module,
+            "host_us_per_module": round(host["held"][0] / modules * 1e6, 1),
+            "batch_end_us": round(host["held"][1] * 1e6),
+            "host_us_per_module_in_hooks": round(sum(host["per_module"]) / modules * 1e6, 1),
+            "parameters": params,
+            "gradient_launches_per_step": grad_held,
+            "gradient_launches_per_step_in_hooks": grad_per_parameter,
         }
         lines.append(line)
         print(json.dumps(line))

@@ -44,6 +44,7 @@ __all__ = [
     "fake_tensor_mode",
     "forget_global_hook",
     "graph_task_id",
+    "at_backward_end",
     "has_hooks",
     "hook_count",
     "hook_entries",
@@ -146,6 +147,23 @@ is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambd
 #: The id of the backward pass running on this thread, -1 outside backward: gradient
 #: statistics end a step when a new backward starts.
 graph_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def at_backward_end(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` when the backward pass running now ends (before ``backward()``
+    returns), through the autograd engine's final callbacks: gradient statistics reduce a
+    backward's gradients together there. False, with nothing queued, where that is not
+    possible (outside a backward, or an engine without the hook)."""
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    queue = getattr(engine, "queue_callback", None)
+    if queue is None or graph_task_id() == -1:
+        return False
+    try:
+        queue(callback)
+    except RuntimeError:  # "Final callbacks can only be installed during backward pass"
+        return False
+    return True
+
 
 # --------------------------------------------------------------------------- dispatch
 
@@ -397,6 +415,10 @@ REQUIRED: tuple[tuple[str, Callable[[], bool]], ...] = (
     ("torch._C._functorch.get_unwrapped", lambda: _has_path(torch, "_C._functorch.get_unwrapped")),
     ("torch._C._functorch.maybe_get_bdim", lambda: _has_path(torch, "_C._functorch.maybe_get_bdim")),
     ("torch._C._current_graph_task_id", lambda: _has_path(torch, "_C._current_graph_task_id")),
+    (
+        "torch.autograd.Variable._execution_engine.queue_callback",
+        lambda: _has_path(torch, "autograd.Variable._execution_engine.queue_callback"),
+    ),
     (
         "torch._subclasses.fake_tensor.FakeTensorMode",
         lambda: _importable("torch._subclasses.fake_tensor", "FakeTensorMode"),

@@ -14,15 +14,23 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pytest_modelhooks._torch import TorchDispatchMode, graph_task_id, is_compiling, overload_packet
+from pytest_modelhooks._torch import (
+    FUNCTORCH,
+    TorchDispatchMode,
+    graph_task_id,
+    is_compiling,
+    overload_packet,
+)
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.hooks.callback import HookCallback
 from pytest_modelhooks.hooks.core import unvmapped
 from pytest_modelhooks.hooks.select import ModuleSpec
+from pytest_modelhooks.stats.held import HELD_BYTES, HeldOutputs
 from pytest_modelhooks.stats.records import STATISTICS, LayerStats
 from pytest_modelhooks.stats.reduce import (
     channel_dim,
     compiled_call,
+    device_block_per_device,
     device_blocks,
     finish_device,
     fused_raw,
@@ -58,6 +66,14 @@ class ActivationStats(HookCallback):
       every activation, so ``statistics=("mean", "std")`` with ``track_dead=False`` is the
       cheapest record. NaN and infinities are still found without ``"nonfinite"``: they show
       in the mean and std.
+    * ``max_held``: off the CPU (a GPU, where every kernel launch counts), outputs are held
+      until the batch ends and reduced together, a few launches per shape instead of ~9 per
+      module; this bounds the bytes held (an int, or a string such as ``"1GiB"``; default
+      256 MiB), which is what it can add to peak memory where nothing else keeps the outputs
+      alive (``no_grad``). Past it the held outputs are reduced mid-batch. ``0`` reduces each
+      output in its hook. An output changed in place after its hook (a BatchNorm's, under
+      ``ReLU(inplace=True)``) is seen to change on the first batch and reduced in its hook
+      from then on; under ``inference_mode``, which keeps no version counters, every output is.
 
     ``stats.stats`` is fastai's layout: a float tensor ``(2, num_modules, num_batches)`` of
     (mean, std) of each hooked module's (first) output. ``stats["encoder.conv1"]`` gives a
@@ -87,7 +103,10 @@ class ActivationStats(HookCallback):
         track_dead: bool = True,
         statistics: Sequence[str] = STATISTICS,
         fused: bool = False,
+        max_held: int | str = HELD_BYTES,
     ) -> None:
+        from pytest_modelhooks.units import parse_bytes
+
         unknown = sorted(set(statistics) - set(STATISTICS))
         if unknown or not statistics or isinstance(statistics, str):
             raise ValueError(
@@ -113,6 +132,11 @@ class ActivationStats(HookCallback):
         self.track_dead = track_dead
         self.statistics = frozenset(statistics)
         self.fused = fused
+        self.max_held = parse_bytes(max_held, "max_held")
+        self._held = HeldOutputs(eps, self.statistics, self.max_held)
+        self._flushed: list[tuple[list[int], torch.Tensor, list[int]]] = []  # this batch's held, reduced
+        self._holdable: set[int] = set()  # series seen unchanged through a batch after their hook
+        self._in_place: set[int] = set()  # series whose output changed in place after their hook
         self._fused_flags = (
             bool(self.statistics & {"mean", "std"}),
             "near_zero" in self.statistics,
@@ -136,6 +160,10 @@ class ActivationStats(HookCallback):
         self._batches: list[tuple[int, list[tuple[Any, ...]]]] = []
         self._hists: list[tuple[int, list[int], torch.Tensor]] = []
         self._channel_max: dict[int, torch.Tensor] = {}
+        # the running maxima of held series, a (k, channels) tensor per group reduced together
+        self._channel_max_rows: dict[tuple[int, ...], torch.Tensor] = {}
+        self._row_group: dict[int, tuple[int, ...]] = {}  # series -> its group there
+        self._axes: dict[int, tuple[int, int, int | None]] = {}  # series -> (rank, vmap dims, axis)
         # this batch's tensors with dead units tracked, to tell which the model returned
         self._tracked: list[tuple[int, weakref.ref[torch.Tensor]]] = []
         self._model_outputs: set[int] = set()
@@ -180,6 +208,7 @@ class ActivationStats(HookCallback):
 
     def remove(self) -> None:
         self._stop_seeing_rectifiers(self.model, (), None)
+        self._held.clear()
         super().remove()
         for handle in self._batch_handles:
             handle.remove()
@@ -198,6 +227,8 @@ class ActivationStats(HookCallback):
         self._forwards += 1
         self._pending = []
         self._pending_hist = []
+        self._held.clear()
+        self._flushed = []
         self._calls_this_batch = {}
         self._tracked = []
         self._tracked_ids = {}
@@ -224,8 +255,11 @@ class ActivationStats(HookCallback):
                 if tensor is not None and id(tensor) in returned:
                     self._model_outputs.add(series)
             self._tracked = []
-        if self._pending:
-            blocks = device_blocks(self._pending)
+        if self._held:
+            self._reduce_held()
+        if self._pending or self._flushed:
+            blocks = device_block_per_device(device_blocks(self._pending) + self._flushed)
+            self._flushed = []
             # the same series (and sizes) every batch: one tuple of each kept, not a list per batch
             self._batches.append((batch, [tuple(self._interned(part) for part in block) for block in blocks]))
         # histograms: one stack per device (a model may span devices)
@@ -269,20 +303,25 @@ class ActivationStats(HookCallback):
         # context manager would cost more per call than the rest of this method.
         if not self._recording:
             return
-        call = self._calls_this_batch[id(module)] = self._calls_this_batch.get(id(module), 0) + 1
+        key = id(module)
+        call = self._calls_this_batch[key] = self._calls_this_batch.get(key, 0) + 1
         producers = self._fed_by(input) if self._output_ids else ()
         leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
+        compiling = is_compiling()
         for path, tensor in leaves:
             if tensor.is_quantized:  # a quantized model's activations: their values, dequantized
                 tensor = tensor.dequantize()
             complex_valued = tensor.is_complex()
             if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
                 continue
-            x, leading = unvmapped(tensor)  # under vmap: the whole batch, its dims in front
+            if FUNCTORCH is not None and not compiling and FUNCTORCH.is_functorch_wrapped_tensor(tensor):
+                x, leading = unvmapped(tensor)  # under vmap: the whole batch, its dims in front
+                plain = False  # (a torch.func level's tensor must not be held past its hook)
+            else:
+                x, leading, plain = tensor, 0, True
             if x.is_meta:  # shapes without values (a model built on meta): nothing to measure
                 self._saw_meta = True
                 continue
-            x = x.detach()
             if x.is_nested:
                 x = nested_values(x)
             if complex_valued:
@@ -290,32 +329,70 @@ class ActivationStats(HookCallback):
                 # complex number is never "above zero", so no dead units)
                 x = torch.view_as_real(x.resolve_conj())
             series = self._series_id(module, path, call)
+            ref = weakref.ref(tensor)
             earlier = self._output_ids.get(id(tensor))
             if earlier is not None and earlier[1]() is tensor and earlier[0] != series:
                 self._aliases.setdefault(series, earlier[0])  # a block returning its last layer's
-            self._output_ids[id(tensor)] = (series, weakref.ref(tensor))
+            self._output_ids[id(tensor)] = (series, ref)
             if producers:
                 self._producers.setdefault(series, set()).update(producers)
             tracks_dead = self.track_dead and not complex_valued
-            channel_max = self._channel_max_of(module, x, leading) if tracks_dead else None
-            fused = self._reduce_fused(x) if self.fused else None
-            if fused is not None:
-                self._pending.append((series, (fused, x.numel())))
-            elif on_host(x):
-                self._pending.append((series, reduce_on_host(x, self.eps, self.statistics, channel_max)))
+            axis = self._channel_axis(series, module, x, leading) if tracks_dead else None
+            if self.max_held and plain and not compiling and not self.fused and not on_host(x):
+                # held to the batch's end (not detached here: an op each; reduced under no_grad)
+                self._hold(series, x, axis)
             else:
-                raw = reduce_on_device(x, self.eps, self.statistics, channel_max)
-                self._pending.append((series, (raw, x.numel())))
-            if channel_max is not None:
-                self._track_dead(series, channel_max)
-                ref = weakref.ref(tensor)
+                self._reduce_now(series, x.detach(), axis)
+            if axis is not None:
                 self._tracked.append((series, ref))
                 self._tracked_ids[id(tensor)] = (series, ref)
                 if isinstance(module, RECTIFIERS):
                     self._rectified.add(series)
             if self.with_hist:
                 low, high = self.hist_range
-                self._pending_hist.append((series, torch.histc(x.float(), self.hist_bins, low, high)))
+                hist = torch.histc(x.detach().float(), self.hist_bins, low, high)
+                self._pending_hist.append((series, hist))
+
+    def _reduce_now(self, series: int, x: torch.Tensor, axis: int | None) -> None:
+        """Reduce ``x`` in its hook: the host path, a fused pass, or the device passes."""
+        channel_max = None
+        if axis is not None:
+            channel_max = x.amax(dim=[dim for dim in range(x.dim()) if dim != axis])
+        fused = self._reduce_fused(x) if self.fused else None
+        if fused is not None:
+            self._pending.append((series, (fused, x.numel())))
+        elif on_host(x):
+            self._pending.append((series, reduce_on_host(x, self.eps, self.statistics, channel_max)))
+        else:
+            raw = reduce_on_device(x, self.eps, self.statistics, channel_max)
+            self._pending.append((series, (raw, x.numel())))
+        if channel_max is not None:
+            self._track_dead(series, channel_max)
+
+    def _hold(self, series: int, x: torch.Tensor, axis: int | None) -> None:
+        """Hold ``x`` to the batch's end (see :mod:`pytest_modelhooks.stats.held`): itself when
+        an earlier batch showed that it keeps its values, else a copy (one launch), and on the
+        first batch the tensor too, to see whether it changes after the hook."""
+        if series in self._holdable and not x.is_inference():
+            over = self._held.hold(series, x, axis)
+        else:
+            over = self._held.hold(series, x.detach().clone(), axis, copy=True)
+            if series not in self._in_place and not x.is_inference():  # (no version counter there)
+                over = self._held.watch(series, x)
+        if over:
+            self._reduce_held()
+
+    def _reduce_held(self) -> None:
+        """Reduce the held outputs now (at the batch's end, or past ``max_held``)."""
+        with torch.no_grad():  # (the outputs were held as they are, not detached)
+            reduced = self._held.reduce()
+        self._flushed += reduced.blocks
+        for ids, channel_max in reduced.channel_max:
+            self._track_dead_rows(ids, channel_max)
+        self._holdable.update(reduced.unchanged)
+        # changed in place after the hook: reduced in it from now on (a held one misses this batch)
+        self._in_place.update(reduced.changed)
+        self._holdable.difference_update(reduced.changed)
 
     def _fed_by(self, input: Any) -> set[int]:
         """The recorded series among a module's inputs (by identity: they are alive)."""
@@ -328,6 +405,9 @@ class ActivationStats(HookCallback):
         return found
 
     def _stop_seeing_rectifiers(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._recording:  # the forward raised before its end: let what it held go
+            self._held.clear()
+            self._flushed = []
         if self._rectifier_ops is not None:
             mode, self._rectifier_ops = self._rectifier_ops, None
             mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
@@ -352,23 +432,57 @@ class ActivationStats(HookCallback):
             self.fused = False
         return row
 
-    def _channel_max_of(self, module: nn.Module, x: torch.Tensor, leading: int = 0) -> torch.Tensor | None:
-        """Per channel, the max over everything else (``leading`` batch dims of vmap come
-        first, before the dims the module sees)."""
-        dim = channel_dim(module, x.dim() - leading, self._conv1d)
-        if dim is None:
-            return None
-        dim += leading
-        return x.amax(dim=[axis for axis in range(x.dim()) if axis != dim])
+    def _channel_axis(self, series: int, module: nn.Module, x: torch.Tensor, leading: int = 0) -> int | None:
+        """The dimension of ``x`` that holds ``module``'s channels, or None (``leading`` batch
+        dims of vmap come first, before the dims the module sees); the same for a series every
+        batch while its rank is (kept: the lookup runs in every hook)."""
+        rank = x.dim()
+        known = self._axes.get(series)
+        if known is not None and known[0] == rank and known[1] == leading:
+            return known[2]
+        dim = channel_dim(module, rank - leading, self._conv1d)
+        axis = None if dim is None else dim + leading
+        self._axes[series] = (rank, leading, axis)
+        return axis
 
     def _track_dead(self, series: int, current: torch.Tensor) -> None:
         # the running max per channel: a channel is dead while its max stays <= 0
+        if series in self._row_group:  # held until now: its maxima come out of their group
+            self._ungroup(self._row_group[series])
         seen = self._channel_max.get(series)
         if seen is None or seen.shape != current.shape:
             self._channel_max[series] = current
         else:
             # not in place: a running max made under inference_mode cannot be updated outside it
             self._channel_max[series] = torch.maximum(seen, current)
+
+    def _track_dead_rows(self, ids: tuple[int, ...], current: torch.Tensor) -> None:
+        """:meth:`_track_dead` for a group reduced together: one ``maximum`` for the group while
+        it is the same group batch after batch (the usual case). A new group (the first batch
+        held more, or the budget split a batch elsewhere) takes its series' maxima so far, once."""
+        seen = self._channel_max_rows.get(ids)
+        if seen is not None and seen.shape == current.shape:
+            self._channel_max_rows[ids] = torch.maximum(seen, current)
+            return
+        for series in ids:
+            if series in self._row_group:
+                self._ungroup(self._row_group[series])
+        earlier = [self._channel_max.pop(series, None) for series in ids]
+        if any(row is not None for row in earlier):
+            # a row whose channels changed starts again from this batch, as in _track_dead
+            rows = [
+                row if row is not None and row.shape == now.shape else now
+                for row, now in zip(earlier, current.unbind(0), strict=True)
+            ]
+            current = torch.maximum(torch.stack(rows), current)
+        self._channel_max_rows[ids] = current
+        for series in ids:
+            self._row_group[series] = ids
+
+    def _ungroup(self, ids: tuple[int, ...]) -> None:
+        for series, row in zip(ids, self._channel_max_rows.pop(ids).unbind(0), strict=True):
+            del self._row_group[series]
+            self._channel_max[series] = row
 
     # ------------------------------------------------------------------ reading
 
@@ -395,6 +509,11 @@ class ActivationStats(HookCallback):
         for series, channel_max in self._channel_max.items():
             never_positive = channel_max.cpu() <= 0  # NaN compares False: not counted dead
             dead[series] = (float(never_positive.double().mean()), never_positive.numel())
+        for ids, rows in self._channel_max_rows.items():
+            never_positive = rows.cpu() <= 0  # (one transfer per group)
+            fractions = never_positive.double().mean(dim=1).tolist()
+            for series, fraction in zip(ids, fractions, strict=True):
+                dead[series] = (fraction, rows.shape[1])
         hists: dict[int, torch.Tensor] = {}
         if self._hists:
             column_of = {batch: column for column, batch in enumerate(batch_ids.tolist())}

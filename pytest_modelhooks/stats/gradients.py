@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-from pytest_modelhooks._torch import scaler_scale
+from pytest_modelhooks._torch import at_backward_end, graph_task_id, is_compiling, scaler_scale
 from pytest_modelhooks.errors import describe, not_a_module
 from pytest_modelhooks.hooks.core import weak_hook
 from pytest_modelhooks.hooks.select import ModuleSpec, loaded_class, select_modules
@@ -27,6 +27,7 @@ from pytest_modelhooks.stats.reduce import (
     fused_grad_raw,
     grad_on_device,
     grad_on_host,
+    grad_rows,
     pack_grad_rows,
     sparse_grad_raw,
 )
@@ -35,6 +36,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from pytest_modelhooks.findings import Finding
+
+
+def on_host(grad: torch.Tensor) -> bool:
+    """Whether a gradient is reduced with host reads (CPU) or on its device, where a backward's
+    gradients are held to its end and reduced together (see :func:`grad_rows`)."""
+    return grad.device.type == "cpu"
+
+
+_HELD = None  # a pending gradient whose row comes with the others at the backward's end
 
 
 class _Seen:
@@ -164,6 +174,10 @@ class GradientStats:
         self._saw_meta = False
         self._handles: list[Any] = []
         self._pending: dict[int, Any] = {}
+        # this backward's gradients held to its end, and the rows reduced from them there
+        self._held: list[tuple[int, torch.Tensor]] = []
+        self._held_rows: list[tuple[list[int], torch.Tensor]] = []
+        self._queued_for = -1  # the backward whose end reduces the held gradients
         # per step: the parameters' positions in the order their gradients arrived, and their
         # rows packed (see pack_grad_rows)
         self._steps: list[tuple[tuple[int, ...], Any, bool]] = []
@@ -334,13 +348,52 @@ class GradientStats:
             raw = compiled_call("GradientStats", fused_grad_raw, grad.reshape(-1)) if self.fused else None
             if raw is None:
                 self.fused = False  # (after compile failed: separate passes from now on)
-                raw = grad_on_host(grad) if grad.device.type == "cpu" else grad_on_device(grad)
+                if on_host(grad):
+                    raw = grad_on_host(grad)
+                elif not self._hold(grad):
+                    raw = grad_on_device(grad)
         index = self._index[id(param)]
         if index in self._pending:  # a second backward with no forward in between: a new step
             self.end_step()
         if not self._pending and self.scaler is not None:
             self._pending_scale = self._current_scale()
         self._pending[index] = raw
+        if raw is _HELD:
+            self._held.append((index, grad))
+
+    def _hold(self, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` can wait for the end of this backward, to be reduced with the others
+        (a few launches per shape, not five per parameter): the reduction is queued there
+        once per backward. Clipping and optimizers run after backward returns, so the values
+        reduced are still the ones backward wrote."""
+        if is_compiling():
+            return False
+        task = graph_task_id()
+        if task != self._queued_for:
+            if not at_backward_end(self._reduce_held):
+                return False
+            self._queued_for = task
+        return True
+
+    def _reduce_held(self) -> None:
+        """Reduce the held gradients: stacked by device, dtype and shape (at most
+        :data:`~pytest_modelhooks.stats.held.STACK_BYTES` a stack), one set of passes each."""
+        from pytest_modelhooks.stats.held import STACK_BYTES
+
+        self._queued_for = -1
+        groups: dict[tuple[Any, ...], list[list[tuple[int, torch.Tensor]]]] = {}
+        for index, grad in self._held:
+            runs = groups.setdefault((grad.device, grad.dtype, grad.shape), [[]])
+            if runs[-1] and (len(runs[-1]) + 1) * grad.nbytes > STACK_BYTES:
+                runs.append([])
+            runs[-1].append((index, grad))
+        self._held = []
+        with torch.no_grad():
+            for runs in groups.values():
+                for run in runs:
+                    grads = [grad for _, grad in run]
+                    stacked = grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)
+                    self._held_rows.append(([index for index, _ in run], grad_rows(stacked)))
 
     def _current_scale(self) -> torch.Tensor | float | None:
         """The scaler's loss scale now, as a copy on its device (``update()`` changes it in
@@ -355,14 +408,36 @@ class GradientStats:
 
     def end_step(self) -> None:
         """Close the current step, if any gradient arrived since the last one."""
+        if self._held:  # (a backward that raised before its end)
+            self._reduce_held()
         if self._pending:
-            order = tuple(self._pending)
-            rows, raw = pack_grad_rows(self._pending, self._sizes())
+            order, rows, raw = self._packed()
             self._steps.append((self._orders.setdefault(order, order), rows, raw))
             self._scales.append(self._pending_scale)
             self._pending = {}
             self._pending_scale = None
             self._cache = None
+
+    def _packed(self) -> tuple[tuple[int, ...], torch.Tensor, bool]:
+        """This step's parameter order, its rows and whether they are raw (see
+        pack_grad_rows), the rows reduced together at the backward's end included."""
+        held, self._held_rows = self._held_rows, []
+        alone = {index: value for index, value in self._pending.items() if value is not _HELD}
+        sizes = self._sizes()
+        if not held:
+            rows, raw = pack_grad_rows(alone, sizes)
+            return tuple(alone), rows, raw
+        parts = [(ids, rows, True) for ids, rows in held]
+        if alone:
+            parts.append((list(alone), *pack_grad_rows(alone, sizes)))
+        order = tuple(index for ids, _, _ in parts for index in ids)
+        if all(raw for _, _, raw in parts) and len({rows.device for _, rows, _ in parts}) == 1:
+            return order, torch.cat([rows for _, rows, _ in parts]), True
+        # rows of several kinds (host and device, two devices): finished here, a read each
+        finished = [
+            finish_grads(rows, [sizes[at] for at in ids]) if raw else rows for ids, rows, raw in parts
+        ]
+        return order, torch.cat(finished), False
 
     @property
     def num_steps(self) -> int:

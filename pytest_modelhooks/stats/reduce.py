@@ -319,6 +319,26 @@ def device_blocks(pending: list[tuple[int, Any]]) -> list[tuple[Any, ...]]:
     return blocks
 
 
+def device_block_per_device(blocks: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The blocks of a batch (see :func:`device_blocks`, and the held outputs' reductions) with
+    the device rows of each device joined into one block: one tensor per device and batch."""
+    joined: list[tuple[Any, ...]] = []
+    by_device: dict[torch.device, list[tuple[Any, ...]]] = {}
+    for block in blocks:
+        if len(block) == 2:
+            joined.append(block)
+        else:
+            by_device.setdefault(block[1].device, []).append(block)
+    for same in by_device.values():
+        if len(same) == 1:
+            joined.append(same[0])
+            continue
+        ids = [series for block in same for series in block[0]]
+        counts = [count for block in same for count in block[2]]
+        joined.append((ids, torch.cat([block[1] for block in same]), counts))
+    return joined
+
+
 def finish_device(raw: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``(series, 6)`` raw device statistics (float64, on the host; NaN where not computed, see
     :func:`_stack_raw`) to :data:`STATISTICS`."""
@@ -446,3 +466,66 @@ def pack_grad_rows(pending: dict[int, Any], sizes: Sequence[int]) -> tuple[torch
         for position, value in pending.items()
     ]
     return torch.stack(rows), False
+
+
+def reduce_rows(
+    stacked: torch.Tensor,
+    eps: float,
+    wanted: frozenset[str] = frozenset(STATISTICS),
+    axis: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`reduce_on_device` for ``k`` tensors of one shape at once, stacked along a new
+    first dimension: a ``(k, 6)`` float64 tensor of raw rows (NaN where not ``wanted``) for
+    :func:`finish_device`, and with ``axis`` (the channel dimension of each tensor) their
+    ``(k, channels)`` maxima per channel. The same passes as :func:`reduce_on_device`, each
+    run once for the ``k`` tensors instead of once per tensor: on a GPU the launches of a
+    batch's statistics grow with its shapes, not with its modules."""
+    rows = stacked.shape[0]
+    dims = tuple(range(1, stacked.dim()))
+    acc = _accumulator(stacked.dtype)
+    nan = None
+    parts: list[torch.Tensor | None] = [None] * len(STATISTICS)
+    if wanted & {"mean", "std"}:
+        variance, mean = torch.var_mean(stacked if stacked.dtype == acc else stacked.to(acc), dim=dims)
+        parts[0], parts[1] = mean, variance
+    if wanted & {"near_zero", "nonfinite"}:
+        magnitude = stacked.abs()
+        if magnitude.dtype not in (torch.float32, torch.float64):
+            magnitude = magnitude.float()
+        # counted in float64: exact to 2**53 values, one pass each as in reduce_on_device
+        if "near_zero" in wanted:
+            parts[2] = (magnitude <= eps).sum(dim=dims, dtype=torch.float64)
+        if "nonfinite" in wanted:
+            parts[3] = (magnitude <= torch.finfo(magnitude.dtype).max).sum(dim=dims, dtype=torch.float64)
+    channel_max = None
+    if axis is not None:
+        channel_max = stacked.amax(dim=tuple(d for d in dims if d != axis + 1))
+    if wanted & {"min", "max"} and channel_max is not None:
+        parts[4], parts[5] = stacked.amin(dim=dims), channel_max.amax(dim=1)
+    elif wanted & {"min", "max"} and stacked.is_contiguous():
+        extremes = torch.aminmax(stacked.view(rows, -1), dim=1)  # one pass for both
+        parts[4], parts[5] = extremes.min, extremes.max
+    elif wanted & {"min", "max"}:  # (one tensor in another layout: no copy to flatten it)
+        parts[4], parts[5] = stacked.amin(dim=dims), stacked.amax(dim=dims)
+    columns = []
+    for part in parts:
+        if part is None:
+            if nan is None:
+                nan = torch.full((rows,), math.nan, dtype=torch.float64, device=stacked.device)
+            part = nan
+        columns.append(part.to(torch.float64))
+    return torch.stack(columns, dim=1), channel_max
+
+
+def grad_rows(stacked: torch.Tensor) -> torch.Tensor:
+    """:func:`grad_on_device` for ``k`` gradients of one shape, stacked along a new first
+    dimension: ``(k, 5)`` float64 raw rows for :func:`finish_grads`, in the same five passes
+    for all ``k``."""
+    dims = tuple(range(1, stacked.dim()))
+    acc = _accumulator(stacked.dtype)
+    g = stacked if stacked.dtype == acc else stacked.to(acc)
+    variance, mean = torch.var_mean(g, dim=dims)
+    norm = torch.linalg.vector_norm(g, dim=dims)
+    max_abs = torch.linalg.vector_norm(g, float("inf"), dim=dims)
+    finite = torch.isfinite(stacked).sum(dim=dims, dtype=torch.float64)
+    return torch.stack([part.to(torch.float64) for part in (norm, mean, variance, max_abs, finite)], dim=1)
