@@ -1,6 +1,7 @@
 """ActivationStats overhead vs a plain forward (or training step) and vs fastai-style hooks.
 
-    python benchmarks/bench_stats.py [--device cpu|cuda] [--batch 8] [--step] [--repeats 5]
+    python benchmarks/bench_stats.py [--device cpu|cuda] [--model resnet50|vit] [--batch 8] [--step]
+                                     [--repeats 5] [--core]
     python benchmarks/bench_stats.py --memory   # what a long run of recorded batches holds
     python benchmarks/bench_stats.py --count-launches [--json FILE]   # the GPU cost, on the CPU
 
@@ -149,7 +150,8 @@ def _host_time(
             key = tuple(tensor.shape)
             if key not in shapes:  # a shape of its own: as many dims, the last one distinct
                 rank = tensor.dim()
-                shapes[key] = torch.randn((1,) * (rank - 1) + (len(shapes) + 1,)) if rank else torch.randn(())
+                # (two values at least: one value per row takes another path in var_mean)
+                shapes[key] = torch.randn((1,) * (rank - 1) + (len(shapes) + 2,)) if rank else torch.randn(())
             stand_in[id(tensor)] = shapes[key].clone()
         return stand_in[id(tensor)]
 
@@ -272,6 +274,12 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--model", choices=("resnet50", "vit"), default="resnet50")
+    parser.add_argument(
+        "--core",
+        action="store_true",
+        help="only plain, the default statistics (held and in hooks), mean/std and GradientStats",
+    )
     parser.add_argument("--step", action="store_true", help="time a training step instead of a forward")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
@@ -293,7 +301,7 @@ def main() -> None:
         return
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = ResNet50().to(device)
+    model = (ResNet50() if args.model == "resnet50" else ViTB16()).to(device)
     batch = torch.randn(args.batch, 3, 224, 224, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -319,6 +327,16 @@ def main() -> None:
         with ActivationStats(model) as stats:
             run_once()
         stats.stats  # noqa: B018 - the one transfer to the host is part of the cost
+
+    def ours_in_hooks() -> None:
+        with ActivationStats(model, max_held=0) as stats:
+            run_once()
+        stats.stats  # noqa: B018
+
+    def grads_only() -> None:
+        with GradientStats(model) as grads:
+            run_once()
+        grads.unused()
 
     def ours_lean() -> None:
         with ActivationStats(model, statistics=("mean", "std"), track_dead=False) as stats:
@@ -365,6 +383,7 @@ def main() -> None:
     contenders: dict[str, Callable[[], None]] = {
         "plain": plain,
         "ActivationStats (modules owning parameters)": ours,
+        "ActivationStats (default, reduced in each hook)": ours_in_hooks,
         "ActivationStats (mean, std, near-zero, non-finite)": ours_target,
         "ActivationStats (default, fused=True)": ours_fused,
         "ActivationStats (every module)": ours_full,
@@ -372,8 +391,17 @@ def main() -> None:
         "fastai-style hook (.item() per module)": fastai,
     }
     if args.step:
+        contenders["GradientStats"] = grads_only
         contenders["ActivationStats + GradientStats"] = ours_grads
         contenders["ActivationStats + GradientStats (fused=True)"] = ours_grads_fused
+    if args.core:
+        core = ("plain", "ActivationStats (modules owning parameters)", "ActivationStats (mean and std only)")
+        core += (
+            "ActivationStats (default, reduced in each hook)",
+            "GradientStats",
+            "ActivationStats + GradientStats",
+        )
+        contenders = {name: func for name, func in contenders.items() if name in core}
     for func in contenders.values():  # warm-up (and fused=True's one-time compile)
         func()
     sync()
@@ -388,8 +416,9 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     what = "training step" if args.step else "forward (no_grad)"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    described = "ResNet-50-sized CNN" if args.model == "resnet50" else "ViT-B/16-sized encoder"
     print(
-        f"ResNet-50-sized CNN, batch {args.batch}, 224x224, {what} on {device_name}, "
+        f"{described}, batch {args.batch}, 224x224, {what} on {device_name}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     base = medians["plain"]
@@ -406,7 +435,12 @@ def main() -> None:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
     if args.json:
-        args.json.write_text(json.dumps({"medians_s": medians, "times_s": times}, indent=2))
+        setup = {"model": args.model, "batch": args.batch, "step": args.step, "device": device_name}
+        setup["torch"] = torch.__version__
+        ratios = {name: value / base for name, value in medians.items()}
+        args.json.write_text(
+            json.dumps({**setup, "ratios": ratios, "medians_s": medians, "times_s": times}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -264,3 +264,33 @@ def test_cpu_and_cuda_runs_agree_layer_by_layer_and_a_cuda_only_bug_is_named() -
     net = nn.Sequential(nn.Linear(4, 4), OnlyOnCuda(), nn.Linear(4, 2))
     (finding,) = first_divergence(net, torch.randn(3, 4), against="cuda")
     assert (finding.layer, finding.layer_type) == ("1", "OnlyOnCuda")
+
+
+def test_held_reductions_on_cuda_match_the_ones_in_each_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU outputs are held to the batch's end and gradients to the backward's end; the
+    numbers are those of reducing each tensor in its hook, with channels_last and bf16 too."""
+    from pytest_modelhooks.stats import gradients
+
+    torch.manual_seed(0)
+    model = zoo.ResNetish().cuda().to(memory_format=torch.channels_last)
+    batches = [torch.randn(4, 3, 16, 16, device="cuda") for _ in range(3)]
+
+    def run(**options: object) -> tuple[ActivationStats, GradientStats]:
+        torch.manual_seed(1)
+        with ActivationStats(model, modules="all", **options) as stats, GradientStats(model) as grads:
+            for batch in batches:
+                model.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(batch)
+                out.float().square().mean().backward()
+        return stats, grads
+
+    held, held_grads = run()
+    monkeypatch.setattr(gradients.GradientStats, "_hold", lambda self, grad: False)
+    in_hooks, hook_grads = run(max_held=0)
+    assert held._holdable and held._in_place
+    for one, other in zip(in_hooks, held, strict=True):
+        for statistic in ("mean", "std", "near_zero", "nonfinite", "min", "max"):
+            torch.testing.assert_close(other[statistic], one[statistic], rtol=1e-4, atol=1e-5, equal_nan=True)
+        assert other.dead == one.dead
+    torch.testing.assert_close(held_grads._gather(), hook_grads._gather(), rtol=1e-4, atol=1e-6)

@@ -299,20 +299,36 @@ class ActivationStats(HookCallback):
 
     def hook(self, module: nn.Module, input: Any, output: Any) -> None:
         """Reduce each floating-point (or complex) tensor ``module`` returned to its statistics."""
-        # No no_grad() here: the tensors are detached, so nothing records a graph, and the
-        # context manager would cost more per call than the rest of this method.
+        # No no_grad() here: the tensors reduced here are detached, those held are reduced
+        # under no_grad at the batch's end, and the context manager would cost more per call
+        # than the rest of this method (every step of it runs in every hook: kept lean).
         if not self._recording:
             return
         key = id(module)
         call = self._calls_this_batch[key] = self._calls_this_batch.get(key, 0) + 1
         producers = self._fed_by(input) if self._output_ids else ()
-        leaves = [("", output)] if isinstance(output, torch.Tensor) else list(tensor_leaves(output))
+        if isinstance(output, torch.Tensor):
+            leaves = [("", output)]
+        elif (
+            type(output) is tuple
+            and len(output) <= len(_INDEX)
+            and all(item is None or type(item) is torch.Tensor for item in output)
+        ):
+            # (an attention's (output, weights), an RNN's (output, state)...: no tree walk)
+            leaves = [(_INDEX[i], item) for i, item in enumerate(output) if item is not None]
+        else:
+            leaves = list(tensor_leaves(output))
         compiling = is_compiling()
         for path, tensor in leaves:
-            if tensor.is_quantized:  # a quantized model's activations: their values, dequantized
-                tensor = tensor.dequantize()
-            complex_valued = tensor.is_complex()
-            if not (tensor.is_floating_point() or complex_valued) or tensor.numel() == 0:
+            complex_valued = False
+            if not tensor.is_floating_point():
+                if tensor.is_quantized:  # a quantized model's activations: their values, dequantized
+                    tensor = tensor.dequantize()
+                elif tensor.is_complex():
+                    complex_valued = True
+                else:
+                    continue
+            if tensor.numel() == 0:
                 continue
             if FUNCTORCH is not None and not compiling and FUNCTORCH.is_functorch_wrapped_tensor(tensor):
                 x, leading = unvmapped(tensor)  # under vmap: the whole batch, its dims in front
@@ -328,14 +344,20 @@ class ActivationStats(HookCallback):
                 # a spectral layer's output: its real and imaginary parts are the values (a
                 # complex number is never "above zero", so no dead units)
                 x = torch.view_as_real(x.resolve_conj())
-            series = self._series_id(module, path, call)
+            series = self._series.get((key, path, call))
+            if series is None:
+                series = self._series_id(module, path, call)
             ref = weakref.ref(tensor)
             earlier = self._output_ids.get(id(tensor))
             if earlier is not None and earlier[1]() is tensor and earlier[0] != series:
                 self._aliases.setdefault(series, earlier[0])  # a block returning its last layer's
             self._output_ids[id(tensor)] = (series, ref)
             if producers:
-                self._producers.setdefault(series, set()).update(producers)
+                known = self._producers.get(series)
+                if known is None:
+                    self._producers[series] = set(producers)
+                else:
+                    known |= producers
             tracks_dead = self.track_dead and not complex_valued
             axis = self._channel_axis(series, module, x, leading) if tracks_dead else None
             if self.max_held and plain and not compiling and not self.fused and not on_host(x):
@@ -397,8 +419,11 @@ class ActivationStats(HookCallback):
     def _fed_by(self, input: Any) -> set[int]:
         """The recorded series among a module's inputs (by identity: they are alive)."""
         found = set()
-        leaves = [input[0]] if len(input) == 1 and isinstance(input[0], torch.Tensor) else None
-        for tensor in leaves if leaves is not None else [tensor for _, tensor in tensor_leaves(input)]:
+        if all(type(item) is torch.Tensor for item in input):  # (the usual case: no tree walk)
+            leaves = input
+        else:
+            leaves = [tensor for _, tensor in tensor_leaves(input)]
+        for tensor in leaves:
             entry = self._output_ids.get(id(tensor))
             if entry is not None and entry[1]() is tensor:
                 found.add(entry[0])
@@ -712,6 +737,8 @@ class ActivationStats(HookCallback):
     def __repr__(self) -> str:
         return f"<ActivationStats: {len(self)} series, {self.num_batches} batches>"
 
+
+_INDEX = tuple(f"[{index}]" for index in range(8))  # the paths of a short tuple's items
 
 #: Rectifiers: below zero they give zero, so a channel never above zero on their input is dead.
 RECTIFIERS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)

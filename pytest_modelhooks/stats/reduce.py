@@ -191,7 +191,9 @@ def reduce_on_device(
     acc = _accumulator(x.dtype)
     parts: list[torch.Tensor | None] = [None] * len(STATISTICS)
     if wanted & {"mean", "std"}:
-        parts[1], parts[0] = torch.var_mean(x if x.dtype == acc else x.to(acc))  # Welford: stable
+        # Welford: stable. (One value has no spread, and torch warns on each call: std 0 later.)
+        correction = 1 if x.numel() > 1 else 0
+        parts[1], parts[0] = torch.var_mean(x if x.dtype == acc else x.to(acc), correction=correction)
     if wanted & {"near_zero", "nonfinite"}:
         # One |x| feeds both counts. (histc counts in one pass, but on a GPU its single-bin
         # atomics cost 5x this; isfinite is four kernels.) NaN compares false both ways.
@@ -409,7 +411,8 @@ def grad_on_device(grad: torch.Tensor) -> torch.Tensor:
     :func:`finish_grads` completes them on the host."""
     acc = _accumulator(grad.dtype)
     g = grad if grad.dtype == acc else grad.to(acc)
-    variance, mean = torch.var_mean(g)
+    # one value has no spread (std 0, as on the host; torch would warn and give NaN)
+    variance, mean = torch.var_mean(g, correction=1 if g.numel() > 1 else 0)
     norm = torch.linalg.vector_norm(g)
     max_abs = torch.linalg.vector_norm(g, float("inf"))
     finite = torch.isfinite(grad).sum()
@@ -480,13 +483,18 @@ def reduce_rows(
     ``(k, channels)`` maxima per channel. The same passes as :func:`reduce_on_device`, each
     run once for the ``k`` tensors instead of once per tensor: on a GPU the launches of a
     batch's statistics grow with its shapes, not with its modules."""
+    if stacked.dim() == 1:  # 0-d tensors: a row of one value each (dim=() would mean all dims)
+        stacked = stacked.unsqueeze(1)
     rows = stacked.shape[0]
     dims = tuple(range(1, stacked.dim()))
     acc = _accumulator(stacked.dtype)
     nan = None
     parts: list[torch.Tensor | None] = [None] * len(STATISTICS)
     if wanted & {"mean", "std"}:
-        variance, mean = torch.var_mean(stacked if stacked.dtype == acc else stacked.to(acc), dim=dims)
+        # (one value per row has no spread, and torch warns on each call: finish_device gives 0)
+        correction = 1 if stacked[0].numel() > 1 else 0
+        cast = stacked if stacked.dtype == acc else stacked.to(acc)
+        variance, mean = torch.var_mean(cast, dim=dims, correction=correction)
         parts[0], parts[1] = mean, variance
     if wanted & {"near_zero", "nonfinite"}:
         magnitude = stacked.abs()
@@ -521,10 +529,13 @@ def grad_rows(stacked: torch.Tensor) -> torch.Tensor:
     """:func:`grad_on_device` for ``k`` gradients of one shape, stacked along a new first
     dimension: ``(k, 5)`` float64 raw rows for :func:`finish_grads`, in the same five passes
     for all ``k``."""
+    if stacked.dim() == 1:  # 0-d parameters: a row of one value each (dim=() would mean all dims)
+        stacked = stacked.unsqueeze(1)
     dims = tuple(range(1, stacked.dim()))
     acc = _accumulator(stacked.dtype)
     g = stacked if stacked.dtype == acc else stacked.to(acc)
-    variance, mean = torch.var_mean(g, dim=dims)
+    # one value has no spread (std 0, as on the host; torch would warn and give NaN)
+    variance, mean = torch.var_mean(g, dim=dims, correction=1 if stacked[0].numel() > 1 else 0)
     norm = torch.linalg.vector_norm(g, dim=dims)
     max_abs = torch.linalg.vector_norm(g, float("inf"), dim=dims)
     finite = torch.isfinite(stacked).sum(dim=dims, dtype=torch.float64)

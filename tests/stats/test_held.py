@@ -252,3 +252,42 @@ def test_dead_units_across_batches_split_differently() -> None:
         held = record(model, batches, max_held="3KiB")
     assert_same(in_hooks, held)
     assert not held._channel_max  # every series in a group
+
+
+class Scalars(nn.Module):
+    """Scalar parameters and a module returning a 0-d tensor: rows of one value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.shift = nn.Parameter(torch.tensor(-1.0))
+        self.body = nn.Linear(3, 3)
+        self.pool = Mean()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(x) * self.scale + self.shift)
+
+
+class Mean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+
+@pytest.mark.usefixtures("device_path")
+def test_zero_dim_tensors_are_rows_of_one_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = Scalars()
+    batches = [torch.randn(4, 3) for _ in range(3)]
+    with ActivationStats(model, modules="all") as held, GradientStats(model) as grads:
+        for batch in batches:
+            model(batch).backward()
+    monkeypatch.setattr(activations, "on_host", lambda x: True)
+    monkeypatch.setattr(gradients, "on_host", lambda grad: True)
+    model.zero_grad()
+    with ActivationStats(model, modules="all") as host, GradientStats(model) as host_grads:
+        for batch in batches:
+            model(batch).backward()
+    assert_same(host, held)
+    assert float(held["pool"].std[2]) == 0.0
+    torch.testing.assert_close(grads._gather(), host_grads._gather(), rtol=1e-5, atol=1e-7)
+    assert float(grads["scale"].std[0]) == 0.0
