@@ -123,7 +123,7 @@ def _host_time(
     same groups, the same ops and Python, almost no arithmetic). A GPU run pays the first on
     its host as measured; the second is mostly the dispatch of the batch's kernels, whose cost
     per op on a GPU differs from a CPU's."""
-    from pytest_modelhooks.stats.activations import RECTIFIERS
+    from pytest_modelhooks.stats.dead import RECTIFIERS
 
     recorder = ActivationStats(model, **options)
     events: list[tuple[str, torch.nn.Module, Any, Any]] = []

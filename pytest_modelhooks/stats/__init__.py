@@ -7,16 +7,21 @@ floating-point tensor the module returns, plus per-layer dead units and optional
 
 Speed rules (figures in ``docs/performance.md``):
 
-* On CUDA and other accelerators nothing is read back per module: each module's numbers are
-  reduced on the device, stacked once per batch, and cross to the host once, when read.
+* On CUDA and other accelerators nothing is read back while recording, and a step is bound by
+  kernel launches: a batch's outputs are held to its end and those of one shape reduced
+  together (a backward's gradients at its end), so the kernels grow with the distinct shapes,
+  not the modules; the numbers cross to the host once, when read.
 * On the CPU the device *is* the host, so reading a scalar costs ~1 us and no synchronisation;
   it is used to run the exact two-pass std only where the one-pass formula would lose
   precision (a large mean over a small spread), and to count non-finite values only when the
   sums say there are any.
-* Activations are never kept: memory is O(series x batches) numbers.
+* No activation is kept past its batch (at most ``max_held`` bytes within one): memory is
+  O(series x batches) numbers.
 
 - :mod:`.records`: the frozen records (:class:`LayerStats`, :class:`ParamGradStats`).
-- :mod:`.reduce`: the reduction kernels (host, device, fused).
+- :mod:`.reduce`: the reduction kernels (host, device, stacked rows, fused).
+- :mod:`.held`: the outputs held to the batch's end, and their reduction together.
+- :mod:`.dead`: the running channel maxima behind dead units, and what is rectified.
 - :mod:`.activations`, :mod:`.gradients`: the two recorders.
 """
 

@@ -16,15 +16,14 @@ from torch.utils.hooks import RemovableHandle
 
 from pytest_modelhooks._torch import (
     FUNCTORCH,
-    TorchDispatchMode,
     graph_task_id,
     is_compiling,
-    overload_packet,
 )
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.hooks.callback import HookCallback
 from pytest_modelhooks.hooks.core import unvmapped
 from pytest_modelhooks.hooks.select import ModuleSpec
+from pytest_modelhooks.stats.dead import RECTIFIERS, ChannelMaxima, RectifierOps
 from pytest_modelhooks.stats.held import HELD_BYTES, HeldOutputs
 from pytest_modelhooks.stats.records import STATISTICS, LayerStats
 from pytest_modelhooks.stats.reduce import (
@@ -44,6 +43,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from pytest_modelhooks.findings import Finding
+
+
+_INDEX = tuple(f"[{index}]" for index in range(8))  # the paths of a short tuple's items
 
 
 class ActivationStats(HookCallback):
@@ -159,10 +161,7 @@ class ActivationStats(HookCallback):
         # (series ids, device tensor of raw rows, element counts), one per device
         self._batches: list[tuple[int, list[tuple[Any, ...]]]] = []
         self._hists: list[tuple[int, list[int], torch.Tensor]] = []
-        self._channel_max: dict[int, torch.Tensor] = {}
-        # the running maxima of held series, a (k, channels) tensor per group reduced together
-        self._channel_max_rows: dict[tuple[int, ...], torch.Tensor] = {}
-        self._row_group: dict[int, tuple[int, ...]] = {}  # series -> its group there
+        self._channel_max = ChannelMaxima()
         self._axes: dict[int, tuple[int, int, int | None]] = {}  # series -> (rank, vmap dims, axis)
         # this batch's tensors with dead units tracked, to tell which the model returned
         self._tracked: list[tuple[int, weakref.ref[torch.Tensor]]] = []
@@ -175,7 +174,7 @@ class ActivationStats(HookCallback):
         self._output_ids: dict[int, tuple[int, weakref.ref[torch.Tensor]]] = {}
         self._producers: dict[int, set[int]] = {}  # series -> the series its module consumed
         self._aliases: dict[int, int] = {}  # series -> an earlier series holding the same tensor
-        self._rectifier_ops: _RectifierOps | None = None
+        self._rectifier_ops: RectifierOps | None = None
         # (True: nothing to see, no dispatch mode; see _begin_batch)
         self._rectifiers_seen = not track_dead or any(
             isinstance(module, RECTIFIERS) for module in model.modules()
@@ -238,7 +237,7 @@ class ActivationStats(HookCallback):
             # first recorded batch alone, at the ATen level (a dispatch mode costs ~15% of a
             # CPU forward, once). A model with ReLU modules is read through their hooks.
             self._rectifiers_seen = True
-            self._rectifier_ops = _RectifierOps(self._rectifier_input_tensors)
+            self._rectifier_ops = RectifierOps(self._rectifier_input_tensors)
             self._rectifier_ops.__enter__()  # type: ignore[no-untyped-call]
 
     def _end_batch(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -389,7 +388,7 @@ class ActivationStats(HookCallback):
             raw = reduce_on_device(x, self.eps, self.statistics, channel_max)
             self._pending.append((series, (raw, x.numel())))
         if channel_max is not None:
-            self._track_dead(series, channel_max)
+            self._channel_max.update(series, channel_max)
 
     def _hold(self, series: int, x: torch.Tensor, axis: int | None) -> None:
         """Hold ``x`` to the batch's end (see :mod:`pytest_modelhooks.stats.held`): itself when
@@ -410,7 +409,7 @@ class ActivationStats(HookCallback):
             reduced = self._held.reduce()
         self._flushed += reduced.blocks
         for ids, channel_max in reduced.channel_max:
-            self._track_dead_rows(ids, channel_max)
+            self._channel_max.update_rows(ids, channel_max)
         self._holdable.update(reduced.unchanged)
         # changed in place after the hook: reduced in it from now on (a held one misses this batch)
         self._in_place.update(reduced.changed)
@@ -470,45 +469,6 @@ class ActivationStats(HookCallback):
         self._axes[series] = (rank, leading, axis)
         return axis
 
-    def _track_dead(self, series: int, current: torch.Tensor) -> None:
-        # the running max per channel: a channel is dead while its max stays <= 0
-        if series in self._row_group:  # held until now: its maxima come out of their group
-            self._ungroup(self._row_group[series])
-        seen = self._channel_max.get(series)
-        if seen is None or seen.shape != current.shape:
-            self._channel_max[series] = current
-        else:
-            # not in place: a running max made under inference_mode cannot be updated outside it
-            self._channel_max[series] = torch.maximum(seen, current)
-
-    def _track_dead_rows(self, ids: tuple[int, ...], current: torch.Tensor) -> None:
-        """:meth:`_track_dead` for a group reduced together: one ``maximum`` for the group while
-        it is the same group batch after batch (the usual case). A new group (the first batch
-        held more, or the budget split a batch elsewhere) takes its series' maxima so far, once."""
-        seen = self._channel_max_rows.get(ids)
-        if seen is not None and seen.shape == current.shape:
-            self._channel_max_rows[ids] = torch.maximum(seen, current)
-            return
-        for series in ids:
-            if series in self._row_group:
-                self._ungroup(self._row_group[series])
-        earlier = [self._channel_max.pop(series, None) for series in ids]
-        if any(row is not None for row in earlier):
-            # a row whose channels changed starts again from this batch, as in _track_dead
-            rows = [
-                row if row is not None and row.shape == now.shape else now
-                for row, now in zip(earlier, current.unbind(0), strict=True)
-            ]
-            current = torch.maximum(torch.stack(rows), current)
-        self._channel_max_rows[ids] = current
-        for series in ids:
-            self._row_group[series] = ids
-
-    def _ungroup(self, ids: tuple[int, ...]) -> None:
-        for series, row in zip(ids, self._channel_max_rows.pop(ids).unbind(0), strict=True):
-            del self._row_group[series]
-            self._channel_max[series] = row
-
     # ------------------------------------------------------------------ reading
 
     def _gather(self) -> dict[str, Any]:
@@ -530,15 +490,7 @@ class ActivationStats(HookCallback):
                     ids, rows = block
                 values[:, ids, column] = rows.T
                 ran[ids, column] = True
-        dead: dict[int, tuple[float, int]] = {}
-        for series, channel_max in self._channel_max.items():
-            never_positive = channel_max.cpu() <= 0  # NaN compares False: not counted dead
-            dead[series] = (float(never_positive.double().mean()), never_positive.numel())
-        for ids, rows in self._channel_max_rows.items():
-            never_positive = rows.cpu() <= 0  # (one transfer per group)
-            fractions = never_positive.double().mean(dim=1).tolist()
-            for series, fraction in zip(ids, fractions, strict=True):
-                dead[series] = (fraction, rows.shape[1])
+        dead = self._channel_max.dead()
         hists: dict[int, torch.Tensor] = {}
         if self._hists:
             column_of = {batch: column for column, batch in enumerate(batch_ids.tolist())}
@@ -736,27 +688,3 @@ class ActivationStats(HookCallback):
 
     def __repr__(self) -> str:
         return f"<ActivationStats: {len(self)} series, {self.num_batches} batches>"
-
-
-_INDEX = tuple(f"[{index}]" for index in range(8))  # the paths of a short tuple's items
-
-#: Rectifiers: below zero they give zero, so a channel never above zero on their input is dead.
-RECTIFIERS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-_RECTIFIER_OPS = frozenset({"relu", "relu_", "relu6", "relu6_"})
-
-
-class _RectifierOps(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Hands the tensor each rectifying ATen op (``F.relu``, ``torch.relu``, in-place too) reads
-    to ``seen``; everything runs as it would (a dispatch mode changes no code path the model
-    takes, unlike a torch-function mode, which turns off fused fast paths)."""
-
-    def __init__(self, seen: Any) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.seen = seen
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        if args and overload_packet(func).__name__ in _RECTIFIER_OPS:
-            self.seen(args[:1])
-        return func(*args, **(kwargs or {}))

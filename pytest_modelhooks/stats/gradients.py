@@ -121,7 +121,9 @@ class GradientStats:
     at :meth:`end_step`, or when the block ends. Parameters that require
     grad but never got one are reported by :meth:`unused`; frozen parameters are not tracked.
     ``fused=True`` reduces each gradient in one ``torch.compile``d pass, as
-    :class:`ActivationStats` does.
+    :class:`ActivationStats` does. Off the CPU the gradients of one backward are held to its end
+    and reduced together there, stacked per shape (a few launches per shape, not five per
+    parameter), still before ``backward()`` returns.
 
     With mixed precision, pass the ``torch.amp.GradScaler`` as ``scaler=``: backward then writes
     gradients multiplied by the loss scale, and the statistics are divided by the scale of
