@@ -158,8 +158,10 @@ class Hook:
             output = (
                 _detach(output, self.cpu, self.clone) if self.detach else map_tensors(output, torch.clone)
             )
-        self.stored = self.hook_func(module, input, output)
-        self._stored_versions = _versions(self._stored)
+        # (the setter's three assignments, written out: this runs in every hook of every module)
+        stored = self._stored = self.hook_func(module, input, output)
+        self._stored_versions = [] if stored is None else _versions(stored)
+        self._warned = False
 
     @property
     def stored(self) -> Any:

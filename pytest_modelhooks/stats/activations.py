@@ -358,10 +358,20 @@ class ActivationStats(HookCallback):
                 else:
                     known |= producers
             tracks_dead = self.track_dead and not complex_valued
-            axis = self._channel_axis(series, module, x, leading) if tracks_dead else None
+            axis = None
+            if tracks_dead:
+                cached = self._axes.get(series)  # (looked up here: a method call per hook costs)
+                if cached is not None and cached[0] == x.dim() and cached[1] == leading:
+                    axis = cached[2]
+                else:
+                    axis = self._channel_axis(series, module, x, leading)
             if self.max_held and plain and not compiling and not self.fused and not on_host(x):
                 # held to the batch's end (not detached here: an op each; reduced under no_grad)
-                self._hold(series, x, axis)
+                if series in self._holdable and not x.is_inference():  # (the usual case, inline)
+                    if self._held.hold(series, x, axis):
+                        self._reduce_held()
+                else:
+                    self._hold(series, x, axis)
             else:
                 self._reduce_now(series, x.detach(), axis)
             if axis is not None:
@@ -418,7 +428,9 @@ class ActivationStats(HookCallback):
     def _fed_by(self, input: Any) -> set[int]:
         """The recorded series among a module's inputs (by identity: they are alive)."""
         found = set()
-        if all(type(item) is torch.Tensor for item in input):  # (the usual case: no tree walk)
+        # plain tensors need no tree walk; one input (the usual case) needs no generator either
+        single = len(input) == 1 and type(input[0]) is torch.Tensor
+        if single or all(type(item) is torch.Tensor for item in input):
             leaves = input
         else:
             leaves = [tensor for _, tensor in tensor_leaves(input)]
@@ -458,12 +470,9 @@ class ActivationStats(HookCallback):
 
     def _channel_axis(self, series: int, module: nn.Module, x: torch.Tensor, leading: int = 0) -> int | None:
         """The dimension of ``x`` that holds ``module``'s channels, or None (``leading`` batch
-        dims of vmap come first, before the dims the module sees); the same for a series every
-        batch while its rank is (kept: the lookup runs in every hook)."""
+        dims of vmap come first, before the dims the module sees); kept per series, for as long
+        as its rank stays the same (:meth:`hook` looks it up)."""
         rank = x.dim()
-        known = self._axes.get(series)
-        if known is not None and known[0] == rank and known[1] == leading:
-            return known[2]
         dim = channel_dim(module, rank - leading, self._conv1d)
         axis = None if dim is None else dim + leading
         self._axes[series] = (rank, leading, axis)

@@ -90,7 +90,7 @@ class HeldOutputs:
         if group is None:
             group = self._groups[key] = []
         group.append((series, x, _COPY if copy else x._version))
-        self.bytes += _bytes(x)
+        self.bytes += x.nbytes
         return self.bytes > self.max_bytes
 
     def watch(self, series: int, x: torch.Tensor) -> bool:

@@ -48,7 +48,7 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 def on_host(x: torch.Tensor) -> bool:
     """Whether ``x`` is reduced with host reads (CPU) or kept on its device (anything else, and
     the CPU while dynamo traces a compiled model: a host read would break its graph)."""
-    return x.device.type == "cpu" and not is_compiling()
+    return x.is_cpu and not is_compiling()  # (is_cpu first: it runs in every hook, and is cheap)
 
 
 # Rows of this many elements keep each float32 partial sum short (accurate) while one kernel
