@@ -892,7 +892,10 @@ def test_the_device_path_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lean.findings()[0].layer == "1"
 
 
-def test_the_device_path_adds_no_host_read_to_a_training_step(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("held", [True, False], ids=["held to the batch's end", "reduced in each hook"])
+def test_the_device_path_adds_no_host_read_to_a_training_step(
+    monkeypatch: pytest.MonkeyPatch, held: bool
+) -> None:
     """What ``torch.cuda.set_sync_debug_mode`` checks on a GPU (test_cuda.py), checked on the
     CPU for CI: with the device path forced, recording activations and gradients adds no op
     that reads a value back to the host (``.item()``, ``bool()``, data-dependent shapes) to a
@@ -922,12 +925,16 @@ def test_the_device_path_adds_no_host_read_to_a_training_step(monkeypatch: pytes
         return reads.seen
 
     monkeypatch.setattr(activations, "on_host", lambda x: False)
-    monkeypatch.setattr(gradients, "on_host", lambda grad: False)
+    if held:
+        monkeypatch.setattr(gradients, "on_host", lambda grad: False)
+    else:
+        monkeypatch.setattr(gradients, "grad_on_host", reduce.grad_on_device)
     torch.manual_seed(0)
     model = zoo.ResNetish()  # BatchNorm, in-place ReLU, residual adds: dead units tracked
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     baseline = steps(model, optimizer)
-    with ActivationStats(model, with_hist=True) as stats, GradientStats(model) as grads:
+    options = {} if held else {"max_held": 0}
+    with ActivationStats(model, with_hist=True, **options) as stats, GradientStats(model) as grads:
         recorded = steps(model, optimizer)
     assert recorded == baseline
     assert stats.num_batches == 2 and grads.num_steps == 2
