@@ -168,3 +168,45 @@ def test_the_loss_at_init_is_chance_with_the_default_tolerance(name: str) -> Non
     images, labels = torch.randn(4, 3, 224, 224), torch.randint(0, 1000, (4,))
     loss = check_loss_at_init(model, (images, labels))  # training mode, as the first step runs
     assert math.isfinite(loss)
+
+
+# BatchNorm under in-place ReLU and Hardswish, residual `+=`, concatenations, SiLU blocks,
+# layer-scaled blocks, shifted windows, attention
+HELD = ["resnet18", "mobilenet_v3_small", "densenet121", "efficientnet_b0", "convnext_tiny", "swin_t"]
+
+
+@pytest.mark.parametrize("name", HELD)
+def test_the_device_path_holding_outputs_gives_the_numbers_of_each_hook(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU outputs are held to the batch's end and gradients to the backward's end (forced
+    here on the CPU): every statistic, dead fraction and gradient row of two training steps is
+    what reducing each tensor in its hook gives."""
+    from pytest_modelhooks.stats import STATISTICS, activations, gradients, reduce
+
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None, num_classes=10)
+    side = _side(name)
+    batches = [(torch.randn(2, 3, side, side), torch.randint(0, 10, (2,))) for _ in range(2)]
+    monkeypatch.setattr(activations, "on_host", lambda x: False)
+
+    def steps(**options: Any) -> tuple[ActivationStats, GradientStats]:
+        torch.manual_seed(1)  # the same dropout and stochastic-depth draws both times
+        with ActivationStats(model, modules="all", **options) as stats, GradientStats(model) as grads:
+            for x, y in batches:
+                model.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+        return stats, grads
+
+    monkeypatch.setattr(gradients, "on_host", lambda grad: False)
+    held, held_grads = steps()
+    monkeypatch.setattr(gradients, "on_host", lambda grad: True)
+    monkeypatch.setattr(gradients, "grad_on_host", reduce.grad_on_device)
+    in_hooks, hook_grads = steps(max_held=0)
+    assert held._holdable
+    for one, other in zip(in_hooks, held, strict=True):
+        for statistic in STATISTICS:
+            torch.testing.assert_close(other[statistic], one[statistic], rtol=1e-6, atol=1e-7, equal_nan=True)
+        assert (other.dead, other.channels) == (one.dead, one.channels), one.name
+        assert torch.equal(other.ran, one.ran), one.name
+    torch.testing.assert_close(held_grads._gather(), hook_grads._gather(), rtol=1e-6, atol=1e-9)
