@@ -60,10 +60,11 @@ class ActivationStats(HookCallback):
       training mode.
     * ``eps``: a value is near zero when ``|x| <= eps``.
     * ``with_hist``: also keep a histogram per batch (``hist_bins`` over ``hist_range``).
-    * ``fused``: compute every statistic in one compiled pass per activation
-      (``torch.compile``; the first batch of each process pays a compile of several seconds,
-      and it needs a C++ compiler on the CPU or Triton on a GPU; where it cannot compile, a
-      warning, then separate passes). Worth it for long runs; see the README's Performance.
+    * ``fused``: compute every statistic in one compiled pass (``torch.compile``) per
+      activation, and on a GPU per group of outputs of one shape held to the batch's end (see
+      ``max_held``). The first batch of each process pays a compile of several seconds, and it
+      needs a C++ compiler on the CPU or Triton on a GPU; where it cannot compile, a warning,
+      then separate passes. Worth it for long runs; see the README's Performance.
     * ``statistics``: which of :data:`STATISTICS` to compute (default all); each is a pass over
       every activation, so ``statistics=("mean", "std")`` with ``track_dead=False`` is the
       cheapest record. NaN and infinities are still found without ``"nonfinite"``: they show
@@ -135,16 +136,16 @@ class ActivationStats(HookCallback):
         self.statistics = frozenset(statistics)
         self.fused = fused
         self.max_held = parse_bytes(max_held, "max_held")
-        self._held = HeldOutputs(eps, self.statistics, self.max_held)
-        self._flushed: list[tuple[list[int], torch.Tensor, list[int]]] = []  # this batch's held, reduced
-        self._holdable: set[int] = set()  # series seen unchanged through a batch after their hook
-        self._in_place: set[int] = set()  # series whose output changed in place after their hook
         self._fused_flags = (
             bool(self.statistics & {"mean", "std"}),
             "near_zero" in self.statistics,
             "nonfinite" in self.statistics,
             bool(self.statistics & {"min", "max"}),
         )
+        self._held = HeldOutputs(eps, self.statistics, self.max_held, self._fused_flags if fused else None)
+        self._flushed: list[tuple[list[int], torch.Tensor, list[int]]] = []  # this batch's held, reduced
+        self._holdable: set[int] = set()  # series seen unchanged through a batch after their hook
+        self._in_place: set[int] = set()  # series whose output changed in place after their hook
         self._conv1d = any(isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)) for module in model.modules())
         self._names_by_id = {id(module): name for name, module in self.named_modules}
         self._series: dict[tuple[int, str, int], int] = {}
@@ -365,7 +366,7 @@ class ActivationStats(HookCallback):
                     axis = cached[2]
                 else:
                     axis = self._channel_axis(series, module, x, leading)
-            if self.max_held and plain and not compiling and not self.fused and not on_host(x):
+            if self.max_held and plain and not compiling and not on_host(x):
                 # held to the batch's end (not detached here: an op each; reduced under no_grad)
                 if series in self._holdable and not x.is_inference():  # (the usual case, inline)
                     if self._held.hold(series, x, axis):
@@ -420,6 +421,8 @@ class ActivationStats(HookCallback):
         self._flushed += reduced.blocks
         for ids, channel_max in reduced.channel_max:
             self._channel_max.update_rows(ids, channel_max)
+        if self.fused and self._held.fused is None:  # the compiled pass could not be built
+            self.fused = False
         self._holdable.update(reduced.unchanged)
         # changed in place after the hook: reduced in it from now on (a held one misses this batch)
         self._in_place.update(reduced.changed)

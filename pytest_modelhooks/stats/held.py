@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pytest_modelhooks.stats.reduce import reduce_rows
+from pytest_modelhooks.stats.reduce import compiled_call, fused_rows, reduce_rows
 
 #: The most bytes one stack copies; a bigger tensor is reduced alone, without a copy (at that
 #: size its passes cost far more than their launches).
@@ -70,10 +70,15 @@ class HeldOutputs:
     [0.0, 1.0, 2.0]
     """
 
-    def __init__(self, eps: float, wanted: frozenset[str], max_bytes: int) -> None:
+    def __init__(
+        self, eps: float, wanted: frozenset[str], max_bytes: int, fused: tuple[bool, ...] | None = None
+    ) -> None:
         self.eps = eps
         self.wanted = wanted
         self.max_bytes = max_bytes
+        #: with ``fused=True``: the flags of :func:`fused_rows` (moments, near zero, finite,
+        #: extremes), one compiled pass per group; None once it could not compile
+        self.fused = fused
         self._groups: dict[tuple[Any, ...], list[tuple[int, torch.Tensor, int]]] = {}
         self._watched: list[tuple[int, torch.Tensor, int]] = []
         self.bytes = 0
@@ -120,13 +125,27 @@ class HeldOutputs:
             for chunk in _chunks(kept):
                 tensors = [x for _, x in chunk]
                 stacked = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-                raw, channel_max = reduce_rows(stacked, self.eps, self.wanted, axis)
+                raw, channel_max = self._rows(stacked, axis)
                 ids = [series for series, _ in chunk]
                 reduced.blocks.append((ids, raw, [x.numel() for x in tensors]))
                 if channel_max is not None:
                     reduced.channel_max.append((tuple(ids), channel_max))
         self.clear()
         return reduced
+
+    def _rows(self, stacked: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:func:`reduce_rows`, or with ``fused`` one compiled pass plus the channel maxima."""
+        if self.fused is not None:
+            flat = stacked.reshape(stacked.shape[0], -1)
+            correction = 1 if flat.shape[1] > 1 else 0
+            raw = compiled_call("ActivationStats", fused_rows, flat, self.eps, correction, *self.fused)
+            if raw is not None:
+                channel_max = None
+                if axis is not None:
+                    channel_max = stacked.amax(dim=tuple(d for d in range(1, stacked.dim()) if d != axis + 1))
+                return raw, channel_max
+            self.fused = None  # (after one warning: separate passes from now on)
+        return reduce_rows(stacked, self.eps, self.wanted, axis)
 
 
 def _chunks(entries: list[tuple[int, torch.Tensor]]) -> list[list[tuple[int, torch.Tensor]]]:

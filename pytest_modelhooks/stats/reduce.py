@@ -233,6 +233,35 @@ def fused_raw(
     return torch.stack(parts)
 
 
+def fused_rows(
+    rows: torch.Tensor,
+    eps: float,
+    correction: int,
+    moments: bool,
+    near_zero: bool,
+    finite: bool,
+    extremes: bool,
+) -> torch.Tensor:
+    """:func:`fused_raw` for ``(k, n)`` rows at once: ``(k, 6)`` float64 raw rows, as
+    :func:`reduce_rows` gives. Written to be compiled: one pass over the rows (Welford for the
+    moments), however many tensors they hold."""
+    x = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    nan = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=x.device)
+    parts = [nan] * len(STATISTICS)
+    if moments:
+        variance, mean = torch.var_mean(x, dim=1, correction=correction)
+        parts[0], parts[1] = mean.double(), variance.double()
+    if near_zero or finite:
+        magnitude = x.abs()
+        if near_zero:
+            parts[2] = (magnitude <= eps).sum(dim=1, dtype=torch.float64)
+        if finite:
+            parts[3] = (magnitude <= torch.finfo(x.dtype).max).sum(dim=1, dtype=torch.float64)
+    if extremes:
+        parts[4], parts[5] = x.amin(dim=1).double(), x.amax(dim=1).double()
+    return torch.stack(parts, dim=1)
+
+
 def fused_grad_raw(flat: torch.Tensor) -> torch.Tensor:
     """``(5,)`` float64 raw gradient row ``(norm, mean, variance, max |g|, finite count)``, as
     :func:`grad_on_device` returns it; written to be compiled into one pass."""

@@ -291,3 +291,22 @@ def test_zero_dim_tensors_are_rows_of_one_value(monkeypatch: pytest.MonkeyPatch)
     assert float(held["pool"].std[2]) == 0.0
     torch.testing.assert_close(grads._gather(), host_grads._gather(), rtol=1e-5, atol=1e-7)
     assert float(grads["scale"].std[0]) == 0.0
+
+
+@pytest.mark.usefixtures("device_path")
+def test_fused_held_groups_match_the_separate_passes() -> None:
+    """``fused=True`` on the device path: one compiled pass per group of held outputs."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = zoo.ResNetish()
+    batches = [torch.randn(3, 3, 16, 16) for _ in range(3)]
+    batches[1][0, 0, 0, 0] = float("inf")
+    separate = record(model, batches, max_held=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = record(model, batches, fused=True)
+    if any("could not build the fused kernel" in str(warning.message) for warning in caught):
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    assert fused.fused and fused._held.fused is not None
+    assert_same(separate, fused)
