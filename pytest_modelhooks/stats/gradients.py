@@ -25,6 +25,7 @@ from pytest_modelhooks.stats.reduce import (
     compiled_call,
     finish_grads,
     fused_grad_raw,
+    fused_grad_rows,
     grad_on_device,
     grad_on_host,
     grad_rows,
@@ -44,7 +45,7 @@ def on_host(grad: torch.Tensor) -> bool:
     return grad.device.type == "cpu"
 
 
-_HELD = None  # a pending gradient whose row comes with the others at the backward's end
+_HELD: Any = object()  # a pending gradient whose row comes with the others at the backward's end
 
 
 class _Seen:
@@ -347,13 +348,14 @@ class GradientStats:
         else:
             if grad.is_complex():  # over the real and imaginary parts (the norm is the complex one)
                 grad = torch.view_as_real(grad.resolve_conj())
-            raw = compiled_call("GradientStats", fused_grad_raw, grad.reshape(-1)) if self.fused else None
-            if raw is None:
-                self.fused = False  # (after compile failed: separate passes from now on)
-                if on_host(grad):
-                    raw = grad_on_host(grad)
-                elif not self._hold(grad):
-                    raw = grad_on_device(grad)
+            if not on_host(grad) and self._hold(grad):
+                raw = _HELD  # (reduced with the others at the backward's end, fused or not)
+            else:
+                flat, correction = grad.reshape(-1), 1 if grad.numel() > 1 else 0
+                raw = compiled_call("GradientStats", fused_grad_raw, flat, correction) if self.fused else None
+                if raw is None:
+                    self.fused = False  # (after compile failed: separate passes from now on)
+                    raw = grad_on_host(grad) if on_host(grad) else grad_on_device(grad)
         index = self._index[id(param)]
         if index in self._pending:  # a second backward with no forward in between: a new step
             self.end_step()
@@ -395,7 +397,17 @@ class GradientStats:
                 for run in runs:
                     grads = [grad for _, grad in run]
                     stacked = grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)
-                    self._held_rows.append(([index for index, _ in run], grad_rows(stacked)))
+                    self._held_rows.append(([index for index, _ in run], self._rows(stacked)))
+
+    def _rows(self, stacked: torch.Tensor) -> torch.Tensor:
+        """:func:`grad_rows`, or with ``fused`` one compiled pass for the whole stack."""
+        if self.fused:
+            flat = stacked.reshape(stacked.shape[0], -1)
+            rows = compiled_call("GradientStats", fused_grad_rows, flat, 1 if flat.shape[1] > 1 else 0)
+            if rows is not None:
+                return rows
+            self.fused = False  # (after one warning: separate passes from now on)
+        return grad_rows(stacked)
 
     def _current_scale(self) -> torch.Tensor | float | None:
         """The scaler's loss scale now, as a copy on its device (``update()`` changes it in

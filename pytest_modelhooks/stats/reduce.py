@@ -262,15 +262,29 @@ def fused_rows(
     return torch.stack(parts, dim=1)
 
 
-def fused_grad_raw(flat: torch.Tensor) -> torch.Tensor:
+def fused_grad_raw(flat: torch.Tensor, correction: int = 1) -> torch.Tensor:
     """``(5,)`` float64 raw gradient row ``(norm, mean, variance, max |g|, finite count)``, as
-    :func:`grad_on_device` returns it; written to be compiled into one pass."""
+    :func:`grad_on_device` returns it; written to be compiled into one pass. ``correction``: 0
+    for one value (no spread: std 0, as on the host)."""
     g = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    variance, mean = torch.var_mean(g)
+    variance, mean = torch.var_mean(g, correction=correction)
     magnitude = g.abs()
     norm = g.double().square().sum().sqrt()  # accumulated in float64: exact for 100M values
     finite = (magnitude <= torch.finfo(g.dtype).max).sum()
     return torch.stack([norm, mean.double(), variance.double(), magnitude.amax().double(), finite.double()])
+
+
+def fused_grad_rows(rows: torch.Tensor, correction: int) -> torch.Tensor:
+    """:func:`fused_grad_raw` for ``(k, n)`` rows of ``k`` gradients of one shape: ``(k, 5)``,
+    as :func:`grad_rows` gives; written to be compiled into one pass for all ``k``."""
+    g = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
+    variance, mean = torch.var_mean(g, dim=1, correction=correction)
+    magnitude = g.abs()
+    norm = g.double().square().sum(dim=1).sqrt()  # accumulated in float64, as fused_grad_raw
+    finite = (magnitude <= torch.finfo(g.dtype).max).sum(dim=1, dtype=torch.float64)
+    return torch.stack(
+        [norm, mean.double(), variance.double(), magnitude.amax(dim=1).double(), finite], dim=1
+    )
 
 
 _compiled: dict[Any, Any] = {}

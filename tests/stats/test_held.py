@@ -310,3 +310,29 @@ def test_fused_held_groups_match_the_separate_passes() -> None:
         pytest.skip("torch.compile cannot build kernels on this machine")
     assert fused.fused and fused._held.fused is not None
     assert_same(separate, fused)
+
+
+@pytest.mark.usefixtures("device_path")
+def test_fused_held_gradients_match_the_separate_passes() -> None:
+    import warnings
+
+    torch.manual_seed(0)
+    model = Scalars()  # (a one-value parameter: std 0 in the compiled pass too)
+    batches = [torch.randn(4, 3) for _ in range(2)]
+
+    def steps(fused: bool) -> GradientStats:
+        with GradientStats(model, fused=fused) as grads:
+            for batch in batches:
+                model.zero_grad()
+                model(batch).backward()
+        return grads
+
+    separate = steps(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = steps(True)
+    if any("could not build the fused kernel" in str(warning.message) for warning in caught):
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    assert fused.fused
+    torch.testing.assert_close(fused._gather(), separate._gather(), rtol=1e-5, atol=1e-7)
+    assert float(fused["scale"].std[0]) == 0.0
