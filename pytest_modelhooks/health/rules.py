@@ -412,3 +412,38 @@ def _update_findings(grads: GradientStats, *, strict: bool) -> list[Finding]:
         kind = "parameter " + "x".join(str(dim) for dim in param.shape)
         found.append(Finding(param.name, kind, "update", math.nan, "a change", None, note))
     return found
+
+
+def no_batch_reason(stats: ActivationStats) -> str:
+    """Why ``stats`` recorded no batch, in a sentence that says what to do (the finding that
+    keeps ``check()`` from passing on nothing)."""
+    if type(stats.model).__name__ == "OptimizedModule":
+        return (
+            "no batch was recorded: the model is torch.compile'd, and hooks registered after "
+            "its first call never fire; create ActivationStats on the original module "
+            "(model._orig_mod) before compiling it"
+        )
+    if not stats._forwards:
+        return (
+            f"no batch was recorded: {type(stats.model).__name__}'s forward did not run while "
+            f"the hooks were on (run it inside the `with` block; a torch.compile'd copy "
+            f"compiled before the hooks were added runs without them)"
+        )
+    if stats._saw_meta:
+        return (
+            "no batch was recorded: the model ran on the meta device, whose tensors have shapes "
+            "but no values (move it to a real device, e.g. model.to_empty(device='cpu') and "
+            "initialise it, to measure activations)"
+        )
+    if stats.train_only:
+        return "no batch was recorded: train_only=True and the model ran only in eval mode"
+    if not stats._any_call:
+        hooked = ", ".join(name or "(model)" for name in stats.module_names[:8])
+        more = f" and {len(stats.module_names) - 8} more" if len(stats.module_names) > 8 else ""
+        return (
+            f"no batch was recorded: {type(stats.model).__name__}'s forward ran, but none of the "
+            f"hooked modules ({hooked}{more}) did; a graph from torch.export or torch.fx may "
+            f"run their operations inline without calling them (select modules that run, or "
+            f"record the eager model)"
+        )
+    return "no batch was recorded: no hooked module returned a floating-point tensor"

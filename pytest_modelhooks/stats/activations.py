@@ -297,6 +297,8 @@ class ActivationStats(HookCallback):
             self._series_first.setdefault(id(module), series)
         return series
 
+    # long: runs in every hook of every module, where each helper call is host time a GPU step
+    # pays per module; the usual case (one tensor in, one out) stays in one function
     def hook(self, module: nn.Module, input: Any, output: Any) -> None:
         """Reduce each floating-point (or complex) tensor ``module`` returned to its statistics."""
         # No no_grad() here: the tensors reduced here are detached, those held are reduced
@@ -605,10 +607,11 @@ class ActivationStats(HookCallback):
         With no batch recorded there is nothing to judge: one finding says why, so that neither
         ``check()`` nor ``assert not stats.findings()`` passes vacuously."""
         from pytest_modelhooks.findings import Finding
-        from pytest_modelhooks.health.rules import activation_findings
+        from pytest_modelhooks.health.rules import activation_findings, no_batch_reason
 
         if not self.num_batches:
-            return [Finding("", type(self.model).__name__, "batches", 0.0, ">= 1", None, self._why_empty())]
+            why = no_batch_reason(self)
+            return [Finding("", type(self.model).__name__, "batches", 0.0, ">= 1", None, why)]
         return activation_findings(
             self,
             std=std,
@@ -645,38 +648,6 @@ class ActivationStats(HookCallback):
             ),
             "activation",
         )
-
-    def _why_empty(self) -> str:
-        if type(self.model).__name__ == "OptimizedModule":
-            return (
-                "no batch was recorded: the model is torch.compile'd, and hooks registered after "
-                "its first call never fire; create ActivationStats on the original module "
-                "(model._orig_mod) before compiling it"
-            )
-        if not self._forwards:
-            return (
-                f"no batch was recorded: {type(self.model).__name__}'s forward did not run while "
-                f"the hooks were on (run it inside the `with` block; a torch.compile'd copy "
-                f"compiled before the hooks were added runs without them)"
-            )
-        if self._saw_meta:
-            return (
-                "no batch was recorded: the model ran on the meta device, whose tensors have shapes "
-                "but no values (move it to a real device, e.g. model.to_empty(device='cpu') and "
-                "initialise it, to measure activations)"
-            )
-        if self.train_only:
-            return "no batch was recorded: train_only=True and the model ran only in eval mode"
-        if not self._any_call:
-            hooked = ", ".join(name or "(model)" for name in self.module_names[:8])
-            more = f" and {len(self.module_names) - 8} more" if len(self.module_names) > 8 else ""
-            return (
-                f"no batch was recorded: {type(self.model).__name__}'s forward ran, but none of the "
-                f"hooked modules ({hooked}{more}) did; a graph from torch.export or torch.fx may "
-                f"run their operations inline without calling them (select modules that run, or "
-                f"record the eager model)"
-            )
-        return "no batch was recorded: no hooked module returned a floating-point tensor"
 
     def plot(
         self,
