@@ -14,11 +14,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from pytest_modelhooks._torch import (
-    FUNCTORCH,
-    graph_task_id,
-    is_compiling,
-)
+from pytest_modelhooks._torch import FUNCTORCH, graph_task_id, is_compiling
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.hooks.callback import HookCallback
 from pytest_modelhooks.hooks.core import unvmapped
@@ -75,8 +71,9 @@ class ActivationStats(HookCallback):
       256 MiB), which is what it can add to peak memory where nothing else keeps the outputs
       alive (``no_grad``). Past it the held outputs are reduced mid-batch. ``0`` reduces each
       output in its hook. An output changed in place after its hook (a BatchNorm's, under
-      ``ReLU(inplace=True)``) is seen to change on the first batch and reduced in its hook
-      from then on; under ``inference_mode``, which keeps no version counters, every output is.
+      ``ReLU(inplace=True)``) is seen to change on the first batch and copied in its hook (one
+      launch) from then on; under ``inference_mode``, which keeps no version counters, every
+      output is.
 
     ``stats.stats`` is fastai's layout: a float tensor ``(2, num_modules, num_batches)`` of
     (mean, std) of each hooked module's (first) output. ``stats["encoder.conv1"]`` gives a

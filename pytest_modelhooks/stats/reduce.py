@@ -535,7 +535,7 @@ def reduce_rows(
     parts: list[torch.Tensor | None] = [None] * len(STATISTICS)
     if wanted & {"mean", "std"}:
         # (one value per row has no spread, and torch warns on each call: finish_device gives 0)
-        correction = 1 if stacked[0].numel() > 1 else 0
+        correction = 1 if stacked.numel() > rows else 0
         cast = stacked if stacked.dtype == acc else stacked.to(acc)
         variance, mean = torch.var_mean(cast, dim=dims, correction=correction)
         parts[0], parts[1] = mean, variance
@@ -578,7 +578,7 @@ def grad_rows(stacked: torch.Tensor) -> torch.Tensor:
     acc = _accumulator(stacked.dtype)
     g = stacked if stacked.dtype == acc else stacked.to(acc)
     # one value has no spread (std 0, as on the host; torch would warn and give NaN)
-    variance, mean = torch.var_mean(g, dim=dims, correction=1 if stacked[0].numel() > 1 else 0)
+    variance, mean = torch.var_mean(g, dim=dims, correction=1 if stacked.numel() > stacked.shape[0] else 0)
     norm = torch.linalg.vector_norm(g, dim=dims)
     max_abs = torch.linalg.vector_norm(g, float("inf"), dim=dims)
     finite = torch.isfinite(stacked).sum(dim=dims, dtype=torch.float64)
