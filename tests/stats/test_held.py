@@ -12,6 +12,7 @@ from torch import nn
 
 from pytest_modelhooks import ActivationStats, GradientStats
 from pytest_modelhooks._torch import TorchDispatchMode
+from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.stats import STATISTICS, activations, gradients, reduce
 from tests import zoo
 from tests.helpers import untouched
@@ -336,3 +337,31 @@ def test_fused_held_gradients_match_the_separate_passes() -> None:
     assert fused.fused
     torch.testing.assert_close(fused._gather(), separate._gather(), rtol=1e-5, atol=1e-7)
     assert float(fused["scale"].std[0]) == 0.0
+
+
+@pytest.mark.usefixtures("device_path")
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_every_zoo_model_records_the_same_held_or_in_its_hooks(name: str) -> None:
+    """Nested outputs (tuples, dicts, dataclasses, an LSTM's state), a module called twice,
+    tied weights, several inputs, mixed train/eval modes: two batches and their gradients."""
+    model, example = zoo.build(name)
+    inputs = example if isinstance(example, tuple) else (example,)
+
+    def steps(**options: Any) -> tuple[ActivationStats, GradientStats]:
+        torch.manual_seed(1)  # (the same dropout draws both times)
+        with ActivationStats(model, modules="all", **options) as stats, GradientStats(model) as grads:
+            for _ in range(2):
+                model.zero_grad()
+                leaves = [leaf for _, leaf in tensor_leaves(model(*inputs)) if leaf.is_floating_point()]
+                loss = sum(leaf.float().sum() for leaf in leaves)
+                if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                    loss.backward()
+        return stats, grads
+
+    with untouched(model, values=False):
+        held, held_grads = steps()
+    in_hooks, hook_grads = steps(max_held=0)
+    assert held.num_batches == in_hooks.num_batches == 2
+    assert_same(in_hooks, held)
+    got, expected = held_grads._gather(), hook_grads._gather()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7, equal_nan=True)
