@@ -20,6 +20,7 @@ from pytest_modelhooks._torch import at_backward_end, graph_task_id, is_compilin
 from pytest_modelhooks.errors import describe, not_a_module
 from pytest_modelhooks.hooks.core import weak_hook
 from pytest_modelhooks.hooks.select import ModuleSpec, loaded_class, select_modules
+from pytest_modelhooks.stats.held import STACK_BYTES
 from pytest_modelhooks.stats.records import GRAD_STATISTICS, ParamGradStats, SteppedOptimizer
 from pytest_modelhooks.stats.reduce import (
     compiled_call,
@@ -382,8 +383,6 @@ class GradientStats:
     def _reduce_held(self) -> None:
         """Reduce the held gradients: stacked by device, dtype and shape (at most
         :data:`~pytest_modelhooks.stats.held.STACK_BYTES` a stack), one set of passes each."""
-        from pytest_modelhooks.stats.held import STACK_BYTES
-
         self._queued_for = -1
         groups: dict[tuple[Any, ...], list[list[tuple[int, torch.Tensor]]]] = {}
         for index, grad in self._held:

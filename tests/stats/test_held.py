@@ -4,6 +4,7 @@ tensor in its hook, and kernels that grow with the shapes, not with the modules.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -365,3 +366,74 @@ def test_every_zoo_model_records_the_same_held_or_in_its_hooks(name: str) -> Non
     assert_same(in_hooks, held)
     got, expected = held_grads._gather(), hook_grads._gather()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+class FailingBackward(torch.autograd.Function):
+    """Passes values through; its backward raises (a bug deep in a custom op)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("planted failure in backward")
+
+
+class Boom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FailingBackward.apply(x) if self.armed else x
+
+
+@pytest.mark.usefixtures("device_path")
+def test_a_backward_that_raises_still_records_the_gradients_it_wrote() -> None:
+    """The engine's final callback never runs when backward raises: the gradients it had
+    written (the last layer's) are reduced when the step closes, and the next backward is
+    recorded as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Boom(), nn.Linear(8, 2))
+    with GradientStats(model) as grads:
+        with pytest.raises(RuntimeError, match="planted failure"):
+            model(torch.randn(3, 4)).sum().backward()
+        written = model[2].weight.grad
+        assert written is not None and model[0].weight.grad is None
+        expected = float(written.norm())
+        model[1].armed = False
+        model.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+    assert grads.num_steps == 2 and not grads._held
+    assert float(grads["2.weight"].norm[0]) == pytest.approx(expected, rel=1e-6)
+    assert math.isnan(float(grads["0.weight"].norm[0])) and float(grads["0.weight"].norm[1]) > 0
+
+
+@pytest.mark.usefixtures("device_path")
+def test_every_other_batch_held_or_in_its_hooks() -> None:
+    torch.manual_seed(0)
+    model = zoo.ResNetish()
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(5)]
+    in_hooks = record(model, batches, max_held=0, every=2)
+    held = record(model, batches, every=2)
+    assert held.num_batches == 3 and held.stats.shape[2] == 3
+    assert_same(in_hooks, held)
+
+
+@pytest.mark.usefixtures("device_path")
+def test_under_vmap_outputs_are_reduced_in_their_hooks() -> None:
+    """A torch.func level's tensor must not outlive its hook: under vmap nothing is held, and
+    the statistics are the whole batch's, as on the CPU."""
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Flatten(0), nn.Linear(6 * 36, 4))
+    batch = torch.randn(5, 3, 8, 8)
+    with ActivationStats(model) as stats:
+        for _ in range(2):
+            vmap(model)(batch)
+    assert not stats._holdable
+    direct = model[0](batch).detach().double()
+    assert float(stats["0"].mean[1]) == pytest.approx(float(direct.mean()), rel=1e-5)
+    assert float(stats["0"].std[1]) == pytest.approx(float(direct.std()), rel=1e-5)
