@@ -92,18 +92,33 @@ def memory_per_record(batches: int = 20_000, layers: int = 50) -> None:
 _NO_KERNEL = {"detach", "empty", "empty_strided", "empty_like", "lift_fresh", "alias"}
 
 
+def _tensor_bytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in tree)
+    return 0
+
+
 class _Ops(TorchDispatchMode):  # type: ignore[misc]
-    """Counts the aten ops dispatched that launch a kernel: on a GPU each costs ~5-20 us on a
-    training step bound by launches. Views and bare allocations are not counted."""
+    """Counts the aten ops dispatched that launch a kernel (on a GPU each costs ~5-20 us on a
+    training step bound by launches; views and bare allocations are not counted) and the bytes
+    they read and write (their tensor arguments and results: what a kernel bound by memory
+    bandwidth pays for)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         if not func.is_view and func.__name__.split(".")[0] not in _NO_KERNEL:
             self.count += 1
-        return func(*args, **(kwargs or {}))
+            read = [value for key, value in kwargs.items() if key != "out"]
+            self.bytes += _tensor_bytes(args) + _tensor_bytes(read) + _tensor_bytes(result)
+        return result
 
 
 def _median_time(run: Callable[[], Any], repeats: int) -> float:
@@ -179,11 +194,14 @@ def _host_time(
     return statistics.median(hooks), statistics.median(ends)
 
 
-def _launches(model: torch.nn.Module, batch: torch.Tensor, step: bool, **options: Any) -> tuple[int, int]:
-    """(hooked modules, kernels the statistics add to one recorded batch or training step)."""
+def _launches(model: torch.nn.Module, batch: torch.Tensor, step: bool, **options: Any) -> dict[str, int]:
+    """What the statistics add to one recorded batch (or training step): the kernels, the bytes
+    those kernels read and write, and as a yardstick the bytes of the hooked modules' outputs
+    (or of the gradients) - the data one pass over everything reduced reads."""
 
     def run() -> None:
         if step:
+            model.zero_grad(set_to_none=True)  # (no kernel; each backward writes fresh gradients)
             model(batch).float().square().mean().backward()
         else:
             with torch.no_grad():
@@ -191,9 +209,16 @@ def _launches(model: torch.nn.Module, batch: torch.Tensor, step: bool, **options
 
     # the baseline with no-op hooks on the same modules: a hooked module may take another path
     # (a TransformerEncoderLayer's fused inference path runs only without hooks on its parts)
+    from pytest_modelhooks._tree import tensor_leaves
     from pytest_modelhooks.hooks.select import select_modules
 
-    handles = [module.register_forward_hook(lambda *_: None) for _, module in select_modules(model, None)]
+    outputs = [0]
+
+    def measure(module: torch.nn.Module, args: Any, output: Any) -> None:
+        leaves = [tensor for _, tensor in tensor_leaves(output) if tensor.is_floating_point()]
+        outputs[0] += sum(_tensor_bytes(tensor) for tensor in leaves)
+
+    handles = [module.register_forward_hook(measure) for _, module in select_modules(model, None)]
     plain = _Ops()
     with plain:
         run()
@@ -206,14 +231,22 @@ def _launches(model: torch.nn.Module, batch: torch.Tensor, step: bool, **options
             counted = _Ops()
             with counted:
                 run()
-        return len(stats.params), counted.count - plain.count
-    recorder = ActivationStats(model, **options)
-    with recorder:
-        run()  # the first batch learns which outputs keep their values
-        counted = _Ops()
-        with counted:
-            run()
-    return len(recorder.series_names), counted.count - plain.count
+        reduced = sum(_tensor_bytes(param) for param in model.parameters() if param.requires_grad)
+        count = len(stats.params)
+    else:
+        recorder = ActivationStats(model, **options)
+        with recorder:
+            run()  # the first batch learns which outputs keep their values
+            counted = _Ops()
+            with counted:
+                run()
+        reduced, count = outputs[0], len(recorder.series_names)
+    return {
+        "count": count,
+        "launches": counted.count - plain.count,
+        "bytes": counted.bytes - plain.bytes,
+        "reduced_bytes": reduced,
+    }
 
 
 def count_launches(json_path: Path | None) -> None:
@@ -240,13 +273,14 @@ def count_launches(json_path: Path | None) -> None:
         torch.manual_seed(0)
         model = build().eval()
         batch, tiny = torch.randn(1, *size), torch.randn(1, *tiny_size)
-        modules, held = _launches(model, batch, False)
-        _, per_module = _launches(model, batch, False, max_held=0)
-        params, grad_held = _launches(model, batch, True)
+        held = _launches(model, batch, False)
+        per_module = _launches(model, batch, False, max_held=0)
+        grads = _launches(model, batch, True)
         gradients.on_host, gradients.grad_on_host = lambda grad: True, reduce.grad_on_device
-        _, grad_per_parameter = _launches(model, batch, True)  # each gradient in its own hook
+        grads_per_parameter = _launches(model, batch, True)  # each gradient in its own hook
         gradients.on_host, gradients.grad_on_host = lambda grad: False, reduce.grad_on_host
         model.zero_grad(set_to_none=True)
+        modules = held["count"]
 
         host = {
             label: _host_time(model, tiny, **options)
@@ -255,15 +289,23 @@ def count_launches(json_path: Path | None) -> None:
         line = {
             "model": name,
             "hooked_modules": modules,
-            "launches_per_batch": held,
-            "launches_per_module": round(held / modules, 2),
-            "launches_per_batch_in_hooks": per_module,
+            "launches_per_batch": held["launches"],
+            "launches_per_module": round(held["launches"] / modules, 2),
+            "launches_per_batch_in_hooks": per_module["launches"],
+            # bytes the kernels move, in passes over the hooked outputs (a GPU bound by memory
+            # bandwidth pays for these; a pass at batch 32 is 4x a pass at the batch here)
+            "passes_over_outputs": round(held["bytes"] / held["reduced_bytes"], 2),
+            "passes_over_outputs_in_hooks": round(per_module["bytes"] / per_module["reduced_bytes"], 2),
             "host_us_per_module": round(host["held"][0] / modules * 1e6, 1),
             "batch_end_us": round(host["held"][1] * 1e6),
             "host_us_per_module_in_hooks": round(sum(host["per_module"]) / modules * 1e6, 1),
-            "parameters": params,
-            "gradient_launches_per_step": grad_held,
-            "gradient_launches_per_step_in_hooks": grad_per_parameter,
+            "parameters": grads["count"],
+            "gradient_launches_per_step": grads["launches"],
+            "gradient_launches_per_step_in_hooks": grads_per_parameter["launches"],
+            "gradient_passes": round(grads["bytes"] / grads["reduced_bytes"], 2),
+            "gradient_passes_in_hooks": round(
+                grads_per_parameter["bytes"] / grads_per_parameter["reduced_bytes"], 2
+            ),
         }
         lines.append(line)
         print(json.dumps(line))

@@ -29,6 +29,7 @@ from pytest_modelhooks.stats.reduce import (
     device_blocks,
     finish_device,
     fused_raw,
+    host_channel_max,
     nested_values,
     on_host,
     reduce_on_device,
@@ -387,7 +388,9 @@ class ActivationStats(HookCallback):
     def _reduce_now(self, series: int, x: torch.Tensor, axis: int | None) -> None:
         """Reduce ``x`` in its hook: the host path, a fused pass, or the device passes."""
         channel_max = None
-        if axis is not None:
+        if axis is not None and on_host(x):
+            channel_max = host_channel_max(x, axis)
+        elif axis is not None:
             channel_max = x.amax(dim=[dim for dim in range(x.dim()) if dim != axis])
         fused = self._reduce_fused(x) if self.fused else None
         if fused is not None:

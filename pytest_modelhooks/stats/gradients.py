@@ -124,7 +124,7 @@ class GradientStats:
     grad but never got one are reported by :meth:`unused`; frozen parameters are not tracked.
     ``fused=True`` reduces each gradient in one ``torch.compile``d pass, as
     :class:`ActivationStats` does. Off the CPU the gradients of one backward are held to its end
-    and reduced together there, stacked per shape (a few launches per shape, not five per
+    and reduced together there, stacked per shape (a few launches per shape, not a set per
     parameter), still before ``backward()`` returns.
 
     With mixed precision, pass the ``torch.amp.GradScaler`` as ``scaler=``: backward then writes
@@ -368,7 +368,7 @@ class GradientStats:
 
     def _hold(self, grad: torch.Tensor) -> bool:
         """Whether ``grad`` can wait for the end of this backward, to be reduced with the others
-        (a few launches per shape, not five per parameter): the reduction is queued there
+        (a few launches per shape, not a set per parameter): the reduction is queued there
         once per backward. Clipping and optimizers run after backward returns, so the values
         reduced are still the ones backward wrote."""
         if is_compiling():

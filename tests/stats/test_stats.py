@@ -829,10 +829,30 @@ def test_device_gradient_reduction_agrees_with_the_host_one() -> None:
     from pytest_modelhooks.stats.reduce import grad_on_device as _grad_on_device
 
     torch.manual_seed(0)
-    for grad in [torch.randn(7, 5) * 3, torch.randn(40).to(torch.bfloat16)]:
+    # (the device path derives the norm from the moments: a mean far above the spread too)
+    offset = 1e3 + torch.randn(300_000)
+    for grad in [torch.randn(7, 5) * 3, torch.randn(40).to(torch.bfloat16), offset, torch.ones(1)]:
         host = torch.tensor(grad_on_host(grad), dtype=torch.float64)
         device = _finish_grads(_grad_on_device(grad).reshape(1, -1), [grad.numel()])[0]
         torch.testing.assert_close(device, host, rtol=1e-5, atol=1e-6)
+        norm = float(torch.linalg.vector_norm(grad.double()))
+        assert float(device[0]) == pytest.approx(norm, rel=1e-6)
+
+
+@pytest.mark.parametrize(("bad", "norm"), [(math.inf, math.inf), (-math.inf, math.inf), (math.nan, math.nan)])
+def test_a_non_finite_gradient_has_the_norm_vector_norm_gives_on_the_device(bad: float, norm: float) -> None:
+    from pytest_modelhooks.stats.reduce import finish_grads as _finish_grads
+    from pytest_modelhooks.stats.reduce import grad_on_device as _grad_on_device
+
+    grad = torch.randn(50)
+    grad[3] = bad
+    if math.isnan(bad):  # beside an infinity: NaN wins, as in vector_norm
+        grad[9] = -math.inf
+    row = _finish_grads(_grad_on_device(grad).reshape(1, -1), [grad.numel()])[0]
+    expected = float(torch.linalg.vector_norm(grad))
+    assert math.isnan(expected) if math.isnan(norm) else expected == norm
+    assert (math.isnan(float(row[0])) and math.isnan(expected)) or float(row[0]) == expected
+    assert float(row[4]) == float((~torch.isfinite(grad)).sum())
 
 
 def test_a_subset_of_statistics_computes_only_those() -> None:
@@ -1602,3 +1622,18 @@ def test_a_quantized_model_is_recorded_through_its_dequantized_activations() -> 
     assert float(stats["conv"].std[0]) == pytest.approx(float(expected.std()), rel=1e-6)
     assert float(stats["conv"].min[0]) == pytest.approx(float(expected.min()))
     assert stats.findings() == [] and count_hooks(static) == 0
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((4, 16, 7, 7), 1), ((4, 16, 20, 20), 1), ((3, 5, 8), 2), ((3, 5, 8), 1), ((6, 9), 1), ((5, 3, 3), 0)],
+)
+def test_the_host_channel_maxima_are_those_of_one_reduction(shape: tuple[int, ...], axis: int) -> None:
+    from pytest_modelhooks.stats.reduce import host_channel_max
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x.view(-1)[5] = math.nan  # a NaN wins its channel's maximum, whichever way it is taken
+    rest = [dim for dim in range(x.dim()) if dim != axis]
+    for tensor in (x, x.transpose(0, -1).contiguous().transpose(0, -1)):  # and another layout
+        torch.testing.assert_close(host_channel_max(tensor, axis), tensor.amax(dim=rest), equal_nan=True)
