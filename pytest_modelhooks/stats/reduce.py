@@ -184,6 +184,28 @@ def reduce_on_host(
     ]
 
 
+_thresholds: dict[tuple[float, torch.dtype], float] = {}
+
+
+def _at_most(eps: float, dtype: torch.dtype) -> float:
+    """The threshold that compares values of ``dtype`` with ``eps`` as float32 does: for fp16
+    and bf16 the largest value of the dtype at most ``float32(eps)``, so their magnitudes are
+    compared as they are, with no float32 copy, and count exactly what a copy would (``eps``
+    rounded to bf16 would move the threshold: 0.05 to 0.05005). Other dtypes compare with
+    ``eps`` itself."""
+    if dtype in (torch.float32, torch.float64):
+        return eps
+    key = (eps, dtype)
+    found = _thresholds.get(key)
+    if found is None:
+        target = float(torch.tensor(eps, dtype=torch.float32))
+        value = torch.tensor(target, dtype=torch.float64).to(dtype)
+        if float(value) > target:
+            value = torch.nextafter(value, torch.tensor(-math.inf, dtype=dtype))
+        found = _thresholds[key] = float(value)
+    return found
+
+
 def reduce_on_device(
     x: torch.Tensor,
     eps: float,
@@ -210,10 +232,10 @@ def reduce_on_device(
     if wanted & {"near_zero", "nonfinite"}:
         # One |x| feeds both counts. (histc counts in one pass, but on a GPU its single-bin
         # atomics cost 5x this; isfinite is four kernels.) NaN compares false both ways.
-        magnitude = x.abs() if x.dtype in (torch.float32, torch.float64) else x.abs().float()
+        magnitude = x.abs()  # (fp16/bf16 compared as they are: see _at_most)
         counter = torch.int32 if x.numel() < 2**31 else torch.int64  # int32 sums are faster
         if "near_zero" in wanted:
-            parts[2] = (magnitude <= eps).sum(dtype=counter)
+            parts[2] = (magnitude <= _at_most(eps, x.dtype)).sum(dtype=counter)
         if "nonfinite" in wanted:
             parts[3] = (magnitude <= torch.finfo(magnitude.dtype).max).sum(dtype=counter)
     if wanted & {"min", "max"} and channel_max is not None:
@@ -557,12 +579,10 @@ def reduce_rows(
         variance, mean = torch.var_mean(cast, dim=dims, correction=correction)
         parts[0], parts[1] = mean, variance
     if wanted & {"near_zero", "nonfinite"}:
-        magnitude = stacked.abs()
-        if magnitude.dtype not in (torch.float32, torch.float64):
-            magnitude = magnitude.float()
+        magnitude = stacked.abs()  # (fp16/bf16 compared as they are: see _at_most)
         # counted in float64: exact to 2**53 values, one pass each as in reduce_on_device
         if "near_zero" in wanted:
-            parts[2] = (magnitude <= eps).sum(dim=dims, dtype=torch.float64)
+            parts[2] = (magnitude <= _at_most(eps, stacked.dtype)).sum(dim=dims, dtype=torch.float64)
         if "nonfinite" in wanted:
             parts[3] = (magnitude <= torch.finfo(magnitude.dtype).max).sum(dim=dims, dtype=torch.float64)
     channel_max = None

@@ -1637,3 +1637,24 @@ def test_the_host_channel_maxima_are_those_of_one_reduction(shape: tuple[int, ..
     rest = [dim for dim in range(x.dim()) if dim != axis]
     for tensor in (x, x.transpose(0, -1).contiguous().transpose(0, -1)):  # and another layout
         torch.testing.assert_close(host_channel_max(tensor, axis), tensor.amax(dim=rest), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_counts_on_the_device_path_are_those_of_a_float32_copy(dtype: torch.dtype) -> None:
+    from pytest_modelhooks.stats.reduce import reduce_on_device, reduce_rows
+
+    eps = 0.05
+    # every value of the dtype around the threshold, both signs, and the non-finite ones
+    around = torch.tensor(eps, dtype=dtype)
+    values = [around]
+    for _ in range(4):
+        values += [torch.nextafter(values[-1], torch.tensor(math.inf, dtype=dtype))]
+        values.insert(0, torch.nextafter(values[0], torch.tensor(-math.inf, dtype=dtype)))
+    x = torch.stack(values)
+    x = torch.cat([x, -x, torch.tensor([math.inf, -math.inf, math.nan, 0.0], dtype=dtype)])
+    copy = x.float().abs()
+    expected = (float((copy <= eps).sum()), float((copy <= torch.finfo(torch.float32).max).sum()))
+    parts = reduce_on_device(x, eps)
+    assert (float(parts[2]), float(parts[3])) == expected
+    rows, _ = reduce_rows(torch.stack([x, x]), eps)
+    assert rows[:, 2].tolist() == [expected[0]] * 2 and rows[:, 3].tolist() == [expected[1]] * 2
