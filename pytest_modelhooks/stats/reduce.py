@@ -622,10 +622,9 @@ def reduce_rows(
 def grad_rows(stacked: torch.Tensor) -> torch.Tensor:
     """Raw statistics of ``k`` gradients of one shape, stacked along a new first dimension:
     ``(k, 5)`` float64 rows ``(norm, mean, variance, max |g|, finite count)`` for
-    :func:`finish_grads`, on the device. Three reads of the stack: ``var_mean``, ``abs``, and
-    one more of the magnitudes for max |g| and the finite count (``isfinite`` would be four
-    kernels and six passes); the norm is left NaN, for :func:`finish_grads` to derive from the
-    moments."""
+    :func:`finish_grads`, on the device. Two reads of the stack (``var_mean``, ``abs``) and two
+    of the magnitudes (max |g|, the finite comparison; ``isfinite`` would be four kernels and
+    six passes); the norm is left NaN, for :func:`finish_grads` to derive from the moments."""
     if stacked.dim() == 1:  # 0-d parameters: a row of one value each (dim=() would mean all dims)
         stacked = stacked.unsqueeze(1)
     dims = tuple(range(1, stacked.dim()))
