@@ -325,6 +325,9 @@ def main() -> None:
         action="store_true",
         help="only plain, the default statistics (held and in hooks), mean/std and GradientStats",
     )
+    parser.add_argument(
+        "--with-fused", action="store_true", help="with --core: the default with fused=True too"
+    )
     parser.add_argument("--step", action="store_true", help="time a training step instead of a forward")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
@@ -446,6 +449,8 @@ def main() -> None:
             "GradientStats",
             "ActivationStats + GradientStats",
         )
+        if args.with_fused:
+            core += ("ActivationStats (default, fused=True)",)
         contenders = {name: func for name, func in contenders.items() if name in core}
     for func in contenders.values():  # warm-up (and fused=True's one-time compile)
         func()

@@ -3,7 +3,7 @@
 # plugin on CUDA (snapshots made on the CPU must match), then the ActivationStats benchmark on a
 # training step (with a profile) and on a forward, the statistics on ResNet-50 and ViT-B/16
 # training steps at batch 32 and 64 (plain, default, default reduced in each hook, mean/std,
-# GradientStats), and model_memory against torch.cuda.max_memory_allocated() of real steps.
+# GradientStats; fused=True too on ViT-B/16 at batch 32, as on ResNet-50 at 32), and model_memory against torch.cuda.max_memory_allocated() of real steps.
 # Prints everything; writes JSON under $OUT.
 #
 # Needs torch with CUDA and pytest; syrupy, hypothesis and pytest-xdist are installed from
@@ -24,8 +24,8 @@ python -m pytest -q -p no:cacheprovider $plugin -o addopts="" examples --modelho
 python benchmarks/bench_stats.py --device cuda --step --batch 32 --repeats 10 --profile --json "$OUT/stats_step_cuda.json"
 python benchmarks/bench_stats.py --device cuda --batch 32 --repeats 10 --json "$OUT/stats_forward_cuda.json"
 python benchmarks/bench_stats.py --device cuda --step --batch 64 --repeats 10 --core --json "$OUT/stats_step_resnet_64.json"
-for batch in 32 64; do
-  python benchmarks/bench_stats.py --device cuda --step --model vit --batch $batch --repeats 10 --core \
-    --json "$OUT/stats_step_vit_$batch.json"
-done
+python benchmarks/bench_stats.py --device cuda --step --model vit --batch 32 --repeats 10 --core --with-fused \
+  --json "$OUT/stats_step_vit_32.json"
+python benchmarks/bench_stats.py --device cuda --step --model vit --batch 64 --repeats 10 --core \
+  --json "$OUT/stats_step_vit_64.json"
 python benchmarks/bench_memory.py --device cuda --skip-7b --json "$OUT/memory_cuda.json"

@@ -15,6 +15,7 @@ from pytest_modelhooks import ActivationStats, GradientStats
 from pytest_modelhooks._torch import TorchDispatchMode
 from pytest_modelhooks._tree import tensor_leaves
 from pytest_modelhooks.stats import STATISTICS, activations, gradients, reduce
+from pytest_modelhooks.stats import held as held_module
 from tests import zoo
 from tests.helpers import untouched
 
@@ -437,3 +438,40 @@ def test_under_vmap_outputs_are_reduced_in_their_hooks() -> None:
     direct = model[0](batch).detach().double()
     assert float(stats["0"].mean[1]) == pytest.approx(float(direct.mean()), rel=1e-5)
     assert float(stats["0"].std[1]) == pytest.approx(float(direct.std()), rel=1e-5)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+def test_fused_works_on_a_model_without_relu_modules(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """A model without ReLU modules has its first batch watched by a dispatch mode (for
+    ``F.relu`` calls), under which dynamo compiles nothing: that batch takes the separate
+    passes, the next ones the compiled one, with no warning."""
+    import warnings
+
+    from pytest_modelhooks.stats.reduce import compiled_call, fused_raw
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled_call("probe", fused_raw, torch.randn(8), 0.05, True, True, True, True)
+    if any("could not build the fused kernel" in str(warning.message) for warning in caught):
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    if path == "device":
+        monkeypatch.setattr(activations, "on_host", lambda x: False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    batches = [torch.randn(5, 6) for _ in range(3)]
+    separate = record(model, batches, max_held=0)
+    calls: list[int] = []
+    real = reduce.compiled_call
+
+    def counted(*args: Any) -> Any:
+        calls.append(len(calls))
+        return real(*args)
+
+    monkeypatch.setattr(activations, "compiled_call", counted)
+    monkeypatch.setattr(held_module, "compiled_call", counted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = record(model, batches, fused=True)
+    assert [str(warning.message) for warning in caught if "fused" in str(warning.message)] == []
+    assert fused.fused and calls  # compiled passes ran, after the first batch
+    assert_same(separate, fused)
