@@ -121,15 +121,6 @@ class _Ops(TorchDispatchMode):  # type: ignore[misc]
         return result
 
 
-def _median_time(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _host_time(
     model: torch.nn.Module, batch: torch.Tensor, repeats: int = 100, **options: Any
 ) -> tuple[float, float]:

@@ -38,6 +38,7 @@ __all__ = [
     "at_backward_end",
     "compiled_call",
     "compiled_original",
+    "dispatch_mode_active",
     "draws_at_random",
     "dynamo_explain",
     "dynamo_quiet",
@@ -171,6 +172,12 @@ def at_backward_end(callback: Callable[[], None]) -> bool:
 #: pass through its own dispatch mode again. (``TorchDispatchMode`` itself is imported above
 #: from ``torch.utils._python_dispatch``, its only home.)
 no_python_dispatch: Any = torch._C._DisableTorchDispatch
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a Python dispatch mode (a ``TorchDispatchMode``) is on now: dynamo compiles
+    nothing under one, and a compiled function first called there stays uncompilable."""
+    return bool(torch._C._len_torch_dispatch_stack())
 
 
 def overload_packet(func: Any) -> Any:
@@ -412,6 +419,7 @@ REQUIRED: tuple[tuple[str, Callable[[], bool]], ...] = (
     ),
     ("torch._C._get_tracing_state", lambda: _has_path(torch, "_C._get_tracing_state")),
     ("torch._C._DisableTorchDispatch", lambda: _has_path(torch, "_C._DisableTorchDispatch")),
+    ("torch._C._len_torch_dispatch_stack", lambda: _has_path(torch, "_C._len_torch_dispatch_stack")),
     ("torch._C._functorch.get_unwrapped", lambda: _has_path(torch, "_C._functorch.get_unwrapped")),
     ("torch._C._functorch.maybe_get_bdim", lambda: _has_path(torch, "_C._functorch.maybe_get_bdim")),
     ("torch._C._current_graph_task_id", lambda: _has_path(torch, "_C._current_graph_task_id")),

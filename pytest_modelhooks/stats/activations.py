@@ -392,9 +392,7 @@ class ActivationStats(HookCallback):
             channel_max = host_channel_max(x, axis)
         elif axis is not None:
             channel_max = x.amax(dim=[dim for dim in range(x.dim()) if dim != axis])
-        # (not while the dispatch mode watching for functional rectifiers is on, the first batch
-        # of a model without ReLU modules: dynamo compiles nothing under a dispatch mode)
-        fused = self._reduce_fused(x) if self.fused and self._rectifier_ops is None else None
+        fused = self._reduce_fused(x) if self.fused else None
         if fused is not None:
             self._pending.append((series, (fused, x.numel())))
         elif on_host(x):
@@ -421,7 +419,7 @@ class ActivationStats(HookCallback):
     def _reduce_held(self) -> None:
         """Reduce the held outputs now (at the batch's end, or past ``max_held``)."""
         with torch.no_grad():  # (the outputs were held as they are, not detached)
-            reduced = self._held.reduce(fused=self._rectifier_ops is None)  # (as in _reduce_now)
+            reduced = self._held.reduce()
         self._flushed += reduced.blocks
         for ids, channel_max in reduced.channel_max:
             self._channel_max.update_rows(ids, channel_max)

@@ -110,9 +110,8 @@ class HeldOutputs:
         self._watched = []
         self.bytes = 0
 
-    def reduce(self, fused: bool = True) -> Reduced:
-        """Reduce everything held (no host read) and let it go; with ``fused`` False in
-        separate passes even where :attr:`fused` is set."""
+    def reduce(self) -> Reduced:
+        """Reduce everything held (no host read) and let it go."""
         reduced = Reduced()
         for series, x, version in self._watched:
             (reduced.unchanged if x._version == version else reduced.changed).append(series)
@@ -126,7 +125,7 @@ class HeldOutputs:
             for chunk in _chunks(kept):
                 tensors = [x for _, x in chunk]
                 stacked = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-                raw, channel_max = self._rows(stacked, axis, fused)
+                raw, channel_max = self._rows(stacked, axis)
                 ids = [series for series, _ in chunk]
                 reduced.blocks.append((ids, raw, [x.numel() for x in tensors]))
                 if channel_max is not None:
@@ -134,11 +133,9 @@ class HeldOutputs:
         self.clear()
         return reduced
 
-    def _rows(
-        self, stacked: torch.Tensor, axis: int | None, fused: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _rows(self, stacked: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:func:`reduce_rows`, or with ``fused`` one compiled pass plus the channel maxima."""
-        if fused and self.fused is not None:
+        if self.fused is not None:
             flat = stacked.reshape(stacked.shape[0], -1)
             correction = 1 if flat.shape[1] > 1 else 0
             raw = compiled_call("ActivationStats", fused_rows, flat, self.eps, correction, *self.fused)

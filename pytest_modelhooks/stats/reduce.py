@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pytest_modelhooks._torch import is_compiling
+from pytest_modelhooks._torch import dispatch_mode_active, is_compiling
 from pytest_modelhooks.inputs import CONV_RANK
 from pytest_modelhooks.stats.records import GRAD_STATISTICS, STATISTICS
 
@@ -328,7 +328,14 @@ _compiled: dict[Any, Any] = {}
 def compiled_call(owner: str, function: Any, *args: Any) -> torch.Tensor | None:
     """``function(*args)`` compiled once per process (dynamic shapes: one graph for every size,
     one per dtype and set of flags, the same with or without grad), or None after a warning
-    where torch.compile cannot build it here (no C++ compiler, no Triton...)."""
+    where torch.compile cannot build it here (no C++ compiler, no Triton...). Under a dispatch
+    mode (the first batch of a model without ReLU modules, watched for ``F.relu``; a user's
+    ``FlopCounterMode``) ``function`` runs as it is: dynamo would compile nothing there, and
+    would not try again in this process."""
+    if dispatch_mode_active():
+        with torch.no_grad():
+            plain: torch.Tensor = function(*args)
+        return plain
     compiled = _compiled.get(function)
     if compiled is None:
         compiled = _compiled[function] = torch.compile(function, dynamic=True, fullgraph=True)

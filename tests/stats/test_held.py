@@ -475,3 +475,34 @@ def test_fused_works_on_a_model_without_relu_modules(monkeypatch: pytest.MonkeyP
     assert [str(warning.message) for warning in caught if "fused" in str(warning.message)] == []
     assert fused.fused and calls  # compiled passes ran, after the first batch
     assert_same(separate, fused)
+
+
+def test_fused_under_a_users_dispatch_mode_compiles_after_it() -> None:
+    """A forward recorded under the user's own dispatch mode (a ``FlopCounterMode``, say) runs
+    the fused function as it is; the compile waits for a forward outside it."""
+    import warnings
+
+    from pytest_modelhooks.stats.reduce import compiled_call, fused_raw
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled_call("probe", fused_raw, torch.randn(8), 0.05, True, True, True, True)
+    if any("could not build the fused kernel" in str(warning.message) for warning in caught):
+        pytest.skip("torch.compile cannot build kernels on this machine")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    batches = [torch.randn(5, 6) for _ in range(3)]
+    separate = record(model, batches, max_held=0)
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        ActivationStats(model, modules="all", fused=True) as fused,
+    ):
+        warnings.simplefilter("always")
+        with Kernels() as seen:
+            model(batches[0])
+        for batch in batches[1:]:
+            model(batch)
+    assert seen.count > 0
+    assert [str(warning.message) for warning in caught if "fused" in str(warning.message)] == []
+    assert fused.fused
+    assert_same(separate, fused)
