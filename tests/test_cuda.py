@@ -294,3 +294,31 @@ def test_held_reductions_on_cuda_match_the_ones_in_each_hook(monkeypatch: pytest
             torch.testing.assert_close(other[statistic], one[statistic], rtol=1e-4, atol=1e-5, equal_nan=True)
         assert other.dead == one.dead
     torch.testing.assert_close(held_grads._gather(), hook_grads._gather(), rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_counts_and_gradient_norms_on_cuda_are_exact() -> None:
+    """bf16 outputs are counted on the GPU without a float32 copy, and gradient norms are
+    derived from the moments there: what a float32 copy and ``vector_norm`` give."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8))
+    model = model.cuda().to(torch.bfloat16)
+    batch = torch.randn(32, 64, dtype=torch.bfloat16, device="cuda") * 0.05  # values near eps
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(
+            lambda m, a, out, name=name: outputs.__setitem__(name, out.detach().clone())
+        )
+        for name, module in model.named_children()
+    ]
+    with ActivationStats(model, modules="all") as stats, GradientStats(model) as grads:
+        model(batch).float().square().mean().backward()
+    for handle in handles:
+        handle.remove()
+    for name, out in outputs.items():
+        copy = out.float().cpu()
+        assert float(stats[name].near_zero[0]) == float((copy.abs() <= stats.eps).double().mean()), name
+        assert float(stats[name].nonfinite[0]) == 0.0, name
+    for name, param in model.named_parameters():
+        assert param.grad is not None
+        norm = param.grad.double().norm().cpu()
+        torch.testing.assert_close(grads[name].norm[0], norm, rtol=1e-4, atol=0.0)
