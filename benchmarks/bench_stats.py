@@ -249,6 +249,7 @@ def count_launches(json_path: Path | None) -> None:
     Python and dispatch a GPU run pays. One JSON line each."""
     import pytest_modelhooks.stats.activations as activations
     import pytest_modelhooks.stats.gradients as gradients
+    import pytest_modelhooks.stats.host as host
     import pytest_modelhooks.stats.reduce as reduce
 
     activations.on_host = lambda x: False  # the device path, as on a GPU
@@ -269,7 +270,7 @@ def count_launches(json_path: Path | None) -> None:
         grads = _launches(model, batch, True)
         gradients.on_host, gradients.grad_on_host = lambda grad: True, reduce.grad_on_device
         grads_per_parameter = _launches(model, batch, True)  # each gradient in its own hook
-        gradients.on_host, gradients.grad_on_host = lambda grad: False, reduce.grad_on_host
+        gradients.on_host, gradients.grad_on_host = lambda grad: False, host.grad_on_host
         model.zero_grad(set_to_none=True)
         modules = held["count"]
 

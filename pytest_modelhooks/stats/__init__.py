@@ -19,7 +19,8 @@ Speed rules (figures in ``docs/performance.md``):
   O(series x batches) numbers.
 
 - :mod:`.records`: the frozen records (:class:`LayerStats`, :class:`ParamGradStats`).
-- :mod:`.reduce`: the reduction kernels (host, device, stacked rows, fused).
+- :mod:`.host`: the CPU's exact reductions, large tensors piece by piece through the cache.
+- :mod:`.reduce`: the device's reduction kernels (one tensor, stacked rows, fused).
 - :mod:`.held`: the outputs held to the batch's end, and their reduction together.
 - :mod:`.dead`: the running channel maxima behind dead units, and what is rectified.
 - :mod:`.activations`, :mod:`.gradients`: the two recorders.

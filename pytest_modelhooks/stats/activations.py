@@ -21,6 +21,7 @@ from pytest_modelhooks.hooks.core import unvmapped
 from pytest_modelhooks.hooks.select import ModuleSpec
 from pytest_modelhooks.stats.dead import RECTIFIERS, ChannelMaxima, RectifierOps
 from pytest_modelhooks.stats.held import HELD_BYTES, HeldOutputs
+from pytest_modelhooks.stats.host import host_channel_max, host_row, reduce_on_host
 from pytest_modelhooks.stats.records import STATISTICS, LayerStats
 from pytest_modelhooks.stats.reduce import (
     channel_dim,
@@ -29,11 +30,9 @@ from pytest_modelhooks.stats.reduce import (
     device_blocks,
     finish_device,
     fused_raw,
-    host_channel_max,
     nested_values,
     on_host,
     reduce_on_device,
-    reduce_on_host,
 )
 
 if TYPE_CHECKING:
@@ -387,15 +386,22 @@ class ActivationStats(HookCallback):
 
     def _reduce_now(self, series: int, x: torch.Tensor, axis: int | None) -> None:
         """Reduce ``x`` in its hook: the host path, a fused pass, or the device passes."""
+        host = on_host(x)
+        if host and not self.fused:
+            row, channel_max = host_row(x, self.eps, self.statistics, axis)
+            self._pending.append((series, row))
+            if channel_max is not None:
+                self._channel_max.update(series, channel_max)
+            return
         channel_max = None
-        if axis is not None and on_host(x):
+        if axis is not None and host:
             channel_max = host_channel_max(x, axis)
         elif axis is not None:
             channel_max = x.amax(dim=[dim for dim in range(x.dim()) if dim != axis])
         fused = self._reduce_fused(x) if self.fused else None
         if fused is not None:
             self._pending.append((series, (fused, x.numel())))
-        elif on_host(x):
+        elif host:
             self._pending.append((series, reduce_on_host(x, self.eps, self.statistics, channel_max)))
         else:
             raw = reduce_on_device(x, self.eps, self.statistics, channel_max)

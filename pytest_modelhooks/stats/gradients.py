@@ -21,6 +21,7 @@ from pytest_modelhooks.errors import describe, not_a_module
 from pytest_modelhooks.hooks.core import weak_hook
 from pytest_modelhooks.hooks.select import ModuleSpec, loaded_class, select_modules
 from pytest_modelhooks.stats.held import STACK_BYTES
+from pytest_modelhooks.stats.host import grad_on_host
 from pytest_modelhooks.stats.records import GRAD_STATISTICS, ParamGradStats, SteppedOptimizer
 from pytest_modelhooks.stats.reduce import (
     compiled_call,
@@ -28,7 +29,6 @@ from pytest_modelhooks.stats.reduce import (
     fused_grad_raw,
     fused_grad_rows,
     grad_on_device,
-    grad_on_host,
     grad_rows,
     pack_grad_rows,
     sparse_grad_raw,

@@ -1,13 +1,12 @@
-"""The reduction kernels behind the statistics: exact host passes on the CPU, on-device passes
-read once per batch elsewhere, fused compiled passes on request; and where a module's channels
-are.
+"""The reduction kernels behind the statistics on a device: passes read once per batch, stacked
+rows, fused compiled passes on request; and where a module's channels are. The CPU's exact host
+reductions are in :mod:`.host`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import threading
 import warnings
 from array import array
 from collections.abc import Sequence
@@ -51,139 +50,6 @@ def on_host(x: torch.Tensor) -> bool:
     return x.is_cpu and not is_compiling()  # (is_cpu first: it runs in every hook, and is cheap)
 
 
-# Rows of this many elements keep each float32 partial sum short (accurate) while one kernel
-# call still covers the whole tensor.
-_ROW = 4096
-
-
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
-
-
-def _sum_of_squares(flat: torch.Tensor) -> float:
-    """``sum(x * x)`` of a flat float32/float64 CPU tensor, accurate to ~1e-8 relative.
-
-    ``torch.linalg.vector_norm`` over a whole large float32 tensor on the CPU drifts (2.5e-3
-    relative at 25M elements, torch 2.13), and ``torch.var_mean`` reads at ~1.2 GB/s; norms of
-    4096-element rows, summed in float64, cost the same one read as the plain norm and stay
-    exact to ~1e-8.
-    """
-    rows = flat.numel() // _ROW
-    if not rows:  # one short row: a plain dot product (no slicing: ~3 us a call on tiny layers)
-        return float(torch.dot(flat, flat))
-    head, tail = flat[: rows * _ROW], flat[rows * _ROW :]
-    total = float(torch.dot(tail, tail)) if tail.numel() else 0.0
-    if rows:
-        total += float(torch.linalg.vector_norm(head.view(rows, _ROW), dim=1).double().square().sum())
-    return total
-
-
-# Near-zero counting runs through a reused buffer of this many elements: it stays in the core's
-# L2 cache and costs no fresh allocation (page faults) per activation.
-_CHUNK = 1 << 18
-
-
-_scratch = threading.local()
-
-
-def _count_near_zero(flat: torch.Tensor, eps: float) -> int:
-    """How many of a flat float32/float64 CPU tensor's values have ``|x| <= eps`` (NaN never).
-
-    ``hardshrink`` writes +0.0 exactly where ``|x| <= eps`` and passes every other value (NaN
-    included) through, so counting the non-zero bit patterns (as integers: ~4x faster than
-    as floats) counts the rest. Chunk by chunk through one cache-sized buffer this costs
-    ~0.3 ns per value, against ~0.7 ns for ``count_nonzero(x.abs() <= eps)`` (abs, compare
-    and count, each writing a full-size temporary).
-    """
-    if flat.numel() <= _ROW:
-        # a small layer: fewer ops beat the scratch buffer (NaN stays non-zero, so uncounted)
-        return flat.numel() - int(torch.count_nonzero(torch.hardshrink(flat, eps)))
-    buffers: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(flat.dtype)
-    if buffer is None:
-        # a normal tensor even when first made under inference_mode: it is reused outside it
-        with torch.inference_mode(False):
-            buffer = buffers[flat.dtype] = torch.empty(_CHUNK, dtype=flat.dtype)
-    as_int = buffer.view(_SAME_WIDTH_INT[flat.dtype])
-    nonzero = 0
-    for start in range(0, flat.numel(), _CHUNK):
-        piece = flat[start : start + _CHUNK]
-        size = piece.numel()
-        torch.hardshrink(piece, eps, out=buffer[:size])
-        nonzero += int(torch.count_nonzero(as_int[:size]))
-    return flat.numel() - nonzero
-
-
-def _host_flat(x: torch.Tensor) -> torch.Tensor:
-    # fp16/bf16 are reduced in float32 (and compared with eps there: a Python eps rounded to
-    # bfloat16 would move the threshold); float64 stays float64.
-    return (x if x.dtype in _SAME_WIDTH_INT else x.float()).reshape(-1)
-
-
-def _host_moments(flat: torch.Tensor) -> tuple[float, float, float, float]:
-    """``(mean, std, non-finite count, sum of squares)`` of a flat float32/float64 CPU tensor;
-    mean and std are NaN when there are non-finite values."""
-    count = flat.numel()
-    total = float(flat.sum())
-    squares = _sum_of_squares(flat)
-    if not (math.isfinite(total) and math.isfinite(squares)):
-        nonfinite = float(count - int(torch.count_nonzero(torch.isfinite(flat))))
-        if nonfinite:
-            return math.nan, math.nan, nonfinite, squares
-        # finite values whose squares overflowed: exact, in float64
-        as64 = flat.double()
-        std = float(as64.std()) if count > 1 else 0.0
-        return float(as64.mean()), std, 0.0, float(torch.dot(as64, as64))
-    mean = total / count
-    variance = max(squares - total * total / count, 0.0) / max(count - 1, 1)
-    # The one-pass variance loses ~1e-7 * mean^2 / variance of its precision in float32;
-    # where that could exceed ~1e-6, recompute it exactly (Welford, two reads).
-    if count > 1 and mean * mean > 20 * variance * (1.0 if flat.dtype == torch.float32 else 1e8):
-        return mean, float(flat.std()), 0.0, squares
-    return mean, math.sqrt(variance) if count > 1 else 0.0, 0.0, squares
-
-
-def host_channel_max(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """The maximum of each channel (dimension ``axis``) of a CPU tensor. Where each channel's
-    values come in short runs (a late CNN stage, 7x7 maps) the batch is folded first, with
-    contiguous elementwise maxima: 4x faster there than one reduction over the rest of the
-    dimensions (2048x7x7 at batch 8: 0.10 ms against 0.39, torch 2.13); elsewhere the one
-    reduction is as fast as anything."""
-    after = math.prod(x.shape[axis + 1 :])
-    if 1 < after < 128 and axis > 0 and x.is_contiguous():
-        before = math.prod(x.shape[:axis])
-        return x.view(before, x.shape[axis], after).amax(dim=0).amax(dim=1)
-    return x.amax(dim=[dim for dim in range(x.dim()) if dim != axis])
-
-
-def reduce_on_host(
-    x: torch.Tensor,
-    eps: float,
-    wanted: frozenset[str] = frozenset(STATISTICS),
-    channel_max: torch.Tensor | None = None,
-) -> list[float]:
-    """The statistics of a CPU tensor as Python floats, NaN for those not ``wanted`` (see the
-    module docstring). ``channel_max``, when given, holds ``x``'s maximum per channel (dead
-    units need it anyway): the overall max is read from it instead of from ``x`` again."""
-    count = x.numel()
-    flat = _host_flat(x)
-    mean = std = near_zero = nonfinite = low = high = math.nan
-    if wanted & {"mean", "std"}:
-        mean, std, nonfinite, _ = _host_moments(flat)
-    elif "nonfinite" in wanted:
-        nonfinite = float(count - int(torch.count_nonzero(torch.isfinite(flat))))
-    if "near_zero" in wanted:
-        near_zero = _count_near_zero(flat, eps) / count
-    if wanted & {"min", "max"} and channel_max is not None:
-        low, high = float(flat.amin()), float(channel_max.amax())
-    elif wanted & {"min", "max"}:
-        extremes = torch.aminmax(flat)
-        low, high = float(extremes.min), float(extremes.max)
-    return [
-        value if name in wanted else math.nan
-        for name, value in zip(STATISTICS, (mean, std, near_zero, nonfinite, low, high), strict=True)
-    ]
-
-
 _thresholds: dict[tuple[float, torch.dtype], float] = {}
 
 
@@ -215,7 +81,8 @@ def reduce_on_device(
     """Raw statistics on ``x``'s device, no host read: 0-d tensors for ``(mean, variance,
     near-zero count, finite count, min, max)``, None where not ``wanted``. :func:`_stack_raw`
     stacks a whole batch of them at once and :func:`finish_device` turns them into
-    :data:`STATISTICS` on the host. ``channel_max`` as in :func:`reduce_on_host`.
+    :data:`STATISTICS` on the host. ``channel_max``, when given, holds ``x``'s maximum per
+    channel (dead units need it anyway): the overall max is read from it.
 
     On a GPU every kernel counts: each full pass over an activation costs ~25-130 us on an H200
     at batch 32 (a no_grad ResNet-50 forward is 6.8 ms), so this runs one pass per group of
@@ -478,17 +345,6 @@ def channel_dim(module: nn.Module, rank: int, conv1d_model: bool) -> int | None:
         # (B, C, L) for 1-d conv nets, (B, L, F) for sequence models
         return 1 if conv1d_model else 2
     return 1
-
-
-def grad_on_host(grad: torch.Tensor) -> list[float]:
-    flat = _host_flat(grad)
-    mean, std, nonfinite, squares = _host_moments(flat)
-    if nonfinite:
-        return [math.sqrt(squares), math.nan, math.nan, math.nan, nonfinite]
-    # max |g| from the extremes: one read, where abs().max() writes a full temporary first
-    # (ResNet-50's gradients: 8 ms against 13 ms on this project's CPU)
-    low, high = torch.aminmax(flat)
-    return [math.sqrt(squares), mean, std, max(-float(low), float(high)), 0.0]
 
 
 def grad_on_device(grad: torch.Tensor) -> torch.Tensor:

@@ -13,14 +13,9 @@ import torch
 from torch import nn
 
 from pytest_modelhooks import ActivationStats, GradientStats, HealthError, count_hooks, model_summary
-from pytest_modelhooks.stats import STATISTICS, activations, gradients, reduce
-from pytest_modelhooks.stats.reduce import (
-    _stack_raw,
-    finish_device,
-    grad_on_host,
-    reduce_on_device,
-    reduce_on_host,
-)
+from pytest_modelhooks.stats import STATISTICS, activations, gradients, host, reduce
+from pytest_modelhooks.stats.host import grad_on_host, reduce_on_host
+from pytest_modelhooks.stats.reduce import _stack_raw, finish_device, reduce_on_device
 from tests import zoo
 from tests.helpers import untouched
 
@@ -121,7 +116,7 @@ def test_near_zero_counts_signed_zeros_and_the_boundary_but_not_nan(size: int, e
 def test_recording_under_inference_mode_and_outside_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # the CPU path reuses a scratch buffer per thread: one made under inference_mode must still
     # serve a normal forward, and the other way round
-    monkeypatch.setattr(reduce, "_scratch", threading.local())
+    monkeypatch.setattr(host, "_scratch", threading.local())
     net = nn.Sequential(nn.Linear(4, 3000), nn.ReLU())
     batches = [torch.randn(2, 4) for _ in range(3)]
     with ActivationStats(net) as stats:
@@ -1629,7 +1624,7 @@ def test_a_quantized_model_is_recorded_through_its_dequantized_activations() -> 
     [((4, 16, 7, 7), 1), ((4, 16, 20, 20), 1), ((3, 5, 8), 2), ((3, 5, 8), 1), ((6, 9), 1), ((5, 3, 3), 0)],
 )
 def test_the_host_channel_maxima_are_those_of_one_reduction(shape: tuple[int, ...], axis: int) -> None:
-    from pytest_modelhooks.stats.reduce import host_channel_max
+    from pytest_modelhooks.stats.host import host_channel_max
 
     torch.manual_seed(0)
     x = torch.randn(shape)
