@@ -20,8 +20,8 @@ ALL = frozenset(STATISTICS)
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     # pieces of 1,000 elements: every layout below takes several, and a last short one
-    monkeypatch.setattr(host, "_PIECE", 1000)
-    monkeypatch.setattr(host, "_MAX_PIECE", 8000)
+    monkeypatch.setattr(host, "_piece_size", lambda: 1000)
+    monkeypatch.setattr(host, "_MAX_RUN", 8000)
 
 
 def _truth(x: torch.Tensor, eps: float, axis: int | None) -> tuple[list[float], torch.Tensor | None]:
@@ -81,6 +81,26 @@ def test_pieces_give_the_numbers_of_whole_passes(
         assert maxima is not None and expected_maxima is not None
         assert maxima.dtype == x.dtype
         torch.testing.assert_close(maxima, expected_maxima, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_a_run_longer_than_the_cache_takes_whole_passes() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 9000) + 0.5  # planes of 9,000: over the 8,000 a run may hold here
+    assert host._pieces(x, 0.05, ALL, 1) is None
+    assert host._pieces(x, 0.05, ALL, None) is not None  # without channels it is cut anywhere
+    row, maxima = host.host_row(x, 0.05, ALL, 1)
+    expected, expected_maxima = _truth(x, 0.05, 1)
+    _assert_row(row, expected)
+    assert maxima is not None and torch.equal(maxima, expected_maxima)
+
+
+def test_a_piece_grows_with_torchs_threads_up_to_an_exact_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert host._piece_size() == 4 * host._PIECE  # each thread's share stays in its core's cache
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 10_000)
+    # a piece's count near zero is summed in float32: exact only below 2**24
+    assert host._piece_size() + host._MAX_RUN < 2**24
 
 
 @pytest.mark.usefixtures("small_pieces")
