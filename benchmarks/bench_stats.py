@@ -4,6 +4,7 @@
                                      [--repeats 5] [--core]
     python benchmarks/bench_stats.py --memory   # what a long run of recorded batches holds
     python benchmarks/bench_stats.py --count-launches [--json FILE]   # the GPU cost, on the CPU
+    python benchmarks/bench_stats.py --pieces   # the CPU path in cache-sized pieces vs whole passes
 
 All contenders run in one process, interleaved round by round; the figures are ratios of
 medians. "fastai-style" is a reference implementation of fastai's default hook: per module,
@@ -326,6 +327,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print torch.profiler's top ops for one recorded run"
     )
+    parser.add_argument(
+        "--pieces",
+        action="store_true",
+        help="only plain and the default statistics, reduced in cache-sized pieces and in whole passes",
+    )
     parser.add_argument("--memory", action="store_true", help="measure what recorded batches hold, then exit")
     parser.add_argument(
         "--count-launches",
@@ -412,6 +418,16 @@ def main() -> None:
         stats.stats  # noqa: B018
         grads.unused()
 
+    def ours_whole_passes() -> None:
+        import pytest_modelhooks.stats.host as host
+
+        piece_size = host._piece_size
+        host._piece_size = lambda: 1 << 62  # no tensor is large enough for pieces
+        try:
+            ours()
+        finally:
+            host._piece_size = piece_size
+
     def fastai() -> None:
         handles = fastai_style(model)
         try:
@@ -444,6 +460,12 @@ def main() -> None:
         if args.with_fused:
             core += ("ActivationStats (default, fused=True)",)
         contenders = {name: func for name, func in contenders.items() if name in core}
+    if args.pieces:
+        contenders = {
+            "plain": plain,
+            "ActivationStats (default, in pieces)": ours,
+            "ActivationStats (default, in whole passes)": ours_whole_passes,
+        }
     for func in contenders.values():  # warm-up (and fused=True's one-time compile)
         func()
     sync()
