@@ -275,7 +275,7 @@ def count_launches(json_path: Path | None) -> None:
         model.zero_grad(set_to_none=True)
         modules = held["count"]
 
-        host = {
+        host_times = {
             label: _host_time(model, tiny, **options)
             for label, options in (("held", {}), ("per_module", {"max_held": 0}))
         }
@@ -289,9 +289,9 @@ def count_launches(json_path: Path | None) -> None:
             # bandwidth pays for these; a pass at batch 32 is 4x a pass at the batch here)
             "passes_over_outputs": round(held["bytes"] / held["reduced_bytes"], 2),
             "passes_over_outputs_in_hooks": round(per_module["bytes"] / per_module["reduced_bytes"], 2),
-            "host_us_per_module": round(host["held"][0] / modules * 1e6, 1),
-            "batch_end_us": round(host["held"][1] * 1e6),
-            "host_us_per_module_in_hooks": round(sum(host["per_module"]) / modules * 1e6, 1),
+            "host_us_per_module": round(host_times["held"][0] / modules * 1e6, 1),
+            "batch_end_us": round(host_times["held"][1] * 1e6),
+            "host_us_per_module_in_hooks": round(sum(host_times["per_module"]) / modules * 1e6, 1),
             "parameters": grads["count"],
             "gradient_launches_per_step": grads["launches"],
             "gradient_launches_per_step_in_hooks": grads_per_parameter["launches"],
