@@ -305,7 +305,13 @@ class ActivationStats(HookCallback):
             return
         key = id(module)
         call = self._calls_this_batch[key] = self._calls_this_batch.get(key, 0) + 1
-        producers = self._fed_by(input) if self._output_ids else ()
+        producers: Any = ()
+        if self._output_ids and len(input) == 1 and type(input[0]) is torch.Tensor:
+            entry = self._output_ids.get(id(input[0]))  # (one input, the usual case, inline)
+            if entry is not None and entry[1]() is input[0]:
+                producers = (entry[0],)
+        elif self._output_ids:
+            producers = self._fed_by(input)
         if isinstance(output, torch.Tensor):
             leaves = [("", output)]
         elif (
@@ -356,7 +362,7 @@ class ActivationStats(HookCallback):
                 if known is None:
                     self._producers[series] = set(producers)
                 else:
-                    known |= producers
+                    known.update(producers)
             tracks_dead = self.track_dead and not complex_valued
             axis = None
             if tracks_dead:
@@ -461,7 +467,13 @@ class ActivationStats(HookCallback):
 
     def _rectifier_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._recording and self._tracked_ids:
-            self._rectifier_input_tensors(args)
+            if len(args) == 1 and type(args[0]) is torch.Tensor:
+                # a ReLU's one input (the usual case: no tree walk, ~3 us a call less)
+                entry = self._tracked_ids.get(id(args[0]))
+                if entry is not None and entry[1]() is args[0]:
+                    self._rectified.add(entry[0])
+            else:
+                self._rectifier_input_tensors(args)
 
     def _rectifier_input_tensors(self, args: Any) -> None:
         """Mark the series whose tensor a rectifier is about to read (by identity: the tensor
