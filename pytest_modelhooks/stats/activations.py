@@ -467,18 +467,14 @@ class ActivationStats(HookCallback):
 
     def _rectifier_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._recording and self._tracked_ids:
-            if len(args) == 1 and type(args[0]) is torch.Tensor:
-                # a ReLU's one input (the usual case: no tree walk, ~3 us a call less)
-                entry = self._tracked_ids.get(id(args[0]))
-                if entry is not None and entry[1]() is args[0]:
-                    self._rectified.add(entry[0])
-            else:
-                self._rectifier_input_tensors(args)
+            self._rectifier_input_tensors(args)
 
     def _rectifier_input_tensors(self, args: Any) -> None:
         """Mark the series whose tensor a rectifier is about to read (by identity: the tensor
         is alive, so its id is its own)."""
-        for _, tensor in tensor_leaves(args):
+        # a ReLU's or an F.relu's one tensor (the usual case: no tree walk, ~3 us a call less)
+        single = len(args) == 1 and type(args[0]) is torch.Tensor
+        for tensor in args if single else [tensor for _, tensor in tensor_leaves(args)]:
             entry = self._tracked_ids.get(id(tensor))
             if entry is not None and entry[1]() is tensor:
                 self._rectified.add(entry[0])

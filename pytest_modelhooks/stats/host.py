@@ -322,11 +322,14 @@ def host_row(
     return reduce_on_host(x, eps, wanted, channel_max), channel_max
 
 
+_GRAD_WANTED = frozenset({"mean", "std", "nonfinite", "min", "max"})  # (max |g| from the extremes)
+
+
 def grad_on_host(grad: torch.Tensor) -> list[float]:
     """``[norm, mean, std, max |g|, non-finite count]`` of a CPU gradient (the norm, mean and
     std NaN where it holds non-finite values; the norm from its sum of squares)."""
     if grad.numel() > _piece_size():
-        found = _pieces(grad, 0.0, frozenset({"mean", "std", "nonfinite", "min", "max"}), None)
+        found = _pieces(grad, 0.0, _GRAD_WANTED, None)
         if found is not None:
             (mean, std, _, nonfinite, low, high), squares, _ = found
             if nonfinite:

@@ -232,3 +232,36 @@ def test_recorders_in_pieces_match_a_direct_computation() -> None:
     weight = model[0].weight.grad
     assert weight is not None
     assert float(grads["0.weight"].norm[0]) == pytest.approx(float(weight.double().norm()), rel=1e-6)
+
+
+@pytest.mark.usefixtures("small_pieces")
+def test_pieces_under_inference_mode_and_outside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the pieces' buffers are reused across calls, and the channel maxima they give are kept
+    # across batches: a batch under inference_mode must not poison the next one outside it
+    import threading
+
+    monkeypatch.setattr(host, "_scratch", threading.local())
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    with torch.no_grad():
+        net[0].bias[0] = -100.0  # one channel never above zero: a dead unit
+    batches = [torch.randn(2, 3, 20, 20) for _ in range(4)]
+    with ActivationStats(net) as stats:
+        for index, batch in enumerate(batches):
+            if index % 2 == 0:
+                with torch.inference_mode():
+                    net(batch)
+            else:
+                net(batch)
+    assert stats.num_batches == 4
+    with torch.no_grad():
+        outputs = [net[0](batch) for batch in batches]
+    for index, out in enumerate(outputs):
+        expected, _ = _truth(out, 0.05, None)
+        assert float(stats["0"].mean[index]) == pytest.approx(expected[0], rel=1e-6)
+        assert float(stats["0"].near_zero[index]) == expected[2]
+        assert float(stats["0"].min[index]) == expected[4]
+    # the running channel maxima crossed the inference_mode boundary: dead units as one max
+    maxima = torch.stack([out.amax(dim=(0, 2, 3)) for out in outputs]).amax(0)
+    assert float((maxima <= 0).double().mean()) == 0.25
+    assert stats["0"].dead == pytest.approx(0.25)
