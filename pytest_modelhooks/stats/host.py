@@ -55,6 +55,19 @@ _CHUNK = 1 << 18
 _scratch = threading.local()
 
 
+def _buffer(slot: str, dtype: torch.dtype, size: int) -> torch.Tensor:
+    """A scratch buffer of at least ``size`` elements for this thread, one per ``slot`` and
+    dtype, reused so that it stays in the cache and no call pays a fresh allocation's page
+    faults."""
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((slot, dtype))
+    if buffer is None or buffer.numel() < size:
+        # a normal tensor even when first made under inference_mode: it is reused outside it
+        with torch.inference_mode(False):
+            buffer = buffers[(slot, dtype)] = torch.empty(max(size, _piece_size()), dtype=dtype)
+    return buffer
+
+
 def _count_near_zero(flat: torch.Tensor, eps: float) -> int:
     """How many of a flat float32/float64 CPU tensor's values have ``|x| <= eps`` (NaN never).
 
@@ -67,12 +80,7 @@ def _count_near_zero(flat: torch.Tensor, eps: float) -> int:
     if flat.numel() <= _ROW:
         # a small layer: fewer ops beat the scratch buffer (NaN stays non-zero, so uncounted)
         return flat.numel() - int(torch.count_nonzero(torch.hardshrink(flat, eps)))
-    buffers: dict[torch.dtype, torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(flat.dtype)
-    if buffer is None:
-        # a normal tensor even when first made under inference_mode: it is reused outside it
-        with torch.inference_mode(False):
-            buffer = buffers[flat.dtype] = torch.empty(_CHUNK, dtype=flat.dtype)
+    buffer = _buffer("near_zero", flat.dtype, _CHUNK)[:_CHUNK]
     as_int = buffer.view(_SAME_WIDTH_INT[flat.dtype])
     nonzero = 0
     for start in range(0, flat.numel(), _CHUNK):
@@ -182,17 +190,6 @@ _SHORT_RUN = 128
 def _piece_size() -> int:
     """How many elements a piece holds with torch's current number of threads."""
     return _PIECE * min(max(torch.get_num_threads(), 1), _MAX_THREADS)
-
-
-def _buffer(slot: str, dtype: torch.dtype, size: int) -> torch.Tensor:
-    """A reused scratch buffer of at least ``size`` elements for this thread."""
-    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = _scratch.__dict__.setdefault("pieces", {})
-    buffer = buffers.get((slot, dtype))
-    if buffer is None or buffer.numel() < size:
-        # a normal tensor even when first made under inference_mode: it is reused outside it
-        with torch.inference_mode(False):
-            buffer = buffers[(slot, dtype)] = torch.empty(max(size, _piece_size()), dtype=dtype)
-    return buffer
 
 
 _square_thresholds: dict[tuple[float, torch.dtype], float | None] = {}
