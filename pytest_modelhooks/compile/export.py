@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pytest_modelhooks._torch import symbolic_input_sizes
-from pytest_modelhooks._tree import default_tolerances, tensor_leaves
+from pytest_modelhooks._tree import default_tolerances, map_tensors, tensor_leaves
 from pytest_modelhooks.compile.places import (
     Spans,
     frames_in_text,
@@ -288,16 +288,10 @@ def _second_size(program: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         shape = [int(size.subs(chosen)) if not isinstance(size, int) else size for size in dims]
         replaced[id(tensor)] = _like(tensor, shape)
 
-    def swap(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return replaced.get(id(value), value)
-        if isinstance(value, (tuple, list)):
-            return type(value)(swap(item) for item in value)
-        if isinstance(value, Mapping):
-            return {key: swap(item) for key, item in value.items()}
-        return value
+    def swap(tensor: torch.Tensor) -> torch.Tensor:
+        return replaced.get(id(tensor), tensor)
 
-    return swap(args), swap(kwargs)
+    return map_tensors(args, swap), map_tensors(kwargs, swap)
 
 
 def _like(tensor: torch.Tensor, shape: list[int]) -> torch.Tensor:

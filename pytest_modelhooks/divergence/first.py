@@ -129,23 +129,39 @@ def _isolated(
     origins, in execution order."""
     other, context, convert = _variant(variant, model)
     origins: list[tuple[Call, Difference]] = []
-
-    def visit(index: int) -> bool:
-        call = calls[index]
-        if isinstance(variant, nn.Module) and call.name and not _has(other, call.name):
-            return False
-        found = difference(call.output, _rerun(call, other, context, convert), rtol, atol)
-        if not found.beyond:
-            return False
-        if not any([visit(child) for child in call.children]):  # every child looked at
-            origins.append((call, found))
-        return True
-
-    roots = [index for index, call in enumerate(calls) if call.parent is None]
-    for root in roots:
-        visit(root)
+    for index, call in enumerate(calls):
+        if call.parent is None:
+            _visit(calls, index, variant, other, context, convert, rtol, atol, origins)
     order = {id(call): index for index, call in enumerate(calls)}
     return sorted(origins, key=lambda pair: order[id(pair[0])])
+
+
+def _visit(
+    calls: list[Call],
+    index: int,
+    variant: Any,
+    other: nn.Module,
+    context: Context,
+    convert: Any,
+    rtol: float | None,
+    atol: float | None,
+    origins: list[tuple[Call, Difference]],
+) -> bool:
+    """Whether ``calls[index]`` differs; appends it to ``origins`` when none of its children
+    does. (A function, not a closure that calls itself: that closure is a reference cycle
+    holding every recorded output until a garbage collection.)"""
+    call = calls[index]
+    if isinstance(variant, nn.Module) and call.name and not _has(other, call.name):
+        return False
+    found = difference(call.output, _rerun(call, other, context, convert), rtol, atol)
+    if not found.beyond:
+        return False
+    children = [
+        _visit(calls, child, variant, other, context, convert, rtol, atol, origins) for child in call.children
+    ]
+    if not any(children):  # every child looked at
+        origins.append((call, found))
+    return True
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -175,10 +191,16 @@ def _paired(
         ):
             starts[index] = found
 
-    def inner_start(index: int) -> bool:
-        return any(child in starts or inner_start(child) for child in first[index].children)
-
-    return [(first[index], found) for index, found in starts.items() if not inner_start(index)]
+    # a start with a start below it is not the first: every ancestor of a start is marked
+    # (a loop rather than a closure that calls itself, which would be a reference cycle
+    # holding the recorded outputs until a garbage collection)
+    above_a_start: set[int] = set()
+    for index in starts:
+        parent = first[index].parent
+        while parent is not None and parent not in above_a_start:
+            above_a_start.add(parent)
+            parent = first[parent].parent
+    return [(first[index], found) for index, found in starts.items() if index not in above_a_start]
 
 
 def _finding(model: nn.Module, call: Call, found: Difference, against: str, chain: str) -> Finding:

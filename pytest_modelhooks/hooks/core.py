@@ -95,6 +95,11 @@ def _versions(obj: Any) -> list[tuple[torch.Tensor, int]]:
     return [(tensor, tensor._version) for _, tensor in tensor_leaves(obj)]
 
 
+def _released(module: nn.Module, input: Any, output: Any) -> Any:
+    """What a removed :class:`Hook` holds instead of its ``hook_func``."""
+    raise RuntimeError(f"this hook on {type(module).__name__} was removed; its hook_func was released")
+
+
 class Hook:
     """Register ``hook_func`` on ``module``; what it returns on the last call is in ``.stored``.
 
@@ -193,10 +198,16 @@ class Hook:
         return self._handle is None
 
     def remove(self) -> None:
-        """Deregister the hook; calling it again does nothing."""
+        """Deregister the hook and let go of ``hook_func``; calling it again does nothing.
+
+        Letting go matters to an object that hooks one of its own methods and keeps the hooks
+        (every :class:`HookCallback`): object -> hooks -> bound method -> object is a cycle
+        that reference counting cannot free, so each such recorder, with the tensors it holds,
+        would wait for a full garbage collection."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            self.hook_func = _released
 
     def __enter__(self) -> Hook:
         return self

@@ -265,7 +265,8 @@ def trace_model(
     argument: str = "input",
 ) -> Trace:
     """Run ``model(*args, **kwargs)`` once, in eval mode under ``no_grad``, and record every
-    module call's input and output shapes.
+    module call's input and output shapes. ``args`` is a tuple of the positional inputs; a
+    lone tensor is taken as the one input.
 
     With ``engine="auto"`` the forward runs on meta stand-ins for the weights, then under
     ``FakeTensorMode``, then for real, moving on only when an engine cannot run the model
@@ -279,6 +280,14 @@ def trace_model(
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not ours
     model = check_model(model)
+    if isinstance(args, torch.Tensor):  # trace_model(model, x): one input, not its rows
+        args = (args,)
+    elif not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"trace_model: args must be a tuple of the forward's positional inputs (or one tensor), "
+            f"got a {type(args).__name__}; wrap a single input in a tuple: (input,)"
+        )
+    args = tuple(args)
     kwargs = dict(kwargs or {})
     check_devices(model, (args, kwargs), argument)
     engines = _engine_order(model, engine, (args, kwargs), argument)

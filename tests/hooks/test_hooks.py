@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import pytest
@@ -46,6 +47,29 @@ def test_hook_remove_is_idempotent_and_stops_the_hook() -> None:
     hook.remove()
     layer(torch.zeros(1, 3))
     assert calls == [] and hook.removed and count_hooks(layer) == 0
+
+
+def test_a_removed_hook_lets_go_of_its_function_and_keeps_what_it_stored() -> None:
+    """An object that hooks its own method is freed by reference counting once its hooks are
+    removed (no cycle object -> hook -> bound method -> object for the collector)."""
+
+    class Recorder:
+        def __init__(self, layer: nn.Module) -> None:
+            self.hook = Hook(layer, self.record)
+
+        def record(self, module: nn.Module, args: Any, output: Any) -> Any:
+            return output.sum()
+
+    layer = nn.Linear(3, 2)
+    recorder = Recorder(layer)
+    layer(torch.ones(1, 3))
+    hook, alive = recorder.hook, weakref.ref(recorder)
+    hook.remove()
+    del recorder
+    assert alive() is None  # no gc.collect(): reference counting alone freed it
+    assert hook.stored == layer(torch.ones(1, 3)).sum()
+    with pytest.raises(RuntimeError, match="on Linear was removed"):
+        hook.hook_fn(layer, (torch.ones(1, 3),), torch.ones(1, 2))
 
 
 def test_hook_is_removed_when_the_block_raises() -> None:

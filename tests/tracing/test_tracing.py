@@ -21,6 +21,7 @@ from pytest_modelhooks import (
     model_sizes,
     model_summary,
     num_features_model,
+    trace_model,
 )
 from pytest_modelhooks._tree import map_tensors, shapes_of
 from pytest_modelhooks.hooks import hooks_by_module, training_flags
@@ -623,3 +624,14 @@ def test_state_put_back_covers_a_reused_module_tuples_and_a_failing_forward() ->
     with pytest.raises(LayerError):
         model_sizes(broken, input=torch.randn(2, 4))
     assert broken.pair is before  # put back although every engine failed
+
+
+def test_a_lone_tensor_is_one_input_and_anything_else_but_a_tuple_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    batch = torch.zeros(2, 4)
+    as_tuple = trace_model(model, (batch,))
+    alone = trace_model(model, batch)  # not unpacked into its two rows
+    assert [call.output_shapes for call in alone.calls] == [call.output_shapes for call in as_tuple.calls]
+    assert alone.calls[-1].output_shapes == torch.Size([2, 3])
+    with pytest.raises(TypeError, match=r"args must be a tuple .* got a dict; wrap a single input"):
+        trace_model(model, {"input": batch})  # type: ignore[arg-type]
