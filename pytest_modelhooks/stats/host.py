@@ -249,7 +249,11 @@ def _pieces(
         maxima, current = torch.empty(width, dtype=dtype), torch.empty(width, dtype=dtype)
         runs = flat.view(-1, width).split(step // width) if source is None else ()  # type: ignore[no-untyped-call]
     scratch = work[:step] if work is not None else None
-    squared = _square_threshold(eps, dtype) if near else None
+    # the thresholds as 0-dim tensors of the pieces' dtype: a Python number is made a tensor
+    # and cast on every call (~2 us a piece)
+    square_edge = _square_threshold(eps, dtype) if near else None
+    squared = None if square_edge is None else torch.tensor(square_edge, dtype=dtype)
+    edge = torch.tensor(eps, dtype=dtype) if near and (squared is None or not moments) else None
     for index, piece in enumerate(pieces):
         if source is not None:  # fp16/bf16: reduced in float32, a piece at a time
             piece = source[: piece.numel()].copy_(piece)
@@ -275,8 +279,8 @@ def _pieces(
         if near and scratch is not None:
             if squared is not None and moments:  # the squares are in scratch: x^2 <= T is |x| <= eps
                 torch.le(scratch, squared, out=scratch)
-            else:  # (NaN compares false: never near zero)
-                torch.le(torch.abs(piece, out=scratch), eps, out=scratch)
+            elif edge is not None:  # (NaN compares false: never near zero)
+                torch.le(torch.abs(piece, out=scratch), edge, out=scratch)
             torch.sum(scratch, dim=0, out=nears[index])
     channel_max = None
     if planes is not None:
