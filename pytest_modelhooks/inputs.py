@@ -74,6 +74,13 @@ class InputSpec:
     batch_first: bool = True
     default_size: tuple[int, ...] = ()
 
+    @property
+    def described(self) -> str:
+        """``the first layer '0' (Conv2d)``, or ``the model (Conv2d)`` when the model is that layer."""
+        if self.layer:
+            return f"the first layer '{self.layer}' ({self.layer_type})"
+        return f"the model ({self.layer_type})"
+
 
 def spec_for(name: str, module: nn.Module) -> InputSpec | None:
     kind = type(module).__name__
@@ -181,9 +188,20 @@ def _resolve_size(spec: InputSpec, size: Sequence[int] | None) -> tuple[int, ...
     size = tuple(size)
     if spec.spatial_rank is not None and len(size) != spec.spatial_rank:
         need = {"channels_first": "spatial", "sequence": "sequence"}.get(spec.layout, "")
+        hint = ""
+        if (
+            spec.layout == "channels_first"
+            and len(size) == spec.spatial_rank + 2
+            and size[1] == spec.channels
+        ):
+            # torchinfo's full shape, batch and channels included: say what to pass instead
+            hint = (
+                f"; size is the spatial size alone, size={size[2:]!r} (model_summary takes the "
+                f"full shape, {size!r})"
+            )
         raise ValueError(
-            f"size={size!r} has {len(size)} dimension(s) but the first layer '{spec.layer}' "
-            f"({spec.layer_type}) needs {spec.spatial_rank} {need} dimension(s)"
+            f"size={size!r} has {len(size)} dimension(s) but {spec.described} needs "
+            f"{spec.spatial_rank} {need} dimension(s){hint}"
         )
     return size
 

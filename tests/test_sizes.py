@@ -208,6 +208,13 @@ def test_a_failure_in_the_models_own_forward_names_the_last_layer_that_ran() -> 
             r"size=\(64,\) has 1 dimension\(s\) but the first layer 'stem.0' \(Conv2d\) needs 2 spatial",
         ),
         ({"size": (64, 64, 3)}, ValueError, r"size=\(64, 64, 3\) has 3 dimension"),
+        (
+            {"size": (1, 3, 64, 64)},
+            ValueError,
+            r"needs 2 spatial dimension\(s\); size is the spatial size alone, size=\(64, 64\) "
+            r"\(model_summary takes the full shape, \(1, 3, 64, 64\)\)",
+        ),
+        ({"size": (1, 4, 64, 64)}, ValueError, r"needs 2 spatial dimension\(s\)$"),  # not its channels
         ({"size": (0, 64)}, ValueError, r"size must be a sequence of positive ints, got size=\(0, 64\)"),
         ({"size": "64"}, ValueError, r"size must be a sequence of positive ints, got size='64'"),
         ({"modules": "head.*"}, ValueError, r"modules='head\.\*' matches no module of ResNetish"),

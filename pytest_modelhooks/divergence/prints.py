@@ -61,6 +61,10 @@ class Fingerprints:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __repr__(self) -> str:
+        model = next((one.type for one in self.prints if not one.name), None)
+        return f"<Fingerprints of {model or 'a model'}: {len(self.prints)} calls>"
+
     def __str__(self) -> str:
         rows = [["layer", "type", "sum", "norm", "max"]]
         for one in self.prints:

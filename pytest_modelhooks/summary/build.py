@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_modelhooks.errors import LayerError
 from pytest_modelhooks.inputs import (
     check_model,
     input_spec,
@@ -168,6 +169,25 @@ def _input_from_size(model: nn.Module, input_size: Any) -> tuple[Any, ...]:
     return tuple(make_input(shape, device, dtype, token_range=token_range) for shape in shapes)
 
 
+def _spatial_size_hint(model: nn.Module, input_size: Any, error: LayerError) -> str | None:
+    """What to pass instead, where the first convolution failed on an ``input_size`` that holds
+    its spatial dimensions alone (``model_sizes``' convention, not this one's)."""
+    try:
+        spec = input_spec(model)
+    except ValueError:
+        return None
+    shape = tuple(input_size)
+    if not all(isinstance(dim, int) for dim in shape):  # several inputs' shapes
+        return None
+    if spec.layout != "channels_first" or error.layer != spec.layer or len(shape) != spec.spatial_rank:
+        return None
+    full = (1, spec.channels, *shape)
+    return (
+        f"input_size is the full input shape, batch and channels included: for a batch of one "
+        f"pass input_size={full!r} (model_sizes takes the spatial size alone)"
+    )
+
+
 def model_summary(
     model: nn.Module,
     input_size: Any = None,
@@ -220,9 +240,22 @@ def model_summary(
             args, kwargs = _input_from_size(model, input_size), {}
             argument = "input_size"
         args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "model_summary")
-        trace = trace_model(
-            model, args, kwargs, engine=engine, count_flops=count_mult_adds, argument=argument
-        )
+        try:
+            trace = trace_model(
+                model, args, kwargs, engine=engine, count_flops=count_mult_adds, argument=argument
+            )
+        except LayerError as error:
+            hint = _spatial_size_hint(model, input_size, error) if argument == "input_size" else None
+            if hint is None:
+                raise
+            raise LayerError(
+                f"{error}; {hint}",
+                error.layer,
+                error.layer_type,
+                error.input_shapes,
+                error.original,
+                error.finished,
+            ) from None
         return _build(model, trace, depth, count_mult_adds)
 
 

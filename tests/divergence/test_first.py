@@ -99,6 +99,7 @@ def test_stored_fingerprints_name_the_first_layer_a_change_moved() -> None:
     batch = torch.randn(4, 8)
     stored = Fingerprints.from_text(snapshot_text(fingerprints(model, batch)))  # as a snapshot keeps it
     assert len(stored) == 7 and first_divergence(model, batch, against=stored) == []
+    assert repr(stored) == "<Fingerprints of Net: 7 calls>"
     with torch.no_grad():
         model.scale.proj.bias.add_(0.01)  # a change in one layer
     (finding,) = first_divergence(model, batch, against=stored)

@@ -770,3 +770,27 @@ def test_module_lists_and_dicts_get_a_container_row_above_what_they_hold() -> No
     assert line.split()[2:4] == ["-", "container"]
     assert summary.to_dict()["layers"][2]["container"] is True
     assert "| `blocks` | ModuleList | - | container |" in summary.to_markdown()
+
+
+def test_a_spatial_input_size_that_fails_the_first_convolution_says_what_to_pass() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(
+        LayerError, match=r"pass input_size=\(1, 3, 32, 32\) \(model_sizes takes the spatial"
+    ) as caught:
+        model_summary(net, (32, 32))
+    assert caught.value.layer == "0" and isinstance(caught.value.original, RuntimeError)
+    with pytest.raises(LayerError, match=r"the full input shape.*input_size=\(1, 3, 10\)"):
+        model_summary(nn.Conv1d(3, 4, 3), (10,))  # the model is its first layer
+
+
+def test_a_model_reshaping_a_flat_input_for_its_convolution_takes_that_input_size() -> None:
+    class FlatImages(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x.view(-1, 1, 28, 28))
+
+    summary = model_summary(FlatImages(), (64, 784))  # two dims, as many as the conv's spatial ones
+    assert summary["conv"].output_shapes == torch.Size([64, 4, 26, 26])
