@@ -33,7 +33,8 @@ more sizes, the recompilations; with ``--export``/``--onnx``, the export problem
 with 1 when there are more than ``--max-graph-breaks``. ``state-dict`` prints every key of the
 state dict; with ``--checkpoint`` it exits with 1 when that checkpoint would not load as saved.
 ``diverge`` names the first module where the model and its ``--against`` run part, exit 1 when
-they do.
+they do. Without ``--input-size``, ``health``, ``leaks``, ``compile`` and ``diverge`` make a
+batch shaped as the first layer that reads the input implies, and say its shape on stderr.
 
 Each subcommand is a module of this package (:mod:`.summary`, :mod:`.sizes`, :mod:`.health`,
 :mod:`.leaks`, :mod:`.memory`, :mod:`.compile`, :mod:`.state_dict`, :mod:`.diverge`) with the

@@ -11,6 +11,7 @@ import inspect
 import json
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -195,6 +196,39 @@ def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
                 f"--kwarg {item!r}: the value must be a Python literal (None, 3, 'text', [1, 2])"
             ) from None
     return found
+
+
+def default_input_size(model: Any, batches: Sequence[int], command: str) -> str:
+    """``--input-size`` where none is given: the shape of the dummy batch the first layer that
+    reads the input implies (``dummy_batch``), with the first of ``batches`` that no other
+    dimension has as its batch size (a leak is then told apart from a channel). Says so on
+    stderr, so that a snapshot or JSON on stdout stays as it is."""
+    from pytest_modelhooks.inputs import dummy_batch, input_spec
+
+    try:
+        spec = input_spec(model)
+        shape = list(dummy_batch(model).shape)
+    except ValueError as error:
+        reason = str(error).split(";")[0]  # (the rest names the library's arguments)
+        raise UsageError(f"--input-size is needed: {reason}") from None
+    at = default_batch_dim(model)
+    others = shape[:at] + shape[at + 1 :]
+    shape[at] = next((size for size in batches if size not in others), batches[0])
+    size = ",".join(map(str, shape))
+    print(
+        f"modelhooks {command}: no --input-size given; a batch of {size} from {spec.described}",
+        file=sys.stderr,
+    )
+    return size
+
+
+def default_batch_dim(model: Any) -> int:
+    """Where the batch is in the input :func:`default_input_size` makes: second for an RNN or
+    attention without ``batch_first``, first otherwise."""
+    from pytest_modelhooks.inputs import input_spec
+
+    spec = input_spec(model)
+    return 1 if spec.layout == "sequence" and not spec.batch_first else 0
 
 
 def random_batch(model: Any, shape: tuple[int, ...], seed: int, device: Any) -> Any:

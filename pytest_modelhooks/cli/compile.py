@@ -8,7 +8,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pytest_modelhooks.cli.common import SHAPE_FORMS, UsageError, dumps, parse_shape, random_batch
+from pytest_modelhooks.cli.common import (
+    SHAPE_FORMS,
+    UsageError,
+    default_input_size,
+    dumps,
+    parse_shape,
+    random_batch,
+)
 
 NAME = "compile"
 HELP = "list torch.compile's graph breaks and recompilations, and torch.export's failures"
@@ -20,10 +27,10 @@ DYNAMIC: dict[str, str | bool] = {"batch": "batch", "all": True, "none": False}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-size",
-        required=True,
         action="append",
         help=f"full input shape, batch included: {SHAPE_FORMS}; given again, the model is called at "
-        "each size in turn and its recompilations listed",
+        "each size in turn and its recompilations listed (default: a batch of 2 shaped as the first "
+        "layer that reads the input implies)",
     )
     parser.add_argument(
         "--dynamic",
@@ -67,6 +74,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
     allowed = _count(args.max_graph_breaks, "--max-graph-breaks")
     assert allowed is not None
     most = _count(args.max_recompiles, "--max-recompiles")
+    args.input_size = args.input_size or [default_input_size(model, (2,), NAME)]
     shapes = [parse_shape(text, "--input-size") for text in args.input_size]
     dynamic = DYNAMIC[args.dynamic] if args.dynamic else None
     batches = [random_batch(model, shape, args.seed, args.device) for shape in shapes]

@@ -8,7 +8,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pytest_modelhooks.cli.common import SHAPE_FORMS, UsageError, dumps, parse_shape, random_batch
+from pytest_modelhooks.cli.common import (
+    SHAPE_FORMS,
+    UsageError,
+    default_input_size,
+    dumps,
+    parse_shape,
+    random_batch,
+)
 
 NAME = "diverge"
 HELP = "name the first module where the model and its bf16, channels_last, compiled... run part"
@@ -19,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pytest_modelhooks.divergence.first import AGAINST
 
     parser.add_argument(
-        "--input-size", required=True, help=f"full input shape, batch included: {SHAPE_FORMS}"
+        "--input-size",
+        help=f"full input shape, batch included: {SHAPE_FORMS} (default: a batch of 2 shaped as "
+        "the first layer that reads the input implies)",
     )
     parser.add_argument("--against", choices=AGAINST, help="the run to compare with")
     parser.add_argument("--rtol", type=float, help="relative tolerance (default: per dtype)")
@@ -34,6 +43,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
     from pytest_modelhooks.findings import format_findings
     from pytest_modelhooks.report.text import snapshot_text
 
+    args.input_size = args.input_size or default_input_size(model, (2,), NAME)
     batch = random_batch(model, parse_shape(args.input_size, "--input-size"), args.seed, args.device)
     if args.fingerprints:
         if args.against:

@@ -15,6 +15,7 @@ from typing import Any
 from pytest_modelhooks.cli.common import (
     SHAPE_FORMS,
     UsageError,
+    default_input_size,
     dumps,
     parse_shape,
     raise_naming_the_layer,
@@ -29,7 +30,9 @@ FORMATS = ("text", "json")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input-size", required=True, help=f"full input shape, batch included: {SHAPE_FORMS}"
+        "--input-size",
+        help=f"full input shape, batch included: {SHAPE_FORMS} (default: a batch of 16 shaped as "
+        "the first layer that reads the input implies)",
     )
     parser.add_argument("--batches", type=int, default=3, help="forward passes to record (default 3)")
     parser.add_argument(
@@ -83,6 +86,7 @@ def _record(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     from pytest_modelhooks.stats.activations import ActivationStats
     from pytest_modelhooks.stats.gradients import GradientStats
 
+    args.input_size = args.input_size or default_input_size(model, (16,), NAME)
     shape = parse_shape(args.input_size, "--input-size")
     model.train(args.train)
     inputs = None

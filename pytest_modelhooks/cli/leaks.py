@@ -8,6 +8,8 @@ from typing import Any
 from pytest_modelhooks.cli.common import (
     SHAPE_FORMS,
     UsageError,
+    default_batch_dim,
+    default_input_size,
     dumps,
     parse_indices,
     parse_shape,
@@ -21,7 +23,9 @@ FORMATS = ("text", "json")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input-size", required=True, help=f"full input shape, batch of 2 or more: {SHAPE_FORMS}"
+        "--input-size",
+        help=f"full input shape, batch of 2 or more: {SHAPE_FORMS} (default: a batch of 3, 5 or 7, "
+        "a size no other dimension has, shaped as the first layer that reads the input implies)",
     )
     parser.add_argument("--causal", action="store_true", help="also check that no position sees later ones")
     parser.add_argument("--samples", help="the output samples to trace (default: the first and the last)")
@@ -34,8 +38,15 @@ def run(model: Any, args: argparse.Namespace) -> int:
     from pytest_modelhooks.dependence.reach import batch_leaks, causal_leaks
     from pytest_modelhooks.findings import format_findings
 
+    # a given input is read batch first (an RNN without batch_first is then named for it); the
+    # one made here is laid out as the model's first layer reads it
+    dims = {"dim": 0, "seq_dim": 1}
+    if not args.input_size:
+        args.input_size = default_input_size(model, (3, 5, 7), NAME)
+        if default_batch_dim(model):
+            dims = {"dim": 1, "seq_dim": 0}
     shape = parse_shape(args.input_size, "--input-size")
-    if shape[0] < 2:
+    if shape[dims["dim"]] < 2:
         raise UsageError(
             f"--input-size {args.input_size}: a leak needs other samples to come from: a batch of "
             f"2 or more (3 or 5, a size no other dimension has)"
@@ -45,8 +56,12 @@ def run(model: Any, args: argparse.Namespace) -> int:
     samples = list(parse_indices(args.samples, "--samples")) if args.samples else None
     positions = list(parse_indices(args.positions, "--positions")) if args.positions else None
     try:
-        found = batch_leaks(model, inputs, samples=samples, **options)
-        future = causal_leaks(model, inputs, positions=positions, **options) if args.causal else []
+        found = batch_leaks(model, inputs, samples=samples, dim=dims["dim"], **options)
+        future = (
+            causal_leaks(model, inputs, positions=positions, seq_dim=dims["seq_dim"], **options)
+            if args.causal
+            else []
+        )
     except (AttributeError, KeyError) as error:  # --output names nothing the model returns
         message = f"--output {args.output!r}: not a key or attribute of the model's output ({error})"
         raise UsageError(message) from None

@@ -51,6 +51,10 @@ class Lookahead(nn.Module):
         mask = torch.ones(n, n, dtype=torch.bool).triu(1) if self.masked else None
         return self.head(self.attn(x, x, x, attn_mask=mask, need_weights=False)[0])
 
+class Doubles(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
 def exploding():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
@@ -684,3 +688,42 @@ def test_diverge_names_the_layer_and_exits_1(tmp_path: Path, capsys: pytest.Capt
         main(["diverge", "diverging:scaled", "--input-size", "8,4"])
     assert raised.value.code == 2
     assert "--against is needed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "made"),
+    [("health", "16,3,64,64"), ("leaks", "5,3,64,64"), ("compile", "2,3,64,64"), ("diverge", "2,3,64,64")],
+)
+def test_without_an_input_size_the_batch_is_shaped_from_the_first_layer(
+    command: str, made: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["--against", "bf16", "--format", "json"] if command == "diverge" else []
+    status = main([command, "cli_models:small", *extra])
+    out, err = capsys.readouterr()
+    # (leaks: 3 is the image's channels, so the batch is the next size no dimension has)
+    said = f"modelhooks {command}: no --input-size given; a batch of {made} from the first layer '0' (Conv2d)"
+    assert err == said + "\n"
+    assert main([command, "cli_models:small", "--input-size", made, *extra]) == status
+    assert capsys.readouterr().out == out  # the same seeded batch as when given
+
+
+def test_a_made_batch_is_laid_out_as_a_sequence_first_rnn_reads_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["leaks", "torch.nn:LSTM(4, 8)"]) == 0  # batch second, checked along it
+    out, err = capsys.readouterr()
+    assert "a batch of 8,3,4 from the model (LSTM)" in err
+    assert out.strip() == "No leaks: LSTM is batch independent on a 8,3,4 input."
+    assert main(["leaks", "torch.nn:LSTM(4, 8)", "--input-size", "3,6,4"]) == 1  # given: batch first
+    assert "an RNN without batch_first=True" in capsys.readouterr().out
+
+
+def test_a_model_without_a_layer_to_read_the_input_from_needs_an_input_size(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["leaks", "cli_models:Doubles"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--input-size is needed: cannot tell the input of Doubles: it has no layer with parameters" in err
+    assert "model_sizes(" not in err
