@@ -162,3 +162,27 @@ def test_t5_given_one_tensor_twice_counts_it_once() -> None:
         model, ids, loss=lambda out: out.logits.float().sum(), decoder_input_ids=ids, engine="real"
     )
     assert fake.to_dict() == real.to_dict()
+
+
+def test_a_classifiers_model_output_gives_its_logits_to_the_training_checks() -> None:
+    from pytest_modelhooks import check_loss_at_init, check_overfits
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    ids, labels = torch.randint(0, 100, (6, 12)), torch.tensor([0, 1, 2, 0, 1, 2])
+    with untouched(model):
+        loss = check_loss_at_init(model, ({"input_ids": ids}, labels))  # chance: log(3)
+        curve = check_overfits(model, ({"input_ids": ids}, labels), steps=200)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)  # (the check runs in the model's mode, seeded with 0: dropout alike)
+        expected = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
+    assert loss == pytest.approx(float(expected), rel=1e-5) and curve.reached

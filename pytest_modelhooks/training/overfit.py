@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_modelhooks.dependence.calls import OutputSpec
 from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.inputs import check_model, with_forward_kwargs
@@ -94,10 +95,12 @@ def _make_optimizer(optimizer: Any, params: list[nn.Parameter], lr: float) -> to
     raise TypeError(f"optimizer must be a name, an optimizer class or a callable, got {describe(optimizer)}")
 
 
-def _default_step(loss_fn: LossFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TrainStep:
+def _default_step(
+    loss_fn: LossFn, args: tuple[Any, ...], kwargs: dict[str, Any], output: OutputSpec
+) -> TrainStep:
     def step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         optimizer.zero_grad()
-        loss = scalar_loss(loss_fn, model(*args, **kwargs), batch[1], "check_overfits")
+        loss = scalar_loss(loss_fn, model(*args, **kwargs), batch[1], "check_overfits", output)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         return loss
@@ -115,6 +118,7 @@ def check_overfits(
     lr: float = 1e-3,
     target: float | None = None,
     step: TrainStep | None = None,
+    output: OutputSpec = None,
     seed: int = 0,
     **forward_kwargs: Any,
 ) -> OverfitCurve:
@@ -123,7 +127,10 @@ def check_overfits(
     (default: a tenth of the first loss). ``optimizer`` is a name (``"adam"``, ``"adamw"``,
     ``"sgd"``, ``"sgd-momentum"``, at ``lr``), an optimizer class (at ``lr``) or a function of
     the parameters; ``step(model, batch, optimizer) -> loss`` replaces the standard step
-    (zero_grad, forward, ``loss_fn``, backward, step) with the user's own loop body.
+    (zero_grad, forward, ``loss_fn``, backward, step) with the user's own loop body. As in
+    :func:`~pytest_modelhooks.training.sanity.check_loss_at_init`, cross-entropy and BCE get the
+    output's logits (``output=`` picks another part), a language model's ``(batch, length,
+    vocab)`` ones against ``(batch, length)`` targets.
 
     A failure comes with its reason: the loss curve (first, best, last), the parameters that got
     no gradient or never changed and why (gradients cleared before ``step()``, left out of the
@@ -151,7 +158,7 @@ def check_overfits(
             f"check_overfits: no parameter of {type(model).__name__} requires grad: nothing can learn"
         )
     made = _make_optimizer(optimizer, params, lr)
-    train_step = step or _default_step(loss_fn, args, kwargs)
+    train_step = step or _default_step(loss_fn, args, kwargs, output)
     losses: list[float] = []
     every = max(1, steps // 20)
     recorded = ActivationStats(trained, every=every), GradientStats(trained)

@@ -6,13 +6,14 @@ token models, on every position).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from pytest_modelhooks._tree import tensor_leaves
+from pytest_modelhooks.dependence.calls import OutputSpec, select_output
 from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.hooks.state import preserve_training_flags
@@ -40,9 +41,62 @@ def split_batch(model: nn.Module, batch: Any, caller: str) -> tuple[tuple[Any, .
     return args, kwargs, batch[1]
 
 
-def scalar_loss(loss_fn: LossFn, output: Any, target: Any, caller: str) -> torch.Tensor:
-    """``loss_fn(output, target)``, refused unless a finite-or-not scalar tensor."""
-    loss = loss_fn(output, target)
+def _known_loss(loss_fn: LossFn) -> str | None:
+    """``"cross_entropy"`` or ``"bce"`` for the losses whose chance value is known, else None."""
+    if loss_fn is nn.functional.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss):
+        return "cross_entropy"
+    if loss_fn is nn.functional.binary_cross_entropy_with_logits or isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return "bce"
+    return None
+
+
+def loss_input(output: Any, spec: OutputSpec, loss_fn: LossFn, caller: str) -> Any:
+    """What ``loss_fn`` is given of the model's ``output``: the part ``spec`` selects (a key,
+    attribute, position or callable); by default, for a known loss (cross-entropy, BCE with
+    logits), the logits: the output itself when a tensor, else its ``logits`` field (a
+    transformers ``ModelOutput``, a dict) or its first element (nanoGPT's ``(logits, loss)``);
+    any other ``loss_fn`` gets the output as it is."""
+    if spec is not None:
+        return select_output(output, spec, "output")
+    if _known_loss(loss_fn) is None or isinstance(output, torch.Tensor):
+        return output
+    field = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(field, torch.Tensor):
+        return field
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"{caller}: the model returned {type(output).__name__}, not a tensor of logits; pick them "
+        f"with output= (a key, attribute, position or callable), or pass a loss_fn that takes the "
+        f"output as it is"
+    )
+
+
+def classes_last(loss_fn: LossFn, logits: Any, target: Any) -> bool:
+    """Whether a cross-entropy's ``logits`` hold their classes in the last dimension, as a
+    language model's ``(batch, length, vocab)`` do against ``(batch, length)`` targets (torch's
+    own layout, classes second, wins where both fit)."""
+    return (
+        _known_loss(loss_fn) == "cross_entropy"
+        and isinstance(logits, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and logits.dim() >= 3
+        and not target.is_floating_point()
+        and target.shape == logits.shape[:-1]
+        and target.shape != (logits.shape[0], *logits.shape[2:])
+    )
+
+
+def scalar_loss(
+    loss_fn: LossFn, output: Any, target: Any, caller: str, spec: OutputSpec = None
+) -> torch.Tensor:
+    """The loss of ``output`` (the part :func:`loss_input` gives ``loss_fn``) against
+    ``target``, refused unless a finite-or-not scalar tensor."""
+    given = loss_input(output, spec, loss_fn, caller)
+    if classes_last(loss_fn, given, target):
+        loss = loss_fn(given.flatten(0, -2), target.flatten())
+    else:
+        loss = loss_fn(given, target)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else describe(loss)
         raise ValueError(
@@ -51,17 +105,19 @@ def scalar_loss(loss_fn: LossFn, output: Any, target: Any, caller: str) -> torch
     return loss.reshape(())
 
 
-def _chance(loss_fn: LossFn, output: torch.Tensor) -> tuple[float, float, str] | None:
+def _chance(loss_fn: LossFn, output: torch.Tensor, last: bool) -> tuple[float, float, str] | None:
     """For the losses whose value at chance is known: that value, the loss these logits give
     averaged over every label (so a small batch's labels add no noise: log-sum-exp minus the
-    mean logit for cross-entropy), and what the value is. None for other losses."""
+    mean logit for cross-entropy), and what the value is. None for other losses. ``last``:
+    the classes are the last dimension (:func:`classes_last`)."""
     logits = output.detach().double()
-    if loss_fn is nn.functional.cross_entropy or isinstance(loss_fn, nn.CrossEntropyLoss):
-        dim = 1 if logits.dim() > 2 else logits.dim() - 1
+    kind = _known_loss(loss_fn)
+    if kind == "cross_entropy":
+        dim = logits.dim() - 1 if last or logits.dim() <= 2 else 1
         classes = logits.shape[dim]
         averaged = (torch.logsumexp(logits, dim) - logits.mean(dim)).mean()
         return math.log(classes), float(averaged), f"log({classes} classes)"
-    if loss_fn is nn.functional.binary_cross_entropy_with_logits or isinstance(loss_fn, nn.BCEWithLogitsLoss):
+    if kind == "bce":
         averaged = (nn.functional.softplus(logits) - logits / 2).mean()
         return math.log(2.0), float(averaged), "log(2), logits at 0"
     return None
@@ -116,6 +172,7 @@ def check_loss_at_init(
     *,
     expected: float | None = None,
     rtol: float = 0.15,
+    output: OutputSpec = None,
     seed: int = 0,
     **forward_kwargs: Any,
 ) -> float:
@@ -129,6 +186,12 @@ def check_loss_at_init(
     first training step would), under ``torch.no_grad``; buffers (batch norm's statistics)
     and the RNG are put back. Returns the loss. The default ``rtol`` holds for torchvision's
     classifiers at their default init; a head with two classes may need more.
+
+    The two known losses get the output's logits (:func:`loss_input`: a transformers model's
+    ``.logits``, a tuple's first tensor; ``output=`` picks another part), and cross-entropy
+    takes a language model's ``(batch, length, vocab)`` logits against ``(batch, length)``
+    targets as they are, so ``check_loss_at_init(lm, (ids[:, :-1], ids[:, 1:]))`` judges the
+    loss against ``log(vocab)``.
 
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
@@ -144,16 +207,18 @@ def check_loss_at_init(
     # in the model's own mode, as training starts: in eval mode an untrained batch norm uses its
     # initial running statistics, and a deep residual net's logits come out 30x too large
     with buffers_kept(model), rng_kept(model, seed), torch.no_grad():
-        output = model(*args, **kwargs)
-        loss = float(scalar_loss(loss_fn, output, target, "check_loss_at_init"))
+        returned = model(*args, **kwargs)
+        loss = float(scalar_loss(loss_fn, returned, target, "check_loss_at_init", output))
+        logits = loss_input(returned, output, loss_fn, "check_loss_at_init")
         judged = loss
         if expected is None:
-            chance = _chance(loss_fn, output) if isinstance(output, torch.Tensor) else None
+            last = classes_last(loss_fn, logits, target)
+            chance = _chance(loss_fn, logits, last) if isinstance(logits, torch.Tensor) else None
             if chance is None:
                 raise ValueError(
                     "check_loss_at_init: expected= is needed for this loss_fn or output; the chance value "
                     "is known for cross-entropy (log of the number of classes) and BCE with logits (log 2) "
-                    f"on a tensor of logits (got {describe(output)})"
+                    f"on a tensor of logits (got {describe(logits)})"
                 )
             expected_value, judged, meaning = chance
         else:
@@ -161,8 +226,8 @@ def check_loss_at_init(
         if math.isfinite(judged) and abs(judged - expected_value) <= rtol * abs(expected_value):
             return loss
         scale = ""
-        if isinstance(output, torch.Tensor) and output.is_floating_point():
-            scale = f"; the output's std is {float(output.float().std()):.3g}"
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+            scale = f"; the output's std is {float(logits.float().std()):.3g}"
             loudest = _loudest_layer(model, args, kwargs)
             if loudest:
                 scale += f", and {loudest}"

@@ -59,6 +59,68 @@ def test_healthy_models_pass_every_check_with_the_defaults(case: tuple[str, nn.M
     assert math.isfinite(loss)  # the loss on these labels (judged averaged over every label)
 
 
+def test_a_language_models_logits_and_targets_need_no_loss_of_their_own() -> None:
+    """nanoGPT's ``(logits, loss)`` output: cross-entropy gets the logits, (batch, length,
+    vocab) against (batch, length), and chance is log(vocab)."""
+    gpt = GPT()
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(2))
+    pair = (tokens, torch.roll(tokens, -1, 1))
+    with untouched(gpt):
+        loss = check_loss_at_init(gpt, pair)
+        curve = check_overfits(gpt, pair)
+    with torch.no_grad():
+        torch.manual_seed(0)  # (the check runs in the model's mode, seeded with 0: dropout alike)
+        logits = gpt(tokens)[0]
+    assert loss == pytest.approx(float(nn.functional.cross_entropy(logits.flatten(0, 1), pair[1].flatten())))
+    assert curve.reached
+    with torch.no_grad():
+        gpt.lm_head.weight.mul_(30)  # confident at init: judged against log(64), not log(16)
+    with pytest.raises(HealthError, match=r"above 4\.159 = log\(64 classes\)"):
+        check_loss_at_init(gpt, pair)
+
+
+class Heads(nn.Module):
+    """Returns a dict: features and logits, or (``named="scores"``) scores alone."""
+
+    def __init__(self, named: str = "logits") -> None:
+        super().__init__()
+        self.body, self.head, self.named = nn.Linear(16, 32), nn.Linear(32, 10), named
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body(x)
+        return {"features": features, self.named: self.head(features.relu())}
+
+
+def test_a_dict_output_gives_its_logits_or_output_picks_the_part() -> None:
+    torch.manual_seed(0)
+    model, pair = Heads(), batch()
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(pair[0])["logits"], pair[1]))
+    assert check_loss_at_init(model, pair) == pytest.approx(expected)
+    scores = Heads("scores")
+    scores.load_state_dict(model.state_dict())
+    with pytest.raises(TypeError, match=r"returned dict, not a tensor of logits; pick them with output="):
+        check_loss_at_init(scores, pair)
+    assert check_loss_at_init(scores, pair, output="scores") == pytest.approx(expected)
+    assert check_overfits(scores, pair, output=lambda out: out["scores"], steps=300, lr=1e-2).reached
+
+
+def test_classes_second_is_torchs_layout_where_both_layouts_fit() -> None:
+    class Square(nn.Module):  # (batch, 10 classes, 10 positions) against (batch, 10)
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(10, 100)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x).view(-1, 10, 10)
+
+    torch.manual_seed(0)
+    model, inputs, target = Square(), torch.randn(4, 10), torch.randint(0, 10, (4, 10))
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(inputs), target))
+    assert check_loss_at_init(model, (inputs, target), rtol=1.0) == pytest.approx(expected)
+
+
 def test_a_head_initialised_ten_times_too_large_is_named() -> None:
     model = classifier()
     with torch.no_grad():
