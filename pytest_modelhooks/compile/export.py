@@ -55,6 +55,8 @@ _NOISY = (
     "torch.onnx",
     "onnxscript",
 )
+# torch.export's words for a value its pytree cannot flatten (a transformers cache, a custom class)
+_UNKNOWN_TYPE = re.compile(r"Found <class '([\w.]+)'> in (output|input)s?, which is not a known type")
 _DATA_DEPENDENT = re.compile(r"Could not guard on data-dependent expression (.+?) \(unhinted")
 
 
@@ -214,6 +216,17 @@ def _export_reason(error: BaseException) -> tuple[str, str]:
             "cannot tell which way it goes"
         )
         hint = "torch._check(...) states what holds; torch.cond expresses a branch"
+        return sentence, hint
+    unknown = _UNKNOWN_TYPE.search(text)
+    if unknown:
+        module, _, name = unknown[1].rpartition(".")
+        sentence = f"the {unknown[2]} holds a {module}.{name}, which torch.export cannot take apart"
+        hint = (
+            "register the class as a pytree node (torch.export.register_dataclass for a dataclass, "
+            "torch.utils._pytree.register_pytree_node otherwise)"
+        )
+        if module.startswith("transformers."):
+            hint = "a transformers model returns its key/value cache there: pass use_cache=False"
         return sentence, hint
     if "Constraints violated" in text:  # torch's ConstraintViolationError, or export's UserError around it
         bullet = next((line.strip(" -") for line in text.splitlines() if line.strip().startswith("- ")), "")

@@ -140,7 +140,21 @@ def test_an_output_export_cannot_flatten_is_named() -> None:
     model, batch = zoo.build("dataclass_out")
     (finding,) = export_problems(model, batch)
     assert finding.statistic == "not exportable"
-    assert "register a pytree" in finding.note
+    assert "the output holds a tests.zoo.Output, which torch.export cannot take apart" in finding.note
+    assert "(hint: register the class as a pytree node (torch.export.register_dataclass" in finding.note
+
+
+def test_a_transformers_cache_in_the_output_says_to_turn_it_off() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50, n_positions=16)
+    model, ids = transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, 50, (2, 8))
+    (finding,) = export_problems(model, ids)
+    assert "holds a transformers.cache_utils.DynamicCache" in finding.note
+    assert (
+        "(hint: a transformers model returns its key/value cache there: pass use_cache=False)" in finding.note
+    )
+    assert export_problems(model, ids, use_cache=False) == []
 
 
 def test_the_rng_and_the_models_buffers_are_left_as_found() -> None:
