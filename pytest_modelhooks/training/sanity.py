@@ -93,16 +93,29 @@ def scalar_loss(
     """The loss of ``output`` (the part :func:`loss_input` gives ``loss_fn``) against
     ``target``, refused unless a finite-or-not scalar tensor."""
     given = loss_input(output, spec, loss_fn, caller)
-    if classes_last(loss_fn, given, target):
-        loss = loss_fn(given.flatten(0, -2), target.flatten())
-    else:
-        loss = loss_fn(given, target)
+    try:
+        if classes_last(loss_fn, given, target):
+            loss = loss_fn(given.flatten(0, -2), target.flatten())
+        else:
+            loss = loss_fn(given, target)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        # torch's words ("Target 12 is out of bounds") name neither side: say what met what
+        raise ValueError(
+            f"{caller}: loss_fn failed on the output {_described(given)} and the target "
+            f"{_described(target)}: {type(error).__name__}: {error}"
+        ) from error
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else describe(loss)
         raise ValueError(
             f"{caller}: loss_fn must return a scalar tensor, got {shape}; reduce it (reduction='mean')"
         )
     return loss.reshape(())
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    return describe(value)
 
 
 def _chance(loss_fn: LossFn, output: torch.Tensor, last: bool) -> tuple[float, float, str] | None:

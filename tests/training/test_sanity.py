@@ -266,8 +266,20 @@ def test_token_positions_the_output_ignores_are_named() -> None:
             ValueError,
             "rtol must be a positive number",
         ),
+        (
+            lambda: check_loss_at_init(classifier(), (batch()[0], batch()[1] + 10)),
+            ValueError,
+            r"check_loss_at_init: loss_fn failed on the output \(32, 10\) float32 and the target "
+            r"\(32,\) int64: IndexError: Target 1\d is out of bounds",
+        ),
+        (
+            lambda: check_overfits(classifier(), (batch()[0], batch()[1].float())),
+            ValueError,
+            r"check_overfits: loss_fn failed on the output \(32, 10\) float32 and the target \(32,\) "
+            r"float32: RuntimeError: expected",
+        ),
     ],
-    ids=["steps", "batch", "loss", "optimizer-name", "optimizer-instance", "rtol"],
+    ids=["steps", "batch", "loss", "optimizer-name", "optimizer-instance", "rtol", "labels", "target-dtype"],
 )
 def test_bad_arguments_are_refused_naming_them(call: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
