@@ -66,7 +66,7 @@ def loss_input(output: Any, spec: OutputSpec, loss_fn: LossFn, caller: str) -> A
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(
-        f"{caller}: the model returned {type(output).__name__}, not a tensor of logits; pick them "
+        f"{caller}: the model returned a {type(output).__name__}, not a tensor of logits; pick them "
         f"with output= (a key, attribute, position or callable), or pass a loss_fn that takes the "
         f"output as it is"
     )

@@ -99,7 +99,7 @@ def test_a_dict_output_gives_its_logits_or_output_picks_the_part() -> None:
     assert check_loss_at_init(model, pair) == pytest.approx(expected)
     scores = Heads("scores")
     scores.load_state_dict(model.state_dict())
-    with pytest.raises(TypeError, match=r"returned dict, not a tensor of logits; pick them with output="):
+    with pytest.raises(TypeError, match=r"returned a dict, not a tensor of logits; pick them with output="):
         check_loss_at_init(scores, pair)
     assert check_loss_at_init(scores, pair, output="scores") == pytest.approx(expected)
     assert check_overfits(scores, pair, output=lambda out: out["scores"], steps=300, lr=1e-2).reached
