@@ -92,7 +92,11 @@ def scalar_loss(
 ) -> torch.Tensor:
     """The loss of ``output`` (the part :func:`loss_input` gives ``loss_fn``) against
     ``target``, refused unless a finite-or-not scalar tensor."""
-    given = loss_input(output, spec, loss_fn, caller)
+    return loss_of(loss_fn, loss_input(output, spec, loss_fn, caller), target, caller)
+
+
+def loss_of(loss_fn: LossFn, given: Any, target: Any, caller: str) -> torch.Tensor:
+    """:func:`scalar_loss` of what :func:`loss_input` gave."""
     try:
         if classes_last(loss_fn, given, target):
             loss = loss_fn(given.flatten(0, -2), target.flatten())
@@ -220,9 +224,8 @@ def check_loss_at_init(
     # in the model's own mode, as training starts: in eval mode an untrained batch norm uses its
     # initial running statistics, and a deep residual net's logits come out 30x too large
     with buffers_kept(model), rng_kept(model, seed), torch.no_grad():
-        returned = model(*args, **kwargs)
-        loss = float(scalar_loss(loss_fn, returned, target, "check_loss_at_init", output))
-        logits = loss_input(returned, output, loss_fn, "check_loss_at_init")
+        logits = loss_input(model(*args, **kwargs), output, loss_fn, "check_loss_at_init")
+        loss = float(loss_of(loss_fn, logits, target, "check_loss_at_init"))
         judged = loss
         if expected is None:
             last = classes_last(loss_fn, logits, target)

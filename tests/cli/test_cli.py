@@ -718,6 +718,16 @@ def test_a_made_batch_is_laid_out_as_a_sequence_first_rnn_reads_it(
     assert "an RNN without batch_first=True" in capsys.readouterr().out
 
 
+def test_a_made_batch_for_a_token_model_is_ids_and_finds_the_look_ahead(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["leaks", "cli_models:Lookahead", "--causal"]) == 1
+    out, err = capsys.readouterr()
+    assert "a batch of 3,8 from the first layer 'embed' (Embedding)" in err
+    assert out.splitlines()[0] == "Outputs depend on later positions (1):"
+    assert main(["leaks", "cli_models:Lookahead(masked=True)", "--causal"]) == 0
+
+
 def test_a_model_without_a_layer_to_read_the_input_from_needs_an_input_size(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
