@@ -31,7 +31,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", help="the output samples to trace (default: the first and the last)")
     parser.add_argument("--positions", help="the output positions to trace with --causal (default: up to 8)")
     parser.add_argument("--output", help="the output to check: a key or attribute such as logits")
+    parser.add_argument(
+        "--batch-dim",
+        help="the input's batch dimension (default 0 for a given --input-size; for a made batch, 1 "
+        "where an RNN or attention reads the sequence first)",
+    )
+    parser.add_argument(
+        "--seq-dim",
+        help="the input's sequence dimension for --causal (default 1, or 0 when the batch is dimension 1)",
+    )
     parser.add_argument("--train", action="store_true", help="keep the modules' train/eval modes")
+
+
+def _dimension(text: str, option: str, shape: tuple[int, ...]) -> int:
+    """``text`` as a dimension of ``shape`` (negative counts from the end), or a usage error."""
+    try:
+        dim = int(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected a dimension, an integer such as 0 or 1") from None
+    if not -len(shape) <= dim < len(shape):
+        sizes = ",".join(map(str, shape))
+        raise UsageError(f"{option} {dim}: the input {sizes} has dimensions 0 to {len(shape) - 1}")
+    return dim % len(shape)
 
 
 def run(model: Any, args: argparse.Namespace) -> int:
@@ -42,14 +63,26 @@ def run(model: Any, args: argparse.Namespace) -> int:
     # one made here is laid out as the model's first layer reads it
     dims = {"dim": 0, "seq_dim": 1}
     if not args.input_size:
+        if args.batch_dim is not None:
+            raise UsageError(f"--batch-dim {args.batch_dim}: needs the --input-size it is a dimension of")
         args.input_size = default_input_size(model, (3, 5, 7), NAME)
         if default_batch_dim(model):
             dims = {"dim": 1, "seq_dim": 0}
     shape = parse_shape(args.input_size, "--input-size")
+    if args.batch_dim is not None:
+        dims["dim"] = _dimension(args.batch_dim, "--batch-dim", shape)
+        dims["seq_dim"] = 0 if dims["dim"] == 1 else 1
+    if args.seq_dim is not None:
+        dims["seq_dim"] = _dimension(args.seq_dim, "--seq-dim", shape)
+    if args.causal and dims["seq_dim"] == dims["dim"]:
+        raise UsageError(
+            f"--seq-dim {dims['seq_dim']}: the same dimension as the batch's; pass the other with "
+            f"--seq-dim (or --batch-dim)"
+        )
     if shape[dims["dim"]] < 2:
         raise UsageError(
             f"--input-size {args.input_size}: a leak needs other samples to come from: a batch of "
-            f"2 or more (3 or 5, a size no other dimension has)"
+            f"2 or more along dimension {dims['dim']} (3 or 5, a size no other dimension has)"
         )
     inputs = random_batch(model, shape, args.seed, args.device)
     options: dict[str, Any] = {"output": args.output, "train": args.train, **args.kwargs}

@@ -318,6 +318,14 @@ def test_leaks_names_the_layer_that_looks_ahead_and_exits_1(capsys: pytest.Captu
         (["--input-size", "1,6"], "--input-size 1,6: a leak needs other samples to come from"),
         (["--input-size", "3,6", "--samples", "a"], "--samples 'a': expected comma-separated indices"),
         (["--input-size", "3,6", "--output", "logits"], "--output 'logits': not a key or attribute"),
+        (["--input-size", "3,6", "--batch-dim", "x"], "--batch-dim 'x': expected a dimension, an integer"),
+        (["--input-size", "3,6", "--batch-dim", "2"], "--batch-dim 2: the input 3,6 has dimensions 0 to 1"),
+        (["--input-size", "3,1", "--batch-dim", "-1"], "a batch of 2 or more along dimension 1"),
+        (["--batch-dim", "1"], "--batch-dim 1: needs the --input-size it is a dimension of"),
+        (
+            ["--input-size", "3,6", "--causal", "--seq-dim", "0"],
+            "--seq-dim 0: the same dimension as the batch's",
+        ),
     ],
 )
 def test_leaks_bad_arguments_exit_2(
@@ -716,6 +724,19 @@ def test_a_made_batch_is_laid_out_as_a_sequence_first_rnn_reads_it(
     assert out.strip() == "No leaks: LSTM is batch independent on a 8,3,4 input."
     assert main(["leaks", "torch.nn:LSTM(4, 8)", "--input-size", "3,6,4"]) == 1  # given: batch first
     assert "an RNN without batch_first=True" in capsys.readouterr().out
+
+
+def test_batch_and_sequence_dimensions_of_a_given_input(capsys: pytest.CaptureFixture[str]) -> None:
+    # a sequence-first LSTM on a (length, batch, features) input: independent along its batch
+    assert main(["leaks", "torch.nn:LSTM(4, 8)", "--input-size", "6,3,4", "--batch-dim", "1"]) == 0
+    assert capsys.readouterr().out.strip() == "No leaks: LSTM is batch independent on a 6,3,4 input."
+    # (causal along the sequence, dimension 0 once the batch is 1)
+    argv = ["leaks", "torch.nn:LSTM(4, 8)", "--input-size", "6,3,4", "--batch-dim", "1", "--causal"]
+    assert main(argv) == 0
+    # a bidirectional one sees later positions; named with the sequence given explicitly
+    argv = ["leaks", "torch.nn:LSTM(4, 8, bidirectional=True)", "--input-size", "6,3,4"]
+    assert main([*argv, "--batch-dim", "1", "--seq-dim", "0", "--causal"]) == 1
+    assert "Outputs depend on later positions" in capsys.readouterr().out
 
 
 def test_a_made_batch_for_a_token_model_is_ids_and_finds_the_look_ahead(
