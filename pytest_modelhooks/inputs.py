@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "fills_first_input",
     "forward_parameter_names",
     "first_tensor",
+    "declared_size",
     "in_channels",
     "input_spec",
     "is_input_data",
@@ -64,6 +65,8 @@ class InputSpec:
     ``layout`` is ``"channels_first"`` (convolutions: ``(B, C, *spatial)``), ``"features_last"``
     (Linear, LayerNorm, attention: ``(B, *extra, F)``), ``"sequence"`` (RNNs and attention:
     ``(B, L, F)`` or ``(L, B, F)``) or ``"tokens"`` (Embedding: integer ids ``(B, *extra)``).
+    ``size_from`` says where ``default_size`` came from when not the layer's generic default
+    (the size the model declares, or the one its forward accepted).
     """
 
     layer: str
@@ -73,6 +76,7 @@ class InputSpec:
     spatial_rank: int | None = None
     batch_first: bool = True
     default_size: tuple[int, ...] = ()
+    size_from: str = ""
 
     @property
     def described(self) -> str:
@@ -129,6 +133,9 @@ def input_spec(model: nn.Module) -> InputSpec:
             refuse_lazy(name, module)  # its sizes are not known yet (in_channels=0)
         spec = spec_for(name, module)
         if spec is not None:
+            declared = declared_size(model, spec.spatial_rank) if spec.layout == "channels_first" else None
+            if declared is not None:
+                spec = replace(spec, default_size=declared[0], size_from=declared[1])
             return spec
         is_leaf = next(module.children(), None) is None
         # A container's loose parameters (a learned scale) do not say what the input is; a leaf
@@ -142,6 +149,54 @@ def input_spec(model: nn.Module) -> InputSpec:
     raise ValueError(
         f"cannot tell the input of {type(model).__name__}: it has no layer with parameters; {GIVE_INPUT}"
     )
+
+
+def _size_value(value: Any, rank: int) -> tuple[int, ...] | None:
+    """``value`` (an int, or a sequence of ``rank`` ints) as a spatial size, None if it is none."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return (value,) * rank
+    whole = isinstance(value, (tuple, list)) and len(value) == rank
+    if whole and all(isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 for dim in value):
+        return tuple(value)
+    return None
+
+
+def declared_size(model: nn.Module, rank: int | None) -> tuple[tuple[int, ...], str] | None:
+    """The spatial size ``model`` says it takes, and where it says so; None where it says none.
+
+    Vision transformers accept one image size only (their position embeddings are that long),
+    and say which: torchvision's ``image_size``, timm's ``pretrained_cfg`` with
+    ``fixed_input_size`` or a strict ``patch_embed.img_size``, transformers'
+    ``config.image_size``.
+
+    >>> class ViT(nn.Module):
+    ...     image_size = 224
+    >>> declared_size(ViT(), 2)
+    ((224, 224), 'the size its image_size gives')
+    """
+    if not rank:
+        return None
+    for attribute in ("image_size", "img_size"):
+        size = _size_value(getattr(model, attribute, None), rank)
+        if size is not None:
+            return size, f"the size its {attribute} gives"
+    # (getattr on a module looks in its parameters, buffers and submodules too: a module named
+    # config or patch_embed is no declaration unless it holds the attribute)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("fixed_input_size"):
+        shape = cfg.get("input_size")
+        size = _size_value(list(shape[1:]), rank) if isinstance(shape, (tuple, list)) else None
+        if size is not None:
+            return size, "the size its pretrained_cfg input_size gives"
+    patch_embed = getattr(model, "patch_embed", None)
+    if isinstance(patch_embed, nn.Module) and getattr(patch_embed, "strict_img_size", False):
+        size = _size_value(getattr(patch_embed, "img_size", None), rank)
+        if size is not None:
+            return size, "the size its patch_embed.img_size gives"
+    size = _size_value(getattr(getattr(model, "config", None), "image_size", None), rank)
+    if size is not None:
+        return size, "the size its config.image_size gives"
+    return None
 
 
 def in_channels(model: nn.Module) -> int:
@@ -210,8 +265,11 @@ def dummy_batch(model: nn.Module, size: Sequence[int] | None = None) -> torch.Te
     """A batch of one that ``model`` accepts, on the model's device and floating dtype.
 
     ``size`` is the spatial size for convolutions (default ``(64, 64)`` for 2-d, ``(64,)`` for
-    1-d, ``(16, 16, 16)`` for 3-d), the sequence length for RNNs, attention and embeddings
-    (default ``(8,)``), and extra leading dims for Linear (default none). Values are drawn from
+    1-d, ``(16, 16, 16)`` for 3-d, or the size the model declares: see :func:`declared_size`),
+    the sequence length for RNNs, attention and embeddings (default ``(8,)``), and extra leading
+    dims for Linear (default none). (:func:`model_summary`, :func:`model_sizes` and
+    :func:`dummy_eval` go further: where the forward refuses the default image, they try
+    224x224, then 299x299; clips of 16 frames of 112x112, then 224x224.) Values are drawn from
     a private generator, so the global RNG is untouched and the batch is the same every time.
 
     >>> dummy_batch(nn.Conv2d(3, 8, 3), (32, 32)).shape

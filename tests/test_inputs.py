@@ -9,10 +9,14 @@ import torch
 from torch import nn
 
 from pytest_modelhooks import (
+    LayerError,
     dummy_batch,
     in_channels,
+    input_spec,
+    model_sizes,
     model_summary,
 )
+from pytest_modelhooks.inputs import declared_size
 from tests import zoo
 
 
@@ -82,3 +86,89 @@ def test_dummy_batch_follows_dtype_and_leaves_the_global_rng_alone() -> None:
 def test_dummy_batch_sequence_layout_follows_batch_first() -> None:
     model = nn.Sequential(nn.LSTM(3, 4))  # batch_first=False: (L, B, F)
     assert dummy_batch(model, (6,)).shape == (6, 1, 3)
+
+
+class _Patches(nn.Module):
+    """A vision transformer's stem in small: 4x4 patches, positions for one image size only."""
+
+    def __init__(self, side: int = 32) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.pos = nn.Parameter(torch.zeros(1, (side // 4) ** 2, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos
+
+
+def _declaring(**attributes: Any) -> nn.Module:
+    model = _Patches()
+    for name, value in attributes.items():
+        object.__setattr__(model, name, value)  # (a plain attribute, as the libraries set them)
+    return model
+
+
+class _Config:
+    image_size = 32
+
+
+class _StrictEmbed(nn.Module):
+    def __init__(self, strict: bool) -> None:
+        super().__init__()
+        self.img_size = (32, 48)
+        self.strict_img_size = strict
+
+
+@pytest.mark.parametrize(
+    ("attributes", "declared"),
+    [
+        ({"image_size": 32}, ((32, 32), "the size its image_size gives")),  # torchvision
+        ({"img_size": [32, 48]}, ((32, 48), "the size its img_size gives")),
+        (  # timm
+            {"pretrained_cfg": {"input_size": (3, 40, 40), "fixed_input_size": True}},
+            ((40, 40), "the size its pretrained_cfg input_size gives"),
+        ),
+        ({"pretrained_cfg": {"input_size": (3, 40, 40), "fixed_input_size": False}}, None),
+        ({"config": _Config()}, ((32, 32), "the size its config.image_size gives")),  # transformers
+        ({"image_size": True}, None),  # not a size
+        ({"image_size": -3}, None),
+        ({"image_size": (32, 32, 32)}, None),  # a 3-d size for a 2-d image
+        ({"image_size": "224"}, None),
+        ({}, None),
+    ],
+)
+def test_the_size_a_model_declares(attributes: dict[str, Any], declared: Any) -> None:
+    model = _declaring(**attributes)
+    assert declared_size(model, 2) == declared
+    expected = declared[0] if declared else (64, 64)
+    assert input_spec(model).default_size == expected
+    assert dummy_batch(model).shape == (1, 3, *expected)
+    assert input_spec(model).size_from == (declared[1] if declared else "")
+
+
+def test_a_strict_patch_embedding_declares_its_size_and_a_loose_one_does_not() -> None:
+    model = _Patches()
+    model.patch_embed = _StrictEmbed(strict=True)
+    assert declared_size(model, 2) == ((32, 48), "the size its patch_embed.img_size gives")
+    model.patch_embed = _StrictEmbed(strict=False)  # (timm's dynamic_img_size: any size works)
+    assert declared_size(model, 2) is None
+
+
+def test_a_submodule_named_config_is_no_declaration() -> None:
+    model = _Patches()
+    model.config = nn.Linear(2, 2)
+    assert declared_size(model, 2) is None
+    assert declared_size(_declaring(image_size=32), None) is None  # a layer with no spatial dims
+
+
+def test_a_declared_size_applies_to_images_only() -> None:
+    tagger = zoo.LSTMTagger()
+    object.__setattr__(tagger, "image_size", 32)
+    assert dummy_batch(tagger).shape == (1, 8) and input_spec(tagger).size_from == ""
+
+
+def test_summary_and_sizes_of_a_vision_transformer_take_its_declared_size() -> None:
+    model = _declaring(image_size=32)
+    assert model_summary(model).input_shapes == (1, 3, 32, 32)
+    assert model_sizes(model)["proj"] == (1, 8, 8, 8)
+    with pytest.raises(LayerError):
+        model_summary(_Patches())  # 64x64 gives 256 patches for 64 positions: declared, it runs

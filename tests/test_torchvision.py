@@ -210,3 +210,15 @@ def test_the_device_path_holding_outputs_gives_the_numbers_of_each_hook(
         assert (other.dead, other.channels) == (one.dead, one.channels), one.name
         assert torch.equal(other.ran, one.ran), one.name
     torch.testing.assert_close(held_grads._gather(), hook_grads._gather(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", _names(models) + _names(models.video))
+def test_every_classifier_and_video_model_runs_with_no_size_given(name: str) -> None:
+    # the size a ViT declares, or the first larger standard size the forward accepts; a real
+    # forward on a batch of that shape gives the shapes the summary traced
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None).eval()
+    summary = model_summary(model)
+    with torch.no_grad():
+        real = model(torch.randn(*summary.input_shapes))
+    assert summary.output_shapes == real.shape

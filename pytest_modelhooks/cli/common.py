@@ -11,7 +11,7 @@ import inspect
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -198,25 +198,31 @@ def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
     return found
 
 
-def default_input_size(model: Any, batches: Sequence[int], command: str) -> str:
+def default_input_size(
+    model: Any, batches: Sequence[int], command: str, kwargs: Mapping[str, Any] | None = None
+) -> str:
     """``--input-size`` where none is given: the shape of the dummy batch the first layer that
-    reads the input implies (``dummy_batch``), with the first of ``batches`` that no other
-    dimension has as its batch size (a leak is then told apart from a channel). Says so on
-    stderr, so that a snapshot or JSON on stdout stays as it is."""
-    from pytest_modelhooks.inputs import dummy_batch, input_spec
+    reads the input implies (``dummy_batch``; larger where the model declares its image size,
+    or its forward, traced on stand-ins, refuses the default one), with the first of
+    ``batches`` that no other dimension has as its batch size (a leak is then told apart from a
+    channel). Says so on stderr, so that a snapshot or JSON on stdout stays as it is."""
+    from pytest_modelhooks.inputs import batch_for, input_spec
+    from pytest_modelhooks.tracing.dummy import fitting_spec
 
     try:
-        spec = input_spec(model)
-        shape = list(dummy_batch(model).shape)
+        input_spec(model)  # (a model that says nothing of its input: the reason, as a usage error)
     except ValueError as error:
         reason = str(error).split(";")[0]  # (the rest names the library's arguments)
         raise UsageError(f"--input-size is needed: {reason}") from None
+    spec = fitting_spec(model, kwargs)
+    shape = list(batch_for(model, spec, None).shape)
     at = default_batch_dim(model)
     others = shape[:at] + shape[at + 1 :]
     shape[at] = next((size for size in batches if size not in others), batches[0])
     size = ",".join(map(str, shape))
+    source = f", {spec.size_from}" if spec.size_from else ""
     print(
-        f"modelhooks {command}: no --input-size given; a batch of {size} from {spec.described}",
+        f"modelhooks {command}: no --input-size given; a batch of {size} from {spec.described}{source}",
         file=sys.stderr,
     )
     return size

@@ -74,7 +74,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
     allowed = _count(args.max_graph_breaks, "--max-graph-breaks")
     assert allowed is not None
     most = _count(args.max_recompiles, "--max-recompiles")
-    args.input_size = args.input_size or [default_input_size(model, (2,), NAME)]
+    args.input_size = args.input_size or [default_input_size(model, (2,), NAME, args.kwargs)]
     shapes = [parse_shape(text, "--input-size") for text in args.input_size]
     dynamic = DYNAMIC[args.dynamic] if args.dynamic else None
     batches = [random_batch(model, shape, args.seed, args.device) for shape in shapes]

@@ -43,7 +43,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
     from pytest_modelhooks.findings import format_findings
     from pytest_modelhooks.report.text import snapshot_text
 
-    args.input_size = args.input_size or default_input_size(model, (2,), NAME)
+    args.input_size = args.input_size or default_input_size(model, (2,), NAME, args.kwargs)
     batch = random_batch(model, parse_shape(args.input_size, "--input-size"), args.seed, args.device)
     if args.fingerprints:
         if args.against:

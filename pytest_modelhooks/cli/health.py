@@ -86,7 +86,7 @@ def _record(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     from pytest_modelhooks.stats.activations import ActivationStats
     from pytest_modelhooks.stats.gradients import GradientStats
 
-    args.input_size = args.input_size or default_input_size(model, (16,), NAME)
+    args.input_size = args.input_size or default_input_size(model, (16,), NAME, args.kwargs)
     shape = parse_shape(args.input_size, "--input-size")
     model.train(args.train)
     inputs = None

@@ -65,7 +65,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
     if not args.input_size:
         if args.batch_dim is not None:
             raise UsageError(f"--batch-dim {args.batch_dim}: needs the --input-size it is a dimension of")
-        args.input_size = default_input_size(model, (3, 5, 7), NAME)
+        args.input_size = default_input_size(model, (3, 5, 7), NAME, args.kwargs)
         if default_batch_dim(model):
             dims = {"dim": 1, "seq_dim": 0}
     shape = parse_shape(args.input_size, "--input-size")

@@ -4,7 +4,8 @@ parameters, and for the layer that really reads the input when the forward shows
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -50,7 +51,7 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
     if sharded_reason(model) is not None:
         raise failed  # no trace can run on a sharded model to name the layer
     _, fitting = _fitting_dummy(model, size)  # raises a LayerError naming the layer
-    if fitting.layer == spec.layer:
+    if fitting == spec:
         raise failed  # the trace ran where the real forward did not: the model's own failure
     with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
         return model(batch_for(model, fitting, size))
@@ -90,6 +91,22 @@ def trace_dummy(
     return _fitting_dummy(model, size, engine=engine, count_flops=count_flops, kwargs=kwargs)[0]
 
 
+def fitting_spec(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> InputSpec:
+    """The :class:`InputSpec` whose dummy batch ``model``'s whole forward takes, traced on
+    stand-ins (see :func:`trace_dummy`): :func:`input_spec`'s, or a larger image where the
+    default one is too small for the model (its ``size_from`` then says so). Where no batch
+    fits, :func:`input_spec`'s all the same: the forward that uses it names the failure.
+
+    >>> stem = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.Conv2d(8, 8, 5, stride=4), nn.Conv2d(8, 8, 3))
+    >>> fitting_spec(stem).default_size
+    (224, 224)
+    """
+    try:
+        return _fitting_dummy(model, None, kwargs=dict(kwargs or {}))[1]
+    except Exception:  # (a model that no stand-in can run: its real forward will say why)
+        return input_spec(model)
+
+
 def _fitting_dummy(
     model: nn.Module,
     size: Sequence[int] | None,
@@ -98,23 +115,32 @@ def _fitting_dummy(
     count_flops: bool = False,
     kwargs: dict[str, Any] | None = None,
 ) -> tuple[Trace, InputSpec]:
-    """:func:`trace_dummy`, and the layer whose batch ran."""
+    """:func:`trace_dummy`, and the input spec whose batch ran: the one for the first layer
+    with parameters; for another layer that reads the input where the forward failed before
+    the first one ran; or, without a ``size``, the first larger image size the whole forward
+    accepts (a stem that needs 75x75 pixels or more, windows of 7x32)."""
     __tracebackhide__ = True
+
+    def trace(spec: InputSpec) -> Trace:
+        batch = batch_for(model, spec, size)
+        return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops)
+
     spec = input_spec(model)
     try:
-        batch = batch_for(model, spec, size)
-        return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops), spec
+        return trace(spec), spec
     except LayerError as error:
-        if spec.layer in error.finished:
-            raise  # the batch fit the layer it was made for: the failure is the model's own
         first_error = error
-    retry = _spec_of_layer(model, first_error.layer)
-    if retry is not None and retry.layer != spec.layer:
+    fitted = spec.layer in first_error.finished  # the batch fit the layer it was made for
+    retry = None if fitted else _spec_of_layer(model, first_error.layer)
+    for candidate in ([retry] if retry is not None and retry.layer != spec.layer else []) + list(
+        _larger_sizes(spec, size, first_error)
+    ):
         try:
-            batch = batch_for(model, retry, size)
-            return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops), retry
+            return trace(candidate), candidate
         except (LayerError, ValueError):
             pass  # the first error says more: it is about the model as the user wrote it
+    if fitted:
+        raise first_error  # the failure is the model's own
     label = f"'{spec.layer}' ({spec.layer_type})" if spec.layer else spec.layer_type
     raise LayerError(
         f"{first_error}; the input was made for layer {label}, the first layer with parameters "
@@ -124,6 +150,23 @@ def _fitting_dummy(
         first_error.input_shapes,
         first_error.original,
     ) from None
+
+
+# Where the generic default image is too small for a model: ImageNet's 224x224 (ViT, MaxViT and
+# most other models written for it), then Inception's 299x299; video clips of 16 frames of
+# 112x112 (the R(2+1)D papers' size), then of 224x224 (MViT's fixed size, S3D).
+_LARGER_SIZES = {2: ((224, 224), (299, 299)), 3: ((16, 112, 112), (16, 224, 224))}
+
+
+def _larger_sizes(spec: InputSpec, size: Sequence[int] | None, error: LayerError) -> Iterator[InputSpec]:
+    """Specs for the larger standard sizes to try when the default image failed (none where a
+    size was given, or the model declared its own)."""
+    if size is not None or spec.size_from or spec.layout != "channels_first" or not spec.spatial_rank:
+        return
+    refused = "x".join(map(str, spec.default_size))
+    reason = str(error).split(":")[0]
+    for larger in _LARGER_SIZES.get(spec.spatial_rank, ()):
+        yield replace(spec, default_size=larger, size_from=f"as the forward refused {refused} ({reason})")
 
 
 def _spec_of_layer(model: nn.Module, name: str) -> InputSpec | None:

@@ -18,6 +18,7 @@ from pytest_modelhooks import (
     LayerError,
     dummy_eval,
     in_channels,
+    input_spec,
     model_sizes,
     model_summary,
     num_features_model,
@@ -25,6 +26,7 @@ from pytest_modelhooks import (
 )
 from pytest_modelhooks._tree import map_tensors, shapes_of
 from pytest_modelhooks.hooks import hooks_by_module, training_flags
+from pytest_modelhooks.tracing.dummy import fitting_spec
 from tests import zoo
 from tests.helpers import untouched
 
@@ -635,3 +637,48 @@ def test_a_lone_tensor_is_one_input_and_anything_else_but_a_tuple_is_refused() -
     assert alone.calls[-1].output_shapes == torch.Size([2, 3])
     with pytest.raises(TypeError, match=r"args must be a tuple .* got a dict; wrap a single input"):
         trace_model(model, {"input": batch})  # type: ignore[arg-type]
+
+
+def _strided_stem() -> nn.Sequential:
+    # 64x64 -> 8x8 -> 1x1, then a 3x3 kernel has nothing to read: the stem needs 75x75 or more
+    return nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.Conv2d(8, 8, 5, stride=4), nn.Conv2d(8, 4, 3))
+
+
+def test_a_stem_too_deep_for_the_default_image_is_traced_at_224() -> None:
+    model = _strided_stem().train()
+    with untouched(model):
+        assert model_summary(model).input_shapes == (1, 3, 224, 224)
+        real = model(torch.zeros(1, 3, 224, 224)).shape  # (1, 4, 4, 4)
+        assert model_sizes(model)["2"] == real and dummy_eval(model).shape == real
+        spec = fitting_spec(model)
+    assert spec.default_size == (224, 224)
+    assert spec.size_from.startswith(
+        "as the forward refused 64x64 (layer '2' (Conv2d, in_channels=8) got input"
+    )
+    with pytest.raises(LayerError, match=r"layer '2' \(Conv2d, in_channels=8\) got input \(1, 8, 1, 1\)"):
+        model_sizes(model, (64, 64))  # a size given is the size used
+
+
+def test_inception_sized_stems_are_traced_at_299() -> None:
+    # 224 -> 28 -> 6: a 7x7 kernel needs the 299x299 image (-> 37 -> 8)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 7, stride=8, padding=2), nn.Conv2d(8, 8, 5, stride=4), nn.Conv2d(8, 4, 7)
+    )
+    assert model_summary(model).input_shapes == (1, 3, 299, 299)
+    assert fitting_spec(model).default_size == (299, 299)
+
+
+def test_a_video_stem_too_deep_for_the_default_clip_is_traced_at_16x112x112() -> None:
+    model = nn.Sequential(nn.Conv3d(3, 8, (1, 7, 7), stride=(1, 8, 8)), nn.Conv3d(8, 4, (3, 3, 3)))
+    assert model_summary(model).input_shapes == (1, 3, 16, 112, 112)
+
+
+def test_a_shape_bug_is_reported_at_the_default_size_even_where_a_larger_one_would_run() -> None:
+    # the stem runs at 64x64, then the head is wrong for any size: the 64x64 error stands
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(10, 2))
+    with (
+        untouched(model),
+        pytest.raises(LayerError, match=r"^layer '2' \(Linear, in_features=10\) got input \(1, 30752\)"),
+    ):
+        model_summary(model)
+    assert fitting_spec(model) == input_spec(model)  # no batch fits: the forward will say why
