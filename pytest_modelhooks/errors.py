@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from typing import Any
 
-__all__ = ["LayerError", "StoredOutputChanged", "describe", "not_a_module"]
+__all__ = ["LayerError", "StoredOutputChanged", "describe", "error_text", "not_a_module"]
 
 
 class LayerError(RuntimeError):
@@ -82,3 +85,37 @@ def not_a_module(argument: str, value: Any) -> TypeError:
             f"{value.__name__}(...)"
         )
     return TypeError(f"{argument} must be an nn.Module, got {describe(value)}")
+
+
+def error_text(error: BaseException, where: bool = False) -> str:
+    """``error`` as a message names it, ``Type: message``; with where it was raised (the deepest
+    frame outside torch and this package, the model's own line) when ``where`` is set or it
+    says nothing else (a bare ``assert``), and then the line's source too.
+
+    >>> error_text(ValueError("no mask"))
+    'ValueError: no mask'
+    >>> def check(x):
+    ...     assert x > 0
+    >>> try:
+    ...     check(-1)
+    ... except AssertionError as error:
+    ...     print(error_text(error).split(" (at ")[0], error_text(error).endswith("in check: assert x > 0)"))
+    AssertionError True
+    """
+    said = str(error)
+    text = f"{type(error).__name__}: {said}" if said else type(error).__name__
+    if not (where or not said):
+        return text
+    skipped = tuple(
+        os.path.dirname(module.__file__ or "")
+        for module in (sys.modules.get("torch"), sys.modules[__name__.rpartition(".")[0]])
+        if module is not None and module.__file__
+    )
+    frames = [
+        frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith(skipped)
+    ]
+    if frames:
+        frame = frames[-1]
+        source = f": {frame.line}" if frame.line and not said else ""
+        text += f" (at {frame.filename}:{frame.lineno} in {frame.name}{source})"
+    return text

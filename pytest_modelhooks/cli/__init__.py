@@ -34,7 +34,9 @@ with 1 when there are more than ``--max-graph-breaks``. ``state-dict`` prints ev
 state dict; with ``--checkpoint`` it exits with 1 when that checkpoint would not load as saved.
 ``diverge`` names the first module where the model and its ``--against`` run part, exit 1 when
 they do. Without ``--input-size``, ``health``, ``leaks``, ``compile`` and ``diverge`` make a
-batch shaped as the first layer that reads the input implies, and say its shape on stderr.
+batch shaped as the first layer that reads the input implies (as large as the image size the
+model declares, or a larger standard size where its forward refuses the default one), and say
+its shape on stderr.
 
 Each subcommand is a module of this package (:mod:`.summary`, :mod:`.sizes`, :mod:`.health`,
 :mod:`.leaks`, :mod:`.memory`, :mod:`.compile`, :mod:`.state_dict`, :mod:`.diverge`) with the
@@ -61,6 +63,7 @@ from pytest_modelhooks.cli.common import (
     parse_kwargs,
     parse_seed,
 )
+from pytest_modelhooks.errors import error_text
 
 __all__ = ["main", "run", "script"]
 
@@ -132,5 +135,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m pytest_mod
         args.usage.error(str(error))  # exits with status 2
     except (ValueError, TypeError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except AssertionError as error:  # a model's check of its input (nanoGPT's block size)
+        print(f"error: {error_text(error, where=True)}", file=sys.stderr)
         return 1
     return status

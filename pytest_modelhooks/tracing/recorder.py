@@ -19,7 +19,7 @@ from pytest_modelhooks._torch import (
     only_these_global_hooks,
 )
 from pytest_modelhooks._tree import format_shape, shapes_of
-from pytest_modelhooks.errors import LayerError
+from pytest_modelhooks.errors import LayerError, error_text
 from pytest_modelhooks.inputs import layer_label
 from pytest_modelhooks.tracing.dispatch import plain_meta
 from pytest_modelhooks.tracing.records import Call
@@ -302,8 +302,9 @@ def layer_error(
         # the recorder's pre-hook sees positional inputs only; the model's own are known
         call.input_shapes = _call_shapes(args, kwargs)
     if call is None:
+        said = str(error) or error_text(error)  # (a bare assert: where it failed)
         return LayerError(
-            f"{type(model).__name__} failed before any layer ran: {error}",
+            f"{type(model).__name__} failed before any layer ran: {said}",
             "",
             type(model).__name__,
             None,
@@ -313,7 +314,7 @@ def layer_error(
     shown = (
         format_shape(shapes[0]) if isinstance(shapes, tuple) and len(shapes) == 1 else format_shape(shapes)
     )
-    message = f"{layer_label(call.name, call.module)} got input {shown}: {type(error).__name__}: {error}"
+    message = f"{layer_label(call.name, call.module)} got input {shown}: {error_text(error)}"
     finished = [done for done in recorder.calls if done.finished and done.name]
     if not call.name and finished:
         last = finished[-1]

@@ -55,6 +55,31 @@ class Doubles(nn.Module):
     def forward(self, x):
         return 2 * x
 
+def strided():
+    # needs 75x75 pixels or more: the third convolution has nothing to read in 64x64
+    return nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.Conv2d(8, 8, 5, stride=4), nn.Conv2d(8, 4, 3))
+
+class Patches(nn.Module):
+    image_size = 32  # as torchvision's ViT says it
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.pos = nn.Parameter(torch.zeros(1, 64, 8))
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos
+
+class BlockSize(nn.Module):
+    # nanoGPT's check of the sequence length, as a bare assert or with a message
+    def __init__(self, said=True):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.said = said
+    def forward(self, tokens):
+        if self.said:
+            assert tokens.shape[1] <= 4, f"sequence of length {tokens.shape[1]}, block size is only 4"
+        assert tokens.shape[1] <= 4
+        return self.embed(tokens)
+
 def exploding():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
@@ -713,6 +738,56 @@ def test_without_an_input_size_the_batch_is_shaped_from_the_first_layer(
     assert err == said + "\n"
     assert main([command, "cli_models:small", "--input-size", made, *extra]) == status
     assert capsys.readouterr().out == out  # the same seeded batch as when given
+
+
+@pytest.mark.parametrize(
+    ("factory", "layer", "made", "source"),
+    [
+        (
+            "strided",
+            "0",
+            "2,3,224,224",
+            "as the forward refused 64x64 (layer '2' (Conv2d, in_channels=8) got input (1, 8, 1, 1))",
+        ),
+        ("Patches", "proj", "2,3,32,32", "the size its image_size gives"),
+    ],
+)
+def test_a_made_batch_is_as_large_as_the_model_needs_and_says_why(
+    factory: str, layer: str, made: str, source: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["compile", f"cli_models:{factory}", "--format", "json"]) == 0
+    said = f"a batch of {made} from the first layer '{layer}' (Conv2d), {source}"
+    assert capsys.readouterr().err == f"modelhooks compile: no --input-size given; {said}\n"
+    assert main(["summary", f"cli_models:{factory}", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shapes"] == [1, *map(int, made.split(",")[1:])]
+
+
+@pytest.mark.parametrize(
+    ("factory", "said"),
+    [
+        (
+            "BlockSize()",
+            "AssertionError: sequence of length 8, block size is only 4 (at {path}:{line} in forward)",
+        ),
+        (
+            "BlockSize(said=False)",
+            "AssertionError (at {path}:{line} in forward: assert tokens.shape[1] <= 4)",
+        ),
+    ],
+)
+def test_a_models_assertion_is_an_error_line_naming_where_it_failed(
+    factory: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = (tmp_path / "cli_models.py").read_text().splitlines()
+    bare = "assert tokens.shape[1] <= 4"
+    line = next(
+        number
+        for number, text in enumerate(source, 1)
+        if (text.strip().startswith(bare + ",") if factory == "BlockSize()" else text.strip() == bare)
+    )
+    assert main(["health", f"cli_models:{factory}", "--input-size", "2,8"]) == 1
+    path = tmp_path / "cli_models.py"
+    assert capsys.readouterr().err == "error: " + said.format(path=path, line=line) + "\n"
 
 
 def test_a_made_batch_is_laid_out_as_a_sequence_first_rnn_reads_it(
