@@ -64,7 +64,9 @@ class InputSpec:
 
     ``layout`` is ``"channels_first"`` (convolutions: ``(B, C, *spatial)``), ``"features_last"``
     (Linear, LayerNorm, attention: ``(B, *extra, F)``), ``"sequence"`` (RNNs and attention:
-    ``(B, L, F)`` or ``(L, B, F)``) or ``"tokens"`` (Embedding: integer ids ``(B, *extra)``).
+    ``(B, L, F)`` or ``(L, B, F)``), ``"tokens"`` (Embedding: integer ids ``(B, *extra)``) or
+    ``"waveform"`` (raw audio ``(B, L)``, for a one-channel Conv1d whose channel the forward
+    adds).
     ``size_from`` says where ``default_size`` came from when not the layer's generic default
     (the size the model declares, or the one its forward accepted).
     """
@@ -242,7 +244,9 @@ def _resolve_size(spec: InputSpec, size: Sequence[int] | None) -> tuple[int, ...
         raise ValueError(f"size must be a sequence of positive ints, got size={size!r}")
     size = tuple(size)
     if spec.spatial_rank is not None and len(size) != spec.spatial_rank:
-        need = {"channels_first": "spatial", "sequence": "sequence"}.get(spec.layout, "")
+        need = {"channels_first": "spatial", "sequence": "sequence", "waveform": "length"}.get(
+            spec.layout, ""
+        )
         hint = ""
         if (
             spec.layout == "channels_first"

@@ -186,3 +186,29 @@ def test_a_classifiers_model_output_gives_its_logits_to_the_training_checks() ->
         torch.manual_seed(0)  # (the check runs in the model's mode, seeded with 0: dropout alike)
         expected = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, labels)
     assert loss == pytest.approx(float(expected), rel=1e-5) and curve.reached
+
+
+def _no_size(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    shared = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 128}
+    if name == "vit":  # declares its image_size in its config (224 by default)
+        return transformers.ViTForImageClassification(transformers.ViTConfig(**shared, patch_size=32))
+    if name == "wav2vec2":  # raw audio (B, L); its encoder's strides need 400 samples or more
+        return transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**shared, conv_dim=(16,) * 7))
+    # Whisper's encoder refuses all but 3000 mel frames
+    whisper = {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 4}
+    config = transformers.WhisperConfig(**whisper, decoder_attention_heads=4)
+    return transformers.WhisperForAudioClassification(config)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("vit", (1, 3, 224, 224)), ("wav2vec2", (1, 3000)), ("whisper", (1, 80, 3000))]
+)
+def test_vision_and_audio_models_are_summarised_with_no_size_given(name: str, shape: tuple[int, ...]) -> None:
+    model = _no_size(name).eval()
+    with untouched(model):
+        summary = model_summary(model)
+    assert summary.input_shapes == shape
+    with torch.no_grad():
+        real = model(torch.randn(shape))
+    assert summary.output_shapes == {key: value.shape for key, value in real.items()}

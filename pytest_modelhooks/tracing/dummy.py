@@ -117,8 +117,10 @@ def _fitting_dummy(
 ) -> tuple[Trace, InputSpec]:
     """:func:`trace_dummy`, and the input spec whose batch ran: the one for the first layer
     with parameters; for another layer that reads the input where the forward failed before
-    the first one ran; or, without a ``size``, the first larger image size the whole forward
-    accepts (a stem that needs 75x75 pixels or more, windows of 7x32)."""
+    the first one ran; a waveform ``(B, L)`` where the forward adds the channel a one-channel
+    Conv1d reads (wav2vec 2.0); or, without a ``size``, the first larger standard size the
+    whole forward accepts (a stem that needs 75x75 pixels or more, windows of 7x32, Whisper's
+    3000 mel frames)."""
     __tracebackhide__ = True
 
     def trace(spec: InputSpec) -> Trace:
@@ -132,13 +134,25 @@ def _fitting_dummy(
         first_error = error
     fitted = spec.layer in first_error.finished  # the batch fit the layer it was made for
     retry = None if fitted else _spec_of_layer(model, first_error.layer)
-    for candidate in ([retry] if retry is not None and retry.layer != spec.layer else []) + list(
-        _larger_sizes(spec, size, first_error)
-    ):
+    if retry is not None and retry.layer != spec.layer:
+        try:
+            return trace(retry), retry
+        except (LayerError, ValueError):
+            pass  # the first error says more: it is about the model as the user wrote it
+    base, refused = spec, first_error
+    if _adds_a_channel(spec, first_error):
+        base = replace(spec, layout="waveform", size_from="a waveform (the forward adds its channel)")
+        try:
+            return trace(base), base
+        except LayerError as error:
+            refused = error
+        except ValueError:
+            pass
+    for candidate in _larger_sizes(base, size, refused):
         try:
             return trace(candidate), candidate
         except (LayerError, ValueError):
-            pass  # the first error says more: it is about the model as the user wrote it
+            pass
     if fitted:
         raise first_error  # the failure is the model's own
     label = f"'{spec.layer}' ({spec.layer_type})" if spec.layer else spec.layer_type
@@ -152,21 +166,49 @@ def _fitting_dummy(
     ) from None
 
 
-# Where the generic default image is too small for a model: ImageNet's 224x224 (ViT, MaxViT and
-# most other models written for it), then Inception's 299x299; video clips of 16 frames of
-# 112x112 (the R(2+1)D papers' size), then of 224x224 (MViT's fixed size, S3D).
-_LARGER_SIZES = {2: ((224, 224), (299, 299)), 3: ((16, 112, 112), (16, 224, 224))}
+# Where the generic default is too small for a model: ImageNet's 224x224 (ViT, MaxViT and most
+# other models written for it), then Inception's 299x299; video clips of 16 frames of 112x112
+# (the R(2+1)D papers' size), then of 224x224 (MViT's fixed size, S3D); audio of 3000 frames
+# (Whisper's 30 seconds of 10 ms mel frames), then 16000 samples (a second at 16 kHz).
+_LARGER_SIZES = {1: ((3000,), (16000,)), 2: ((224, 224), (299, 299)), 3: ((16, 112, 112), (16, 224, 224))}
+
+
+def _adds_a_channel(spec: InputSpec, error: LayerError) -> bool:
+    """Whether the batch for a one-channel Conv1d reached it with a dim more (the forward
+    unsqueezed a channel into what it takes as a waveform ``(B, L)``)."""
+    if (spec.layout, spec.channels, spec.spatial_rank) != (
+        "channels_first",
+        1,
+        1,
+    ) or error.layer != spec.layer:
+        return False
+    shapes = error.input_shapes
+    return (
+        isinstance(shapes, tuple)
+        and len(shapes) >= 1
+        and isinstance(shapes[0], tuple)
+        and len(shapes[0]) == 4
+    )
 
 
 def _larger_sizes(spec: InputSpec, size: Sequence[int] | None, error: LayerError) -> Iterator[InputSpec]:
-    """Specs for the larger standard sizes to try when the default image failed (none where a
-    size was given, or the model declared its own)."""
-    if size is not None or spec.size_from or spec.layout != "channels_first" or not spec.spatial_rank:
+    """Specs for the larger standard sizes to try when the default failed (none where a size
+    was given, or the model declared its own)."""
+    declared = spec.size_from and spec.layout != "waveform"
+    if (
+        size is not None
+        or declared
+        or spec.layout not in ("channels_first", "waveform")
+        or not spec.spatial_rank
+    ):
         return
     refused = "x".join(map(str, spec.default_size))
     reason = str(error).split(":")[0]
+    said = f"as the forward refused {refused} ({reason})"
     for larger in _LARGER_SIZES.get(spec.spatial_rank, ()):
-        yield replace(spec, default_size=larger, size_from=f"as the forward refused {refused} ({reason})")
+        yield replace(
+            spec, default_size=larger, size_from=f"{spec.size_from}, {said}" if spec.size_from else said
+        )
 
 
 def _spec_of_layer(model: nn.Module, name: str) -> InputSpec | None:

@@ -68,6 +68,15 @@ class Patches(nn.Module):
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2) + self.pos
 
+class Audio(nn.Module):
+    # raw audio, (B, L): the forward adds the channel; 64 samples are too few for 3 strides of 5
+    def __init__(self):
+        super().__init__()
+        first, more = nn.Conv1d(1, 4, 10, stride=5), [nn.Conv1d(4, 4, 10, stride=5) for _ in "ab"]
+        self.convs = nn.Sequential(first, *more)
+    def forward(self, audio):
+        return self.convs(audio.unsqueeze(1))
+
 class BlockSize(nn.Module):
     # nanoGPT's check of the sequence length, as a bare assert or with a message
     def __init__(self, said=True):
@@ -750,13 +759,21 @@ def test_without_an_input_size_the_batch_is_shaped_from_the_first_layer(
             "as the forward refused 64x64 (layer '2' (Conv2d, in_channels=8) got input (1, 8, 1, 1))",
         ),
         ("Patches", "proj", "2,3,32,32", "the size its image_size gives"),
+        (
+            "Audio",
+            "convs.0",
+            "2,3000",
+            "a waveform (the forward adds its channel), as the forward refused 64 "
+            "(layer 'convs.2' (Conv1d, in_channels=4) got input (1, 4, 1))",
+        ),
     ],
 )
 def test_a_made_batch_is_as_large_as_the_model_needs_and_says_why(
     factory: str, layer: str, made: str, source: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["compile", f"cli_models:{factory}", "--format", "json"]) == 0
-    said = f"a batch of {made} from the first layer '{layer}' (Conv2d), {source}"
+    kind = "Conv1d" if factory == "Audio" else "Conv2d"
+    said = f"a batch of {made} from the first layer '{layer}' ({kind}), {source}"
     assert capsys.readouterr().err == f"modelhooks compile: no --input-size given; {said}\n"
     assert main(["summary", f"cli_models:{factory}", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_shapes"] == [1, *map(int, made.split(",")[1:])]

@@ -682,3 +682,52 @@ def test_a_shape_bug_is_reported_at_the_default_size_even_where_a_larger_one_wou
     ):
         model_summary(model)
     assert fitting_spec(model) == input_spec(model)  # no batch fits: the forward will say why
+
+
+class Waveform(nn.Module):
+    """wav2vec 2.0's feature encoder in small: raw audio (B, L), a channel added for the first
+    convolution; ``strides`` convolutions of kernel 10, stride 5."""
+
+    def __init__(self, strides: int = 1) -> None:
+        super().__init__()
+        layers = [nn.Conv1d(1, 8, 10, stride=5)] + [nn.Conv1d(8, 8, 10, stride=5) for _ in range(strides - 1)]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.convs(audio.unsqueeze(1))
+
+
+def test_a_model_adding_the_channel_to_raw_audio_gets_a_waveform() -> None:
+    model = Waveform().train()
+    with untouched(model):
+        assert model_summary(model).input_shapes == (1, 64)
+        assert model_sizes(model, (500,))["convs"] == model(torch.zeros(1, 500)).shape
+        assert dummy_eval(model).shape == (1, 8, 11)
+    spec = fitting_spec(model)
+    assert (spec.layout, spec.size_from) == ("waveform", "a waveform (the forward adds its channel)")
+
+
+def test_a_waveform_too_short_for_the_encoder_is_made_3000_samples_long() -> None:
+    model = Waveform(strides=4)  # 64 samples -> 11 -> 1: the third convolution has too few
+    summary = model_summary(model)
+    assert summary.input_shapes == (1, 3000)
+    assert summary.output_shapes == model(torch.zeros(1, 3000)).shape
+    assert fitting_spec(model).size_from.startswith(
+        "a waveform (the forward adds its channel), as the forward refused 64 (layer 'convs.2' (Conv1d"
+    )
+
+
+def test_a_model_checking_its_length_gets_the_3000_frames_of_whisper() -> None:
+    class MelEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(80, 8, 3, padding=1)
+
+        def forward(self, mel: torch.Tensor) -> torch.Tensor:
+            if mel.shape[-1] != 3000:
+                raise ValueError(f"expects 3000 mel frames, found {mel.shape[-1]}")
+            return self.conv(mel)
+
+    assert model_summary(MelEncoder()).input_shapes == (1, 80, 3000)
+    with pytest.raises(LayerError, match="expects 3000 mel frames, found 500"):
+        model_summary(MelEncoder(), (1, 80, 500))
