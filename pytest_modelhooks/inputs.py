@@ -30,6 +30,7 @@ __all__ = [
     "forward_parameter_names",
     "first_tensor",
     "declared_size",
+    "decoder_inputs",
     "in_channels",
     "input_spec",
     "is_input_data",
@@ -199,6 +200,30 @@ def declared_size(model: nn.Module, rank: int | None) -> tuple[tuple[int, ...], 
     if size is not None:
         return size, "the size its config.image_size gives"
     return None
+
+
+def decoder_inputs(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The ``decoder_input_ids`` a dummy batch of one needs beside its input: 8 token ids for
+    an encoder-decoder (a transformers config with ``is_encoder_decoder``: T5, BART, Whisper),
+    whose forward refuses to run without them; none where ``kwargs`` gives the decoder its
+    input (ids, embeddings or ``labels``) or the model is no encoder-decoder.
+
+    >>> class Seq2Seq(nn.Module):
+    ...     class config:
+    ...         is_encoder_decoder, vocab_size = True, 100
+    ...     def forward(self, input_ids, decoder_input_ids=None): ...
+    >>> decoder_inputs(Seq2Seq())["decoder_input_ids"].shape
+    torch.Size([1, 8])
+    """
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not getattr(config, "is_encoder_decoder", False) or not isinstance(vocab, int) or vocab < 1:
+        return {}
+    given = set(kwargs or ()) & {"decoder_input_ids", "decoder_inputs_embeds", "labels"}
+    if given or "decoder_input_ids" not in forward_parameter_names(model):
+        return {}
+    device, _ = model_device_dtype(model)
+    return {"decoder_input_ids": make_input((1, 8), device, torch.long, token_range=vocab)}
 
 
 def in_channels(model: nn.Module) -> int:

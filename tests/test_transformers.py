@@ -212,3 +212,35 @@ def test_vision_and_audio_models_are_summarised_with_no_size_given(name: str, sh
     with torch.no_grad():
         real = model(torch.randn(shape))
     assert summary.output_shapes == {key: value.shape for key, value in real.items()}
+
+
+def _encoder_decoder(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "t5":
+        return transformers.T5ForConditionalGeneration(
+            transformers.T5Config(num_layers=1, d_model=64, d_ff=128, num_heads=2, d_kv=32, vocab_size=500)
+        )
+    sizes = {"d_model": 64, "encoder_layers": 1, "decoder_layers": 1}
+    heads = {"encoder_attention_heads": 2, "decoder_attention_heads": 2}
+    if name == "bart":
+        widths = {"encoder_ffn_dim": 128, "decoder_ffn_dim": 128}
+        return transformers.BartForConditionalGeneration(
+            transformers.BartConfig(**sizes, **heads, **widths, vocab_size=500)
+        )
+    return transformers.WhisperModel(transformers.WhisperConfig(**sizes, **heads))
+
+
+@pytest.mark.parametrize("name", ["t5", "bart", "whisper"])
+def test_encoder_decoders_are_summarised_with_no_input_given(name: str) -> None:
+    # they refuse to run without decoder ids: a dummy batch brings 8 of them
+    model = _encoder_decoder(name).eval()
+    with untouched(model):
+        summary = model_summary(model)
+    inputs, decoder = summary.input_shapes
+    assert decoder == {"decoder_input_ids": (1, 8)}
+    real_input = torch.randint(0, 500, inputs) if name != "whisper" else torch.randn(inputs)
+    with torch.no_grad():
+        real = model(real_input, decoder_input_ids=torch.randint(0, 500, (1, 8)))
+    assert summary.output_shapes["last_hidden_state" if name == "whisper" else "logits"] == (
+        real.last_hidden_state.shape if name == "whisper" else real.logits.shape
+    )

@@ -228,6 +228,25 @@ def default_input_size(
     return size
 
 
+def add_decoder_inputs(model: Any, args: Any, batch: int, command: str) -> None:
+    """Give an encoder-decoder (T5, BART, Whisper), which refuses to run without them, 8 seeded
+    decoder ids per sample in ``args.kwargs`` where ``--kwarg`` gives its decoder nothing;
+    says so on stderr."""
+    import torch
+
+    from pytest_modelhooks.inputs import decoder_inputs
+
+    if not decoder_inputs(model, args.kwargs):
+        return
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 8), generator=generator).to(args.device)
+    args.kwargs = {**args.kwargs, "decoder_input_ids": ids}
+    print(
+        f"modelhooks {command}: decoder_input_ids of {batch},8 for the encoder-decoder's decoder",
+        file=sys.stderr,
+    )
+
+
 def default_batch_dim(model: Any) -> int:
     """Where the batch is in the input :func:`default_input_size` makes: second for an RNN or
     attention without ``batch_first``, first otherwise."""

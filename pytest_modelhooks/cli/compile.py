@@ -11,6 +11,7 @@ from typing import Any
 from pytest_modelhooks.cli.common import (
     SHAPE_FORMS,
     UsageError,
+    add_decoder_inputs,
     default_input_size,
     dumps,
     parse_shape,
@@ -76,6 +77,8 @@ def run(model: Any, args: argparse.Namespace) -> int:
     most = _count(args.max_recompiles, "--max-recompiles")
     args.input_size = args.input_size or [default_input_size(model, (2,), NAME, args.kwargs)]
     shapes = [parse_shape(text, "--input-size") for text in args.input_size]
+    if len({shape[0] for shape in shapes}) == 1:  # (one batch size: one set of decoder ids fits all)
+        add_decoder_inputs(model, args, shapes[0][0], NAME)
     dynamic = DYNAMIC[args.dynamic] if args.dynamic else None
     batches = [random_batch(model, shape, args.seed, args.device) for shape in shapes]
     found = graph_breaks(model, batches[0], dynamic=dynamic, **args.kwargs)

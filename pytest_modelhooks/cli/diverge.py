@@ -11,6 +11,7 @@ from typing import Any
 from pytest_modelhooks.cli.common import (
     SHAPE_FORMS,
     UsageError,
+    add_decoder_inputs,
     default_input_size,
     dumps,
     parse_shape,
@@ -44,7 +45,9 @@ def run(model: Any, args: argparse.Namespace) -> int:
     from pytest_modelhooks.report.text import snapshot_text
 
     args.input_size = args.input_size or default_input_size(model, (2,), NAME, args.kwargs)
-    batch = random_batch(model, parse_shape(args.input_size, "--input-size"), args.seed, args.device)
+    shape = parse_shape(args.input_size, "--input-size")
+    add_decoder_inputs(model, args, shape[0], NAME)
+    batch = random_batch(model, shape, args.seed, args.device)
     if args.fingerprints:
         if args.against:
             raise UsageError("--fingerprints and --against: give one")

@@ -15,6 +15,7 @@ from typing import Any
 from pytest_modelhooks.cli.common import (
     SHAPE_FORMS,
     UsageError,
+    add_decoder_inputs,
     default_input_size,
     dumps,
     parse_shape,
@@ -88,6 +89,7 @@ def _record(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
     args.input_size = args.input_size or default_input_size(model, (16,), NAME, args.kwargs)
     shape = parse_shape(args.input_size, "--input-size")
+    add_decoder_inputs(model, args, shape[0], NAME)
     model.train(args.train)
     inputs = None
     try:

@@ -8,6 +8,7 @@ from typing import Any
 from pytest_modelhooks.cli.common import (
     SHAPE_FORMS,
     UsageError,
+    add_decoder_inputs,
     default_batch_dim,
     default_input_size,
     dumps,
@@ -84,6 +85,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
             f"--input-size {args.input_size}: a leak needs other samples to come from: a batch of "
             f"2 or more along dimension {dims['dim']} (3 or 5, a size no other dimension has)"
         )
+    add_decoder_inputs(model, args, shape[dims["dim"]], NAME)
     inputs = random_batch(model, shape, args.seed, args.device)
     options: dict[str, Any] = {"output": args.output, "train": args.train, **args.kwargs}
     samples = list(parse_indices(args.samples, "--samples")) if args.samples else None

@@ -16,6 +16,7 @@ from pytest_modelhooks.inputs import (
     GIVE_INPUT,
     InputSpec,
     batch_for,
+    decoder_inputs,
     fills_first_input,
     input_spec,
     sharded_reason,
@@ -43,9 +44,10 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
         with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
             return model()
     spec = input_spec(model)
+    decoder = decoder_inputs(model)
     with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
         try:
-            return model(batch_for(model, spec, size))
+            return model(batch_for(model, spec, size), **decoder)
         except Exception as error:
             failed = error
     if sharded_reason(model) is not None:
@@ -54,7 +56,7 @@ def dummy_eval(model: nn.Module, size: Sequence[int] | None = None) -> Any:
     if fitting == spec:
         raise failed  # the trace ran where the real forward did not: the model's own failure
     with preserve_training_flags(model, eval_mode=True), no_grad_quietly():
-        return model(batch_for(model, fitting, size))
+        return model(batch_for(model, fitting, size), **decoder)
 
 
 def trace_dummy(
@@ -123,9 +125,11 @@ def _fitting_dummy(
     3000 mel frames)."""
     __tracebackhide__ = True
 
+    given = {**decoder_inputs(model, kwargs), **(kwargs or {})}
+
     def trace(spec: InputSpec) -> Trace:
         batch = batch_for(model, spec, size)
-        return trace_model(model, (batch,), kwargs, engine=engine, count_flops=count_flops)
+        return trace_model(model, (batch,), given, engine=engine, count_flops=count_flops)
 
     spec = input_spec(model)
     try:

@@ -77,6 +77,19 @@ class Audio(nn.Module):
     def forward(self, audio):
         return self.convs(audio.unsqueeze(1))
 
+class Seq2Seq(nn.Module):
+    # an encoder-decoder as transformers writes one: it refuses to run without decoder ids
+    class config:
+        is_encoder_decoder, vocab_size = True, 30
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 30)
+    def forward(self, input_ids, decoder_input_ids=None):
+        if decoder_input_ids is None:
+            raise ValueError("You have to specify either decoder_input_ids or decoder_inputs_embeds")
+        return self.head(self.embed(decoder_input_ids) + self.embed(input_ids).mean(1, keepdim=True))
+
 class BlockSize(nn.Module):
     # nanoGPT's check of the sequence length, as a bare assert or with a message
     def __init__(self, said=True):
@@ -805,6 +818,26 @@ def test_a_models_assertion_is_an_error_line_naming_where_it_failed(
     assert main(["health", f"cli_models:{factory}", "--input-size", "2,8"]) == 1
     path = tmp_path / "cli_models.py"
     assert capsys.readouterr().err == "error: " + said.format(path=path, line=line) + "\n"
+
+
+@pytest.mark.parametrize(("command", "batch"), [("health", 16), ("leaks", 3), ("compile", 2), ("diverge", 2)])
+def test_an_encoder_decoder_is_given_decoder_ids_for_its_batch(
+    command: str, batch: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = ["--against", "bf16"] if command == "diverge" else []
+    assert main([command, "cli_models:Seq2Seq", *extra]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    made = f"a batch of {batch},8 from the first layer 'embed' (Embedding)"
+    assert lines == [
+        f"modelhooks {command}: no --input-size given; {made}",
+        f"modelhooks {command}: decoder_input_ids of {batch},8 for the encoder-decoder's decoder",
+    ]
+    # a --kwarg for the decoder is the user's own, as given
+    assert (
+        main(["health", "cli_models:Seq2Seq", "--input-size", "4,8", "--kwarg", "decoder_input_ids=None"])
+        == 1
+    )
+    assert "specify either decoder_input_ids" in capsys.readouterr().err
 
 
 def test_a_made_batch_is_laid_out_as_a_sequence_first_rnn_reads_it(

@@ -26,6 +26,7 @@ from pytest_modelhooks import (
 )
 from pytest_modelhooks._tree import map_tensors, shapes_of
 from pytest_modelhooks.hooks import hooks_by_module, training_flags
+from pytest_modelhooks.inputs import decoder_inputs
 from pytest_modelhooks.tracing.dummy import fitting_spec
 from tests import zoo
 from tests.helpers import untouched
@@ -731,3 +732,35 @@ def test_a_model_checking_its_length_gets_the_3000_frames_of_whisper() -> None:
     assert model_summary(MelEncoder()).input_shapes == (1, 80, 3000)
     with pytest.raises(LayerError, match="expects 3000 mel frames, found 500"):
         model_summary(MelEncoder(), (1, 80, 500))
+
+
+class Seq2Seq(nn.Module):
+    """An encoder-decoder as transformers writes one: it refuses to run without decoder ids."""
+
+    class config:  # (an attribute, as transformers names it)
+        is_encoder_decoder = True
+        vocab_size = 30
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 30)
+
+    def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if decoder_input_ids is None:
+            raise ValueError("You have to specify either decoder_input_ids or decoder_inputs_embeds")
+        memory = self.embed(input_ids).mean(1, keepdim=True)
+        return self.head(self.embed(decoder_input_ids) + memory)
+
+
+def test_an_encoder_decoder_gets_decoder_ids_beside_its_input() -> None:
+    model = Seq2Seq()
+    with untouched(model):
+        summary = model_summary(model)
+        out = dummy_eval(model)
+    assert summary.input_shapes == ((1, 8), {"decoder_input_ids": (1, 8)})
+    assert summary.output_shapes == out.shape == (1, 8, 30)
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    assert model_sizes(model, (4,), decoder_input_ids=ids)["head"] == (1, 5, 30)  # as given
+    assert decoder_inputs(model, {"labels": ids}) == {}  # (transformers makes them from the labels)
+    assert decoder_inputs(zoo.TiedLM()) == {}  # no encoder-decoder
