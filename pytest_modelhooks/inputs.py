@@ -298,7 +298,9 @@ def dummy_batch(model: nn.Module, size: Sequence[int] | None = None) -> torch.Te
     the sequence length for RNNs, attention and embeddings (default ``(8,)``), and extra leading
     dims for Linear (default none). (:func:`model_summary`, :func:`model_sizes` and
     :func:`dummy_eval` go further: where the forward refuses the default image, they try
-    224x224, then 299x299; clips of 16 frames of 112x112, then 224x224.) Values are drawn from
+    224x224, then 299x299; clips of 16 frames of 112x112, then 224x224; 3000 steps, then 16000,
+    for a 1-d convolution, as a waveform ``(B, L)`` where the forward adds its channel; and
+    they give an encoder-decoder :func:`decoder_inputs`.) Values are drawn from
     a private generator, so the global RNG is untouched and the batch is the same every time.
 
     >>> dummy_batch(nn.Conv2d(3, 8, 3), (32, 32)).shape

@@ -95,8 +95,9 @@ def trace_dummy(
 
 def fitting_spec(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> InputSpec:
     """The :class:`InputSpec` whose dummy batch ``model``'s whole forward takes, traced on
-    stand-ins (see :func:`trace_dummy`): :func:`input_spec`'s, or a larger image where the
-    default one is too small for the model (its ``size_from`` then says so). Where no batch
+    stand-ins (see :func:`trace_dummy`): :func:`input_spec`'s, or a larger size where the
+    default one is too small for the model, or a waveform where the forward adds the channel
+    (its ``size_from`` then says so). Where no batch
     fits, :func:`input_spec`'s all the same: the forward that uses it names the failure.
 
     >>> stem = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.Conv2d(8, 8, 5, stride=4), nn.Conv2d(8, 8, 3))
@@ -180,19 +181,12 @@ _LARGER_SIZES = {1: ((3000,), (16000,)), 2: ((224, 224), (299, 299)), 3: ((16, 1
 def _adds_a_channel(spec: InputSpec, error: LayerError) -> bool:
     """Whether the batch for a one-channel Conv1d reached it with a dim more (the forward
     unsqueezed a channel into what it takes as a waveform ``(B, L)``)."""
-    if (spec.layout, spec.channels, spec.spatial_rank) != (
-        "channels_first",
-        1,
-        1,
-    ) or error.layer != spec.layer:
+    one_channel_conv1d = spec.layout == "channels_first" and spec.channels == 1 and spec.spatial_rank == 1
+    if not one_channel_conv1d or error.layer != spec.layer:
         return False
     shapes = error.input_shapes
-    return (
-        isinstance(shapes, tuple)
-        and len(shapes) >= 1
-        and isinstance(shapes[0], tuple)
-        and len(shapes[0]) == 4
-    )
+    first = shapes[0] if isinstance(shapes, tuple) and shapes else None
+    return isinstance(first, tuple) and len(first) == 4
 
 
 def _larger_sizes(spec: InputSpec, size: Sequence[int] | None, error: LayerError) -> Iterator[InputSpec]:
