@@ -48,9 +48,12 @@ class Difference:
     detail: str = ""
 
 
-def difference(reference: Any, other: Any, rtol: float | None, atol: float | None) -> Difference:
+def difference(
+    reference: Any, other: Any, rtol: float | None, atol: float | None, precision: torch.dtype | None = None
+) -> Difference:
     """Leaf by leaf, each within ``atol + rtol * max|reference|`` (tolerances per dtype by
-    default, those of ``torch.testing.assert_close``)."""
+    default, those of ``torch.testing.assert_close``; of ``precision`` where given: an
+    autocast run's float32 output, a LayerNorm's or a bias added last, holds bf16 rounding)."""
     want, got = list(tensor_leaves(reference)), list(tensor_leaves(other))
     if [path for path, _ in want] != [path for path, _ in got]:
         return Difference(True, math.inf, math.inf, "the outputs have another structure")
@@ -67,7 +70,7 @@ def difference(reference: Any, other: Any, rtol: float | None, atol: float | Non
         if a.numel() == 0:
             continue
         # the lower precision of the two sets the tolerance (a bf16 output against a float32 one)
-        dtype = two.dtype if two.dtype != one.dtype else one.dtype
+        dtype = precision or (two.dtype if two.dtype != one.dtype else one.dtype)
         # torch.testing's, here relative to the reference's largest value: rounding scales with it
         default_rtol, default_atol = default_tolerances(dtype)
         relative = default_rtol if rtol is None else rtol
@@ -88,14 +91,16 @@ def difference(reference: Any, other: Any, rtol: float | None, atol: float | Non
 
 
 Context = Callable[[], AbstractContextManager[Any]]
+#: The dtype each autocast comparison runs in: its rounding sets the tolerance.
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _variant(against: Any, model: nn.Module) -> tuple[nn.Module, Context, Any]:
     """For an isolated comparison: the model to run each module of, the context to run it in,
     and how to convert the reference inputs for it."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if against in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if against == "bf16" else torch.float16
+    if against in AUTOCAST:
+        dtype = AUTOCAST[against]
         return model, lambda: torch.autocast(device.type, dtype=dtype), lambda value: value
     if against == "channels_last":
         converted = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -129,9 +134,10 @@ def _isolated(
     origins, in execution order."""
     other, context, convert = _variant(variant, model)
     origins: list[tuple[Call, Difference]] = []
+    precision = AUTOCAST.get(variant) if isinstance(variant, str) else None
     for index, call in enumerate(calls):
         if call.parent is None:
-            _visit(calls, index, variant, other, context, convert, rtol, atol, origins)
+            _visit(calls, index, variant, other, context, convert, (rtol, atol, precision), origins)
     order = {id(call): index for index, call in enumerate(calls)}
     return sorted(origins, key=lambda pair: order[id(pair[0])])
 
@@ -143,8 +149,7 @@ def _visit(
     other: nn.Module,
     context: Context,
     convert: Any,
-    rtol: float | None,
-    atol: float | None,
+    tolerance: tuple[float | None, float | None, torch.dtype | None],
     origins: list[tuple[Call, Difference]],
 ) -> bool:
     """Whether ``calls[index]`` differs; appends it to ``origins`` when none of its children
@@ -153,11 +158,11 @@ def _visit(
     call = calls[index]
     if isinstance(variant, nn.Module) and call.name and not _has(other, call.name):
         return False
-    found = difference(call.output, _rerun(call, other, context, convert), rtol, atol)
+    found = difference(call.output, _rerun(call, other, context, convert), *tolerance)
     if not found.beyond:
         return False
     children = [
-        _visit(calls, child, variant, other, context, convert, rtol, atol, origins) for child in call.children
+        _visit(calls, child, variant, other, context, convert, tolerance, origins) for child in call.children
     ]
     if not any(children):  # every child looked at
         origins.append((call, found))

@@ -68,6 +68,30 @@ def test_healthy_transformer_and_convnext_agree(against: str) -> None:
     assert first_divergence(ConvNeXt(), torch.randn(2, 3, 32, 32), against=against) == []
 
 
+class LastInFloat32(nn.Module):
+    """BART's head in small: autocast runs the Linear in bf16, the bias added last (a float32
+    buffer) and the LayerNorm return float32, holding bf16's rounding all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.register_buffer("final_bias", torch.zeros(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x)) + self.proj(x) + self.final_bias
+
+
+@pytest.mark.parametrize("against", ["bf16", "fp16"])
+def test_a_float32_output_of_an_autocast_run_is_held_to_its_precision(against: str) -> None:
+    torch.manual_seed(0)
+    model, batch = LastInFloat32(), torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16 if against == "bf16" else torch.float16):
+        assert model(batch).dtype == torch.float32  # (what the tolerance once came from)
+    assert first_divergence(model, batch, against=against) == []
+    assert first_divergence(Net(), torch.randn(4, 8) * 10, against=against)[0].layer == "scale"  # still seen
+
+
 def test_dropout_left_on_in_eval_is_named_by_a_second_run() -> None:
     torch.manual_seed(0)
     model = GPT(Bugs(eval_dropout=True)).eval()
