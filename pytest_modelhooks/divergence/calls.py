@@ -3,6 +3,7 @@ outputs, which call it ran inside and when it returned."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from torch import nn
 
 from pytest_modelhooks._tree import map_tensors
 
-__all__ = ["Call", "record_calls"]
+__all__ = ["Call", "fresh_caches", "record_calls"]
 
 
 @dataclass
@@ -38,6 +39,31 @@ def _detached(value: Any) -> Any:
     return map_tensors(value, lambda tensor: tensor.detach().clone())
 
 
+def _is_cache(value: Any) -> bool:
+    """A key/value cache (transformers' ``Cache``): the module it is given appends to it, so a
+    call's input is the cache as it stood when the call began, not the object later calls grew."""
+    return callable(getattr(value, "get_seq_length", None)) and not isinstance(
+        value, (torch.Tensor, nn.Module)
+    )
+
+
+def fresh_caches(inputs: Any) -> Any:
+    """``inputs`` (a call's args tuple or kwargs dict) with a copy of each cache in it, so that
+    running the call again leaves the recorded one as it was.
+
+    >>> class Cache:
+    ...     def get_seq_length(self): return 0
+    >>> stored = {"cache": Cache()}
+    >>> fresh_caches(stored)["cache"] is stored["cache"]
+    False
+    """
+    if isinstance(inputs, dict):
+        return {key: copy.deepcopy(value) if _is_cache(value) else value for key, value in inputs.items()}
+    if isinstance(inputs, tuple):
+        return tuple(copy.deepcopy(value) if _is_cache(value) else value for value in inputs)
+    return inputs
+
+
 def record_calls(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, run: Any = None
 ) -> list[Call]:
@@ -53,7 +79,8 @@ def record_calls(
             index = counts.get(name, 0)
             counts[name] = index + 1
             parent = stack[-1] if stack else None
-            calls.append(Call(name, module, index, parent, _detached(call_args), _detached(call_kwargs)))
+            stored = _detached(fresh_caches(call_args)), _detached(fresh_caches(call_kwargs))
+            calls.append(Call(name, module, index, parent, *stored))
             if parent is not None:
                 calls[parent].children.append(len(calls) - 1)
             stack.append(len(calls) - 1)

@@ -23,7 +23,7 @@ from torch import nn
 
 from pytest_modelhooks._torch import dynamo_quiet
 from pytest_modelhooks._tree import default_tolerances, map_tensors, tensor_leaves
-from pytest_modelhooks.divergence.calls import Call, record_calls
+from pytest_modelhooks.divergence.calls import Call, fresh_caches, record_calls
 from pytest_modelhooks.divergence.prints import Fingerprints, compare_prints
 from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
@@ -121,7 +121,7 @@ def _variant(against: Any, model: nn.Module) -> tuple[nn.Module, Context, Any]:
 
 def _rerun(call: Call, model: nn.Module, context: Context, convert: Any) -> Any:
     module = model.get_submodule(call.name) if call.name else model
-    args, kwargs = convert(call.args), convert(call.kwargs)
+    args, kwargs = convert(fresh_caches(call.args)), convert(fresh_caches(call.kwargs))
     with context(), torch.no_grad():
         return module(*args, **kwargs)
 

@@ -92,6 +92,43 @@ def test_a_float32_output_of_an_autocast_run_is_held_to_its_precision(against: s
     assert first_divergence(Net(), torch.randn(4, 8) * 10, against=against)[0].layer == "scale"  # still seen
 
 
+class ToyCache:
+    """transformers' key/value cache in small: each attention call appends its keys."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+
+    def get_seq_length(self) -> int:
+        return sum(key.shape[1] for key in self.keys)
+
+
+class CachedAttention(nn.Module):
+    def forward(self, x: torch.Tensor, cache: ToyCache) -> torch.Tensor:
+        cache.keys.append(x)
+        return x * cache.get_seq_length()  # what it returns depends on what the cache held
+
+
+class WithCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = CachedAttention()
+        self.scale = HalfScale()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = ToyCache()
+        return self.scale(self.attn(self.attn(x, cache=cache), cache=cache))
+
+
+def test_a_module_given_a_cache_is_run_again_on_the_cache_as_it_stood() -> None:
+    # run again on the cache the whole forward grew, the attention's calls would differ too
+    torch.manual_seed(0)
+    model = WithCache()
+    batch = torch.randn(4, 16) * 10
+    with untouched(model):
+        found = first_divergence(model, batch, against="bf16")
+    assert [finding.layer for finding in found] == ["scale"]
+
+
 def test_dropout_left_on_in_eval_is_named_by_a_second_run() -> None:
     torch.manual_seed(0)
     model = GPT(Bugs(eval_dropout=True)).eval()
