@@ -202,9 +202,11 @@ def declared_size(model: nn.Module, rank: int | None) -> tuple[tuple[int, ...], 
     return None
 
 
-def decoder_inputs(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """The ``decoder_input_ids`` a dummy batch of one needs beside its input: 8 token ids for
-    an encoder-decoder (a transformers config with ``is_encoder_decoder``: T5, BART, Whisper),
+def decoder_inputs(
+    model: nn.Module, kwargs: Mapping[str, Any] | None = None, batch: int = 1
+) -> dict[str, torch.Tensor]:
+    """The ``decoder_input_ids`` a dummy batch of ``batch`` needs beside its input: 8 token ids
+    per sample for an encoder-decoder (a transformers config with ``is_encoder_decoder``: T5, BART, Whisper),
     whose forward refuses to run without them; none where ``kwargs`` gives the decoder its
     input (ids, embeddings or ``labels``) or the model is no encoder-decoder.
 
@@ -223,7 +225,7 @@ def decoder_inputs(model: nn.Module, kwargs: Mapping[str, Any] | None = None) ->
     if given or "decoder_input_ids" not in forward_parameter_names(model):
         return {}
     device, _ = model_device_dtype(model)
-    return {"decoder_input_ids": make_input((1, 8), device, torch.long, token_range=vocab)}
+    return {"decoder_input_ids": make_input((batch, 8), device, torch.long, token_range=vocab)}
 
 
 def in_channels(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ from torch import nn
 from pytest_modelhooks.errors import LayerError
 from pytest_modelhooks.inputs import (
     check_model,
+    decoder_inputs,
     input_spec,
     is_input_data,
     make_input,
@@ -240,6 +241,8 @@ def model_summary(
             args, kwargs = _input_from_size(model, input_size), {}
             argument = "input_size"
         args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "model_summary")
+        if argument == "input_size" and len(args) == 1:  # (an encoder's input: its decoder's too)
+            kwargs = {**decoder_inputs(model, kwargs, batch=args[0].shape[0]), **kwargs}
         try:
             trace = trace_model(
                 model, args, kwargs, engine=engine, count_flops=count_mult_adds, argument=argument

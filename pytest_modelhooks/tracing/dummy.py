@@ -97,8 +97,8 @@ def fitting_spec(model: nn.Module, kwargs: Mapping[str, Any] | None = None) -> I
     """The :class:`InputSpec` whose dummy batch ``model``'s whole forward takes, traced on
     stand-ins (see :func:`trace_dummy`): :func:`input_spec`'s, or a larger size where the
     default one is too small for the model, or a waveform where the forward adds the channel
-    (its ``size_from`` then says so). Where no batch
-    fits, :func:`input_spec`'s all the same: the forward that uses it names the failure.
+    (its ``size_from`` then says so). Where no batch fits, :func:`input_spec`'s all the same:
+    the forward that uses it names the failure.
 
     >>> stem = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.Conv2d(8, 8, 5, stride=4), nn.Conv2d(8, 8, 3))
     >>> fitting_spec(stem).default_size
@@ -153,7 +153,9 @@ def _fitting_dummy(
             refused = error
         except ValueError:
             pass
-    for candidate in _larger_sizes(base, size, refused):
+    # (no larger size where the caller gave one, or the model declared its own)
+    larger = _larger_sizes(base, refused) if size is None and not spec.size_from else ()
+    for candidate in larger:
         try:
             return trace(candidate), candidate
         except (LayerError, ValueError):
@@ -189,16 +191,10 @@ def _adds_a_channel(spec: InputSpec, error: LayerError) -> bool:
     return isinstance(first, tuple) and len(first) == 4
 
 
-def _larger_sizes(spec: InputSpec, size: Sequence[int] | None, error: LayerError) -> Iterator[InputSpec]:
-    """Specs for the larger standard sizes to try when the default failed (none where a size
-    was given, or the model declared its own)."""
-    declared = spec.size_from and spec.layout != "waveform"
-    if (
-        size is not None
-        or declared
-        or spec.layout not in ("channels_first", "waveform")
-        or not spec.spatial_rank
-    ):
+def _larger_sizes(spec: InputSpec, error: LayerError) -> Iterator[InputSpec]:
+    """Specs for the larger standard sizes of an image, clip or waveform to try where the
+    default one failed with ``error``."""
+    if spec.layout not in ("channels_first", "waveform") or not spec.spatial_rank:
         return
     refused = "x".join(map(str, spec.default_size))
     reason = str(error).split(":")[0]

@@ -832,6 +832,8 @@ def test_an_encoder_decoder_is_given_decoder_ids_for_its_batch(
         f"modelhooks {command}: no --input-size given; {made}",
         f"modelhooks {command}: decoder_input_ids of {batch},8 for the encoder-decoder's decoder",
     ]
+    assert main(["summary", "cli_models:Seq2Seq", "--input-size", "4,6", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_shapes"] == [[4, 6], {"decoder_input_ids": [4, 8]}]
     # a --kwarg for the decoder is the user's own, as given
     assert (
         main(["health", "cli_models:Seq2Seq", "--input-size", "4,8", "--kwarg", "decoder_input_ids=None"])

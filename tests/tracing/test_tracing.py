@@ -763,4 +763,7 @@ def test_an_encoder_decoder_gets_decoder_ids_beside_its_input() -> None:
     ids = torch.zeros(1, 5, dtype=torch.long)
     assert model_sizes(model, (4,), decoder_input_ids=ids)["head"] == (1, 5, 30)  # as given
     assert decoder_inputs(model, {"labels": ids}) == {}  # (transformers makes them from the labels)
+    given = model_summary(model, (3, 5))  # an encoder's input_size: decoder ids for each sample
+    assert given.input_shapes == ((3, 5), {"decoder_input_ids": (3, 8)})
+    assert given.output_shapes == (3, 8, 30)
     assert decoder_inputs(zoo.TiedLM()) == {}  # no encoder-decoder
