@@ -128,13 +128,21 @@ def _fitting_dummy(
 
     given = {**decoder_inputs(model, kwargs), **(kwargs or {})}
 
-    def trace(spec: InputSpec) -> Trace:
+    def trace(spec: InputSpec, retry: bool = True) -> Trace:
         batch = batch_for(model, spec, size)
-        return trace_model(model, (batch,), given, engine=engine, count_flops=count_flops)
+        if engine != "auto" or not retry:
+            return trace_model(model, (batch,), given, engine=engine, count_flops=count_flops)
+        # a retry runs on stand-ins only, as "auto" tries them: a model whose shape bug fails at
+        # every size then pays no real forward at each larger one (a second and more for a deep
+        # CNN at 299x299), only where its first batch failed
+        try:
+            return trace_model(model, (batch,), given, engine="meta", count_flops=count_flops)
+        except (LayerError, ValueError):
+            return trace_model(model, (batch,), given, engine="fake", count_flops=count_flops)
 
     spec = input_spec(model)
     try:
-        return trace(spec), spec
+        return trace(spec, retry=False), spec
     except LayerError as error:
         first_error = error
     fitted = spec.layer in first_error.finished  # the batch fit the layer it was made for

@@ -767,3 +767,20 @@ def test_an_encoder_decoder_gets_decoder_ids_beside_its_input() -> None:
     assert given.input_shapes == ((3, 5), {"decoder_input_ids": (3, 8)})
     assert given.output_shapes == (3, 8, 30)
     assert decoder_inputs(zoo.TiedLM()) == {}  # no encoder-decoder
+
+
+def test_a_shape_bug_pays_one_real_forward_not_one_per_larger_size() -> None:
+    # the larger sizes are tried on stand-ins only: the real engine runs once, at 64x64
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(10, 2))
+    real: list[tuple[int, ...]] = []
+    handle = model[0].register_forward_hook(
+        lambda module, args, out: (
+            real.append(tuple(args[0].shape))
+            if type(args[0]) is torch.Tensor and args[0].device.type == "cpu"
+            else None
+        )
+    )
+    with pytest.raises(LayerError, match=r"got input \(1, 30752\)"):
+        model_summary(model)
+    handle.remove()
+    assert real == [(1, 3, 64, 64)]
