@@ -232,19 +232,28 @@ def add_decoder_inputs(model: Any, args: Any, batch: int, command: str) -> None:
     """Give an encoder-decoder (T5, BART, Whisper), which refuses to run without them, 8 seeded
     decoder ids per sample in ``args.kwargs`` where ``--kwarg`` gives its decoder nothing;
     says so on stderr."""
-    import torch
-
-    from pytest_modelhooks.inputs import decoder_inputs
-
-    if not decoder_inputs(model, args.kwargs):
+    ids = decoder_ids(model, args.kwargs, batch, args.seed, args.device)
+    if ids is None:
         return
-    generator = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 8), generator=generator).to(args.device)
     args.kwargs = {**args.kwargs, "decoder_input_ids": ids}
     print(
         f"modelhooks {command}: decoder_input_ids of {batch},8 for the encoder-decoder's decoder",
         file=sys.stderr,
     )
+
+
+def decoder_ids(model: Any, kwargs: Mapping[str, Any], batch: int, seed: int, device: Any) -> Any:
+    """The 8 seeded decoder ids per sample :func:`add_decoder_inputs` gives a batch of
+    ``batch``, or None where the model needs none (no encoder-decoder, or ``kwargs``, the
+    ``--kwarg``s, give its decoder an input)."""
+    import torch
+
+    from pytest_modelhooks.inputs import decoder_inputs
+
+    if not decoder_inputs(model, kwargs):
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, 8), generator=generator).to(device)
 
 
 def default_batch_dim(model: Any) -> int:

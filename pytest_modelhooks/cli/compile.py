@@ -6,12 +6,14 @@ allowances."""
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from pytest_modelhooks.cli.common import (
     SHAPE_FORMS,
     UsageError,
     add_decoder_inputs,
+    decoder_ids,
     default_input_size,
     dumps,
     parse_shape,
@@ -68,6 +70,27 @@ def _count(text: str | None, option: str) -> int | None:
     return value
 
 
+def _with_decoder_ids(
+    model: Any, args: argparse.Namespace, batches: list[Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """An encoder-decoder's decoder ids: those of the first batch in ``args.kwargs`` (for the
+    graph breaks and the export), and for the recompilations, where the batch sizes differ,
+    each call as its keyword inputs with decoder ids of its own batch size. Returns the calls
+    and the keyword arguments they share."""
+    from pytest_modelhooks.inputs import forward_parameter_names
+
+    sizes = list(dict.fromkeys(batch.shape[0] for batch in batches))
+    add_decoder_inputs(model, args, sizes[0], NAME)
+    if len(sizes) == 1 or "decoder_input_ids" not in args.kwargs:
+        return batches, args.kwargs
+    shared = {name: value for name, value in args.kwargs.items() if name != "decoder_input_ids"}
+    ids = {size: decoder_ids(model, shared, size, args.seed, args.device) for size in sizes}
+    later = ", ".join(f"{size},8" for size in sizes[1:])
+    print(f"modelhooks {NAME}: decoder_input_ids of {later} for the later inputs' batches", file=sys.stderr)
+    first = forward_parameter_names(model, positional=True)[0]  # (the input a batch fills)
+    return [{first: batch, "decoder_input_ids": ids[batch.shape[0]]} for batch in batches], shared
+
+
 def run(model: Any, args: argparse.Namespace) -> int:
     from pytest_modelhooks.compile import export_problems, graph_breaks, recompiles
     from pytest_modelhooks.findings import format_findings
@@ -77,12 +100,11 @@ def run(model: Any, args: argparse.Namespace) -> int:
     most = _count(args.max_recompiles, "--max-recompiles")
     args.input_size = args.input_size or [default_input_size(model, (2,), NAME, args.kwargs)]
     shapes = [parse_shape(text, "--input-size") for text in args.input_size]
-    if len({shape[0] for shape in shapes}) == 1:  # (one batch size: one set of decoder ids fits all)
-        add_decoder_inputs(model, args, shapes[0][0], NAME)
     dynamic = DYNAMIC[args.dynamic] if args.dynamic else None
     batches = [random_batch(model, shape, args.seed, args.device) for shape in shapes]
+    calls, shared = _with_decoder_ids(model, args, batches)
     found = graph_breaks(model, batches[0], dynamic=dynamic, **args.kwargs)
-    again = recompiles(model, *batches, dynamic=dynamic, **args.kwargs) if len(batches) > 1 else []
+    again = recompiles(model, *calls, dynamic=dynamic, **shared) if len(batches) > 1 else []
     exported: dict[str, list[Any]] = {}
     export_shapes = "batch" if args.dynamic == "batch" else None
     for wanted, to in ((args.export, "torch"), (args.onnx, "onnx")):

@@ -842,6 +842,24 @@ def test_an_encoder_decoder_is_given_decoder_ids_for_its_batch(
     assert "specify either decoder_input_ids" in capsys.readouterr().err
 
 
+def test_an_encoder_decoder_compiled_at_two_batch_sizes_gets_decoder_ids_for_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["compile", "cli_models:Seq2Seq", "--input-size", "2,6", "--input-size", "3,6", "--format", "json"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "modelhooks compile: decoder_input_ids of 2,8 for the encoder-decoder's decoder",
+        "modelhooks compile: decoder_input_ids of 3,8 for the later inputs' batches",
+    ]
+    found = json.loads(out)
+    assert found["graph_breaks"] == 0
+    # the second call recompiles for its batch, decoder ids included, and runs
+    (again,) = found["recompilations"]
+    assert again["batch"] == 1
+    assert "(3, 6)" in again["note"] and "(3, 8)" in again["note"]
+
+
 def test_a_made_batch_is_laid_out_as_a_sequence_first_rnn_reads_it(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
