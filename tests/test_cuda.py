@@ -266,6 +266,22 @@ def test_cpu_and_cuda_runs_agree_layer_by_layer_and_a_cuda_only_bug_is_named() -
     assert (finding.layer, finding.layer_type) == ("1", "OnlyOnCuda")
 
 
+def test_a_decoder_given_a_filled_cache_agrees_with_its_cuda_run() -> None:
+    # each attention call's cache is copied onto the GPU with the block it runs again
+    transformers = pytest.importorskip("transformers")
+    from pytest_modelhooks.divergence import first_divergence
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    past = model(torch.randint(0, 64, (1, 6))).past_key_values
+    assert past.get_seq_length() == 6
+    found = first_divergence(
+        model, torch.randint(0, 64, (1, 2)), past_key_values=past, against="cuda", rtol=1e-3, atol=1e-4
+    )
+    assert found == []
+
+
 def test_held_reductions_on_cuda_match_the_ones_in_each_hook(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU outputs are held to the batch's end and gradients to the backward's end; the
     numbers are those of reducing each tensor in its hook, with channels_last and bf16 too."""

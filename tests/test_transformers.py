@@ -254,3 +254,19 @@ def test_encoder_decoders_agree_with_their_bf16_run(name: str) -> None:
     model = _encoder_decoder(name).eval()
     ids = torch.randint(0, 500, (2, 8))
     assert first_divergence(model, ids, against="bf16", decoder_input_ids=ids) == []
+
+
+@pytest.mark.parametrize("against", ["bf16", "again"])
+def test_a_decoder_given_the_cache_of_an_earlier_forward_agrees_with_itself(
+    gpt2: torch.nn.Module, against: str
+) -> None:
+    # a cache filled with gradients on holds tensors autograd made, which deepcopy refuses;
+    # a second run given the cache the first one grew would see later positions
+    from pytest_modelhooks.divergence import first_divergence
+
+    past = gpt2(torch.randint(0, 100, (1, 6))).past_key_values
+    assert past.layers[0].keys.grad_fn is not None
+    with untouched(gpt2):
+        found = first_divergence(gpt2, torch.randint(0, 100, (1, 2)), past_key_values=past, against=against)
+    assert found == []
+    assert past.get_seq_length() == 6  # the user's cache as it was

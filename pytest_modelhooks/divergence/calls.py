@@ -47,28 +47,68 @@ def _is_cache(value: Any) -> bool:
     )
 
 
-def fresh_caches(inputs: Any) -> Any:
+def fresh_caches(inputs: Any, convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """``inputs`` (a call's args tuple or kwargs dict) with a copy of each cache in it, so that
-    running the call again leaves the recorded one as it was.
+    running the call again leaves the recorded one as it was; with ``convert``, the tensors
+    inside each copy converted too (moved to CUDA with the model the call runs on again).
 
     >>> class Cache:
+    ...     def __init__(self): self.keys = [torch.zeros(1)]
     ...     def get_seq_length(self): return 0
     >>> stored = {"cache": Cache()}
-    >>> fresh_caches(stored)["cache"] is stored["cache"]
-    False
+    >>> fresh = fresh_caches(stored, convert=lambda t: t.double())
+    >>> fresh["cache"] is stored["cache"], fresh["cache"].keys[0].dtype
+    (False, torch.float64)
     """
+
+    def copied(value: Any) -> Any:
+        return _copy_cache(value, convert) if _is_cache(value) else value
+
     if isinstance(inputs, dict):
-        return {key: copy.deepcopy(value) if _is_cache(value) else value for key, value in inputs.items()}
+        return {key: copied(value) for key, value in inputs.items()}
     if isinstance(inputs, tuple):
-        return tuple(copy.deepcopy(value) if _is_cache(value) else value for value in inputs)
+        return tuple(copied(value) for value in inputs)
     return inputs
+
+
+def _copy_cache(cache: Any, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
+    """A deep copy of ``cache`` with its tensors detached, cloned and converted. ``deepcopy``
+    alone refuses a tensor autograd made (a cache filled by a forward with gradients on), and
+    a cache has no ``.to()``: each tensor is found first and handed to ``deepcopy`` through its
+    memo, and so is each ``device`` the cache keeps beside them (a layer made on the fly reads it)."""
+    tensors: dict[int, torch.Tensor] = {}
+    devices: list[torch.device] = []
+    moved: dict[torch.device, torch.device] = {}
+    seen: set[int] = set()
+    stack = [cache]
+    while stack:  # (deepcopy's own walk: containers and instances' attributes, cycles once)
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            copy_ = value.detach().clone()
+            tensors[id(value)] = copy_ if convert is None else convert(copy_)
+            moved[value.device] = tensors[id(value)].device
+        elif isinstance(value, torch.device):
+            devices.append(value)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif not isinstance(value, (type, nn.Module)) and hasattr(value, "__dict__"):
+            stack.extend(vars(value).values())
+    memo: dict[int, Any] = dict(tensors)
+    memo.update({id(device): moved[device] for device in devices if device in moved})
+    return copy.deepcopy(cache, memo)
 
 
 def record_calls(
     model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, run: Any = None
 ) -> list[Call]:
     """Every module call of ``(run or model)(*args, **kwargs)`` in the order they start, with
-    copies of their inputs and outputs (hooks removed after)."""
+    copies of their inputs and outputs (hooks removed after). A cache among the inputs is
+    copied first: each run starts from the cache as given, and the caller's is left as it was."""
     calls: list[Call] = []
     stack: list[int] = []
     counts: dict[str, int] = {}
@@ -100,7 +140,7 @@ def record_calls(
         handles.append(module.register_forward_hook(post, with_kwargs=True))
     try:
         with torch.no_grad():
-            (model if run is None else run)(*args, **kwargs)
+            (model if run is None else run)(*fresh_caches(args), **fresh_caches(kwargs))
     finally:
         for handle in handles:
             handle.remove()

@@ -91,37 +91,39 @@ def difference(
 
 
 Context = Callable[[], AbstractContextManager[Any]]
+#: how a tensor of the reference inputs is converted for the variant a module runs again on
+Convert = Callable[[torch.Tensor], torch.Tensor]
 #: The dtype each autocast comparison runs in: its rounding sets the tolerance.
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _variant(against: Any, model: nn.Module) -> tuple[nn.Module, Context, Any]:
+def _variant(against: Any, model: nn.Module) -> tuple[nn.Module, Context, Convert | None]:
     """For an isolated comparison: the model to run each module of, the context to run it in,
-    and how to convert the reference inputs for it."""
+    and how to convert each tensor of the reference inputs for it (None: as they are)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if against in AUTOCAST:
         dtype = AUTOCAST[against]
-        return model, lambda: torch.autocast(device.type, dtype=dtype), lambda value: value
+        return model, lambda: torch.autocast(device.type, dtype=dtype), None
     if against == "channels_last":
         converted = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-        def to_channels_last(value: Any) -> Any:
-            return map_tensors(
-                value, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-            )
-
-        return converted, nullcontext, to_channels_last
+        return (
+            converted,
+            nullcontext,
+            lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t,
+        )
     if against == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("against='cuda': CUDA is not available here")
-        return copy.deepcopy(model).cuda(), nullcontext, lambda value: map_tensors(value, lambda t: t.cuda())
+        return copy.deepcopy(model).cuda(), nullcontext, lambda t: t.cuda()
     assert isinstance(against, nn.Module)
-    return against, nullcontext, lambda value: value
+    return against, nullcontext, None
 
 
-def _rerun(call: Call, model: nn.Module, context: Context, convert: Any) -> Any:
+def _rerun(call: Call, model: nn.Module, context: Context, convert: Convert | None) -> Any:
     module = model.get_submodule(call.name) if call.name else model
-    args, kwargs = convert(fresh_caches(call.args)), convert(fresh_caches(call.kwargs))
+    args, kwargs = fresh_caches(call.args, convert), fresh_caches(call.kwargs, convert)
+    if convert is not None:  # (the tensors in a cache are converted with its copy)
+        args, kwargs = map_tensors(args, convert), map_tensors(kwargs, convert)
     with context(), torch.no_grad():
         return module(*args, **kwargs)
 

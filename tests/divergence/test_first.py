@@ -129,6 +129,24 @@ def test_a_module_given_a_cache_is_run_again_on_the_cache_as_it_stood() -> None:
     assert [finding.layer for finding in found] == ["scale"]
 
 
+def test_the_tensors_in_a_cache_are_converted_with_its_copy() -> None:
+    # a cache has no .to(): run again on CUDA, each layer's keys and values go with the copy
+    transformers = pytest.importorskip("transformers")
+    from pytest_modelhooks.divergence.calls import fresh_caches
+
+    cache = transformers.DynamicCache()
+    weight = torch.ones(1, requires_grad=True)
+    for layer in range(2):  # (filled with gradients on: tensors autograd made)
+        cache.update(torch.randn(1, 2, 5, 4) * weight, torch.randn(1, 2, 5, 4) * weight, layer)
+    call = (torch.ones(1), cache)
+    _, fresh = fresh_caches(call, convert=lambda t: t.double())
+    assert fresh is not cache and fresh.get_seq_length() == 5
+    assert [(layer.keys.dtype, layer.values.dtype) for layer in fresh.layers] == [(torch.float64,) * 2] * 2
+    assert {layer.keys.dtype for layer in cache.layers} == {torch.float32}  # the recorded one as it was
+    assert torch.equal(fresh.layers[1].keys, cache.layers[1].keys.detach().double())
+    assert fresh.layers[1].keys.grad_fn is None
+
+
 def test_dropout_left_on_in_eval_is_named_by_a_second_run() -> None:
     torch.manual_seed(0)
     model = GPT(Bugs(eval_dropout=True)).eval()
