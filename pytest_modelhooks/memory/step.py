@@ -257,9 +257,14 @@ def _fake_converter(fake: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     meta tensor has no autocast, and its fake would be meta too)."""
 
     def convert(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type != "meta":
-            return fake.from_tensor(tensor)  # type: ignore[no-any-return]
-        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+        if tensor.device.type == "meta":
+            return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+        stand_in = fake.from_tensor(tensor)
+        if stand_in.untyped_storage().nbytes() != stand_in.numel() * stand_in.element_size():
+            # a view of a larger tensor (``batch[:2]``) or an expanded one gets a storage of
+            # its own, as the real engine's copy does: the step is that of the tensor given
+            return stand_in.clone()  # type: ignore[no-any-return]
+        return stand_in  # type: ignore[no-any-return]
 
     return convert
 

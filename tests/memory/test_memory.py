@@ -152,6 +152,23 @@ def test_the_fake_step_measures_what_a_real_step_allocates(name: str, optimizer:
     assert all(param.grad is None for param in model.parameters())
 
 
+@pytest.mark.parametrize("given", ["a slice", "an expanded sample"])
+def test_a_batch_that_is_a_view_is_measured_as_the_tensor_given(given: str) -> None:
+    # the first convolution saves its input: a slice of a larger batch is the slice's bytes,
+    # as the real engine's copy of it is, not those of the batch it was cut from
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 16, 16))
+    batch = (
+        torch.randn(8, 3, 16, 16)[:2]
+        if given == "a slice"
+        else torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)
+    )
+    fake = model_memory(model, batch)
+    assert fake.to_dict() == model_memory(model, batch, engine="real").to_dict()
+    assert fake.to_dict() == model_memory(model, batch.clone()).to_dict()
+
+
 def test_an_lstm_on_the_cpu_saves_a_workspace_fake_tensors_do_not_know() -> None:
     """oneDNN's LSTM kernel (the real CPU step) keeps a workspace for backward; on fake tensors
     the LSTM runs as its reference cells. The difference is in the saved bytes of the LSTM only,
