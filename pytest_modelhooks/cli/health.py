@@ -151,10 +151,19 @@ def run(model: Any, args: argparse.Namespace) -> int:
             print(f"Gradient findings ({len(grad_findings)}):")
             print(format_findings(grad_findings, unit="step"))
         if not findings and not grad_findings:
-            print("No findings with these bounds.")
+            print(_nothing_found(bounds, args.train))
         for path in plots:
             print(f"plot: {path}")
     return 1 if findings or grad_findings else 0
+
+
+def _nothing_found(bounds: dict[str, Any], train: bool) -> str:
+    """What "no findings" means: with no bound given, only what is judged without one was."""
+    if any(value is not None for value in bounds.values()):
+        return "No findings with these bounds."
+    options = [bound.option for bound in BOUNDS.values() if train or bound.applies_to != "gradients"]
+    judged = "non-finite values" + (", unused and never-updated parameters" if train else "")
+    return f"No findings; no bound was given, so only {judged} were judged ({', '.join(options)} set bounds)."
 
 
 def _plots(stats: Any, grads: Any, args: argparse.Namespace, bounds: dict[str, Any]) -> list[str]:

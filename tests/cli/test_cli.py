@@ -220,6 +220,11 @@ def test_health_of_a_sound_model_exits_0(capsys: pytest.CaptureFixture[str]) -> 
     assert out.startswith("Activation statistics (mean over 3 batches)\n")
     assert "Gradient statistics (mean over 3 steps)" in out and "4.weight" in out
     assert out.rstrip().endswith("No findings with these bounds.")
+    # with no bound, what was judged is said: an exploding model passes only that far
+    assert main(["health", "cli_models:exploding", "--input-size", "16,32"]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith("No findings; no bound was given, so only non-finite values were judged (--std, ")
+    assert "--max-grad-norm" not in last  # (gradient bounds need --train)
 
 
 def test_health_names_each_bad_layer_and_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
