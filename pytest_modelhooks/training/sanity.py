@@ -247,6 +247,7 @@ def check_loss_at_init(
             loudest = _loudest_layer(model, args, kwargs)
             if loudest:
                 scale += f", and {loudest}"
+        scale += _eval_mode_norms(model)
     what = (
         "above" if judged > expected_value else "below" if math.isfinite(judged) else "not finite, not near"
     )
@@ -258,6 +259,28 @@ def check_loss_at_init(
     bound = f"{expected_value:.4g} +- {rtol:g}x"
     finding = Finding("", type(model).__name__, "loss at init", judged, bound, None, note)
     raise HealthError(f"loss-at-init check failed: {note}", [finding])
+
+
+def _eval_mode_norms(model: nn.Module) -> str:
+    """A hint where the model runs in eval mode with batch norms that never saw a batch: their
+    running statistics are still mean 0, variance 1, so they normalise nothing, and a deep net's
+    logits grow layer on layer (timm's Inception-v3 at init: a loss of 3e12)."""
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    fresh = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, norms)
+        and not module.training
+        and module.num_batches_tracked is not None
+        and int(module.num_batches_tracked) == 0
+    ]
+    if not fresh:
+        return ""
+    which = f"{len(fresh)} batch norms ({fresh[0]!r} first)" if len(fresh) > 1 else f"batch norm {fresh[0]!r}"
+    return (
+        f"; the model is in eval mode, and its {which} normalise with running statistics that "
+        "never saw a batch (mean 0, variance 1): check it in train mode, as its first step runs"
+    )
 
 
 def _perturbed(tensor: torch.Tensor, generator: torch.Generator, where: Any = None) -> torch.Tensor:

@@ -59,6 +59,27 @@ def test_healthy_models_pass_every_check_with_the_defaults(case: tuple[str, nn.M
     assert math.isfinite(loss)  # the loss on these labels (judged averaged over every label)
 
 
+def test_an_eval_mode_model_whose_batch_norms_never_saw_a_batch_is_told_to_check_in_train_mode() -> None:
+    # eval mode normalises with the initial running statistics (mean 0, variance 1): nothing
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1)]
+    for _ in range(6):
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.mul_(4)  # (each convolution grows the std: only a norm that works tames it)
+        layers += [conv, nn.BatchNorm2d(8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    pair = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    check_loss_at_init(model, pair)  # train mode, as the first step runs: chance
+    with untouched(model.eval()), pytest.raises(HealthError) as raised:
+        check_loss_at_init(model, pair)
+    assert "the model is in eval mode, and its 6 batch norms ('2' first) normalise" in str(raised.value)
+    model[2].num_batches_tracked += 1  # (a batch norm with statistics of its own is not counted)
+    with pytest.raises(HealthError) as raised:
+        check_loss_at_init(model, pair)
+    assert "its 5 batch norms ('5' first)" in str(raised.value)
+
+
 def test_a_language_models_logits_and_targets_need_no_loss_of_their_own() -> None:
     """nanoGPT's ``(logits, loss)`` output: cross-entropy gets the logits, (batch, length,
     vocab) against (batch, length), and chance is log(vocab)."""
