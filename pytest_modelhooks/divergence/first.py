@@ -3,7 +3,9 @@ beyond tolerance while its inputs agree, and the innermost such module inside it
 
 Against bf16/fp16 autocast, channels_last, CUDA or another model of the same structure, each
 module is run again on the reference run's own inputs (isolated): rounding that builds up over
-a deep network blames no layer, a layer wrong in itself (a ``.half()`` that overflows) is named.
+a deep network blames no layer (a block is named only where it still differs once the modules
+inside it return the reference values), a layer wrong in itself (a ``.half()`` that overflows)
+is named.
 Against the compiled model or the same model run again (dropout left on), both runs are
 recorded whole and compared call by call. Against stored fingerprints, each call's numbers are
 compared with those a snapshot pinned.
@@ -29,7 +31,12 @@ from pytest_modelhooks.errors import describe
 from pytest_modelhooks.findings import Finding, HealthError, format_findings
 from pytest_modelhooks.hooks.state import preserve_training_flags
 from pytest_modelhooks.inputs import check_model, with_forward_kwargs
-from pytest_modelhooks.tracing.state import buffers_kept, rng_kept
+from pytest_modelhooks.tracing.state import (
+    buffers_kept,
+    calibrate_batch_norms,
+    rng_kept,
+    untrained_batch_norms,
+)
 
 __all__ = ["AGAINST", "Difference", "check_same", "difference", "first_divergence"]
 
@@ -166,9 +173,63 @@ def _visit(
     children = [
         _visit(calls, child, variant, other, context, convert, tolerance, origins) for child in call.children
     ]
-    if not any(children):  # every child looked at
+    # every child looked at, none differs: the module's own code parts the runs, unless it
+    # agrees once its children return the reference values (their roundings built up)
+    if not any(children) and not _accumulated(calls, call, other, context, convert, tolerance):
         origins.append((call, found))
     return True
+
+
+def _accumulated(
+    calls: list[Call],
+    call: Call,
+    other: nn.Module,
+    context: Context,
+    convert: Convert | None,
+    tolerance: tuple[float | None, float | None, torch.dtype | None],
+) -> bool:
+    """Whether ``call`` differs only by what its children pass on, each within tolerance:
+    run again with every child's output replaced by the reference run's values (in the dtype,
+    device and layout the child gave, so that its own code takes the path it takes in the
+    variant: a ``.half()`` it applies still overflows), its output agrees. False where that
+    cannot be told (no children, one missing from the other model, another structure)."""
+    if not call.children:
+        return False
+    recorded: dict[str, list[Any]] = {}
+    for index in call.children:
+        recorded.setdefault(calls[index].name, []).append(calls[index].output)
+    if not all(_has(other, name) for name in recorded):
+        return False
+    fits = [True]
+
+    def replaced(module: nn.Module, args: Any, output: Any, outputs: list[Any]) -> Any:
+        if not outputs:
+            fits[0] = False
+            return None
+        values = [tensor for _, tensor in tensor_leaves(outputs.pop(0))]
+
+        def value(given: torch.Tensor) -> torch.Tensor:
+            if not values or values[0].shape != given.shape:
+                fits[0] = False
+                return given
+            return torch.empty_like(given).copy_(values.pop(0))
+
+        new = map_tensors(output, value)
+        fits[0] = fits[0] and not values
+        return new
+
+    handles = [
+        other.get_submodule(name).register_forward_hook(
+            lambda module, args, output, outputs=list(outputs): replaced(module, args, output, outputs)
+        )
+        for name, outputs in recorded.items()
+    ]
+    try:
+        rerun = _rerun(call, other, context, convert)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fits[0] and not difference(call.output, rerun, *tolerance).beyond
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -281,6 +342,9 @@ def first_divergence(
         stack.enter_context(buffers_kept(model))
         if isinstance(against, nn.Module) and against is not model:
             stack.enter_context(preserve_training_flags(against, eval_mode=True))
+            stack.enter_context(buffers_kept(against))
+        if not again and not isinstance(against, Fingerprints):
+            _calibrated(model, against, args, kwargs)
         torch.manual_seed(seed)
         calls = record_calls(model, args, kwargs)
         if isinstance(against, Fingerprints):
@@ -298,6 +362,27 @@ def first_divergence(
             origins = _isolated(calls, against, model, rtol, atol)
     named = _describe(against if against is not model else "again")
     return [_finding(model, call, found, named, _chain(calls, call)) for call, found in origins]
+
+
+def _calibrated(model: nn.Module, against: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Batch norms that never saw a batch take the statistics of this one (their buffers are
+    put back by the caller): in eval mode at init they normalise nothing, a deep network's
+    values grow to 1e11 (timm's Inception-v3, Visformer), and any rounding then parts the runs.
+    Another model's untrained norms of the same name take the reference's statistics, as a
+    checkpoint loaded into both would give them."""
+    names = calibrate_batch_norms(model, fresh_caches(args), fresh_caches(kwargs))
+    if not names or not isinstance(against, nn.Module) or against is model:
+        return
+    theirs = dict(untrained_batch_norms(against))
+    with torch.no_grad():
+        for name in names:
+            mine, other = model.get_submodule(name), theirs.get(name)
+            if other is None:
+                continue
+            for key, buffer in mine.named_buffers():
+                target = getattr(other, key, None)
+                if isinstance(target, torch.Tensor) and target.shape == buffer.shape:
+                    target.copy_(buffer)
 
 
 def check_same(model: nn.Module, *inputs: Any, against: Any, **options: Any) -> None:

@@ -145,3 +145,62 @@ def rng_kept(model: nn.Module, seed: int | None = None) -> Iterator[None]:
         if seed is not None:
             torch.manual_seed(seed)
         yield
+
+
+#: the batch norms whose running statistics a forward in train mode updates
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def untrained_batch_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The batch norms of ``model`` that keep running statistics and never saw a batch
+    (``num_batches_tracked`` 0): in eval mode they normalise with mean 0 and variance 1, that
+    is not at all, and a deep network at init grows its values layer on layer.
+
+    >>> [name for name, _ in untrained_batch_norms(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))]
+    ['1']
+    """
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, BATCH_NORMS)
+        and module.track_running_stats
+        and isinstance(module.num_batches_tracked, torch.Tensor)
+        and int(module.num_batches_tracked) == 0
+    ]
+
+
+def calibrate_batch_norms(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """Give each batch norm that never saw a batch the statistics of ``model(*args, **kwargs)``,
+    as a training step would: one forward under ``no_grad`` with those norms alone in train
+    mode, averaging over the batch (``momentum=None``). Returns their names; none where the
+    forward fails in train mode (a batch of one), their buffers then as they were. The caller
+    puts the buffers back (:func:`buffers_kept`); momentum and modes are put back here.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval()
+    >>> with buffers_kept(net):
+    ...     calibrate_batch_norms(net, (torch.randn(8, 2) + 5,), {})
+    ...     bool(net[1].running_mean.abs().sum() > 0)
+    ['1']
+    True
+    """
+    norms = untrained_batch_norms(model)
+    if not norms:
+        return []
+    saved: list[tuple[Any, Any, bool]] = [(module, module.momentum, module.training) for _, module in norms]
+    before = [(buffer, buffer.detach().clone()) for _, module in norms for buffer in module.buffers()]
+    try:
+        for module, _, _ in saved:
+            module.momentum = None  # (a cumulative average: after one batch, its statistics)
+            module.train()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except (RuntimeError, ValueError):  # "Expected more than 1 value per channel when training"
+        with torch.no_grad():
+            for buffer, value in before:
+                buffer.copy_(value)
+        return []
+    finally:
+        for module, momentum, training in saved:
+            module.momentum = momentum
+            module.train(training)
+    return [name for name, _ in norms]

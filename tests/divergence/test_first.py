@@ -147,6 +147,83 @@ def test_the_tensors_in_a_cache_are_converted_with_its_copy() -> None:
     assert fresh.layers[1].keys.grad_fn is None
 
 
+def test_differences_that_build_up_inside_a_block_blame_no_layer() -> None:
+    # each layer of the refactor is within tolerance (3e-6 relative); ten of them are not:
+    # the blocks differ, but not by their own code, so nothing is named
+    torch.manual_seed(0)
+
+    def deep() -> nn.Sequential:
+        def block() -> nn.Sequential:
+            layers = [nn.Linear(16, 16, bias=False) for _ in range(10)]
+            for layer in layers:
+                nn.init.orthogonal_(layer.weight)
+            return nn.Sequential(*layers)
+
+        return nn.Sequential(block(), block())
+
+    before, after = deep(), deep()
+    after.load_state_dict(before.state_dict())
+    with torch.no_grad():
+        for param in after.parameters():
+            param.mul_(1 + 3e-6)
+    batch = torch.randn(4, 16)
+    assert not torch.allclose(before(batch), after(batch), rtol=1.3e-6, atol=1e-5)  # (they part)
+    with untouched(before), untouched(after):
+        assert first_divergence(before, batch, against=after) == []
+    # a block whose own code changed is still named, inside the blocks that differ by it
+    after[1].forward = lambda x: nn.Sequential.forward(after[1], x) * 1.01  # type: ignore[method-assign]
+    (finding,) = first_divergence(before, batch, against=after)
+    assert finding.layer == "1"
+
+
+class PeakedAttention(nn.Module):
+    """Attention over an image's positions: smooth on normalised values, a one-hot softmax,
+    where any rounding moves the peak, on values in the hundreds."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        return torch.softmax(tokens @ tokens.transpose(1, 2) / tokens.shape[-1], -1) @ tokens
+
+
+def normed_attention() -> nn.Sequential:
+    """Each convolution multiplies the std by ~3, which only batch norms that work undo."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1)]
+    for _ in range(6):
+        conv = nn.Conv2d(8, 8, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.mul_(8)
+        layers += [conv, nn.BatchNorm2d(8), nn.ReLU()]
+    return nn.Sequential(*layers, PeakedAttention()).eval()
+
+
+@pytest.mark.parametrize("against", ["bf16", "fp16"])
+def test_batch_norms_that_never_saw_a_batch_take_its_statistics_first(against: str) -> None:
+    # in eval mode at init a batch norm normalises nothing: values reach ~160, and the
+    # attention's softmax turns on rounding; normalised, as in a training step, it agrees
+    model, batch = normed_attention(), torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert float(model[:-1](batch).std()) > 100
+    with untouched(model):
+        assert first_divergence(model, batch, against=against) == []
+    assert all(norm.momentum == 0.1 for norm in model.modules() if isinstance(norm, nn.BatchNorm2d))
+    for norm in model.modules():  # statistics of its own, though they are the initial ones
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.num_batches_tracked += 1
+    (finding,) = first_divergence(model, batch, against=against)
+    assert finding.layer_type == "PeakedAttention"
+
+
+def test_a_refactor_with_untrained_batch_norms_takes_the_same_statistics() -> None:
+    # calibrated on its own activations, each of the refactor's norms would differ by a little
+    model, twin, batch = normed_attention(), normed_attention(), torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        twin[1].weight.mul_(1.001)  # the refactor's one change
+    with untouched(model), untouched(twin):
+        found = first_divergence(model, batch, against=twin)
+    assert [finding.layer for finding in found] == ["1"]
+
+
 def test_dropout_left_on_in_eval_is_named_by_a_second_run() -> None:
     torch.manual_seed(0)
     model = GPT(Bugs(eval_dropout=True)).eval()
