@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -219,9 +220,7 @@ def _accumulated(
         return new
 
     handles = [
-        other.get_submodule(name).register_forward_hook(
-            lambda module, args, output, outputs=list(outputs): replaced(module, args, output, outputs)
-        )
+        other.get_submodule(name).register_forward_hook(partial(replaced, outputs=list(outputs)))
         for name, outputs in recorded.items()
     ]
     try:
@@ -367,7 +366,8 @@ def first_divergence(
 def _calibrated(model: nn.Module, against: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Batch norms that never saw a batch take the statistics of this one (their buffers are
     put back by the caller): in eval mode at init they normalise nothing, a deep network's
-    values grow to 1e11 (timm's Inception-v3, Visformer), and any rounding then parts the runs.
+    values grow (to the hundreds in timm's Visformer, to 1e11 in its Inception-v3), and any
+    rounding then parts the runs.
     Another model's untrained norms of the same name take the reference's statistics, as a
     checkpoint loaded into both would give them."""
     names = calibrate_batch_norms(model, fresh_caches(args), fresh_caches(kwargs))
