@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -136,6 +136,22 @@ def _rerun(call: Call, model: nn.Module, context: Context, convert: Convert | No
         return module(*args, **kwargs)
 
 
+@dataclass
+class _Search:
+    """What the isolated search carries: the recorded calls, the variant and how to run a
+    module in it, the tolerance, the origins found, and the variant's outputs of the calls
+    looked at (a parent's stand-ins for its children take their dtype, device and layout)."""
+
+    calls: list[Call]
+    variant: Any
+    other: nn.Module
+    context: Context
+    convert: Convert | None
+    tolerance: tuple[float | None, float | None, torch.dtype | None]
+    origins: list[tuple[Call, Difference]] = field(default_factory=list)
+    outputs: dict[int, Any] = field(default_factory=dict)
+
+
 def _isolated(
     calls: list[Call], variant: Any, model: nn.Module, rtol: float | None, atol: float | None
 ) -> list[tuple[Call, Difference]]:
@@ -143,92 +159,96 @@ def _isolated(
     differs is searched for the innermost children that differ too; those with none are the
     origins, in execution order."""
     other, context, convert = _variant(variant, model)
-    origins: list[tuple[Call, Difference]] = []
     precision = AUTOCAST.get(variant) if isinstance(variant, str) else None
+    search = _Search(calls, variant, other, context, convert, (rtol, atol, precision))
     for index, call in enumerate(calls):
         if call.parent is None:
-            _visit(calls, index, variant, other, context, convert, (rtol, atol, precision), origins)
+            _visit(search, index)
+            search.outputs.clear()
     order = {id(call): index for index, call in enumerate(calls)}
-    return sorted(origins, key=lambda pair: order[id(pair[0])])
+    return sorted(search.origins, key=lambda pair: order[id(pair[0])])
 
 
-def _visit(
-    calls: list[Call],
-    index: int,
-    variant: Any,
-    other: nn.Module,
-    context: Context,
-    convert: Any,
-    tolerance: tuple[float | None, float | None, torch.dtype | None],
-    origins: list[tuple[Call, Difference]],
-) -> bool:
-    """Whether ``calls[index]`` differs; appends it to ``origins`` when none of its children
-    does. (A function, not a closure that calls itself: that closure is a reference cycle
-    holding every recorded output until a garbage collection.)"""
-    call = calls[index]
-    if isinstance(variant, nn.Module) and call.name and not _has(other, call.name):
+def _visit(search: _Search, index: int) -> bool:
+    """Whether ``calls[index]`` differs; appends it to the origins when none of its children
+    does and its own code parts the runs. (A function, not a closure that calls itself: that
+    closure is a reference cycle holding every recorded output until a garbage collection.)"""
+    call = search.calls[index]
+    if isinstance(search.variant, nn.Module) and call.name and not _has(search.other, call.name):
         return False
-    found = difference(call.output, _rerun(call, other, context, convert), *tolerance)
+    output = _rerun(call, search.other, search.context, search.convert)
+    search.outputs[index] = output
+    found = difference(call.output, output, *search.tolerance)
     if not found.beyond:
         return False
-    children = [
-        _visit(calls, child, variant, other, context, convert, tolerance, origins) for child in call.children
-    ]
+    children = [_visit(search, child) for child in call.children]
     # every child looked at, none differs: the module's own code parts the runs, unless it
     # agrees once its children return the reference values (their roundings built up)
-    if not any(children) and not _accumulated(calls, call, other, context, convert, tolerance):
-        origins.append((call, found))
+    if not any(children) and not _accumulated(search, index):
+        search.origins.append((call, found))
+    for child in call.children:  # (held only while their parent is judged)
+        search.outputs.pop(child, None)
     return True
 
 
-def _accumulated(
-    calls: list[Call],
-    call: Call,
-    other: nn.Module,
-    context: Context,
-    convert: Convert | None,
-    tolerance: tuple[float | None, float | None, torch.dtype | None],
-) -> bool:
-    """Whether ``call`` differs only by what its children pass on, each within tolerance:
-    run again with every child's output replaced by the reference run's values (in the dtype,
-    device and layout the child gave, so that its own code takes the path it takes in the
-    variant: a ``.half()`` it applies still overflows), its output agrees. False where that
-    cannot be told (no children, one missing from the other model, another structure)."""
-    if not call.children:
+def _accumulated(search: _Search, index: int) -> bool:
+    """Whether ``calls[index]`` differs only by what its children pass on, each within
+    tolerance: its own code run again, each child standing in with the reference run's values
+    in the dtype, device and layout of the child's output in the variant (so that the parent
+    takes the path it takes there: a ``.half()`` it applies still overflows), agrees. The
+    children are not run again. False where that cannot be told (no children, one not looked
+    at or missing from the other model)."""
+    call = search.calls[index]
+    if not call.children or not all(child in search.outputs for child in call.children):
         return False
-    recorded: dict[str, list[Any]] = {}
-    for index in call.children:
-        recorded.setdefault(calls[index].name, []).append(calls[index].output)
-    if not all(_has(other, name) for name in recorded):
+    queued: dict[str, list[Any]] = {}
+    for child in call.children:
+        reference, formed = search.calls[child].output, search.outputs[child]
+        queued.setdefault(search.calls[child].name, []).append(_in_form(reference, formed))
+    if any(stand_in is None for stand_ins in queued.values() for stand_in in stand_ins):
         return False
-    fits = [True]
+    with _standing_in(search.other, queued) as fits:
+        output = _rerun(call, search.other, search.context, search.convert)
+    return fits[0] and not difference(call.output, output, *search.tolerance).beyond
 
-    def replaced(module: nn.Module, args: Any, output: Any, outputs: list[Any]) -> Any:
+
+def _in_form(reference: Any, formed: Any) -> Any:
+    """``reference``'s values in ``formed``'s structure, dtypes, devices and layouts; None
+    where their leaves do not pair up."""
+    values = [tensor for _, tensor in tensor_leaves(reference)]
+    shapes = [tensor.shape for _, tensor in tensor_leaves(formed)]
+    if [value.shape for value in values] != shapes:
+        return None
+    values.reverse()
+    return map_tensors(formed, lambda given: torch.empty_like(given).copy_(values.pop()))
+
+
+@contextmanager
+def _standing_in(model: nn.Module, queued: dict[str, list[Any]]) -> Iterator[list[bool]]:
+    """Each named module of ``model`` returns its queued outputs in turn instead of running;
+    yields a flag that turns False where one is called more often than it has outputs. The
+    modules' own ``forward`` (an instance's, where one was set) is put back after."""
+    fits = [True]
+    saved: list[tuple[nn.Module, Any]] = []
+
+    def stand_in(outputs: list[Any], *args: Any, **kwargs: Any) -> Any:
         if not outputs:
             fits[0] = False
             return None
-        values = [tensor for _, tensor in tensor_leaves(outputs.pop(0))]
+        return outputs.pop(0)
 
-        def value(given: torch.Tensor) -> torch.Tensor:
-            if not values or values[0].shape != given.shape:
-                fits[0] = False
-                return given
-            return torch.empty_like(given).copy_(values.pop(0))
-
-        new = map_tensors(output, value)
-        fits[0] = fits[0] and not values
-        return new
-
-    handles = [
-        other.get_submodule(name).register_forward_hook(partial(replaced, outputs=list(outputs)))
-        for name, outputs in recorded.items()
-    ]
     try:
-        rerun = _rerun(call, other, context, convert)
+        for name, outputs in queued.items():
+            module = model.get_submodule(name)
+            saved.append((module, vars(module).get("forward")))
+            module.forward = partial(stand_in, outputs)
+        yield fits
     finally:
-        for handle in handles:
-            handle.remove()
-    return fits[0] and not difference(call.output, rerun, *tolerance).beyond
+        for module, forward in saved:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _has(model: nn.Module, name: str) -> bool:
