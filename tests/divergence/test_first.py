@@ -3,12 +3,15 @@ with the defaults, and stored fingerprints name the layer a change moved."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from pytest_modelhooks import HealthError
 from pytest_modelhooks.divergence import Fingerprints, check_same, fingerprints, first_divergence
+from pytest_modelhooks.divergence.first import difference
 from pytest_modelhooks.report.text import snapshot_text
 from tests import zoo
 from tests.architectures import GPT, Bugs, ConvNeXt
@@ -174,6 +177,25 @@ def test_differences_that_build_up_inside_a_block_blame_no_layer() -> None:
     after[1].forward = lambda x: nn.Sequential.forward(after[1], x) * 1.01  # type: ignore[method-assign]
     (finding,) = first_divergence(before, batch, against=after)
     assert finding.layer == "1"
+
+
+def test_the_modules_standing_in_for_their_outputs_get_their_own_forward_back() -> None:
+    # two layers each within tolerance of the refactor's, the model they make up beyond it
+    torch.manual_seed(0)
+    before = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False))
+    for layer in before:
+        nn.init.orthogonal_(layer.weight)
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        for param in after.parameters():
+            param.mul_(1 + 3e-6)
+    forward = after[0].forward
+    after[0].forward = forward  # type: ignore[method-assign]  # (an instance's own forward)
+    batch = torch.randn(64, 16)
+    assert difference(before(batch), after(batch), None, None).beyond  # (the model parts)
+    with untouched(before), untouched(after):
+        assert first_divergence(before, batch, against=after) == []
+    assert vars(after[0])["forward"] is forward and "forward" not in vars(after[1])
 
 
 class PeakedAttention(nn.Module):
