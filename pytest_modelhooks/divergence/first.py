@@ -390,6 +390,8 @@ def _calibrated(model: nn.Module, against: Any, args: tuple[Any, ...], kwargs: d
     rounding then parts the runs.
     Another model's untrained norms of the same name take the reference's statistics, as a
     checkpoint loaded into both would give them."""
+    if not untrained_batch_norms(model):
+        return  # (nothing to calibrate: no cache copied for it)
     names = calibrate_batch_norms(model, fresh_caches(args), fresh_caches(kwargs))
     if not names or not isinstance(against, nn.Module) or against is model:
         return

@@ -23,7 +23,7 @@ from pytest_modelhooks.inputs import (
     normalise_input,
     with_forward_kwargs,
 )
-from pytest_modelhooks.tracing.state import buffers_kept, rng_kept
+from pytest_modelhooks.tracing.state import buffers_kept, rng_kept, untrained_batch_norms
 
 __all__ = ["check_loss_at_init", "check_uses_input", "input_use", "scalar_loss", "split_batch"]
 
@@ -265,15 +265,7 @@ def _eval_mode_norms(model: nn.Module) -> str:
     """A hint where the model runs in eval mode with batch norms that never saw a batch: their
     running statistics are still mean 0, variance 1, so they normalise nothing, and a deep net's
     logits grow layer on layer (timm's Inception-v3 at init: a loss of 3e12)."""
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-    fresh = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, norms)
-        and not module.training
-        and module.num_batches_tracked is not None
-        and int(module.num_batches_tracked) == 0
-    ]
+    fresh = [name for name, module in untrained_batch_norms(model) if not module.training]
     if not fresh:
         return ""
     which = f"{len(fresh)} batch norms ({fresh[0]!r} first)" if len(fresh) > 1 else f"batch norm {fresh[0]!r}"
