@@ -198,6 +198,43 @@ def test_the_modules_standing_in_for_their_outputs_get_their_own_forward_back() 
     assert vars(after[0])["forward"] is forward and "forward" not in vars(after[1])
 
 
+class Twice(nn.Module):
+    """One layer called twice: its stand-ins are handed out in call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(16, 16, bias=False)
+        nn.init.orthogonal_(self.layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.layer(x))
+
+
+def test_a_module_called_twice_inside_a_block_stands_in_for_each_call() -> None:
+    torch.manual_seed(0)
+    before = Twice()
+    after = copy.deepcopy(before)
+    with torch.no_grad():
+        after.layer.weight.mul_(1 + 3e-6)
+    batch = torch.randn(64, 16)
+    assert difference(before(batch), after(batch), None, None).beyond  # (the block parts)
+    with untouched(before), untouched(after):
+        assert first_divergence(before, batch, against=after) == []
+    after.forward = lambda x: after.layer(after.layer(x)) * 1.01  # type: ignore[method-assign]
+    assert [finding.layer for finding in first_divergence(before, batch, against=after)] == [""]
+
+
+def test_a_forward_that_fails_after_the_batch_norms_leaves_them_as_they_were() -> None:
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise TypeError("the model's own bug")
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), Fails()).eval()
+    with untouched(model), pytest.raises(TypeError, match="the model's own bug"):
+        first_divergence(model, torch.randn(2, 3, 8, 8), against="bf16")
+    assert model[1].momentum == 0.1 and not model[1].training
+
+
 class PeakedAttention(nn.Module):
     """Attention over an image's positions: smooth on normalised values, a one-hot softmax,
     where any rounding moves the peak, on values in the hundreds."""
