@@ -126,6 +126,19 @@ def test_real_architectures_are_batch_independent_and_decoders_causal(name: str)
         assert found == []
 
 
+def test_t5_with_as_many_samples_as_heads_is_batch_independent() -> None:
+    # its relative position bias, (1, heads, T, T), made from (T, T) buckets, has one axis as
+    # long as a batch of 4: that is its heads, shared by every sample
+    from pytest_modelhooks import batch_leaks
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=64, num_layers=2, num_heads=4, d_ff=128, d_kv=16, vocab_size=500)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 500, (4, 12))
+    with untouched(model):
+        assert batch_leaks(model, ids, output="logits", decoder_input_ids=ids) == []
+
+
 def _first_output(output: object) -> torch.Tensor:
     for field in ("logits", "last_hidden_state"):
         if hasattr(output, field):

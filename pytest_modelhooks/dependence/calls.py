@@ -31,6 +31,9 @@ class ModuleCall:
     module: nn.Module
     inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
+    # the shapes of the integer tensors it was given (token ids, or position buckets that no
+    # sample's input reaches): where a module turns indices into floats, they say if it is batched
+    index_shapes: list[tuple[int, ...]]
 
 
 def _grad_leaves(obj: Any) -> list[torch.Tensor]:
@@ -134,7 +137,11 @@ def recorded_run(
 
     def enter(call_args: Any, call_kwargs: Any) -> tuple[Any, Any, Any]:
         call_args, call_kwargs = map_tensors(call_args, entered), map_tensors(call_kwargs, entered)
-        return call_args, call_kwargs, _grad_leaves((call_args, call_kwargs))
+        given = (call_args, call_kwargs)
+        indices = [
+            tuple(t.shape) for _, t in tensor_leaves(given) if not (t.is_floating_point() or t.is_complex())
+        ]
+        return call_args, call_kwargs, (_grad_leaves(given), indices)
 
     args, kwargs = map_tensors(args, with_grad), map_tensors(kwargs, with_grad)
     log = CallLog(hookable(model, modules, default="all"), enter, _grad_leaves)
@@ -148,8 +155,8 @@ def recorded_run(
             output = model(*args, **kwargs)
             log.recording = False  # a recomputation in the backward replaces inputs alike
             calls = [
-                ModuleCall(name, label, type(module).__name__, module, inputs, outputs)
-                for name, label, module, inputs, outputs in log.calls
+                ModuleCall(name, label, type(module).__name__, module, inputs, outputs, indices)
+                for name, label, module, (inputs, indices), outputs in log.calls
             ]
             yield output, calls
     finally:

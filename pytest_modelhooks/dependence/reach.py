@@ -62,12 +62,17 @@ _CLEAN = _Reach(True, [], 0.0)
 _UNSEEN = _Reach(True, [], 0.0, seen=False)
 
 
-def _axis(tensor: torch.Tensor, preferred: int, size: int) -> int | None:
-    """The axis of ``tensor`` that is the checked one: ``preferred`` where its size fits,
-    else the only axis of that size (a sequence-first layer inside a batch-first model)."""
-    if tensor.dim() > preferred and tensor.shape[preferred] == size:
+def _axis(shape: Sequence[int], preferred: int, size: int, broadcast: bool = False) -> int | None:
+    """The axis of a tensor of ``shape`` that is the checked one: ``preferred`` where its size
+    fits, else the only axis of that size (a sequence-first layer inside a batch-first model).
+    With ``broadcast`` (the batch check), length 1 there is a tensor shared by every sample (a
+    position bias of shape ``(1, heads, T, T)``): it has no such axis, even where its heads
+    number as many as the samples."""
+    if len(shape) > preferred and shape[preferred] == size:
         return preferred
-    fitting = [axis for axis, length in enumerate(tensor.shape) if length == size]
+    if broadcast and len(shape) > preferred and shape[preferred] == 1:
+        return None
+    fitting = [axis for axis, length in enumerate(shape) if length == size]
     return fitting[0] if len(fitting) == 1 else None
 
 
@@ -79,8 +84,9 @@ def _reach(
     allowed: Sequence[int],
     forbidden: Sequence[int],
     rtol: float,
+    broadcast: bool,
 ) -> _Reach:
-    axis = _axis(tensor, preferred, size)
+    axis = _axis(tensor.shape, preferred, size, broadcast)
     if axis is None:
         return _UNKNOWN
     if grad is None:
@@ -155,16 +161,26 @@ class _Probe:
     random weighting (a plain sum can cancel: softmax rows sum to 1)."""
 
     def __init__(
-        self, preferred: int, size: int, rtol: float, allowed: list[int], forbidden: list[int]
+        self,
+        preferred: int,
+        size: int,
+        rtol: float,
+        allowed: list[int],
+        forbidden: list[int],
+        broadcast: bool,
     ) -> None:
         self.preferred, self.size, self.rtol = preferred, size, rtol
-        self.allowed, self.forbidden = allowed, forbidden
+        self.allowed, self.forbidden, self.broadcast = allowed, forbidden, broadcast
         self.generator = torch.Generator().manual_seed(0)
+
+    def batched(self, shapes: Sequence[Sequence[int]]) -> bool:
+        """Whether any of the tensors of these shapes has the checked axis."""
+        return any(_axis(shape, self.preferred, self.size, self.broadcast) is not None for shape in shapes)
 
     def objective(self, outputs: Sequence[torch.Tensor], target: int) -> torch.Tensor | None:
         total: torch.Tensor | None = None
         for output in outputs:
-            axis = _axis(output, self.preferred, self.size)
+            axis = _axis(output.shape, self.preferred, self.size, self.broadcast)
             if axis is None:
                 continue
             part = output.select(axis, target)
@@ -181,7 +197,14 @@ class _Probe:
         grads = torch.autograd.grad(objective, tensors, retain_graph=True, allow_unused=True)
         return {
             id(tensor): _reach(
-                tensor, grad, self.preferred, self.size, self.allowed, self.forbidden, self.rtol
+                tensor,
+                grad,
+                self.preferred,
+                self.size,
+                self.allowed,
+                self.forbidden,
+                self.rtol,
+                self.broadcast,
             )
             for tensor, grad in zip(tensors, grads, strict=True)
         }
@@ -256,9 +279,14 @@ def _findings_for_target(
     # one, nothing leaks (a layer after a reshape may carry the batch on an axis that only looks
     # like it). Its floating-point part is the model's own input; an integer part (token ids,
     # class labels) enters where a module turns it into floats: the output of a call given no
-    # floating-point input (an embedding).
+    # floating-point input (an embedding) and indices that have the checked axis (not T5's
+    # relative position buckets, shaped (T, T), whose bias has one axis per head).
     sources = [inputs for call, inputs, _ in states if call.name == "" and inputs.known]
-    sources += [outputs for call, _, outputs in states if call.name and not call.inputs and outputs.known]
+    sources += [
+        outputs
+        for call, _, outputs in states
+        if call.name and not call.inputs and outputs.known and probe.batched(call.index_shapes)
+    ]
     if sources and not any(source.seen or source.leaked for source in sources):
         return [_unseen(model, kind, own=kind.own.format(k=target))]
     if sources and not any(source.leaked for source in sources):
@@ -367,7 +395,7 @@ def _leaks(
             allowed, forbidden = forbidden_of(target, size)
             if not forbidden:
                 continue
-            probe = _Probe(dim, size, rtol, allowed, forbidden)
+            probe = _Probe(dim, size, rtol, allowed, forbidden, broadcast=kind is _BATCH)
             try:
                 found = _findings_for_target(calls, checked, model, probe, target, kind, train)
             except _NonFiniteGradient:

@@ -626,3 +626,50 @@ def test_a_sample_whose_output_a_relu_zeroes_is_skipped_not_failed() -> None:
     dead = torch.full((3, 4), -1.0)
     (finding,) = batch_leaks(model, dead)  # no sample can see: the check says so
     assert finding.statistic == "unseen"
+
+
+class BiasedAttention(nn.Module):
+    """T5's way: the first block makes a position bias ``(1, heads, T, T)`` from buckets
+    ``(T, T)`` (no sample's input reaches them) and hands it to the next block."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, *, first: bool) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias = nn.Embedding(8, heads) if first else None
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, dim = x.shape
+        if bias is None:
+            assert self.bias is not None
+            positions = torch.arange(length)
+            buckets = (positions[None, :] - positions[:, None]).clamp(-4, 3) + 4
+            bias = self.bias(buckets).permute(2, 0, 1).unsqueeze(0)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v
+        return self.out(attended.transpose(1, 2).reshape(batch, length, dim)), bias
+
+
+class BiasedEncoder(nn.Module):
+    def __init__(self, *, leak: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 16)
+        self.blocks = nn.ModuleList([BiasedAttention(first=index == 0) for index in range(2)])
+        self.mlp, self.leak = nn.Linear(16, 16), leak
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, bias = self.embed(tokens), None
+        for block in self.blocks:
+            attended, bias = block(x, bias)
+            x = x + attended
+        h = self.mlp(x)
+        return h - h.mean(0) if self.leak else h
+
+
+def test_a_position_bias_shared_by_the_batch_is_no_leak_when_heads_number_the_samples() -> None:
+    # batch 4, heads 4: the bias's head axis is the only one as long as the batch, yet the bias
+    # is one for every sample (length 1 on the batch axis, made from buckets, not from tokens)
+    torch.manual_seed(0)
+    four = tokens(batch=4)
+    assert batch_leaks(BiasedEncoder(), four) == []
+    (finding,) = batch_leaks(BiasedEncoder(leak=True), four)
+    assert finding.layer == "" and "between 'mlp'" not in finding.note and "after 'mlp'" in finding.note
