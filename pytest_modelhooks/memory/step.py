@@ -24,6 +24,7 @@ from pytest_modelhooks.inputs import (
     normalise_input,
     with_forward_kwargs,
 )
+from pytest_modelhooks.memory.kernels import fake_kernel
 from pytest_modelhooks.memory.report import MemoryReport, build_report
 from pytest_modelhooks.memory.tracker import Tracker, tracking
 from pytest_modelhooks.tracing.engines import is_engine_limitation, swapped_tensors
@@ -168,7 +169,9 @@ def model_memory(
     args, kwargs = with_forward_kwargs(model, args, kwargs, forward_kwargs, "model_memory")
     model_device = model_device_dtype(model)[0]
     target = torch.device(device) if device is not None else model_device
-    tracker = Tracker(block=CUDA_BLOCK if target.type == "cuda" else 1)
+    tracker = Tracker(
+        block=CUDA_BLOCK if target.type == "cuda" else 1, run=fake_kernel if engine == "fake" else None
+    )
     _run(model, tracker, args, kwargs, factory, mode, engine, dtype, autocast, target, loss or _loss)
     return build_report(
         tracker,
@@ -241,7 +244,7 @@ def _run(
             context.warm_up(optimizer_object)
             tracker.begin_measured()
             context.step(optimizer_object, run_args, run_kwargs)
-        tracker.sweep()
+        tracker.sweep_between()
         _optimizer_roles(tracker, optimizer_object)
         del params, buffers, run_args, run_kwargs, optimizer_object
 

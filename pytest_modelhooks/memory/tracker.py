@@ -12,7 +12,7 @@ are on a GPU when the kernel runs).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,11 +69,16 @@ class CallRecord:
 
 
 class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """The live storages of a step; ``phase`` is set by the caller as the step goes on."""
+    """The live storages of a step; ``phase`` is set by the caller as the step goes on. ``run``
+    runs each operation (``func(*args, **kwargs)`` if not given; on fake tensors, one that
+    allocates as the real kernels do)."""
 
-    def __init__(self, block: int = 1) -> None:
+    def __init__(
+        self, block: int = 1, run: Callable[[Any, tuple[Any, ...], dict[str, Any]], Any] | None = None
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.block = block
+        self.run = run
         self.clock = 0
         self.phase = "setup"
         self.storages: list[Storage] = []
@@ -148,6 +153,13 @@ class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
             storage.died = self.clock
             self.live_bytes -= storage.nbytes
 
+    def sweep_between(self) -> None:
+        """A sweep between two operations (a module returned, the step ended): a moment of its
+        own, so what it finds freed was still alive right after the operation before, where
+        the peak may have been taken."""
+        self.clock += 1
+        self.sweep()
+
     def _sample(self) -> None:
         if self.measuring and self.live_bytes > self.peak_bytes:
             self.peak_bytes, self.peak_at, self.peak_phase = self.live_bytes, self.clock, self.phase
@@ -155,7 +167,7 @@ class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.clock += 1
         self.sweep()  # what the caller dropped before this operation is gone before it allocates
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {})) if self.run is None else self.run(func, args, kwargs or {})
         for _, tensor in tensor_leaves(out):
             self.track(tensor)
         self._sample()
@@ -193,7 +205,7 @@ class Tracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         def post(module: nn.Module, args: Any, output: Any) -> None:
             if self.phase != "forward" or not self._stack:
                 return
-            self.sweep()  # what the call freed before returning is its temporaries
+            self.sweep_between()  # what the call freed before returning is its temporaries
             self.calls[self._stack.pop()].end = self.clock
 
         try:

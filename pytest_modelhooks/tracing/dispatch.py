@@ -400,7 +400,7 @@ def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
-def _grouped_mm_shape(
+def grouped_mm_shape(
     mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None
 ) -> tuple[int, ...] | None:
     """The output shape of ``torch._grouped_mm`` (an MoE layer's experts in one call), or None
@@ -445,7 +445,7 @@ def _grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return None
     if bound.get("out_dtype") not in (None, mat_a.dtype):
         return None
-    shape = _grouped_mm_shape(mat_a, mat_b, offs)
+    shape = grouped_mm_shape(mat_a, mat_b, offs)
     return None if shape is None else _empty(shape, mat_a)
 
 

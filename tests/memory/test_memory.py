@@ -149,6 +149,7 @@ def test_the_fake_step_measures_what_a_real_step_allocates(name: str, optimizer:
         fake = model_memory(model, inputs, optimizer=optimizer)
         real = model_memory(model, inputs, optimizer=optimizer, engine="real")
     assert fake.to_dict() == {**real.to_dict()}
+    assert sum(real.by_category().values()) == real.peak_bytes
     assert all(param.grad is None for param in model.parameters())
 
 
@@ -167,6 +168,85 @@ def test_a_batch_that_is_a_view_is_measured_as_the_tensor_given(given: str) -> N
     fake = model_memory(model, batch)
     assert fake.to_dict() == model_memory(model, batch, engine="real").to_dict()
     assert fake.to_dict() == model_memory(model, batch.clone()).to_dict()
+
+
+def _transposed_gradient_cases() -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    """A backward kernel given a gradient laid out transposed (Swin's windows undone by a
+    permute), and its arguments: the real kernels lay their result out as their input."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(4, 16, 8), torch.randn(8), torch.randn(8)
+    grad = torch.randn(4, 8, 16).transpose(1, 2)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, [8], weight, bias, 1e-5)
+    image, image_grad = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).transpose(2, 3)
+    _, saved_mean, saved_invstd = torch.ops.aten.native_batch_norm(
+        image, weight, bias, None, None, True, 0.1, 1e-5
+    )
+    log_probs = torch.randn(4, 16, 8).log_softmax(-1)
+    aten = torch.ops.aten
+    return {
+        "layer norm": (
+            aten.native_layer_norm_backward.default,
+            (grad, x, [8], mean, rstd, weight, bias, [True] * 3),
+        ),
+        "batch norm": (
+            aten.native_batch_norm_backward.default,
+            (image_grad, image, weight, None, None, saved_mean, saved_invstd, True, 1e-5, [True] * 3),
+        ),
+        "channels-last batch norm": (
+            aten.native_batch_norm_backward.default,
+            (
+                image_grad,
+                image.contiguous(memory_format=torch.channels_last),
+                *(weight, None, None, saved_mean, saved_invstd, True, 1e-5, [True] * 3),
+            ),
+        ),
+        "log softmax": (aten._log_softmax_backward_data.default, (grad, log_probs, -1, torch.float32)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_transposed_gradient_cases()))
+def test_a_gradient_that_arrives_transposed_is_laid_out_on_fake_tensors_as_the_real_kernel_lays_it(
+    case: str,
+) -> None:
+    from pytest_modelhooks._torch import fake_tensor_mode
+    from pytest_modelhooks.memory.kernels import fake_kernel
+
+    func, args = _transposed_gradient_cases()[case]
+    real = func(*args)
+    real = real if isinstance(real, torch.Tensor) else real[0]
+    with fake_tensor_mode() as mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fake = fake_kernel(func, fake_args, {})
+        fake = fake if isinstance(fake, torch.Tensor) else fake[0]
+        assert (fake.shape, fake.stride()) == (real.shape, real.stride())
+
+
+class Experts(nn.Module):
+    """A mixture of experts' layers in one ``torch._grouped_mm`` call, in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(4, 16, 32) / 4)
+        self.down = nn.Parameter(torch.randn(4, 32, 16) / 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offsets = torch.tensor([3, 6, 9, 12], dtype=torch.int32)  # 3 tokens per expert, sorted
+        hidden = torch._grouped_mm(x, self.up, offs=offsets).relu()
+        return torch._grouped_mm(hidden, self.down, offs=offsets)
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is torch >= 2.8")
+def test_float32_experts_in_one_grouped_matmul_are_measured_as_the_cpu_runs_them() -> None:
+    # its fake kernel demands bfloat16, as the CUDA kernel does; the CPU kernel takes float32
+    torch.manual_seed(0)
+    model, tokens = Experts(), torch.randn(12, 16)
+    # (the CPU kernel refuses the expanded gradient of a plain sum)
+    fake = model_memory(model, tokens, loss=lambda out: out.square().sum())
+    assert (
+        fake.to_dict()
+        == model_memory(model, tokens, loss=lambda out: out.square().sum(), engine="real").to_dict()
+    )
+    assert fake.saved_total_bytes > 0
 
 
 def test_an_lstm_on_the_cpu_saves_a_workspace_fake_tensors_do_not_know() -> None:
