@@ -188,14 +188,12 @@ def test_label_dropout_left_on_in_eval_is_found_however_rare() -> None:
         check_deterministic(model, _dit_inputs())
 
 
-def test_adaln_zero_is_vanishing_by_the_bounds_and_the_finding_says_how_to_exempt_it() -> None:
+def test_adaln_zero_is_zero_initialised_by_design_not_vanishing() -> None:
     model = _model(CASES["dit"]).train()
     with ActivationStats(model) as stats:
         model(*_dit_inputs())
-    found = stats.findings(std=STD)
-    assert {finding.layer for finding in found} >= {"blocks.0.adaLN_modulation.1"}
-    assert all("adaLN_modulation" in finding.layer for finding in found)
-    assert any("exclude" in (finding.note or "") for finding in found)
+    assert float(stats["blocks.0.adaLN_modulation.1"].std[0]) == 0.0
+    assert stats.findings(std=STD) == []
 
 
 # --- ConvNeXt ---------------------------------------------------------------------------------

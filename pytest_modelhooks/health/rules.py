@@ -92,6 +92,7 @@ def activation_findings(
         found += _first_nonfinite(layers, recorded)
     excluded = excluded_names(stats.model, exclude)
     by_name = {layer.name: layer for layer in layers}
+    zero = _ZeroInitialised(stats.model, by_name)
     previous = None
     for layer in layers:
         if layer.same_as is not None and layer.same_as in by_name:
@@ -100,10 +101,14 @@ def activation_findings(
             previous = None  # no growth into or out of an exempt layer
             continue
         if std is not None:
-            found += _std_findings(layer, std, stats.model)
+            found += _std_findings(layer, std, zero)
         if max_dead is not None:
             found += _dead_findings(layer, max_dead)
-        if max_near_zero is not None and bool((layer.near_zero > max_near_zero).any()):
+        if (
+            max_near_zero is not None
+            and bool((layer.near_zero > max_near_zero).any())
+            and not zero.by_design(layer)
+        ):
             value, batch = _worst(layer.near_zero, layer.batches, largest=True)
             found.append(Finding(layer.name, layer.type, "near_zero", value, f"<= {max_near_zero:g}", batch))
         if max_std_growth is not None and previous is not None:
@@ -165,15 +170,15 @@ def _check_recorded(stats: ActivationStats, given: dict[str, Any]) -> None:
         raise ValueError("max_dead= needs dead units recorded: ActivationStats(track_dead=True)")
 
 
-def _std_findings(layer: LayerStats, std: tuple[float, float], model: Any) -> list[Finding]:
+def _std_findings(layer: LayerStats, std: tuple[float, float], zero: _ZeroInitialised) -> list[Finding]:
     low, high = std
     found = []
     below = layer.std < low
     above = layer.std > high
     nan = torch.full_like(layer.std, math.nan)
-    if bool(below.any()):
+    if bool(below.any()) and not zero.by_design(layer):
         value, batch = _worst(torch.where(below, layer.std, nan), layer.batches, largest=False)
-        note = "vanishing" + _zero_init_note(model, layer.module)
+        note = "vanishing" + zero.fed_note(layer)
         found.append(Finding(layer.name, layer.type, "std", value, f">= {low:g}", batch, note))
     if bool(above.any()):
         value, batch = _worst(torch.where(above, layer.std, nan), layer.batches, largest=True)
@@ -185,23 +190,48 @@ def _std_findings(layer: LayerStats, std: tuple[float, float], model: Any) -> li
 _ZERO_INIT = 1e-5  # LayerScale starts at 1e-6 (or 1e-5), adaLN-Zero and ReZero at 0
 
 
-def _zero_init_note(model: Any, name: str) -> str:
-    """For a vanishing layer whose own weights are (near) zero: the common zero-init designs,
-    and how to exempt it."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        return ""
-    params = [param for param in module.parameters() if param.is_floating_point() and param.numel()]
-    if not params or params[0].is_meta:
-        return ""
-    largest = max(float(param.detach().abs().max()) for param in params)
-    if largest > _ZERO_INIT:
-        return ""
-    return (
-        f": its weights are ~0 (max |w| {largest:.3g}), zero-initialised by design (adaLN-Zero, "
-        f"LayerScale, ReZero)? exempt it with exclude={name!r}"
-    )
+class _ZeroInitialised:
+    """Which layers are zero-initialised by design: a small output there is the recipe (ViT's
+    head, a residual branch's last BatchNorm with ``zero_init_residual``, adaLN-Zero, LoRA's
+    ``B``, LayerScale, a relative-position bias table), not a signal dying. A layer is when its
+    own weights are all within ``_ZERO_INIT`` of 0, or when it has none and is fed by such
+    layers only (a dropout or activation behind them). Where such a layer does cut the signal,
+    the layers it feeds vanish too, and are named with it. Weights are read once per layer
+    judged, only for layers that would be found vanishing."""
+
+    def __init__(self, model: Any, by_name: dict[str, LayerStats]) -> None:
+        self.model, self.by_name = model, by_name
+        self._known: dict[str, bool] = {}
+
+    def by_design(self, layer: LayerStats) -> bool:
+        if layer.name not in self._known:
+            self._known[layer.name] = False  # (a cycle of inputs, which a forward cannot make)
+            self._known[layer.name] = self._judge(layer)
+        return self._known[layer.name]
+
+    def _judge(self, layer: LayerStats) -> bool:
+        try:
+            module = self.model.get_submodule(layer.module)
+        except AttributeError:
+            return False
+        params = [param for param in module.parameters() if param.is_floating_point() and param.numel()]
+        if any(param.is_meta for param in params):
+            return False
+        if params:
+            # aminmax: no copy of a large weight, as abs() would make
+            extremes = [torch.aminmax(param.detach()) for param in params]
+            return all(max(-float(low), float(high)) <= _ZERO_INIT for low, high in extremes)
+        sources = [self.by_name[name] for name in layer.inputs_from if name in self.by_name]
+        return bool(sources) and all(self.by_design(source) for source in sources)
+
+    def fed_note(self, layer: LayerStats) -> str:
+        """For a vanishing layer: the zero-initialised layers that feed it, if any."""
+        sources = [
+            name for name in layer.inputs_from if name in self.by_name and self.by_design(self.by_name[name])
+        ]
+        if not sources:
+            return ""
+        return f": fed by {', '.join(map(repr, sources))}, whose weights are ~0 (zero-initialised)"
 
 
 def _dead_findings(layer: LayerStats, max_dead: float) -> list[Finding]:
