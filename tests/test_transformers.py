@@ -143,6 +143,16 @@ def test_t5_with_as_many_samples_as_heads_is_batch_independent() -> None:
         assert batch_leaks(model, ids, output="logits", decoder_input_ids=ids) == []
 
 
+def test_swin_holds_the_default_bounds_with_its_zero_initialised_position_bias() -> None:
+    # the bias table starts at zero, and is looked up with no input: zero by design
+    model, example = _small("swin")
+    with untouched(model), ActivationStats(model) as stats:
+        model(example.repeat(4, 1, 1, 1))
+    bias = "swin.encoder.layers.0.blocks.0.attention.relative_position_bias"
+    assert float(stats[bias].std[0]) == 0.0
+    assert stats.findings(std=(0.001, 50.0), max_dead=0.8) == []
+
+
 def _first_output(output: object) -> torch.Tensor:
     for field in ("logits", "last_hidden_state"):
         if hasattr(output, field):
