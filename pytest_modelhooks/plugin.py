@@ -45,6 +45,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "ini: modelhooks_seed; default 0.",
     )
     group.addoption(
+        "--modelhooks-threads",
+        metavar="N",
+        default=None,
+        help="torch's CPU threads in each test process: auto (under pytest-xdist, each worker its "
+        "share of the cores, unless OMP_NUM_THREADS is set), off, or a number. "
+        "ini: modelhooks_threads; default auto.",
+    )
+    group.addoption(
         "--modelhooks-check-leaks",
         action="store_true",
         default=False,
@@ -56,7 +64,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(bound.ini, f"default {bound.help} (marker: {bound.setting}=)", default="")
     parser.addini(
         "modelhooks_exclude",
-        "modules the health checks do not judge (zero-initialised by design): names or globs",
+        "modules the health checks do not judge (small by design): names or globs",
         default="",
     )
     parser.addini(
@@ -72,6 +80,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "modelhooks_max_graph_breaks",
         "the model_compiles fixture's default allowance of graph breaks (marker: max_graph_breaks=)",
         default="0",
+    )
+    parser.addini(
+        "modelhooks_threads", "torch's CPU threads per test process: auto, off or a number", default="auto"
     )
     parser.addini("modelhooks_plots_dir", "where plots of failing health checks go", default="")
     parser.addini("modelhooks_snapshot_rtol", "relative tolerance for numbers in snapshots", default="0")

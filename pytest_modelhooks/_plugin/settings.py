@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from pytest_modelhooks._plugin.threads import apply_threads, parse_threads
 from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, BOUNDS, GRADIENT_BOUNDS, Bound, check_order
 from pytest_modelhooks.units import parse_bytes
 
@@ -228,6 +229,9 @@ def configure(config: pytest.Config) -> None:
         settings = replace(settings, seed=_seed(seed_text, where))
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistSeed(settings.seed), "modelhooks-xdist-seed")
+    threads_text = option.modelhooks_threads or config.getini("modelhooks_threads") or "auto"
+    where = "--modelhooks-threads" if option.modelhooks_threads else "modelhooks_threads"
+    apply_threads(parse_threads(threads_text, where))
     config.stash[SETTINGS] = _ordered(settings, "modelhooks_min_grad_norm")
     config.stash[CURRENT_ITEM] = None
 
