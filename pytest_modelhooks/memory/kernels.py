@@ -5,8 +5,9 @@ Two ways they part, both measured against a real step (``tests/memory``):
 
 - **the layout of a gradient.** The real backward kernels of layer norm, batch norm and log
   softmax write a new tensor laid out as their input (contiguous, or channels-last for a batch
-  norm given channels-last input), on the CPU and on CUDA; their fake kernels follow the layout
-  of the incoming gradient instead. A gradient that arrives transposed (Swin's windows, undone
+  norm given channels-last input: measured on the CPU, and so written in torch's CUDA layer
+  norm and its structured log-softmax); their fake kernels follow the layout of the incoming
+  gradient instead. A gradient that arrives transposed (Swin's windows, undone
   by a permute) then stays transposed on fake tensors, and the next ``.contiguous()`` or
   ``reshape`` copies it: an allocation the real step never makes.
 - **a dtype check.** ``torch._grouped_mm`` (a mixture of experts' layers in one call) has a fake
