@@ -14,13 +14,17 @@ import torch  # noqa: F401
 from tests.plugin._helpers import MODELS
 
 
-@pytest.fixture(params=[[], ["-n", "2"]], ids=["serial", "xdist"])
+@pytest.fixture(params=[False, True], ids=["serial", "xdist"])
 def run(request: pytest.FixtureRequest, pytester: pytest.Pytester) -> Callable[..., pytest.RunResult]:
-    """Run pytest in a subprocess on the pytester directory, once without xdist, once with -n 2."""
+    """Run pytest in a subprocess on the pytester directory, once without xdist, once under it:
+    with one worker (tests run in a worker process and their reports cross back, which is what
+    xdist changes for a plugin; a second worker made each run cost 60% more CPU), or
+    ``workers=2`` where the test is about several workers."""
     pytester.makepyfile(models=MODELS)
     pytester.makeini("[pytest]\naddopts = -p no:randomly -p no:cacheprovider\n")
 
-    def runner(*args: str) -> pytest.RunResult:
-        return pytester.runpytest_subprocess(*request.param, *args)
+    def runner(*args: str, workers: int = 1) -> pytest.RunResult:
+        xdist = ["-n", str(workers)] if request.param else []
+        return pytester.runpytest_subprocess(*xdist, *args)
 
     return runner

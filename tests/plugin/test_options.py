@@ -212,7 +212,7 @@ def test_a_random_seed_is_shown_and_shared_by_xdist_workers(run, pytester) -> No
     import torch
 
     write(pytester, "test_seeded", SEEDED)
-    result = run("--modelhooks-seed=random", "-k", "test_a or test_b")
+    result = run("--modelhooks-seed=random", "-k", "test_a or test_b", workers=2)
     result.assert_outcomes(passed=2)
     match = re.search(r"seed (\d+) \(random: rerun with --modelhooks-seed=(\d+)\)", result.stdout.str())
     assert match is not None and match.group(1) == match.group(2)
