@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from pytest_modelhooks.tracing.dispatch import grouped_mm_shape
+from pytest_modelhooks.tracing.dispatch import grouped_mm_output
 
 aten = torch.ops.aten
 
@@ -71,26 +71,12 @@ def _relaid(tensor: torch.Tensor, memory_format: torch.memory_format) -> torch.T
     return torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device, memory_format=memory_format)
 
 
-def _grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    names = ("mat_a", "mat_b", "offs", "bias", "out_dtype")
-    bound = {**dict(zip(names, args, strict=False)), **kwargs}
-    mat_a, mat_b, offs = bound.get("mat_a"), bound.get("mat_b"), bound.get("offs")
-    if not (isinstance(mat_a, torch.Tensor) and isinstance(mat_b, torch.Tensor)):
-        return None
-    if mat_a.dtype != mat_b.dtype or not mat_a.is_floating_point() or bound.get("bias") is not None:
-        return None
-    if bound.get("out_dtype") not in (None, mat_a.dtype):
-        return None
-    shape = grouped_mm_shape(mat_a, mat_b, offs)
-    return None if shape is None else torch.empty(shape, dtype=mat_a.dtype, device=mat_a.device)
-
-
 def fake_kernel(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run ``func`` on fake tensors with what the real kernel would allocate."""
     try:
         out = func(*args, **kwargs)
     except RuntimeError:
-        built = _grouped_mm(args, kwargs) if func is _GROUPED_MM and _GROUPED_MM is not None else None
+        built = grouped_mm_output(args, kwargs) if func is _GROUPED_MM and _GROUPED_MM is not None else None
         if built is None:
             raise
         return built

@@ -430,16 +430,16 @@ def grouped_mm_shape(
     return None if shape is None else tuple(int(size) for size in shape)
 
 
-def _grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    # torch's meta kernel checks what the CUDA kernel needs (bfloat16 only, 16-byte aligned
-    # strides), so a float32 MoE model failed on meta although the CPU kernel runs it: the
-    # output is built from the shapes, for any floating dtype the two operands share.
+def grouped_mm_output(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The output of ``torch._grouped_mm`` built from the shapes (on the operands' device: meta
+    or fake), for any floating dtype the two operands share; None where the arguments are not
+    the plain case (a bias, another output dtype, invalid shapes): torch's kernel answers."""
     names = ("mat_a", "mat_b", "offs", "bias", "out_dtype")
     bound = {**dict(zip(names, args, strict=False)), **kwargs}
     mat_a: Any = bound.get("mat_a")
     mat_b: Any = bound.get("mat_b")
     offs: Any = bound.get("offs")
-    if not (_meta(mat_a) and _meta(mat_b) and (offs is None or _meta(offs))):
+    if not (isinstance(mat_a, torch.Tensor) and isinstance(mat_b, torch.Tensor)):
         return None
     if mat_a.dtype != mat_b.dtype or mat_a.dtype not in _FLOATS or bound.get("bias") is not None:
         return None
@@ -447,6 +447,14 @@ def _grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return None
     shape = grouped_mm_shape(mat_a, mat_b, offs)
     return None if shape is None else _empty(shape, mat_a)
+
+
+def _grouped_mm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    # torch's meta kernel checks what the CUDA kernel needs (bfloat16 only, 16-byte aligned
+    # strides), so a float32 MoE model failed on meta although the CPU kernel runs it
+    if not all(_meta(value) for value in [*args, *kwargs.values()] if isinstance(value, torch.Tensor)):
+        return None
+    return grouped_mm_output(args, kwargs)
 
 
 _HANDLERS: dict[Any, Handler] = {
