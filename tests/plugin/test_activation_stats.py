@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.plugin._helpers import write
 
 
@@ -107,8 +105,7 @@ def test_a_test_that_never_runs_the_model_fails_with_the_reason(run, pytester) -
     result.stdout.fnmatch_lines(["*no backward pass was recorded (4 parameter(s) require grad)*"])
 
 
-@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
-def test_exclude_from_the_ini_file_the_marker_and_the_call(pytester, xdist: list[str]) -> None:
+def test_exclude_from_the_ini_file_the_marker_and_the_call(run, pytester) -> None:
     pytester.makeini(
         "[pytest]\naddopts = -p no:cacheprovider\nmodelhooks_std_range = 0.01,10\nmodelhooks_exclude = gate\n"
     )
@@ -150,11 +147,11 @@ def test_exclude_from_the_ini_file_the_marker_and_the_call(pytester, xdist: list
                 run(activation_stats).check(exclude=None)
         """,
     )
-    pytester.runpytest_subprocess(*xdist).assert_outcomes(passed=3)
+    run().assert_outcomes(passed=3)
 
 
-def test_a_bad_exclude_in_the_ini_file_is_named(pytester) -> None:
+def test_a_bad_exclude_in_the_ini_file_is_named(pytester, inprocess) -> None:
     pytester.makeini("[pytest]\nmodelhooks_exclude = ,\n")
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
-    result = pytester.runpytest_subprocess()
+    result = inprocess()
     result.stderr.fnmatch_lines(["*modelhooks_exclude: expected module names or globs, got ','*"])

@@ -14,7 +14,9 @@ def test_importing_the_plugin_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_help_shows_the_option_group_and_the_header_names_torch_and_device(pytester: pytest.Pytester) -> None:
+def test_help_shows_the_option_group_and_the_header_names_torch_and_device(
+    pytester: pytest.Pytester, inprocess
+) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(
         [
@@ -26,9 +28,9 @@ def test_help_shows_the_option_group_and_the_header_names_torch_and_device(pytes
         ]
     )
     pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
-    header = pytester.runpytest_subprocess()
+    header = inprocess()
     header.stdout.fnmatch_lines(["modelhooks: torch *, device cpu, seed 0"])
-    unseeded = pytester.runpytest_subprocess("--modelhooks-seed=off")
+    unseeded = inprocess("--modelhooks-seed=off")
     unseeded.stdout.fnmatch_lines(["modelhooks: torch *, device cpu, torch RNG not seeded"])
 
 
@@ -48,7 +50,9 @@ def test_the_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) 
     result.stdout.fnmatch_lines(["@pytest.mark.modelhooks(std=(low, high), max_dead=*"])
 
 
-def test_fixture_values_read_well_in_tracebacks_and_keep_their_signatures(pytester: pytest.Pytester) -> None:
+def test_fixture_values_read_well_in_tracebacks_and_keep_their_signatures(
+    pytester: pytest.Pytester, inprocess
+) -> None:
     pytester.makepyfile(
         test_repr="""
         import inspect
@@ -68,9 +72,7 @@ def test_fixture_values_read_well_in_tracebacks_and_keep_their_signatures(pytest
             assert False
         """
     )
-    # in a subprocess: an inline run would unload the torch it imported, and a later import
-    # in this worker would then fail
-    result = pytester.runpytest_subprocess()
+    result = inprocess()
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [

@@ -73,17 +73,17 @@ def test_the_allowance_comes_from_the_ini_the_marker_and_the_call(run, pytester)
     )
 
 
-def test_a_bad_allowance_is_a_usage_error(pytester) -> None:
+def test_a_bad_allowance_is_a_usage_error(pytester, inprocess) -> None:
     pytester.makeini("[pytest]\nmodelhooks_max_graph_breaks = some\n")
     pytester.makepyfile(test_x="def test_x(): pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inprocess("-p", "no:cacheprovider")
     result.stderr.fnmatch_lines(
         ["*modelhooks_max_graph_breaks: expected a non-negative integer, got 'some'*"]
     )
     assert result.ret != 0
 
 
-def test_a_snapshot_of_the_breaks_shows_a_new_break_as_an_added_row(pytester) -> None:
+def test_a_snapshot_of_the_breaks_shows_a_new_break_as_an_added_row(pytester, inprocess) -> None:
     pytester.makeini(
         "[pytest]\naddopts = -p no:randomly -p no:cacheprovider\nmodelhooks_max_graph_breaks = 10\n"
     )
@@ -96,14 +96,14 @@ def test_a_snapshot_of_the_breaks_shows_a_new_break_as_an_added_row(pytester) ->
         """
     write(pytester, "breaking", BREAKING.format(extra=""))
     write(pytester, "test_snap", test)
-    assert pytester.runpytest_subprocess("--snapshot-update").ret == 0
+    assert inprocess("--snapshot-update").ret == 0
     stored = (pytester.path / "__snapshots__" / "test_snap" / "test_breaks.txt").read_text()
     assert "gate (Gate) `if y.mean() > 0:`" in stored
     assert "breaking.py:" not in stored  # no line numbers: code moving down is no change
     write(pytester, "breaking", "# a comment moves every line down\n" + BREAKING.format(extra=""))
-    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+    inprocess().assert_outcomes(passed=1)
     write(pytester, "breaking", BREAKING.format(extra='print("y", y.shape)'))
-    changed = pytester.runpytest_subprocess()
+    changed = inprocess()
     changed.assert_outcomes(failed=1)
     changed.stdout.fnmatch_lines(
         ["*Changed layers (snapshot -> now): 1 added*", "*+ gate (Gate) `print(*: added*"]

@@ -38,7 +38,7 @@ def test_the_budget_comes_from_the_ini_the_marker_and_the_call(run, pytester) ->
     result.stdout.fnmatch_lines(["*Captured modelhooks call*", "*saved for backward*"])
 
 
-def test_no_budget_anywhere_fails_saying_where_to_give_one(pytester) -> None:
+def test_no_budget_anywhere_fails_saying_where_to_give_one(pytester, inprocess) -> None:
     write(
         pytester,
         "test_nobudget",
@@ -50,20 +50,20 @@ def test_no_budget_anywhere_fails_saying_where_to_give_one(pytester) -> None:
             model_memory(nn.Linear(4, 2), torch.randn(3, 4)).check()
         """,
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*report.check() has no budget: pass max_peak=*modelhooks_max_memory*"])
 
 
-def test_a_bad_budget_is_a_usage_error(pytester) -> None:
+def test_a_bad_budget_is_a_usage_error(pytester, inprocess) -> None:
     pytester.makeini("[pytest]\nmodelhooks_max_memory = lots\n")
     pytester.makepyfile(test_x="def test_x(): pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inprocess("-p", "no:cacheprovider")
     result.stderr.fnmatch_lines(["*modelhooks_max_memory='lots': expected a size such as 24GiB*"])
     assert result.ret != 0
 
 
-def test_the_cuda_device_sizes_blocks_without_a_gpu(pytester) -> None:
+def test_the_cuda_device_sizes_blocks_without_a_gpu(pytester, inprocess) -> None:
     write(
         pytester,
         "test_cuda_sizes",
@@ -75,5 +75,5 @@ def test_the_cuda_device_sizes_blocks_without_a_gpu(pytester) -> None:
             assert model_memory(nn.Linear(4, 2), torch.randn(3, 4)).rounding == 512
         """,
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--modelhooks-device", "cuda")
+    result = inprocess("-p", "no:cacheprovider", "--modelhooks-device", "cuda")
     result.assert_outcomes(passed=1)

@@ -38,7 +38,7 @@ def test_fixtures_work_inside_given_tests(run, pytester) -> None:
     run().assert_outcomes(passed=2)
 
 
-def test_cuda_device_is_skipped_without_cuda(pytester: pytest.Pytester) -> None:
+def test_cuda_device_is_skipped_without_cuda(pytester: pytest.Pytester, inprocess) -> None:
     pytester.makepyfile(models=MODELS)
     write(
         pytester,
@@ -54,7 +54,7 @@ def test_cuda_device_is_skipped_without_cuda(pytester: pytest.Pytester) -> None:
     )
     import torch
 
-    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result = inprocess("-p", "no:randomly")
     if torch.cuda.is_available():
         result.assert_outcomes(passed=1)
     else:

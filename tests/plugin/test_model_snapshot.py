@@ -100,13 +100,12 @@ def test_conv(kernel, model_sizes, model_snapshot):
 """
 
 
-def test_parametrized_ids_a_file_name_cannot_hold_keep_their_snapshots(pytester, monkeypatch) -> None:
+def test_parametrized_ids_a_file_name_cannot_hold_keep_their_snapshots(pytester, inprocess) -> None:
     # syrupy drops '/' and ':' from the file name, then could not relate the file to its test
     # and warned on every update; the snapshots are this test's, and only stale ones go
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # (syrupy keeps all under xdist)
     pytester.makeini("[pytest]\naddopts = -p no:randomly -p no:cacheprovider\n")
     pytester.makepyfile(test_ids=PARAMETRIZED.format(kernels=[1, 3], ids=["conv/1x1", "conv:3x3"]))
-    created = pytester.runpytest_subprocess("--snapshot-update")
+    created = inprocess("--snapshot-update")
     created.assert_outcomes(passed=2)
     assert "Can not relate" not in created.stdout.str()
     folder = pytester.path / "__snapshots__" / "test_ids"
@@ -117,15 +116,15 @@ def test_parametrized_ids_a_file_name_cannot_hold_keep_their_snapshots(pytester,
         "test_conv[conv3x3].txt",
     ]
     assert sorted(path.name for path in folder.iterdir()) == names
-    pytester.runpytest_subprocess().assert_outcomes(passed=2)
+    inprocess().assert_outcomes(passed=2)
     pytester.makepyfile(test_ids=PARAMETRIZED.format(kernels=[3], ids=["conv:3x3"]))
-    updated = pytester.runpytest_subprocess("--snapshot-update")
+    updated = inprocess("--snapshot-update")
     updated.assert_outcomes(passed=1)
     assert "Can not relate" not in updated.stdout.str()
     assert sorted(path.name for path in folder.iterdir()) == names[2:]
 
 
-def test_the_tolerances_travel_with_the_fixture_not_the_extension_class(pytester) -> None:
+def test_the_tolerances_travel_with_the_fixture_not_the_extension_class(pytester, inprocess) -> None:
     # a test that uses the extension directly after a tolerant model_snapshot compares exactly
     pytester.makeini("[pytest]\nmodelhooks_snapshot_rtol = 0.5\naddopts = -p no:cacheprovider\n")
     write(
@@ -146,18 +145,20 @@ def test_the_tolerances_travel_with_the_fixture_not_the_extension_class(pytester
             assert ModelSnapshotExtension.rtol == 0.0 and ModelSnapshotExtension.atol == 0.0
         """.replace("{value!r}", "'std 1.0'"),
     )
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=3)
+    inprocess("--snapshot-update").assert_outcomes(passed=3)
     write(
         pytester,
         "test_tolerance",
         (pytester.path / "test_tolerance.py").read_text().replace("'std 1.0'", "'std 1.2'"),
     )
-    result = pytester.runpytest_subprocess()
+    result = inprocess()
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*FAILED test_tolerance.py::test_b_exact*"])
 
 
-def test_a_long_layer_diff_reaches_the_user_whole_at_default_verbosity(pytester, monkeypatch) -> None:
+def test_a_long_layer_diff_reaches_the_user_whole_at_default_verbosity(
+    pytester, inprocess, monkeypatch
+) -> None:
     # pytest cuts an assertion's explanation after a few lines unless -vv: the report section is
     # never cut, and the traceback names the snapshot instead of printing its whole text
     pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\n")
@@ -169,11 +170,11 @@ def test_a_long_layer_diff_reaches_the_user_whole_at_default_verbosity(pytester,
             assert model_summary(net, input_size=(1, WIDTH)) == model_snapshot
         """
     write(pytester, "test_deep", "WIDTH = 8\n" + textwrap.dedent(source))
-    pytester.runpytest_subprocess("--snapshot-update").assert_outcomes(passed=1)
+    inprocess("--snapshot-update").assert_outcomes(passed=1)
     write(pytester, "test_deep", "WIDTH = 16\n" + textwrap.dedent(source))
     for variable in ("CI", "BUILD_NUMBER"):  # pytest does not cut explanations on a CI machine
         monkeypatch.delenv(variable, raising=False)
-    result = pytester.runpytest_subprocess()
+    result = inprocess()
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "Full output truncated" in out  # pytest did cut the explanation...

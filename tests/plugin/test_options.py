@@ -59,10 +59,12 @@ def test_precedence_marker_over_cli_over_ini(run, pytester) -> None:
         ),
     ],
 )
-def test_bad_ini_values_are_usage_errors(pytester: pytest.Pytester, ini: str, message: str) -> None:
+def test_bad_ini_values_are_usage_errors(
+    pytester: pytest.Pytester, inprocess, ini: str, message: str
+) -> None:
     pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
-    result = pytester.runpytest_subprocess()
+    result = inprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*{message}*"])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from tests.plugin._helpers import write
 
 
-def test_a_plain_checks_table_goes_into_the_report_once(pytester) -> None:
+def test_a_plain_checks_table_goes_into_the_report_once(pytester, inprocess) -> None:
     write(
         pytester,
         "test_plain",
@@ -25,7 +25,7 @@ def test_a_plain_checks_table_goes_into_the_report_once(pytester) -> None:
             check_loads(net, net.state_dict())
         """,
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result = inprocess("-p", "no:cacheprovider", "-p", "no:randomly")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [

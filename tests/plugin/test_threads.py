@@ -61,13 +61,13 @@ def test_a_number_sets_the_threads_of_a_serial_run(threads) -> None:  # type: ig
     assert threads("--modelhooks-threads", "3") == {"main": 3}
 
 
-def test_a_bad_thread_setting_is_a_usage_error_naming_it(pytester: pytest.Pytester) -> None:
+def test_a_bad_thread_setting_is_a_usage_error_naming_it(pytester: pytest.Pytester, inprocess) -> None:  # type: ignore[no-untyped-def]
     pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--modelhooks-threads", "many")
+    result = inprocess("-p", "no:cacheprovider", "--modelhooks-threads", "many")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["*--modelhooks-threads: expected auto, off or a positive number of threads, got 'many'*"]
     )
     pytester.makeini("[pytest]\nmodelhooks_threads = 0\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = inprocess("-p", "no:cacheprovider")
     result.stderr.fnmatch_lines(["*modelhooks_threads: expected auto, off or a positive number*, got '0'*"])
