@@ -17,6 +17,7 @@ import torch
 
 from pytest_modelhooks.findings import Finding
 from pytest_modelhooks.health.bounds import ACTIVATION_BOUNDS, GRADIENT_BOUNDS, check_order
+from pytest_modelhooks.health.unused import unused_findings
 from pytest_modelhooks.hooks.select import ModuleSpec, select_modules
 
 if TYPE_CHECKING:
@@ -352,11 +353,12 @@ def gradient_findings(
 
     >>> from torch import nn
     >>> from pytest_modelhooks import GradientStats
-    >>> net = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
+    >>> net = nn.ModuleDict({"used": nn.Linear(4, 2), "spare": nn.Linear(4, 2)})
     >>> with GradientStats(net) as grads:
     ...     net["used"](torch.randn(3, 4)).sum().backward()
-    >>> [(finding.layer, finding.note) for finding in gradient_findings(grads)]
-    [('unused.weight', 'unused: its .grad stayed None'), ('unused.bias', 'unused: its .grad stayed None')]
+    >>> for finding in gradient_findings(grads):
+    ...     print(finding.layer, "|", finding.note)
+    spare | unused: 'spare' never ran while recording (a branch not taken, or a layer never called)
     """
     given = {"max_norm": max_norm, "min_norm": min_norm}
     for bound in GRADIENT_BOUNDS:
@@ -366,15 +368,13 @@ def gradient_findings(
     kept, found = _kept_steps(grads)
     first = _first_nonfinite_grad(grads, kept)
     excluded = excluded_names(grads.model, exclude)
+    judged, unused = [], []
     for param in grads:
         kind = "parameter " + "x".join(str(dim) for dim in param.shape)
         exempt = _within(param.name.rpartition(".")[0], excluded)  # a non-finite gradient still counts
+        judged += [] if exempt else [param.name]
         if require_grad and not param.got_grad and not exempt:
-            found.append(
-                Finding(
-                    param.name, kind, "grad", math.nan, "a gradient", None, "unused: its .grad stayed None"
-                )
-            )
+            unused.append(param.name)
             continue
         nonfinite = torch.where(kept, torch.nan_to_num(param.nonfinite, nan=0.0), 0.0)
         if bool((nonfinite > 0).any()):
@@ -391,6 +391,7 @@ def gradient_findings(
         if min_norm is not None and bool((norm < min_norm).any()):
             value, step = _worst(norm, steps, largest=False)
             found.append(Finding(param.name, kind, "grad norm", value, f">= {min_norm:g}", step, "vanishing"))
+    found += unused_findings(grads, unused, judged)
     if require_update is not False:
         updates = _update_findings(grads, strict=require_update is True)
         found += [finding for finding in updates if not _within(finding.layer.rpartition(".")[0], excluded)]

@@ -117,7 +117,7 @@ def test_a_check_of_nothing_recorded_fails_and_says_why() -> None:
     with GradientStats(model) as grads:
         model(torch.randn(2, 4))  # no backward
     (finding,) = grads.findings()  # one finding, not every parameter "unused"
-    assert finding.statistic == "steps" and "no backward pass was recorded" in finding.note
+    assert finding.statistic == "steps" and "no loss.backward() inside the `with` block" in finding.note
     with pytest.raises(
         HealthError, match=r"\(model\)\s+Sequential\s+steps.*\(2 parameter\(s\) require grad\)"
     ):
