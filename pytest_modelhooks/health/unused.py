@@ -3,10 +3,10 @@
 A parameter without a gradient is one row only where its module's other parameters got theirs
 (its forward does not use it, or not through autograd); where every parameter of a module got
 none, the module is one row (a dead branch of forty parameters is one finding, not forty), the
-outermost such module. Each says what the module did while recording, as
-:meth:`GradientStats.ran` saw it: never ran (a branch not taken, a layer built but never
-called), ran only with gradients off, or ran and its output never reached the loss (discarded,
-detached, or cut off before it).
+outermost such module. Each says what the module did while recording, as ``grads.calls``
+(:class:`~pytest_modelhooks.stats.calls.ModuleCalls`) saw it: never ran (a branch not taken, a
+layer built but never called), ran only with gradients off, or ran and its output never reached
+the loss (discarded, detached, or cut off before it).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def unused_findings(grads: GradientStats, unused: list[str], judged: list[str]) 
     """Findings for the parameters ``unused`` (names, in the model's order) among ``judged``
     (every tracked parameter the check looks at, with or without a gradient).
 
+    >>> import torch
     >>> from torch import nn
     >>> from pytest_modelhooks import GradientStats
     >>> net = nn.ModuleDict({"used": nn.Linear(4, 2), "spare": nn.Linear(4, 2)})
@@ -89,9 +90,9 @@ def _why(grads: GradientStats, owner: str, *, alone: bool, group: bool) -> str:
             f"unused: the other parameters of {where} got gradients, this one none: the code that "
             "uses them does not use it, or not through autograd (.data, .detach(), torch.no_grad())"
         )
-    if not grads.calls_seen():  # (TorchScript, compiled: what ran is not known)
+    if not grads.calls.seen():  # (TorchScript, compiled: what ran is not known)
         return "unused: none of its parameters got a gradient" if group else "unused: its .grad stayed None"
-    ran = grads.ran(owner)
+    ran = grads.calls.ran(owner)
     if ran is None:
         return f"unused: {where} never ran while recording (a branch not taken, or a layer never called)"
     if not ran:

@@ -4,7 +4,6 @@ parameter changed (optimizers stepping, ``.grad`` lost before a step).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 import weakref
@@ -17,17 +16,11 @@ import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
-from pytest_modelhooks._torch import (
-    at_backward_end,
-    compiled_original,
-    graph_task_id,
-    is_compiling,
-    scaler_scale,
-)
-from pytest_modelhooks._torch import compiled_call as module_compiled_call
+from pytest_modelhooks._torch import at_backward_end, graph_task_id, is_compiling, scaler_scale
 from pytest_modelhooks.errors import describe, not_a_module
 from pytest_modelhooks.hooks.core import weak_hook
 from pytest_modelhooks.hooks.select import ModuleSpec, loaded_class, select_modules
+from pytest_modelhooks.stats.calls import ModuleCalls
 from pytest_modelhooks.stats.held import STACK_BYTES
 from pytest_modelhooks.stats.host import grad_on_host
 from pytest_modelhooks.stats.records import GRAD_STATISTICS, ParamGradStats, SteppedOptimizer
@@ -120,13 +113,6 @@ def _is_zero_lr(lr: Any) -> bool:
         return False  # no lr (an optimizer without one) or not a number
 
 
-def _owners(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> dict[str, nn.Module]:
-    """The modules that hold the tracked parameters themselves, by name, and the model."""
-    holders = {name.rpartition(".")[0] for name, _ in params}
-    holders.add("")
-    return {name: module for name, module in model.named_modules() if name in holders}
-
-
 class GradientStats:
     """Record gradient statistics of ``model``'s parameters after each backward.
 
@@ -210,11 +196,8 @@ class GradientStats:
         self._optimizers: dict[int, _Seen] = {}
         self._lost: dict[int, str] = {}
         # the modules holding tracked parameters themselves (and the model), watched until each
-        # runs with gradients on (a pre-hook that then removes itself: later calls cost
-        # nothing); their names -> whether a call had gradients on (see ran())
-        self._owners = _owners(model, self.params)
-        self._ran: dict[str, bool] = {}
-        self._watching: dict[str, Any] = {}
+        # runs with gradients on: what tells why a parameter got no gradient
+        self.calls = ModuleCalls(model, {name.rpartition(".")[0] for name, _ in self.params})
 
     def __enter__(self) -> GradientStats:
         self.start()
@@ -248,11 +231,7 @@ class GradientStats:
             for owner in lazy.values():
                 self._handles.append(owner.register_forward_hook(self._materialized))
             if not isinstance(self.model, torch.jit.ScriptModule):
-                for name, module in self._owners.items():
-                    if not self._ran.get(name):
-                        hook = functools.partial(weak_hook(self, "_module_ran"), name)
-                        self._watching[name] = module.register_forward_pre_hook(hook)
-                self._handles += self._watching.values()
+                self.calls.start()
                 # a forward starts a step. (TorchScript takes no Python module hooks; its
                 # parameters take tensor hooks, and a step ends when a gradient arrives again.)
                 starts = self.model.register_forward_pre_hook(lambda module, args: self.end_step())
@@ -267,60 +246,6 @@ class GradientStats:
         except BaseException:
             self.stop()
             raise
-
-    def _module_ran(self, name: str, module: nn.Module, args: Any) -> None:
-        """A watched module's call: noted, and once gradients are on, its hook removed."""
-        if is_compiling():
-            return  # (traced into a graph: a call of the trace, not of the model)
-        if not torch.is_grad_enabled():
-            self._ran.setdefault(name, False)
-            return
-        self._ran[name] = True
-        handle = self._watching.pop(name, None)
-        if handle is not None:
-            handle.remove()
-
-    def ran(self, name: str) -> bool | None:
-        """Whether module ``name`` (or a module inside it holding tracked parameters) ran while
-        recording: True with gradients on, False only with them off (``torch.no_grad()``,
-        ``inference_mode``), None never (a branch not taken, a layer built but never called).
-        Watched through a forward pre-hook per module holding parameters, each removed at its
-        first call with gradients on. A TorchScript model takes no such hook: ``ValueError``.
-
-        >>> net = nn.ModuleDict({"used": nn.Linear(3, 1), "spare": nn.Linear(3, 1)})
-        >>> with GradientStats(net) as grads:
-        ...     net["used"](torch.randn(2, 3)).sum().backward()
-        >>> grads.ran("used"), grads.ran("spare")
-        (True, None)
-        """
-        if isinstance(self.model, torch.jit.ScriptModule):
-            raise ValueError(f"{type(self.model).__name__} is TorchScript: its module calls are not seen")
-        self.model.get_submodule(name)  # an AttributeError naming what is missing
-        prefix = name + "." if name else ""
-        watched = [owner for owner in self._owners if owner == name or owner.startswith(prefix)]
-        if not watched:
-            raise ValueError(f"{name!r} holds no tracked parameter: its calls are not watched")
-        seen = [self._ran[owner] for owner in watched if owner in self._ran]
-        return any(seen) if seen else None
-
-    def calls_seen(self) -> bool:
-        """Whether :meth:`ran` sees the model's module calls: not in TorchScript (no module
-        hooks), nor where a module is compiled (``torch.compile``, ``Module.compile()``: its
-        submodules run inside the compiled graph), nor where no watched call came at all (a
-        compiled wrapper of the model was called).
-
-        >>> net = nn.Linear(3, 1)
-        >>> with GradientStats(net) as grads:
-        ...     net(torch.randn(2, 3)).sum().backward()
-        >>> grads.calls_seen()
-        True
-        """
-        if isinstance(self.model, torch.jit.ScriptModule) or not self._ran:
-            return False
-        return not any(
-            compiled_original(module) is not None or module_compiled_call(module) is not None
-            for module in self.model.modules()
-        )
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Before any optimizer's ``step()``: note which of the model's parameters it holds (and
@@ -407,7 +332,7 @@ class GradientStats:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._watching = {}
+        self.calls.stop()
 
     def _record(self, param: torch.Tensor) -> None:
         # (detached below: no graph is recorded, no no_grad() needed)
@@ -691,7 +616,7 @@ class GradientStats:
                 else "no parameter requires grad"
             )
             note = f"no backward pass was recorded ({what}); call loss.backward() inside the `with` block"
-            if self.params and self.calls_seen() and self.ran(""):
+            if self.params and self.calls.seen() and self.calls.ran(""):
                 note = (
                     f"no backward pass reached the model ({what}), though it ran with gradients on: "
                     "no loss.backward() inside the `with` block, or a loss that does not depend on "

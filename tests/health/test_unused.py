@@ -115,8 +115,8 @@ def test_the_watch_hooks_go_at_the_first_call_with_gradients_and_all_go_at_the_e
             # the model's step hook, and the watches of what has not run with gradients on:
             # the never-called branch (two modules with parameters) and the no_grad one
             assert count_hooks(model) == 1 + 2 + 1 < at_start
-        assert grads.ran("trunk") is True and grads.ran("frozen_path") is False
-        assert grads.ran("spare") is None and grads.ran("") is True
+        assert grads.calls.ran("trunk") is True and grads.calls.ran("frozen_path") is False
+        assert grads.calls.ran("spare") is None and grads.calls.ran("") is True
     assert count_hooks(model) == 0
 
 
@@ -125,9 +125,9 @@ def test_ran_names_what_it_cannot_answer() -> None:
     with GradientStats(model) as grads:
         model(torch.randn(3, 4)).sum().backward()
     with pytest.raises(ValueError, match=r"'spare.1' holds no tracked parameter"):
-        grads.ran("spare.1")  # the ReLU
+        grads.calls.ran("spare.1")  # the ReLU
     with pytest.raises(AttributeError, match="nothing"):
-        grads.ran("nothing")
+        grads.calls.ran("nothing")
 
 
 def test_a_compiled_model_says_only_that_no_gradient_came() -> None:
@@ -135,7 +135,7 @@ def test_a_compiled_model_says_only_that_no_gradient_came() -> None:
     model["used"].compile(backend="eager")
     with GradientStats(model) as grads:
         model["used"](torch.randn(3, 4)).sum().backward()
-    assert not grads.calls_seen()
+    assert not grads.calls.seen()
     (finding,) = grads.findings()
     assert (finding.layer, finding.note) == ("spare", "unused: none of its parameters got a gradient")
 
@@ -155,4 +155,4 @@ def test_torchscript_says_only_that_no_gradient_came() -> None:
     (finding,) = grads.findings()
     assert (finding.layer, finding.note) == ("spare", "unused: none of its parameters got a gradient")
     with pytest.raises(ValueError, match="TorchScript"):
-        grads.ran("spare")
+        grads.calls.ran("spare")
