@@ -298,3 +298,36 @@ def test_a_decoder_given_the_cache_of_an_earlier_forward_agrees_with_itself(
         found = first_divergence(gpt2, torch.randint(0, 100, (1, 2)), past_key_values=past, against=against)
     assert found == []
     assert past.get_seq_length() == 6  # the user's cache as it was
+
+
+def test_the_parameters_real_models_leave_without_a_gradient_are_named_with_the_reason() -> None:
+    # BERT's pooler runs but a loss on the hidden states does not use it; DINOv2's mask token
+    # is used only with bool_masked_pos; every other parameter gets its gradient
+    from pytest_modelhooks import GradientStats
+
+    bert, tokens = _small("bert")
+    config = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    dinov2 = transformers.Dinov2Model(config)
+    rows = {}
+    for model, inputs in (
+        (bert, {"input_ids": tokens}),
+        (dinov2, {"pixel_values": torch.randn(2, 3, 32, 32)}),
+    ):
+        with untouched(model.train(), values=False), GradientStats(model) as grads:
+            model(**inputs).last_hidden_state.pow(2).mean().backward()
+        rows.update({finding.layer: (finding.layer_type, finding.note) for finding in grads.findings()})
+    assert list(rows) == ["pooler", "embeddings.mask_token"]
+    assert rows["pooler"][0] == "BertPooler, 2 parameters"
+    assert rows["pooler"][1].startswith("unused: 'pooler' ran, but none of its output reached the loss")
+    assert rows["embeddings.mask_token"][0] == "parameter 1x32"
+    assert (
+        "the other parameters of 'embeddings' got gradients, this one none"
+        in rows["embeddings.mask_token"][1]
+    )

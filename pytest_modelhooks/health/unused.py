@@ -87,8 +87,9 @@ def _why(grads: GradientStats, owner: str, *, alone: bool, group: bool) -> str:
     where = f"'{owner}'" if owner else f"the model ({_type_name(grads.model)})"
     if alone:
         return (
-            f"unused: the other parameters of {where} got gradients, this one none: the code that "
-            "uses them does not use it, or not through autograd (.data, .detach(), torch.no_grad())"
+            f"unused: the other parameters of {where} got gradients, this one none: the forward did "
+            "not use it (a path these inputs do not take), or used it outside autograd (.data, "
+            ".detach(), torch.no_grad())"
         )
     if not grads.calls.seen():  # (TorchScript, compiled: what ran is not known)
         return "unused: none of its parameters got a gradient" if group else "unused: its .grad stayed None"
