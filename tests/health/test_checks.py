@@ -462,3 +462,25 @@ def test_std_growth_compares_a_layer_with_what_it_was_given_not_another_branch()
         model(torch.randn(16, 8), torch.randint(0, 4, (16,)))
     found = grown.findings(max_std_growth=10.0)
     assert [(f.layer, f.note) for f in found] == [("mix", "vs x_proj")]
+
+
+def test_a_norm_given_an_input_smaller_than_its_eps_says_so() -> None:
+    def findings(eps: float) -> tuple[torch.Tensor, dict[str, Any]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, eps=eps))
+        nn.init.normal_(model[0].weight, std=5e-5)  # small, not zero-initialised (> 1e-5)
+        nn.init.zeros_(model[0].bias)
+        x = torch.randn(64, 8)
+        with ActivationStats(model.train()) as stats:
+            model(x)
+        found = {finding.layer: finding for finding in stats.findings(std=(0.01, 10.0))}
+        return model[0](x).std(), found
+
+    # input variance ~2e-8 against eps 1e-3: the output's std is ~sqrt(2e-8 / 1e-3) = 0.0045
+    std, found = findings(1e-3)
+    assert found["0"].note == "vanishing" and found["0"].observed == pytest.approx(float(std), rel=1e-4)
+    assert found["1"].note == (
+        f"vanishing: its input's std {float(std):.3g} (variance {float(std) ** 2:.2g}) is below the "
+        "layer's eps=0.001, which then sets the scale"
+    )
+    assert list(findings(1e-12)[1]) == ["0"]  # with a small eps the norm brings the scale back
