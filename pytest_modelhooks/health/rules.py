@@ -179,12 +179,35 @@ def _std_findings(layer: LayerStats, std: tuple[float, float], zero: _ZeroInitia
     nan = torch.full_like(layer.std, math.nan)
     if bool(below.any()) and not zero.by_design(layer):
         value, batch = _worst(torch.where(below, layer.std, nan), layer.batches, largest=False)
-        note = "vanishing" + (zero.fed_note(layer) or zero.eps_note(layer, batch))
+        note = "vanishing" + (zero.fed_note(layer) or _eps_note(zero.model, zero.by_name, layer, batch))
         found.append(Finding(layer.name, layer.type, "std", value, f">= {low:g}", batch, note))
     if bool(above.any()):
         value, batch = _worst(torch.where(above, layer.std, nan), layer.batches, largest=True)
         found.append(Finding(layer.name, layer.type, "std", value, f"<= {high:g}", batch, "exploding"))
     return found
+
+
+def _eps_note(model: Any, by_name: dict[str, LayerStats], layer: LayerStats, batch: int) -> str:
+    """For a vanishing normalization layer: where its input's variance is below its ``eps``,
+    which then dominates the denominator (an input too small to normalise, not weights)."""
+    if not _NORMALIZATION.search(layer.type):
+        return ""
+    try:
+        eps = getattr(model.get_submodule(layer.module), "eps", None)
+    except AttributeError:
+        return ""
+    sources = [by_name[name] for name in layer.inputs_from if name in by_name]
+    if not isinstance(eps, float) or eps <= 0 or not sources:
+        return ""
+    # the inputs' std at the batch where it vanished
+    at = [source.std[source.batches == batch] for source in sources]
+    stds = [float(values.max()) for values in at if values.numel() and bool(values.isfinite().all())]
+    if not stds or max(stds) ** 2 >= eps:
+        return ""
+    return (
+        f": its input's std {max(stds):.3g} (variance {max(stds) ** 2:.2g}) is below the layer's "
+        f"eps={eps:g}, which then sets the scale"
+    )
 
 
 #: Weights this small at init are zero-initialised by design, not vanishing by accident.
@@ -224,28 +247,6 @@ class _ZeroInitialised:
             return all(max(-float(low), float(high)) <= _ZERO_INIT for low, high in extremes)
         sources = [self.by_name[name] for name in layer.inputs_from if name in self.by_name]
         return bool(sources) and all(self.by_design(source) for source in sources)
-
-    def eps_note(self, layer: LayerStats, batch: int) -> str:
-        """For a vanishing normalization layer: where its input's variance is below its ``eps``,
-        which then dominates the denominator (an input too small to normalise, not weights)."""
-        if not _NORMALIZATION.search(layer.type):
-            return ""
-        try:
-            eps = getattr(self.model.get_submodule(layer.module), "eps", None)
-        except AttributeError:
-            return ""
-        sources = [self.by_name[name] for name in layer.inputs_from if name in self.by_name]
-        if not isinstance(eps, float) or eps <= 0 or not sources:
-            return ""
-        # the inputs' std at the batch where it vanished
-        at = [source.std[source.batches == batch] for source in sources]
-        stds = [float(values.max()) for values in at if values.numel() and bool(values.isfinite().all())]
-        if not stds or max(stds) ** 2 >= eps:
-            return ""
-        return (
-            f": its input's std {max(stds):.3g} (variance {max(stds) ** 2:.2g}) is below the layer's "
-            f"eps={eps:g}, which then sets the scale"
-        )
 
     def fed_note(self, layer: LayerStats) -> str:
         """For a vanishing layer: the zero-initialised layers that feed it, if any."""
