@@ -156,3 +156,53 @@ def test_torchscript_says_only_that_no_gradient_came() -> None:
     assert (finding.layer, finding.note) == ("spare", "unused: none of its parameters got a gradient")
     with pytest.raises(ValueError, match="TorchScript"):
         grads.calls.ran("spare")
+
+
+def test_a_module_reused_with_and_without_gradients_counts_as_run_with_them() -> None:
+    shared = nn.Linear(4, 4)
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.spare = shared, shared, nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                x = self.first(x)
+            return self.second(x)
+
+    model = Twice()
+    with GradientStats(model) as grads:
+        model(torch.randn(2, 4)).sum().backward()
+    assert grads.calls.ran("first") is True  # one module under two names: its first name
+    assert [finding.layer for finding in grads.findings()] == ["spare"]
+
+
+def test_a_forward_that_raises_leaves_no_hook_and_what_ran_before_is_known() -> None:
+    class Fails(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.before, self.after = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.before(x)
+            raise RuntimeError("mid-forward")
+
+    model = Fails()
+    with pytest.raises(RuntimeError, match="mid-forward"), GradientStats(model) as grads:
+        model(torch.randn(2, 4))
+    assert count_hooks(model) == 0
+    assert grads.calls.ran("before") is True and grads.calls.ran("after") is None
+
+
+def test_recording_again_watches_only_what_has_not_run_with_gradients() -> None:
+    model = Branches()
+    grads = GradientStats(model)
+    grads.start()
+    model(torch.randn(3, 4)).sum().backward()
+    grads.stop()
+    assert count_hooks(model) == 0
+    grads.start()  # the step hook, and the watches of 'spare' (2 modules) and 'frozen_path'
+    assert count_hooks(model) == 1 + 2 + 1
+    grads.stop()
+    assert grads.calls.ran("spare") is None and grads.calls.ran("trunk") is True
