@@ -46,3 +46,10 @@ def test_an_eval_mode_loss_at_init_says_the_batch_norms_never_saw_a_batch() -> N
     labels = torch.randint(0, 1000, (4,))
     with pytest.raises(HealthError, match=r"the model is in eval mode, and its \d+ batch norms"):
         check_loss_at_init(model, (batch, labels))
+
+
+def test_a_train_mode_loss_at_init_names_inceptions_head_and_its_scale() -> None:
+    model, batch = _built("inception_v3")
+    labels = torch.randint(0, 1000, (4,))
+    with pytest.raises(HealthError, match=r"layer fc \(Linear, weight std 0\.1: 7\.8\dx PyTorch's default"):
+        check_loss_at_init(model.train(), (batch, labels))

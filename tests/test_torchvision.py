@@ -5,6 +5,7 @@ classifiers at init. Skipped where torchvision is not importable (see the README
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 tv = pytest.importorskip("torchvision")
 models = tv.models
 
-from pytest_modelhooks import ActivationStats, GradientStats, model_summary  # noqa: E402
+from pytest_modelhooks import ActivationStats, GradientStats, HealthError, model_summary  # noqa: E402
 
 # the documented bounds (docs/health.md)
 STD, MAX_DEAD, MAX_GRAD_NORM = (0.001, 50.0), 0.8, 1e5
@@ -158,8 +159,6 @@ LOSS_AT_INIT = [
 
 @pytest.mark.parametrize("name", LOSS_AT_INIT)
 def test_the_loss_at_init_is_chance_with_the_default_tolerance(name: str) -> None:
-    import math
-
     from pytest_modelhooks.training import check_loss_at_init
 
     torch.manual_seed(0)
@@ -221,3 +220,18 @@ def test_every_classifier_and_video_model_runs_with_no_size_given(name: str) -> 
     with torch.no_grad():
         real = model(torch.randn(*summary.input_shapes))
     assert summary.output_shapes == real.shape
+
+
+def test_inceptions_head_drawn_at_std_0_1_starts_above_chance_and_is_named() -> None:
+    from pytest_modelhooks.training import check_loss_at_init
+
+    torch.manual_seed(0)
+    model = models.get_model("inception_v3", init_weights=True)
+    images, labels = torch.randn(4, 3, 299, 299), torch.randint(0, 1000, (4,))
+    head = r"from layer fc \(Linear, weight std 0\.0999: 7\.8\dx PyTorch's default for fan_in 2048\)"
+    with pytest.raises(HealthError, match=head):
+        check_loss_at_init(model, (images, labels))
+    assert math.isfinite(check_loss_at_init(model, (images, labels), rtol=0.5))
+    with torch.no_grad():
+        nn.init.normal_(model.fc.weight, std=0.01)
+    assert math.isfinite(check_loss_at_init(model, (images, labels)))

@@ -40,7 +40,7 @@ from pytest_modelhooks.dependence.calls import (
 from pytest_modelhooks.findings import Finding, raise_for
 from pytest_modelhooks.hooks.select import ModuleSpec
 from pytest_modelhooks.inputs import check_model, normalise_input
-from pytest_modelhooks.tracing.state import buffers_kept
+from pytest_modelhooks.tracing.state import BATCH_NORMS, buffers_kept
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _hint(kind: _Kind, module: nn.Module, train: bool) -> str:
             return " (an RNN without batch_first=True given (batch, seq, ...) runs along the batch?)"
         if kind is _CAUSAL and module.bidirectional:
             return " (a bidirectional RNN reads the sequence backwards too)"
-    if kind is _BATCH and train and isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if kind is _BATCH and train and isinstance(module, BATCH_NORMS):
         return " (BatchNorm in train mode normalises over the batch, as designed)"
     if kind is _BATCH:
         return " (a reduction, reshape or transpose over the batch dimension?)"

@@ -6,6 +6,7 @@ token models, on every position).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -144,10 +145,15 @@ def _spread(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and tensor.numel() > 1
 
 
-def _loudest_layer(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The layer with parameters whose output std grows most over its input's: where an init
-    made the logits large (a head scaled up, a residual branch not scaled down)."""
+def _loudest_layer(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: OutputSpec, loss_fn: LossFn
+) -> str:
+    """The layer with parameters whose output std grows most over its input's (where an init
+    made the logits large: a head scaled up, a residual branch not scaled down), and the layer
+    whose output the logits are, with its weights' scale against ``1/sqrt(fan_in)``: a head
+    drawn at a fixed std (Inception-v3's 0.1 over 2,048 inputs) starts far from chance."""
     growth: list[tuple[float, str, float]] = []
+    outputs: dict[str, weakref.ref[torch.Tensor]] = {}
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -157,6 +163,8 @@ def _loudest_layer(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
             after = [
                 t.float().std() for _, t in tensor_leaves(output) if t.is_floating_point() and t.numel() > 1
             ]
+            if isinstance(output, torch.Tensor):
+                outputs[name] = weakref.ref(output)  # a weak one: the forward's memory stays its own
             if after:
                 out = float(after[0])
                 ratio = out / float(before[0]) if before and float(before[0]) > 0 else out
@@ -171,7 +179,7 @@ def _loudest_layer(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     ]
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            logits = loss_input(model(*args, **kwargs), output, loss_fn, "check_loss_at_init")
     finally:
         for handle in handles:
             handle.remove()
@@ -179,7 +187,45 @@ def _loudest_layer(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
         return ""
     ratio, name, std = max(growth)
     kind = type(model.get_submodule(name)).__name__
-    return f"layer {name} ({kind}) multiplies its input's std by {ratio:.3g} (output std {std:.3g})"
+    head = next((key for key, ref in reversed(outputs.items()) if ref() is logits), None)
+    if head is None or head == name:
+        return (
+            f", and layer {name} ({_scaled(model, name)}) multiplies its input's std by {ratio:.3g} "
+            f"(output std {std:.3g})"
+        )
+    return (
+        f", from layer {head} ({_scaled(model, head)}), and layer {name} ({kind}) multiplies its "
+        f"input's std by {ratio:.3g} (output std {std:.3g})"
+    )
+
+
+# the layers whose reset_parameters draws weights at 1/sqrt(3 * fan_in) (kaiming_uniform_, a=sqrt(5))
+_DEFAULT_INIT = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def _scaled(model: nn.Module, name: str) -> str:
+    """A layer's type, and for one with a weight matrix or kernel, that weight's std against
+    the default init's (a Linear's or Conv's: ``1/sqrt(3 * fan_in)``, so "10x" is a head
+    scaled up tenfold), or else against ``1/sqrt(fan_in)``."""
+    module = model.get_submodule(name)
+    kind = type(module).__name__
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.dim() >= 2 and weight.is_floating_point()):
+        return kind
+    fan_in = weight[0].numel()
+    std = float(weight.detach().float().std()) if weight.numel() > 1 else 0.0
+    if isinstance(module, _DEFAULT_INIT):
+        times = std * math.sqrt(3 * fan_in)
+        return f"{kind}, weight std {std:.3g}: {times:.3g}x PyTorch's default for fan_in {fan_in}"
+    return f"{kind}, weight std {std:.3g} = {std * math.sqrt(fan_in):.3g}/sqrt(fan_in {fan_in})"
 
 
 def check_loss_at_init(
@@ -244,9 +290,7 @@ def check_loss_at_init(
         scale = ""
         if isinstance(logits, torch.Tensor) and logits.is_floating_point():
             scale = f"; the output's std is {float(logits.float().std()):.3g}"
-            loudest = _loudest_layer(model, args, kwargs)
-            if loudest:
-                scale += f", and {loudest}"
+            scale += _loudest_layer(model, args, kwargs, output, loss_fn)
         scale += _eval_mode_norms(model)
     what = (
         "above" if judged > expected_value else "below" if math.isfinite(judged) else "not finite, not near"

@@ -4,6 +4,7 @@ defaults, each planted bug fails with its reason."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -150,8 +151,52 @@ def test_a_head_initialised_ten_times_too_large_is_named() -> None:
     with pytest.raises(HealthError, match=r"above 2\.303 = log\(10 classes\)") as raised:
         check_loss_at_init(model, batch())
     message = str(raised.value)
-    assert "the output's std is" in message and "layer 4 (Linear) multiplies its input's std by" in message
+    assert "the output's std is" in message and "multiplies its input's std by" in message
+    # the head makes the logits and scaled them most: one clause, its weights against the default
+    scale = re.search(
+        r"layer 4 \(Linear, weight std ([\d.]+): ([\d.]+)x PyTorch's default for fan_in 32\)", message
+    )
+    assert scale is not None, message
+    default_std = float(classifier()[4].weight.detach().std())  # the same seed, before the tenfold
+    assert float(scale[1]) == pytest.approx(10 * default_std, rel=0.01)
+    assert float(scale[2]) == pytest.approx(10 * default_std * math.sqrt(3 * 32), rel=0.01)
+    assert 9 < float(scale[2]) < 11
     assert raised.value.findings[0].statistic == "loss at init"
+
+
+def test_a_head_drawn_at_a_fixed_std_is_named_beside_the_loudest_layer() -> None:
+    # Inception-v3's head: weights drawn at std 0.1 whatever the fan-in, far above the default
+    # for 2,048 inputs; here a layer before it scales its input more, and both are named
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(20)
+        nn.init.normal_(model[2].weight, std=0.5)
+    with pytest.raises(HealthError) as raised:
+        check_loss_at_init(model, batch())
+    message = str(raised.value)
+    head_std = float(model[2].weight.detach().std())
+    assert (
+        f"from layer 2 (Linear, weight std {head_std:.3g}: {head_std * math.sqrt(3 * 64):.3g}x PyTorch's "
+        "default for fan_in 64), and layer 0 (Linear) multiplies its input's std by"
+    ) in message
+
+
+def test_logits_made_outside_any_layer_name_only_the_loudest() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = classifier()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) * 30.0
+
+    with pytest.raises(HealthError) as raised:
+        check_loss_at_init(Scaled(), batch())
+    message = str(raised.value)
+    assert (
+        "from layer" not in message and "layer net." in message and "multiplies its input's std by" in message
+    )
 
 
 def test_the_chance_loss_of_bce_and_an_explicit_expected_value() -> None:
