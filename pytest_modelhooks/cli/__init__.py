@@ -12,6 +12,8 @@
         [--input-size 5,3,64,64] [--dynamic batch] [--max-graph-breaks 0] [--export] [--onnx]
     python -m pytest_modelhooks state-dict PACKAGE.MODULE:FACTORY [--checkpoint old.pt] [--meta]
     python -m pytest_modelhooks diverge PACKAGE.MODULE:FACTORY --input-size 2,3,64,64 --against bf16
+    python -m pytest_modelhooks learn PACKAGE.MODULE:FACTORY --input-size 8,3,64,64 \\
+        [--loss cross-entropy|bce|mse] [--checks init,overfit,input] [--steps 500] [--lr 1e-3]
 
 ``FACTORY`` is a callable returning an ``nn.Module`` (a class or a function) or a module-level
 ``nn.Module``; the current directory is importable. ``'mypkg.models:build(depth=50)'`` calls it
@@ -33,13 +35,17 @@ more sizes, the recompilations; with ``--export``/``--onnx``, the export problem
 with 1 when there are more than ``--max-graph-breaks``. ``state-dict`` prints every key of the
 state dict; with ``--checkpoint`` it exits with 1 when that checkpoint would not load as saved.
 ``diverge`` names the first module where the model and its ``--against`` run part, exit 1 when
-they do. Without ``--input-size``, ``health``, ``leaks``, ``compile`` and ``diverge`` make a
+they do. ``learn`` runs the training recipe's first checks on one random batch with random
+targets shaped from the output (the loss at init is chance, a copy memorises the batch, the
+output depends on the input), exit 1 when one fails. Without ``--input-size``, ``health``,
+``leaks``, ``compile``, ``diverge`` and ``learn`` make a
 batch shaped as the first layer that reads the input implies (as large as the image size the
 model declares, or a larger standard size where its forward refuses the default one), and say
 its shape on stderr.
 
 Each subcommand is a module of this package (:mod:`.summary`, :mod:`.sizes`, :mod:`.health`,
-:mod:`.leaks`, :mod:`.memory`, :mod:`.compile`, :mod:`.state_dict`, :mod:`.diverge`) with the
+:mod:`.leaks`, :mod:`.memory`, :mod:`.compile`, :mod:`.state_dict`, :mod:`.diverge`,
+:mod:`.learn`) with the
 same four names: ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(model, args) -> exit
 status``; what they share is in :mod:`.common`.
 """
@@ -51,7 +57,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from pytest_modelhooks.cli import compile, diverge, health, leaks, memory, sizes, state_dict, summary
+from pytest_modelhooks.cli import compile, diverge, health, leaks, learn, memory, sizes, state_dict, summary
 from pytest_modelhooks.cli.common import (
     FACTORY_HELP,
     KWARG_HELP,
@@ -68,7 +74,17 @@ from pytest_modelhooks.errors import error_text
 __all__ = ["main", "run", "script"]
 
 #: The subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[ModuleType, ...] = (summary, sizes, health, leaks, memory, compile, state_dict, diverge)
+SUBCOMMANDS: tuple[ModuleType, ...] = (
+    summary,
+    sizes,
+    health,
+    leaks,
+    memory,
+    compile,
+    state_dict,
+    diverge,
+    learn,
+)
 #: Those that can build the model on the meta device (they never compute on its weights).
 _META = (summary, sizes, memory, state_dict)
 

@@ -206,7 +206,8 @@ def _reasons(
             frozen.setdefault(name.rpartition(".")[0], []).append(name)
     for module, names in frozen.items():
         owner = model.get_submodule(module) if module else model
-        note = f"frozen: {', '.join(names)} require no grad, so they never train (requires_grad_(True))"
+        verbs = ("requires", "it never trains") if len(names) == 1 else ("require", "they never train")
+        note = f"frozen: {', '.join(names)} {verbs[0]} no grad, so {verbs[1]} (requires_grad_(True))"
         found.append(
             Finding(module, type(owner).__name__, "frozen", float(len(names)), "trainable", None, note)
         )

@@ -220,7 +220,15 @@ def test_a_frozen_stack_does_not_overfit_and_is_named() -> None:
     with pytest.raises(HealthError, match="does not memorise one batch") as raised:
         check_overfits(model, batch())
     assert [(f.layer, f.statistic) for f in raised.value.findings] == [("0", "frozen"), ("2", "frozen")]
+    assert raised.value.findings[0].note.startswith("frozen: 0.weight, 0.bias require no grad, so they never")
     assert model[0].weight.requires_grad is False  # the user's model as it was
+    model[2].requires_grad_(True)
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(HealthError) as raised:
+        check_overfits(model, batch(), steps=5)
+    assert [f.note for f in raised.value.findings if f.layer == "2"] == [
+        "frozen: 2.bias requires no grad, so it never trains (requires_grad_(True))"
+    ]
 
 
 def test_gradients_cleared_between_backward_and_step_are_named() -> None:
