@@ -241,6 +241,20 @@ def _launches(model: torch.nn.Module, batch: torch.Tensor, step: bool, **options
     }
 
 
+def _op_us(calls: int = 10_000, repeats: int = 5) -> float:
+    """Microseconds of host time one tiny torch op costs here (``torch.add`` of two 2-element
+    tensors, nearly all of it dispatch): the yardstick that makes the host time per module
+    comparable across machines, as a count of such ops."""
+    x, y = torch.randn(2), torch.randn(2)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            torch.add(x, y)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times) * 1e6
+
+
 def count_launches(json_path: Path | None) -> None:
     """Per model: the kernels ActivationStats (default statistics) adds to a batch on its
     device path, forced on the CPU (a GPU's path: no host read), with outputs held to the
@@ -279,6 +293,7 @@ def count_launches(json_path: Path | None) -> None:
             label: _host_time(model, tiny, **options)
             for label, options in (("held", {}), ("per_module", {"max_held": 0}))
         }
+        op_us = _op_us()
         line = {
             "model": name,
             "hooked_modules": modules,
@@ -290,6 +305,9 @@ def count_launches(json_path: Path | None) -> None:
             "passes_over_outputs": round(held["bytes"] / held["reduced_bytes"], 2),
             "passes_over_outputs_in_hooks": round(per_module["bytes"] / per_module["reduced_bytes"], 2),
             "host_us_per_module": round(host_times["held"][0] / modules * 1e6, 1),
+            # the same in tiny torch ops: the machine's speed divided out
+            "op_us": round(op_us, 2),
+            "host_ops_per_module": round(host_times["held"][0] / modules * 1e6 / op_us, 2),
             "batch_end_us": round(host_times["held"][1] * 1e6),
             "host_us_per_module_in_hooks": round(sum(host_times["per_module"]) / modules * 1e6, 1),
             "parameters": grads["count"],
