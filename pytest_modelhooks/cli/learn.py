@@ -114,8 +114,13 @@ def random_targets(model: Any, inputs: Any, args: argparse.Namespace) -> tuple[A
         return target.to(given.device), f"0/1 labels {shape}", math.log(2.0)
     if args.loss == "mse":
         return torch.randn(shape, generator=generator).to(given.device), f"normal values {shape}", None
-    first = call_args[0] if call_args else None
-    tokens = isinstance(first, torch.Tensor) and not first.is_floating_point() and first.shape == shape[:-1]
+    # a token model: some input of ids (the encoder's, or an encoder-decoder's decoder ids)
+    # has the logits' shape without their last dimension
+    given_inputs = [*call_args, *call_kwargs.values(), *args.kwargs.values()]
+    tokens = any(
+        isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.shape == shape[:-1]
+        for ids in given_inputs
+    )
     # classes second, as torch lays them out; last for a token model's (batch, length, vocab)
     at = given.dim() - 1 if tokens or given.dim() == 2 else 1
     if given.dim() < 2 or shape[at] < 2:

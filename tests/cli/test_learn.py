@@ -53,6 +53,17 @@ def segmenter():
 def single():
     return nn.Linear(16, 1)
 
+class Seq2Seq(nn.Module):
+    # an encoder-decoder as transformers writes one: the decoder ids come from the command
+    class config:
+        is_encoder_decoder, vocab_size = True, 30
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(30, 8)
+        self.head = nn.Linear(8, 30)
+    def forward(self, input_ids, decoder_input_ids):
+        return self.head(self.embed(decoder_input_ids) + self.embed(input_ids).mean(1, keepdim=True))
+
 class Scores(nn.Module):
     def __init__(self):
         super().__init__()
@@ -109,6 +120,12 @@ def test_targets_are_shaped_from_the_output(capsys: pytest.CaptureFixture[str]) 
     assert "a batch of 8,8 from the first layer 'embed' (Embedding)" in captured.err
     assert report["targets"] == "class ids (8, 8) of 30 classes"
     assert report["checks"]["init"]["expected"] == pytest.approx(math.log(30))
+    # an encoder-decoder's (batch, decoder length, vocab) against its decoder's ids' shape
+    assert (
+        main(["learn", "learn_models:Seq2Seq", "--input-size", "4,6", "--checks", "init", "--format", "json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["targets"] == "class ids (4, 8) of 30 classes"
     # a segmenter's (batch, classes, height, width) take (batch, height, width): classes second
     arguments = ["learn", "learn_models:segmenter", "--input-size", "2,3,8,8", "--checks", "init"]
     assert main([*arguments, "--format", "json"]) == 0
