@@ -1,9 +1,9 @@
 """Example suite: a small image classifier. Copy it next to your own model.
 
 It checks the architecture, not the training: every stage's output shape, the parameter budget
-and the layer table (a committed snapshot), healthy activations and gradients, that any input
-size the model claims to take gives one logit per class, and that it compiles whole and exports
-for inference with a dynamic batch.
+and the layer table (a committed snapshot), healthy activations and gradients, a loss at init
+at chance and one batch memorised, that any input size the model claims to take gives one logit
+per class, and that it compiles whole and exports for inference with a dynamic batch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from pytest_modelhooks import check_batch_independence, check_deterministic, check_exportable
+from pytest_modelhooks import (
+    check_batch_independence,
+    check_deterministic,
+    check_exportable,
+    check_loss_at_init,
+    check_overfits,
+)
 from pytest_modelhooks.strategies import input_sizes
 
 
@@ -78,6 +84,15 @@ def test_activations_and_gradients_stay_healthy(model, activation_stats, gradien
     stats.check()  # bounds from the marker above
     grads.check()  # every parameter got a finite gradient under max_grad_norm, and was updated
     # (with --modelhooks-plots DIR, a failing check also writes the layers' or gradients' picture)
+
+
+def test_starts_at_chance_and_memorises_a_batch(model):
+    # the training recipe's first checks: the untrained loss is log(10), and a copy trained on
+    # one batch memorises it (a head initialised too large, a frozen stage, a dead stack or a
+    # zero_grad() between backward() and step() would each be named)
+    batch = (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+    check_loss_at_init(model, batch)
+    check_overfits(model, batch, steps=200, lr=1e-2)
 
 
 def test_each_prediction_depends_on_its_own_image_only_and_not_on_chance(model, modelhooks_device):

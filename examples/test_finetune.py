@@ -2,8 +2,10 @@
 
 Transfer learning fails quietly: a backbone meant to be frozen keeps training (or its
 BatchNorm statistics drift in train mode), the new head gets no gradient, bf16 activations
-overflow. These tests pin each of those down; the committed layer table shows which layers
-train (its "Trainable #" column appears as soon as some parameters are frozen).
+overflow, and a refactor of the backbone stops the pretrained checkpoint from loading. These
+tests pin each of those down; the committed layer table shows which layers train (its
+"Trainable #" column appears as soon as some parameters are frozen), and the committed state
+dict format is what checkpoints saved from this model hold.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+
+from pytest_modelhooks import check_loads, state_dict_spec
 
 
 def backbone(width: int = 16) -> nn.Sequential:
@@ -96,3 +100,17 @@ def test_bf16_activations_stay_healthy(model, activation_stats, modelhooks_devic
     assert logits.dtype == torch.bfloat16
     # bf16 activations are reduced in float32; a NaN or infinity would be named here too
     stats.check()
+
+
+def test_the_pretrained_checkpoint_still_loads(model, tmp_path):
+    # a renamed, resized or re-typed layer in the backbone fails here, in load_state_dict's
+    # words, with the rename suggested; a .safetensors file or a stored spec works as well
+    path = tmp_path / "backbone.pt"
+    torch.save(backbone().state_dict(), path)
+    check_loads(model.backbone, path)
+
+
+def test_the_checkpoint_format_is_stable(model, model_snapshot):
+    # every key with its kind, shape, dtype and tie: a change reads as what loading an old
+    # checkpoint would meet (missing, unexpected, shape...)
+    assert state_dict_spec(model) == model_snapshot

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from pytest_modelhooks import check_batch_independence, check_causal
+from pytest_modelhooks import check_batch_independence, check_causal, check_loss_at_init, check_overfits
 from pytest_modelhooks.strategies import token_batches
 
 VOCAB, CONTEXT = 500, 64
@@ -36,6 +36,10 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, VOCAB, bias=False)
         self.head.weight = self.tokens.weight  # tied: counted once
+        # nn.Embedding draws N(0, 1): tied to the head, that gives logits of std sqrt(dim) and a
+        # loss at init of 43 against log(500) = 6.2; GPT-2 draws its embeddings at std 0.02
+        for embedding in (self.tokens, self.positions):
+            nn.init.normal_(embedding.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
@@ -69,6 +73,15 @@ def test_one_distribution_per_position(model_sizes, ids):
     sizes = model_sizes(TinyLM(), input=ids, modules=["blocks.0", "head"])
     assert sizes["head"] == (*ids.shape, VOCAB)
     assert sizes["blocks.0"] == (*ids.shape, 64)
+
+
+def test_starts_at_chance_and_memorises_a_batch(lm):
+    # next-token logits (batch, length, vocab) against (batch, length) ids: judged against
+    # log(VOCAB); the N(0, 1) embedding init fails here, naming the head and its tie
+    ids = torch.randint(0, VOCAB, (8, 33))
+    batch = (ids[:, :-1], ids[:, 1:])
+    check_loss_at_init(lm, batch)
+    check_overfits(lm, batch, steps=300, lr=1e-2)  # on a copy; lm is left as it was
 
 
 @pytest.mark.modelhooks(std=(0.01, 10.0), max_std_growth=10.0)

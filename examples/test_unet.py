@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
-from pytest_modelhooks import LayerError
+from pytest_modelhooks import LayerError, check_loss_at_init
 from pytest_modelhooks.strategies import input_sizes
 
 
@@ -87,3 +87,9 @@ def test_training_step_is_healthy(unet, activation_stats, gradient_stats, modelh
         nn.functional.cross_entropy(logits, masks).backward()
     stats.check()
     grads.check()
+
+
+def test_starts_at_chance_per_pixel(unet):
+    # (batch, classes, height, width) logits against (batch, height, width) masks: every pixel
+    # at log(2) before training
+    check_loss_at_init(unet, (torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4, 32, 32))))

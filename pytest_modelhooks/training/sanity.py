@@ -222,10 +222,17 @@ def _scaled(model: nn.Module, name: str) -> str:
         return kind
     fan_in = weight[0].numel()
     std = float(weight.detach().float().std()) if weight.numel() > 1 else 0.0
+    # a head tied to an embedding has the embedding's init (nn.Embedding's: N(0, 1))
+    owners = [
+        other
+        for other, held in model.named_modules()
+        if other != name and dict(held.named_parameters(recurse=False)).get("weight") is weight
+    ]
+    tie = f", tied to {owners[0]}.weight ({type(model.get_submodule(owners[0])).__name__})" if owners else ""
     if isinstance(module, _DEFAULT_INIT):
         times = std * math.sqrt(3 * fan_in)
-        return f"{kind}, weight std {std:.3g}: {times:.3g}x PyTorch's default for fan_in {fan_in}"
-    return f"{kind}, weight std {std:.3g} = {std * math.sqrt(fan_in):.3g}/sqrt(fan_in {fan_in})"
+        return f"{kind}, weight std {std:.3g}: {times:.3g}x PyTorch's default for fan_in {fan_in}{tie}"
+    return f"{kind}, weight std {std:.3g} = {std * math.sqrt(fan_in):.3g}/sqrt(fan_in {fan_in}){tie}"
 
 
 def check_loss_at_init(

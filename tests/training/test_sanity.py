@@ -182,6 +182,26 @@ def test_a_head_drawn_at_a_fixed_std_is_named_beside_the_loudest_layer() -> None
     ) in message
 
 
+def test_a_head_tied_to_an_embedding_is_named_with_the_tie() -> None:
+    # nn.Embedding draws N(0, 1): tied to the head, the logits' std is sqrt(dim); GPT-2 draws 0.02
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.norm, self.head = nn.Embedding(50, 64), nn.LayerNorm(64), nn.Linear(64, 50)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.embed(ids)))
+
+    torch.manual_seed(0)
+    model, ids = Tied(), torch.randint(0, 50, (4, 17))
+    with pytest.raises(HealthError, match=r"fan_in 64, tied to embed\.weight \(Embedding\)\)"):
+        check_loss_at_init(model, (ids[:, :-1], ids[:, 1:]))
+    with torch.no_grad():
+        nn.init.normal_(model.embed.weight, std=0.02)
+    assert check_loss_at_init(model, (ids[:, :-1], ids[:, 1:])) == pytest.approx(math.log(50), rel=0.15)
+
+
 def test_logits_made_outside_any_layer_name_only_the_loudest() -> None:
     class Scaled(nn.Module):
         def __init__(self) -> None:
