@@ -173,7 +173,8 @@ def run(model: Any, args: argparse.Namespace) -> int:
                 lr=args.lr,
                 **options,
             )
-            results["overfit"] = {"passed": True, "curve": str(curve), "losses": curve.losses}
+            numbers = {"first": curve.first, "best": curve.best, "last": curve.last, "target": curve.target}
+            results["overfit"] = {"passed": True, "curve": str(curve), **numbers, "losses": curve.losses}
         except HealthError as error:
             results["overfit"] = {"passed": False, "message": str(error)}
     if "input" in checks:
