@@ -4,6 +4,7 @@ outputs, which call it ran inside and when it returned."""
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,10 +48,19 @@ def _is_cache(value: Any) -> bool:
     )
 
 
-def fresh_caches(inputs: Any, convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
+#: a recording's clones of cache tensors, by the original's id: (the original, its version, clone)
+_Shared = dict[int, tuple["weakref.ref[torch.Tensor]", int, torch.Tensor]]
+
+
+def fresh_caches(
+    inputs: Any, convert: Callable[[torch.Tensor], torch.Tensor] | None = None, shared: _Shared | None = None
+) -> Any:
     """``inputs`` (a call's args tuple or kwargs dict) with a copy of each cache in it, so that
     running the call again leaves the recorded one as it was; with ``convert``, the tensors
     inside each copy converted too (moved to CUDA with the model the call runs on again).
+    With ``shared`` (one dict over a recording's copies, which nothing runs on), a tensor
+    unchanged since an earlier copy (the same object at the same version) keeps that copy's
+    clone: a cache handed to every layer in turn is then held once, not once per layer.
 
     >>> class Cache:
     ...     def __init__(self): self.keys = [torch.zeros(1)]
@@ -62,7 +72,7 @@ def fresh_caches(inputs: Any, convert: Callable[[torch.Tensor], torch.Tensor] | 
     """
 
     def copied(value: Any) -> Any:
-        return _copy_cache(value, convert) if _is_cache(value) else value
+        return _copy_cache(value, convert, shared) if _is_cache(value) else value
 
     if isinstance(inputs, dict):
         return {key: copied(value) for key, value in inputs.items()}
@@ -71,7 +81,9 @@ def fresh_caches(inputs: Any, convert: Callable[[torch.Tensor], torch.Tensor] | 
     return inputs
 
 
-def _copy_cache(cache: Any, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> Any:
+def _copy_cache(
+    cache: Any, convert: Callable[[torch.Tensor], torch.Tensor] | None, shared: _Shared | None = None
+) -> Any:
     """A deep copy of ``cache`` with its tensors detached, cloned and converted. ``deepcopy``
     alone refuses a tensor autograd made (a cache filled by a forward with gradients on), and
     a cache has no ``.to()``: each tensor is found first and handed to ``deepcopy`` through its
@@ -87,8 +99,14 @@ def _copy_cache(cache: Any, convert: Callable[[torch.Tensor], torch.Tensor] | No
             continue
         seen.add(id(value))
         if isinstance(value, torch.Tensor):
-            copy_ = value.detach().clone()
-            tensors[id(value)] = copy_ if convert is None else convert(copy_)
+            known = shared.get(id(value)) if shared is not None else None
+            if known is not None and known[0]() is value and known[1] == value._version:
+                tensors[id(value)] = known[2]
+            else:
+                copy_ = value.detach().clone()
+                tensors[id(value)] = copy_ if convert is None else convert(copy_)
+                if shared is not None:  # (a weak reference: an id is reused once its tensor is freed)
+                    shared[id(value)] = weakref.ref(value), value._version, tensors[id(value)]
             moved[value.device] = tensors[id(value)].device
         elif isinstance(value, torch.device):
             devices.append(value)
@@ -113,13 +131,18 @@ def record_calls(
     stack: list[int] = []
     counts: dict[str, int] = {}
     handles = []
+    # a cache is given to every layer in turn: each stored copy holds what changed since the last
+    shared: _Shared = {}
 
     def pre(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, call_args: Any, call_kwargs: Any) -> None:
             index = counts.get(name, 0)
             counts[name] = index + 1
             parent = stack[-1] if stack else None
-            stored = _detached(fresh_caches(call_args)), _detached(fresh_caches(call_kwargs))
+            stored = (
+                _detached(fresh_caches(call_args, shared=shared)),
+                _detached(fresh_caches(call_kwargs, shared=shared)),
+            )
             calls.append(Call(name, module, index, parent, *stored))
             if parent is not None:
                 calls[parent].children.append(len(calls) - 1)

@@ -132,6 +132,70 @@ def test_a_module_given_a_cache_is_run_again_on_the_cache_as_it_stood() -> None:
     assert [finding.layer for finding in found] == ["scale"]
 
 
+class Deep(nn.Module):
+    """Eight attention layers given one cache in turn, as a decoder's layers are."""
+
+    def __init__(self, layers: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CachedAttention() for _ in range(layers))
+        self.scale = HalfScale()
+
+    def forward(self, x: torch.Tensor, cache: ToyCache) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, cache=cache)
+        return self.scale(x)
+
+
+def test_a_cache_given_to_every_layer_is_held_once_by_the_recording() -> None:
+    from pytest_modelhooks.divergence.calls import record_calls
+
+    cache = ToyCache()
+    cache.keys.append(torch.randn(4, 16))  # an earlier step's keys
+    given = cache.keys[0].clone()
+    calls = record_calls(Deep(), (torch.randn(4, 16), cache), {})
+    held = {
+        key.untyped_storage().data_ptr()
+        for call in calls
+        for value in (*call.args, *call.kwargs.values())
+        if isinstance(value, ToyCache)
+        for key in value.keys
+    }
+    # the layers' calls saw the cache with 1, 2, ... 8 keys in it (and the model's call with 1):
+    # 37 keys in the copies, 8 distinct ones (the given key, then the first seven layers')
+    seen = [
+        len(value.keys) for call in calls for value in call.kwargs.values() if isinstance(value, ToyCache)
+    ]
+    assert seen == list(range(1, 9))
+    assert len(held) == 8
+    assert torch.equal(cache.keys[0], given) and len(cache.keys) == 1  # the caller's as it was
+    # each copy is the cache as it stood: a later layer's key is not in an earlier call's copy
+    stored = [value for call in calls for value in call.kwargs.values() if isinstance(value, ToyCache)]
+    assert torch.equal(stored[0].keys[0], given)
+
+
+def test_a_tensor_changed_in_place_between_calls_is_copied_again() -> None:
+    from pytest_modelhooks.divergence.calls import record_calls
+
+    class Overwrites(nn.Module):  # a static cache: keys written in place, as index_copy_ does
+        def forward(self, x: torch.Tensor, cache: ToyCache) -> torch.Tensor:
+            cache.keys[0].add_(1.0)
+            return x + cache.keys[0]
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = Overwrites(), Overwrites()
+
+        def forward(self, x: torch.Tensor, cache: ToyCache) -> torch.Tensor:
+            return self.second(self.first(x, cache=cache), cache=cache)
+
+    cache = ToyCache()
+    cache.keys.append(torch.zeros(2, 3))
+    calls = record_calls(Twice(), (torch.zeros(2, 3), cache), {})
+    stored = {call.name: call.kwargs["cache"].keys[0] for call in calls if call.name}
+    assert float(stored["first"].max()) == 0.0 and float(stored["second"].min()) == 1.0
+
+
 def test_the_tensors_in_a_cache_are_converted_with_its_copy() -> None:
     # a cache has no .to(): run again on CUDA, each layer's keys and values go with the copy
     transformers = pytest.importorskip("transformers")
