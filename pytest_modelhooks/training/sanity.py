@@ -251,11 +251,14 @@ def check_loss_at_init(
     by default the loss of chance, ``log(num_classes)`` for cross-entropy, ``log 2`` for BCE
     with logits, judged on the loss the logits give averaged over every label (a batch of a
     few samples has noisy labels, not noisy logits). A loss far above it means confident wrong
-    predictions at init; the message names the output's scale (the logits' std) and the
-    layer with parameters that scaled its input most. Runs in the model's own mode (as the
-    first training step would), under ``torch.no_grad``; buffers (batch norm's statistics)
-    and the RNG are put back. Returns the loss. The default ``rtol`` holds for torchvision's
-    classifiers at their default init; a head with two classes may need more.
+    predictions at init; the message names the output's scale (the logits' std), the layer
+    whose output the logits are with its weights' std against PyTorch's default for its fan-in
+    (and the module its weight is tied to), and the layer with parameters that scaled its input
+    most. Runs in the model's own mode (as the first training step would), under
+    ``torch.no_grad``; buffers (batch norm's statistics) and the RNG are put back. Returns the
+    loss. The default ``rtol`` holds for torchvision's classifiers at their default init but
+    Inception-v3's (its head's weights are drawn at std 0.1, 7.8x the default for 2,048
+    inputs); a head with two classes may need more.
 
     The two known losses get the output's logits (:func:`loss_input`: a transformers model's
     ``.logits``, a tuple's first tensor; ``output=`` picks another part), and cross-entropy
