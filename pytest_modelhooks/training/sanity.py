@@ -150,8 +150,9 @@ def _loudest_layer(
 ) -> str:
     """The layer with parameters whose output std grows most over its input's (where an init
     made the logits large: a head scaled up, a residual branch not scaled down), and the layer
-    whose output the logits are, with its weights' scale against ``1/sqrt(fan_in)``: a head
-    drawn at a fixed std (Inception-v3's 0.1 over 2,048 inputs) starts far from chance."""
+    whose output the logits are, with its weights' scale against the default init's for its
+    fan-in: a head drawn at a fixed std (Inception-v3's 0.1 over 2,048 inputs) or tied to an
+    embedding drawn at N(0, 1) starts far from chance."""
     growth: list[tuple[float, str, float]] = []
     outputs: dict[str, weakref.ref[torch.Tensor]] = {}
 
