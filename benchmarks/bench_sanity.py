@@ -8,10 +8,17 @@ zoo's models and a ResNet-50-sized CNN, beside one eager forward.
 at 1e-3, until the loss falls to a tenth, at most 500 steps; the steps it took in brackets);
 ``uses input``: ``check_uses_input``; ``bf16``/``channels_last``/``again``:
 ``first_divergence``. All in one process, CPU.
+
+    python benchmarks/bench_sanity.py --cache
+
+``first_divergence`` of a 12-layer GPT-2-sized decoder (transformers, from a config) given the
+key/value cache of 512 earlier tokens: what its recording keeps of the cache, and the seconds
+against ``"again"``.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -41,11 +48,19 @@ def _seconds(call: Any) -> tuple[float, Any]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cache", action="store_true", help="a decoder given a key/value cache instead")
+    cache = parser.parse_args().cache
     print(
         f"# {datetime.date.today()}  torch {torch.__version__}  "
         f"{platform.processor() or platform.machine()}  {os.cpu_count()} cores"
     )
-    print("# python benchmarks/bench_sanity.py")
+    print("# python benchmarks/bench_sanity.py" + (" --cache" if cache else ""))
+    if cache:
+        _cached_decoder()
+        return
     cases = []
     for name in ("mlp", "resnetish", "unet", "transformer"):
         model, batch = zoo.build(name)
@@ -86,6 +101,38 @@ def _row(model: nn.Module, batch: torch.Tensor) -> list[str]:
         f"{again:.2f}",
         f"{forward * 1000:.1f}",
     ]
+
+
+def _cached_decoder(layers: int = 12, past: int = 512) -> None:
+    import warnings
+
+    import transformers
+
+    from pytest_modelhooks.divergence.calls import record_calls
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # (past_key_values= renamed cache=)
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=1000, n_positions=1024)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 1000, (1, past))).past_key_values
+    ids = torch.randint(0, 1000, (1, 4))
+    recorded, calls = _seconds(lambda: record_calls(model, (ids,), {"past_key_values": cache}))
+    storages: dict[int, int] = {}
+    for call in calls:
+        for value in (*call.args, *call.kwargs.values()):
+            for layer in getattr(value, "layers", None) or []:
+                for tensor in (layer.keys, layer.values):
+                    if isinstance(tensor, torch.Tensor):
+                        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    given = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
+    again, found = _seconds(lambda: first_divergence(model, ids, past_key_values=cache, against="again"))
+    print(f"{layers} layers, a cache of {past} tokens ({given / 2**20:.0f} MiB), 4 new tokens:")
+    print(
+        f"  the recording keeps {sum(storages.values()) / 2**20:.0f} MiB of cache in {len(storages)} storages"
+    )
+    print(f"  record_calls {recorded:.2f} s, against 'again' {again:.2f} s ({len(found)} found)")
 
 
 if __name__ == "__main__":
