@@ -161,7 +161,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
                 )
                 results["init"] = {"passed": True, "loss": loss, "expected": expected}
             except HealthError as error:
-                results["init"] = {"passed": False, "message": str(error)}
+                results["init"] = _failed(error)
     if "overfit" in checks:
         try:
             curve = check_overfits(
@@ -176,7 +176,7 @@ def run(model: Any, args: argparse.Namespace) -> int:
             numbers = {"first": curve.first, "best": curve.best, "last": curve.last, "target": curve.target}
             results["overfit"] = {"passed": True, "curve": str(curve), **numbers, "losses": curve.losses}
         except HealthError as error:
-            results["overfit"] = {"passed": False, "message": str(error)}
+            results["overfit"] = _failed(error)
     if "input" in checks:
         unused = input_use(model, inputs, **args.kwargs)
         results["input"] = {"passed": not unused, "findings": [vars(finding) for finding in unused]}
@@ -192,6 +192,12 @@ def run(model: Any, args: argparse.Namespace) -> int:
         print(f"{type(model).__name__} on a {args.input_size} input against random {described}:")
         _print_text(args, results)
     return 1 if failed else 0
+
+
+def _failed(error: Any) -> dict[str, Any]:
+    """A failed check in the report: the library's message and its findings (what was observed
+    against which bound, at which layer)."""
+    return {"passed": False, "message": str(error), "findings": [vars(finding) for finding in error.findings]}
 
 
 def _print_text(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:

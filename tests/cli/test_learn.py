@@ -155,6 +155,8 @@ def test_the_json_report_has_every_check_and_the_verdict(capsys: pytest.CaptureF
     assert report["input_size"] == [8, 16] and report["passed"] is False
     assert list(report["checks"]) == ["init", "overfit", "input"]
     assert report["checks"]["init"]["passed"] is False
+    (finding,) = report["checks"]["init"]["findings"]
+    assert finding["statistic"] == "loss at init" and finding["observed"] > math.log(10) * 1.15
     overfit = report["checks"]["overfit"]
     assert overfit["passed"] is True and len(overfit["losses"]) > 1
     assert overfit["best"] == min(overfit["losses"]) <= overfit["target"] == overfit["first"] / 10
